@@ -1,0 +1,189 @@
+"""Command line: `python -m instantid generate | faces | status | bench`.
+
+User errors (no face, bad value, missing checkpoint) exit with status 2 and one line on stderr; no
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+from .requests import DEFAULT_CONTROLNET_STRENGTH, DEFAULT_SCHEDULER, SCHEDULERS
+from .styles import NO_STYLE, STYLE_NAMES
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are user errors too: one line on stderr and exit status 2, like the rest."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see python -m instantid {self.prog.split()[-1]} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m instantid", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images of the person in --face")
+    g.add_argument(
+        "--face",
+        action="append",
+        required=True,
+        type=Path,
+        help="face photo; repeat for more photos of the same person (embeddings are averaged)",
+    )
+    g.add_argument("--prompt", default="", help="what to make (empty: a default portrait prompt)")
+    g.add_argument("--out", required=True, type=Path, help="output PNG; with --num-images N, _1.._N are added")
+    g.add_argument("--pose", type=Path, help="photo whose face position and size the output follows")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--style", default=NO_STYLE, help=f"one of: {', '.join(STYLE_NAMES)}")
+    g.add_argument("--steps", type=int, help="denoising steps (default 30, or 5 with --lcm)")
+    g.add_argument("--guidance", type=float, help="guidance scale (default 5, or 1.5 with --lcm)")
+    g.add_argument("--seed", type=int, help="random seed (default: random; printed)")
+    g.add_argument("--width", type=int, default=0, help="output width, multiple of 64 (default: from the photo)")
+    g.add_argument("--height", type=int, default=0)
+    g.add_argument("--identity-strength", type=float, default=0.8, help="IdentityNet strength, 0..1.5")
+    g.add_argument("--adapter-strength", type=float, default=0.8, help="face adapter strength, 0..1.5")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--lcm", action="store_true", help="LCM-LoRA fast mode")
+    g.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"one of: {', '.join(SCHEDULERS)}")
+    g.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="NAME[=STRENGTH]",
+        help=f"extra ControlNet pose, canny or depth (strength default {DEFAULT_CONTROLNET_STRENGTH})",
+    )
+    g.add_argument(
+        "--no-enhance-face-region",
+        action="store_true",
+        help="apply the identity conditioning to the whole image, not just the face region",
+    )
+    g.add_argument("--json", action="store_true", help="print the result summary as JSON")
+
+    f = sub.add_parser("faces", help="list the faces found in a photo as JSON, largest first")
+    f.add_argument("path", type=Path)
+
+    sub.add_parser("status", help="print the memory report as JSON")
+
+    b = sub.add_parser("bench", help="run a benchmark; the last output line is one JSON object")
+    b.add_argument("name", choices=("load-memory", "overhead", "gpu"))
+    b.add_argument("--quick", action="store_true", help="reduced sizes / fewer requests")
+    b.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
+    return p
+
+
+def _controlnets(specs: list[str]) -> dict[str, float]:
+    from .errors import InvalidParameter
+
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, _, strength = spec.partition("=")
+        try:
+            out[name.strip()] = float(strength) if strength else DEFAULT_CONTROLNET_STRENGTH
+        except ValueError:
+            raise InvalidParameter("--controlnet", spec, "use NAME or NAME=STRENGTH, e.g. pose=0.4") from None
+    return out
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .engine import get_engine
+    from .requests import GenerateRequest
+
+    for path in [*args.face, *([args.pose] if args.pose else [])]:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file.")
+    if args.out.suffix.lower() != ".png":
+        raise UserError(f"--out {args.out}: use a .png file name.")
+    if not args.out.parent.exists():
+        raise UserError(f"--out {args.out}: the folder {args.out.parent} does not exist.")
+    request = GenerateRequest(
+        face_images=[str(p) for p in args.face],
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        pose_image=str(args.pose) if args.pose else None,
+        style=args.style,
+        num_images=args.num_images,
+        width=args.width,
+        height=args.height,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        identitynet_strength=args.identity_strength,
+        adapter_strength=args.adapter_strength,
+        controlnets=_controlnets(args.controlnet),
+        scheduler=args.scheduler,
+        enable_lcm=args.lcm,
+        seed=args.seed,
+        enhance_face_region=not args.no_enhance_face_region,
+    )
+    result = get_engine().generate(request)
+    paths = []
+    for i, image in enumerate(result.images):
+        path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}_{i + 1}.png")
+        image.save(path)
+        paths.append(str(path))
+    summary = {
+        "images": paths,
+        "seed": result.seed,
+        "similarities": result.similarities,
+        "size": [result.width, result.height],
+        "steps": result.num_steps,
+        "guidance": result.guidance_scale,
+        "faces_found": result.faces_found,
+        "profile": result.profile,
+        "timings_ms": result.timings_ms,
+        "warnings": result.warnings,
+    }
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"wrote {', '.join(paths)} (seed {result.seed}, {result.width}x{result.height}, "
+            f"{result.timings_ms.get('total_ms', 0) / 1000:.1f} s)"
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("INSTANTID_LOG_LEVEL", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "faces":
+            from .engine import get_engine
+
+            if not args.path.is_file():
+                raise UserError(f"{args.path}: no such file.")
+            faces = get_engine().analyze(str(args.path))
+            print(json.dumps([f.to_json() for f in faces], indent=1))
+            return 0
+        if args.command == "status":
+            from .engine import get_engine
+
+            print(json.dumps(get_engine().report(), indent=1))
+            return 0
+        if args.command == "bench":
+            from bench import run_benchmark  # the bench/ folder at the repository root
+
+            return run_benchmark(args.name, quick=args.quick, record=args.record)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

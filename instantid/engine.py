@@ -1,0 +1,619 @@
+"""The one shared model holder: lazy, thread-safe loading and `generate(request) -> result`.
+
+Everything that owns memory lives here: the pipeline, the face models, the lazily loaded extra
+ControlNets, LCM-LoRA and the condition estimators. Loading happens once, on first need (or in the
+background when the app starts), even when two first requests arrive together; generation is
+serialised on the shared pipeline, while `report()` never waits for either lock.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import faces as face_lib
+from .errors import BusyError, CheckpointError, OutOfMemoryError, UserError
+from .hub import RepoRef, fetch, fetch_component, list_files, resolve_face_models
+from .images import image_to_array, load_image
+from .memory import Hardware, Profile, apply_profile, choose_profile, memory_report, probe_hardware
+from .requests import DEFAULT_PROMPT, GenerateRequest, GenerateResult, random_seed
+from .settings import Settings, get_settings
+from .styles import apply_style
+
+log = logging.getLogger("instantid")
+
+# (step done, total steps) -> None; may raise to cancel (Gradio does when a client leaves).
+ProgressFn = Callable[[int, int], None]
+
+TINY_SHORT_SIDE = 128  # the tiny preset's noise images need no more; keeps CPU requests instant
+
+
+@dataclass
+class LoadState:
+    phase: str = "not loaded"  # not loaded | loading | ready | error
+    progress: float = 0.0
+    message: str = ""
+    error: str | None = None
+    started_at: float | None = None
+    seconds: float | None = None
+    loaded: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "progress": round(self.progress, 3),
+            "message": self.message,
+            "error": self.error,
+            "load_seconds": None if self.seconds is None else round(self.seconds, 2),
+            "loaded": list(self.loaded),
+        }
+
+
+def _torch_dtype(name: str):  # noqa: ANN202 - torch.dtype, imported lazily
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+class Engine:
+    """Owns the models. Use `get_engine()` for the process-wide instance."""
+
+    def __init__(self, settings: Settings | None = None, hardware: Hardware | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.hardware = hardware or probe_hardware()
+        self.profile, self.profile_reason = choose_profile(self.hardware, self.settings.memory_profile)
+        self._load_lock = threading.Lock()
+        self._gen_lock = threading.Lock()
+        self._extras_lock = threading.Lock()
+        self._state = LoadState()
+        self._thread: threading.Thread | None = None
+        self.pipe: Any = None
+        self.face_analyzer: face_lib.FaceAnalyzer | None = None
+        self._extra_nets: dict[str, Any] = {}
+        self._estimators: dict[str, Any] = {}
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile.name
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state.to_dict()
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self._state.progress = max(0.0, min(1.0, fraction))
+        self._state.message = message
+        log.info("loading %3.0f%% %s", fraction * 100, message)
+
+    def report(self) -> dict[str, Any]:
+        """The memory report (JSON-ready). Takes no lock, so it answers during loads and generations."""
+        components: dict[str, Any] = {}
+        pipe = self.pipe
+        if pipe is not None:
+            for name in ("unet", "controlnet", "text_encoder", "text_encoder_2", "vae", "resampler"):
+                components[name if name != "controlnet" else "identitynet"] = getattr(pipe, name, None)
+        for name, net in list(self._extra_nets.items()):
+            components[f"controlnet_{name}"] = net
+        for name, est in list(self._estimators.items()):
+            for attr in ("model", "pose_model", "detector"):
+                if getattr(est, attr, None) is not None:
+                    components[f"{name}_{attr}"] = getattr(est, attr)
+        report = memory_report(
+            components=components, profile=self.profile, reason=self.profile_reason, state=self.state
+        )
+        report["preset"] = self.settings.preset
+        if self.face_analyzer is not None:
+            report["face_models"] = {"folder": Path(self.face_analyzer.model_dir).name, "device": "cpu (onnxruntime)"}
+        return report
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def start_background_load(self) -> None:
+        """Start loading in a daemon thread (the UI comes up at once); errors land in the state."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.ensure_loaded()
+            except Exception:  # already recorded in the state; the first request will retry
+                log.exception("background load failed")
+
+        self._thread = threading.Thread(target=run, name="instantid-load", daemon=True)
+        self._thread.start()
+
+    def ensure_loaded(self) -> None:
+        """Load everything once. Concurrent callers wait for the first; a failed load is retried."""
+        if self._state.phase == "ready":
+            return
+        with self._load_lock:
+            if self._state.phase == "ready":
+                return
+            self._state = LoadState(phase="loading", started_at=time.time(), message="starting")
+            t0 = time.perf_counter()
+            try:
+                self._load()
+            except Exception as exc:
+                self._state.phase = "error"
+                self._state.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                self._state.message = "loading failed; the next request retries"
+                self.pipe = None
+                gc.collect()
+                raise
+            self._state.phase = "ready"
+            self._state.progress = 1.0
+            self._state.seconds = time.perf_counter() - t0
+            self._state.message = f"ready in {self._state.seconds:.1f} s ({self.profile.name} profile)"
+
+    def _cache(self) -> Path | None:
+        return self.settings.hub_cache
+
+    def _load(self) -> None:
+        s = self.settings
+        if s.preset == "tiny":
+            self._progress(0.01, "writing tiny checkpoints (first run only)")
+            from .tiny import ensure_tiny_checkpoints
+
+            ensure_tiny_checkpoints(s)
+        self._progress(0.05, "face models")
+        self.face_analyzer = self._load_faces()
+        self._state.loaded.append("face models")
+        self.pipe = load_pipeline(s, self.profile, self._progress)
+        self._state.loaded.extend(["base model", "IdentityNet", "ip-adapter"])
+
+    def _load_faces(self) -> face_lib.FaceAnalyzer:
+        s = self.settings
+        folder = resolve_face_models(s.face_models, cache_dir=self._cache(), offline=s.hub_offline)
+        return face_lib.FaceAnalyzer(folder, providers=s.onnx_providers, det_size=s.face_det_size)
+
+    def faces(self) -> face_lib.FaceAnalyzer:
+        """The face analyzer alone (the `faces` command needs no diffusion models)."""
+        if self.face_analyzer is None:
+            with self._load_lock:
+                if self.face_analyzer is None:
+                    if self.settings.preset == "tiny":
+                        from .tiny import ensure_tiny_checkpoints
+
+                        ensure_tiny_checkpoints(self.settings)
+                    self.face_analyzer = self._load_faces()
+        return self.face_analyzer
+
+    def _extra_controlnet(self, name: str) -> Any:
+        """Load an extra ControlNet on first use and place it like the IdentityNet."""
+        with self._extras_lock:
+            if name not in self._extra_nets:
+                import torch
+                from diffusers import ControlNetModel
+
+                repo = RepoRef.parse(self.settings.controlnets[name])
+                files = list_files(repo, cache_dir=self._cache(), offline=self.settings.hub_offline)
+                folder, variant = fetch_component(
+                    repo, repo.subfolder, files=files, cache_dir=self._cache(), offline=self.settings.hub_offline
+                )
+                net = _from_pretrained(ControlNetModel, folder, variant, _torch_dtype(self.profile.dtype))
+                device = self.pipe.controlnet.device if self.pipe is not None else torch.device("cpu")
+                self._extra_nets[name] = net.to(device).eval()
+            return self._extra_nets[name]
+
+    def _estimator(self, name: str) -> Any:
+        from . import controls
+
+        with self._extras_lock:
+            if name not in self._estimators:
+                s = self.settings
+                if name == "depth":
+                    folder = _snapshot(s.depth_estimator, s, self._cache())
+                    self._estimators[name] = controls.DepthEstimator.from_folder(folder)
+                elif name == "pose":
+                    pose = _snapshot(s.pose_estimator, s, self._cache())
+                    det = _snapshot(s.person_detector, s, self._cache())
+                    self._estimators[name] = controls.PoseEstimator.from_folders(pose, det)
+            return self._estimators.get(name)
+
+    def _lcm(self) -> None:
+        with self._extras_lock:
+            if not self.pipe.has_lcm:
+                s = self.settings
+                repo = RepoRef.parse(s.lcm_lora)
+                files = list_files(repo, cache_dir=self._cache(), offline=s.hub_offline)
+                names = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+                if not names:
+                    raise CheckpointError(f"'{repo}' holds no LoRA .safetensors file at its root.")
+                name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in names else names[0]
+                path = fetch(repo, name, cache_dir=self._cache(), offline=s.hub_offline)
+                self.pipe.load_lcm_lora(str(path.parent), weight_name=name)
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def analyze(self, source: Any, *, what: str = "photo") -> list[face_lib.Face]:
+        """All faces in an image, largest first (no embeddings: the `faces` command)."""
+        s = self.settings
+        image, _ = load_image(source, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what=what)
+        return self.faces().detect(image_to_array(image), with_embedding=False)
+
+    def generate(self, request: GenerateRequest, progress: ProgressFn | None = None) -> GenerateResult:
+        """Run one request end to end. User-fixable problems raise `UserError` subclasses."""
+        s = self.settings
+        req = request.validated(max_side=s.max_output_side)
+        if req.num_images > self.profile.max_images:
+            req = replace(req, num_images=self.profile.max_images)
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        warnings: list[str] = []
+        if request.num_images != req.num_images:
+            warnings.append(f"This hardware ({self.profile.name} profile) makes at most {req.num_images} images.")
+
+        # Faces first: a photo without a face fails fast, before any model loading waits.
+        t0 = time.perf_counter()
+        analyzer = self.faces()
+        loaded = []
+        for i, src in enumerate(req.face_images):
+            what = "face photo" if i == 0 else f"extra face photo {i}"
+            img, w = load_image(src, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what=what)
+            warnings += w
+            face, count = analyzer.embed_largest(image_to_array(img), what=what)
+            if count > 1:
+                warnings.append(f"Found {count} faces in the {what}; using the largest.")
+            loaded.append((img, face, count))
+        ref_img, ref_face, faces_found = loaded[0]
+        embedding = face_lib.average_embedding([f.embedding for _, f, _ in loaded])
+        pose_img, pose_face = ref_img, ref_face
+        if req.pose_image is not None:
+            pose_img, w = load_image(
+                req.pose_image, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what="pose photo"
+            )
+            warnings += w
+            pose_faces = analyzer.detect(image_to_array(pose_img), with_embedding=False)
+            if not pose_faces:
+                raise face_lib.NoFaceError(
+                    "No face found in the pose photo: use a pose photo where the face is visible, or leave it empty."
+                )
+            pose_face = pose_faces[0]
+        timings["faces_ms"] = (time.perf_counter() - t0) * 1000
+
+        src_w, src_h = pose_img.size
+        if req.width:
+            width, height = req.width, req.height
+        else:
+            short = TINY_SHORT_SIDE if s.preset == "tiny" else self.profile.default_short_side
+            width, height = face_lib.output_size(src_w, src_h, short_side=short, max_side=s.max_output_side)
+        sx, sy = width / src_w, height / src_h
+        kps = face_lib.scale_kps(pose_face.kps, sx, sy)
+        keypoint_image = face_lib.draw_keypoints((width, height), kps)
+        x1, y1, x2, y2 = pose_face.bbox
+        mask = (
+            face_lib.face_mask((width, height), (x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+            if req.enhance_face_region
+            else None
+        )
+
+        if self._state.phase != "ready" and progress is not None:
+            progress(0, req.num_steps or 1)  # tell the caller we are alive while models load
+        try:
+            self.ensure_loaded()
+        except UserError:
+            raise
+        except Exception as exc:
+            raise BusyError(f"The models could not be loaded ({type(exc).__name__}); try again in a minute.") from exc
+
+        prompt = req.prompt.strip()
+        if not prompt:
+            prompt = DEFAULT_PROMPT
+            warnings.append(f"Empty prompt: used '{DEFAULT_PROMPT}'.")
+        prompt, negative = apply_style(req.style, prompt, req.negative_prompt.strip())
+        warnings += self._prompt_warnings(prompt, negative)
+
+        t1 = time.perf_counter()
+        extras = self._extra_controls(req, pose_img, (width, height))
+        timings["controls_ms"] = (time.perf_counter() - t1) * 1000
+
+        seed = req.seed if req.seed is not None else random_seed()
+        with self._gen_lock:
+            out = self._run_pipeline(
+                req, prompt, negative, embedding, keypoint_image, extras, mask, width, height, seed, progress
+            )
+        timings.update(out.timings_ms)
+
+        t2 = time.perf_counter()
+        sims: list[float | None] = []
+        for image in out.images:
+            found = analyzer.detect(image_to_array(image), with_embedding=True, only_largest=True)
+            sims.append(
+                round(face_lib.cosine_similarity(embedding, found[0].embedding), 4)
+                if found and found[0].embedding is not None
+                else None
+            )
+        timings["identity_check_ms"] = (time.perf_counter() - t2) * 1000
+        timings["total_ms"] = (time.perf_counter() - t_start) * 1000
+        if out.interrupted:
+            warnings.append("Generation was stopped early.")
+        return GenerateResult(
+            images=out.images,
+            seed=seed,
+            similarities=sims,
+            keypoint_image=keypoint_image,
+            timings_ms={k: round(v, 1) for k, v in timings.items()},
+            width=width,
+            height=height,
+            num_steps=int(req.num_steps or 0),
+            guidance_scale=float(req.guidance_scale or 0.0),
+            faces_found=faces_found,
+            profile=self.profile.name,
+            warnings=warnings,
+        )
+
+    def _prompt_warnings(self, prompt: str, negative: str) -> list[str]:
+        tok = getattr(self.pipe, "tokenizer", None)
+        if tok is None:
+            return []
+        out = []
+        for name, text in (("prompt", prompt), ("negative prompt", negative)):
+            n = len(tok(text, truncation=False).input_ids)
+            if n > tok.model_max_length:
+                out.append(
+                    f"The {name} (with the style) is {n} tokens; the text encoders read only the first "
+                    f"{tok.model_max_length}, the rest is ignored."
+                )
+        return out
+
+    def _extra_controls(self, req: GenerateRequest, pose_img: Any, size: tuple[int, int]) -> list[Any]:
+        if not req.controlnets:
+            return []
+        from . import controls
+        from .pipeline import ExtraControl
+
+        resized = pose_img.resize(size)
+        extras = []
+        for name, strength in req.controlnets.items():
+            net = self._extra_controlnet(name)
+            estimators = {name: self._estimator(name)} if name in ("depth", "pose") else {}
+            image = controls.make_condition(name, resized, estimators)
+            extras.append(ExtraControl(name=name, net=net, image=image, scale=strength))
+        return extras
+
+    def _run_pipeline(
+        self,
+        req: GenerateRequest,
+        prompt: str,
+        negative: str,
+        embedding: np.ndarray,
+        keypoint_image: Any,
+        extras: list[Any],
+        mask: np.ndarray | None,
+        width: int,
+        height: int,
+        seed: int,
+        progress: ProgressFn | None,
+    ) -> Any:
+        import torch
+
+        pipe = self.pipe
+        if req.enable_lcm:
+            self._lcm()
+            pipe.use_lcm(True)
+            pipe.set_scheduler("LCMScheduler")
+        else:
+            pipe.use_lcm(False)
+            pipe.set_scheduler(req.scheduler)
+        steps = int(req.num_steps or 1)
+
+        def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if progress is not None:
+                progress(i + 1, steps)
+            return {}
+
+        def call() -> Any:
+            # A CPU generator gives the same noise on every device, so a seed means the same image.
+            generator = torch.Generator("cpu").manual_seed(seed)
+            return pipe(
+                prompt,
+                negative,
+                face_embedding=embedding,
+                keypoint_image=keypoint_image,
+                extra_controls=extras,
+                identitynet_strength=req.identitynet_strength,
+                adapter_strength=req.adapter_strength,
+                face_mask=mask,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=float(req.guidance_scale or 0.0),
+                num_images_per_prompt=req.num_images,
+                generator=generator,
+                callback_on_step_end=on_step,
+            )
+
+        try:
+            return call()
+        except torch.OutOfMemoryError as exc:
+            log.warning("CUDA out of memory; freeing and retrying once with a leaner profile")
+            self._free_cuda()
+            if not self._make_leaner():
+                raise OutOfMemoryError(
+                    "The GPU ran out of memory: use fewer images, a smaller size, or LCM fast mode."
+                ) from exc
+            try:
+                return call()
+            except torch.OutOfMemoryError as exc2:
+                self._free_cuda()
+                raise OutOfMemoryError(
+                    "The GPU ran out of memory even with model offloading: use fewer images or a smaller size."
+                ) from exc2
+
+    def _free_cuda(self) -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _make_leaner(self) -> bool:
+        """Switch to the next leaner GPU profile in place; False when there is none."""
+        from .memory import leaner_profile
+
+        nxt = leaner_profile(self.profile)
+        if nxt is None:
+            return False
+        apply_profile(self.pipe, nxt)
+        self.profile = nxt
+        self.profile_reason += f"; switched to {nxt.name} after running out of GPU memory"
+        return True
+
+
+# --- loading the pipeline ------------------------------------------------------------------------
+
+
+def _from_pretrained(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+    """from_pretrained of one local component folder with the weight format `hub` chose."""
+    use_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
+    return cls.from_pretrained(
+        str(folder), variant=variant, use_safetensors=use_safetensors, dtype=dtype, low_cpu_mem_usage=True
+    )
+
+
+def _snapshot(spec: str, s: Settings, cache: Path | None) -> Path:
+    """A transformers model folder (config, processor config, one weight format) through the cache."""
+    repo = RepoRef.parse(spec)
+    files = list_files(repo, cache_dir=cache, offline=s.hub_offline)
+    folder, _ = fetch_component(repo, repo.subfolder, files=files, cache_dir=cache, offline=s.hub_offline)
+    return folder
+
+
+def load_ip_adapter_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(image_proj, ip_adapter) state dicts from `ip-adapter.bin` (weights only) or a safetensors file."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path))
+        parts: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in flat.items():
+            head, _, rest = key.partition(".")
+            if head in parts:
+                parts[head][rest] = value
+        sd: Any = parts
+    else:
+        try:
+            # weights_only: a pickle from the Hub must not be able to run code. mmap: no second copy in RAM.
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path.name} could not be read safely ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(sd, dict) or "image_proj" not in sd or "ip_adapter" not in sd:
+        raise CheckpointError(f"{path.name} is not an InstantID ip-adapter: expected 'image_proj' and 'ip_adapter'.")
+    return sd["image_proj"], sd["ip_adapter"]
+
+
+def load_pipeline(s: Settings, profile: Profile, progress: Callable[[float, str], None] | None = None) -> Any:
+    """Resolve and load every component, build the InstantID pipeline and place it per `profile`."""
+    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .attention import install_ip_processors
+    from .pipeline import InstantIDPipeline
+    from .resampler import build_resampler
+
+    def say(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
+    cache, offline = s.hub_cache, s.hub_offline
+    dtype = _torch_dtype(profile.dtype)
+    vae_dtype = _torch_dtype(getattr(profile, "vae_dtype", profile.dtype))
+
+    base = RepoRef.parse(s.base_model)
+    say(0.1, f"listing {base}")
+    files = list_files(base, cache_dir=cache, offline=offline)
+    if "model_index.json" not in files:
+        raise CheckpointError(f"'{base}' is not a diffusers SDXL repo (no model_index.json): set INSTANTID_BASE_MODEL.")
+    parts = {
+        "unet": (UNet2DConditionModel, dtype),
+        "vae": (AutoencoderKL, vae_dtype),
+        "text_encoder": (CLIPTextModel, dtype),
+        "text_encoder_2": (CLIPTextModelWithProjection, dtype),
+    }
+    loaded: dict[str, Any] = {}
+    for i, (name, (cls, dt)) in enumerate(parts.items()):
+        say(0.15 + 0.12 * i, f"{base}: {name}")
+        folder, variant = fetch_component(base, name, files=files, cache_dir=cache, offline=offline)
+        loaded[name] = _from_pretrained(cls, folder, variant, dt).eval()
+    for name in ("tokenizer", "tokenizer_2"):
+        folder, _ = fetch_component(base, name, files=files, cache_dir=cache, offline=offline)
+        loaded[name] = CLIPTokenizer.from_pretrained(str(folder))
+    sched_folder, _ = fetch_component(base, "scheduler", files=files, cache_dir=cache, offline=offline)
+    # Euler is the official Space's default; other schedulers are built from the same config per request.
+    loaded["scheduler"] = EulerDiscreteScheduler.from_pretrained(str(sched_folder))
+
+    repo = RepoRef.parse(s.instantid_repo)
+    say(0.65, f"{repo}: IdentityNet")
+    id_files = list_files(repo, cache_dir=cache, offline=offline)
+    cn_folder, cn_variant = fetch_component(
+        repo,
+        "/".join(p for p in (repo.subfolder, "ControlNetModel") if p),
+        files=id_files,
+        cache_dir=cache,
+        offline=offline,
+    )
+    identitynet = _from_pretrained(ControlNetModel, cn_folder, cn_variant, dtype).eval()
+
+    say(0.8, f"{repo}: ip-adapter")
+    prefix = f"{repo.subfolder}/" if repo.subfolder else ""
+    ip_name = next(
+        (f"{prefix}{n}" for n in ("ip-adapter.safetensors", "ip-adapter.bin") if f"{prefix}{n}" in id_files), None
+    )
+    if ip_name is None:
+        raise CheckpointError(f"'{repo}' has no ip-adapter.bin: set INSTANTID_REPO to an InstantID checkpoint repo.")
+    ip_path = fetch(repo, ip_name, cache_dir=cache, offline=offline)
+    image_proj, ip_weights = load_ip_adapter_file(ip_path)
+    source = f"{repo}/{ip_name}"
+    resampler = build_resampler(image_proj, source=f"{source}[image_proj]", dtype=dtype)
+    unet = loaded["unet"]
+    if resampler.config.output_dim != unet.config.cross_attention_dim:
+        raise CheckpointError(
+            f"{source}: the resampler makes {resampler.config.output_dim}-wide face tokens but the base model's "
+            f"UNet attends over {unet.config.cross_attention_dim}: the ip-adapter does not match the base model."
+        )
+    install_ip_processors(unet, ip_weights, resampler.config.num_queries, source=f"{source}[ip_adapter]")
+    del image_proj, ip_weights
+
+    pipe = InstantIDPipeline(
+        vae=loaded["vae"],
+        text_encoder=loaded["text_encoder"],
+        text_encoder_2=loaded["text_encoder_2"],
+        tokenizer=loaded["tokenizer"],
+        tokenizer_2=loaded["tokenizer_2"],
+        unet=unet,
+        controlnet=identitynet,
+        scheduler=loaded["scheduler"],
+        resampler=resampler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    say(0.9, f"placing models ({profile.name} profile)")
+    apply_profile(pipe, profile)
+    say(1.0, "ready")
+    return pipe
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine(settings: Settings | None = None) -> Engine:
+    """The process-wide engine (created on first call)."""
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = Engine(settings)
+        return _engine

@@ -1,0 +1,432 @@
+"""Face analysis for InstantID: detection, the largest face, ArcFace embeddings, keypoint image, face mask.
+
+A thin wrapper over insightface's SCRFD detector and ArcFace recognizer (antelopev2 in production,
+any insightface detector/recognizer pair in tests). Only those two models are built: InstantID needs
+the box, the five keypoints and the raw 512-d embedding, nothing from the landmark or gender/age
+models that ship in the same folder.
+
+No torch here: the command line's `faces` sub-command and the UI's face preview import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .errors import CheckpointError, NoFaceError
+
+DETECTION_MAX_SIDE = 1536
+MIN_FACE_WIDTH = 32
+
+# InstantID's keypoint image (IdentityNet condition): one colour per keypoint, in insightface's order
+# (left eye, right eye, nose, left mouth corner, right mouth corner), and limbs from eyes and mouth
+# corners to the nose drawn in the colour of their first point.
+KPS_COLORS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (255, 0, 255),
+)
+KPS_LIMBS: tuple[tuple[int, int], ...] = ((0, 2), (1, 2), (3, 2), (4, 2))
+# Half-thickness of a limb ellipse (its semi-minor axis), the "stick width" of the reference drawing.
+KPS_STICK_WIDTH = 4
+KPS_LIMB_DIM = 0.6
+KPS_RADIUS = 10
+
+# Cheap name heuristics that identify the two files we need without building the other models.
+# antelopev2: scrfd_10g_bnkps + glintr100; buffalo_*: det_10g/det_500m + w600k_r50/w600k_mbf.
+_DETECTOR_NAME = re.compile(r"^(scrfd|retinaface|det_)", re.IGNORECASE)
+_RECOGNIZER_NAME = re.compile(r"^(glint|w600k|arcface|ms1m|webface)|(^|_)r(18|34|50|100)(_|$)", re.IGNORECASE)
+# Files we know are neither, so the content probe never spends time parsing them.
+_OTHER_NAME = re.compile(r"^(1k3d68|2d106det|genderage|inswapper)", re.IGNORECASE)
+_EXPECTED = (
+    "a face detector and a face recognizer ONNX file, as in insightface's antelopev2 folder "
+    "(scrfd_10g_bnkps.onnx and glintr100.onnx)"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Face:
+    """One detected face, in the coordinates of the image it was found in."""
+
+    bbox: tuple[float, float, float, float]  # x1, y1, x2, y2
+    kps: np.ndarray  # (5, 2) float32: left eye, right eye, nose, left mouth corner, right mouth corner
+    det_score: float
+    # Raw ArcFace output, not L2-normalised: InstantID's resampler was trained on raw embeddings.
+    embedding: np.ndarray | None = None
+
+    @property
+    def width(self) -> float:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def height(self) -> float:
+        return self.bbox[3] - self.bbox[1]
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.width) * max(0.0, self.height)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types for the command line and the API (no embedding: it is 512 numbers of noise)."""
+        return {
+            "bbox": [round(float(v), 2) for v in self.bbox],
+            "kps": [[round(float(x), 2), round(float(y), 2)] for x, y in self.kps],
+            "score": round(float(self.det_score), 4),
+        }
+
+
+# --- finding the model files ---------------------------------------------------------------------
+
+
+def _onnx_role(path: Path) -> str | None:
+    """'detection', 'recognition' or None, by the same input/output rules insightface routes models with."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is simply "not this role"
+        return None
+    graph = model.graph
+    # Old exporters list weights as graph inputs too; onnxruntime (and so insightface) does not count them.
+    weights = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]
+    if not inputs:
+        return None
+    if len(graph.output) >= 5:
+        return "detection"
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    if len(inputs) == 1 and len(graph.output) == 1 and len(dims) == 4:
+        side = dims[2]
+        # 192 is the landmark model and 96 the gender/age model; ArcFace takes 112 (or 128, 160...).
+        if side == dims[3] and side >= 112 and side % 16 == 0 and side != 192:
+            return "recognition"
+    return None
+
+
+def _pick(
+    files: list[Path], name_rule: re.Pattern[str], role: str, exclude: Path | None, roles: dict[Path, str | None]
+) -> Path | None:
+    named = [f for f in files if name_rule.search(f.stem) and f != exclude]
+    if len(named) == 1:
+        return named[0]
+    # Ambiguous or unknown names: look inside, named files first, largest first (scrfd_10g over
+    # scrfd_500m, and tiny helper graphs such as scrfd_nms last). `roles` caches each file's verdict,
+    # so a large recognizer is parsed once even when both searches visit it.
+    rest = [f for f in files if f not in named and f != exclude and not _OTHER_NAME.search(f.stem)]
+    for group in (named, rest):
+        for f in sorted(group, key=lambda p: p.stat().st_size, reverse=True):
+            if f not in roles:
+                roles[f] = _onnx_role(f)
+            if roles[f] == role:
+                return f
+    return None
+
+
+def find_face_models(folder: str | Path) -> tuple[Path, Path]:
+    """The (detector, recognizer) ONNX files in `folder`.
+
+    File names identify them when they are unambiguous (antelopev2, buffalo_*), so the three other
+    antelopev2 models are never opened; otherwise each candidate's inputs and outputs are inspected.
+    Raises `CheckpointError` naming the folder and what it must hold.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"The face model folder {folder} does not exist: it must hold {_EXPECTED}.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".onnx" and p.is_file())
+    roles: dict[Path, str | None] = {}
+    detector = _pick(files, _DETECTOR_NAME, "detection", None, roles)
+    recognizer = _pick(files, _RECOGNIZER_NAME, "recognition", detector, roles)
+    if detector is None or recognizer is None:
+        missing = " and ".join(
+            name for name, found in (("detector", detector), ("recognizer", recognizer)) if found is None
+        )
+        present = ", ".join(p.name for p in files) or "no .onnx files"
+        raise CheckpointError(
+            f"No face {missing} model found in {folder} (it holds {present}): it must hold {_EXPECTED}."
+        )
+    return detector, recognizer
+
+
+# --- the analyzer --------------------------------------------------------------------------------
+
+
+def _as_rgb_array(image: Any) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected an RGB uint8 array or a PIL image, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB uint8 array of shape (height, width, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+class FaceAnalyzer:
+    """insightface detection + recognition, built once and safe to share between threads."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        det_size: int = 640,
+        det_thresh: float = 0.5,
+    ) -> None:
+        from insightface.model_zoo import get_model
+
+        self.model_dir = Path(model_dir)
+        self.detector_path, self.recognizer_path = find_face_models(self.model_dir)
+        # Explicit providers: left to itself onnxruntime-gpu tries CUDA and prints library errors on CPU.
+        self.providers = tuple(providers)
+        # SCRFD's feature strides go up to 32; other sizes misalign its anchor grid.
+        self.det_size = max(32, int(det_size) // 32 * 32)
+        self._det = get_model(str(self.detector_path), providers=list(self.providers))
+        self._rec = get_model(str(self.recognizer_path), providers=list(self.providers))
+        if getattr(self._det, "taskname", None) != "detection" or not getattr(self._det, "use_kps", False):
+            raise CheckpointError(
+                f"{self.detector_path} is not a face detector that predicts the 5 facial keypoints "
+                f"InstantID needs: the folder must hold {_EXPECTED}."
+            )
+        if getattr(self._rec, "taskname", None) != "recognition":
+            raise CheckpointError(
+                f"{self.recognizer_path} is not a face recognition model: the folder must hold {_EXPECTED}."
+            )
+        # ctx_id 0 keeps the providers given above (a negative id would force the CPU).
+        self._det.prepare(0, input_size=(self.det_size, self.det_size), det_thresh=det_thresh)
+        self._rec.prepare(0)
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return (
+            f"FaceAnalyzer(detector={self.detector_path.name!r}, recognizer={self.recognizer_path.name!r}, "
+            f"det_size={self.det_size}, providers={list(self.providers)!r})"
+        )
+
+    def warmup(self) -> None:
+        """Run once on a blank image so the first real request does not pay for session set-up."""
+        self.detect(np.zeros((self.det_size, self.det_size, 3), np.uint8), with_embedding=False)
+
+    def _run_detector(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boxes, kps = self._det.detect(bgr, max_num=0)
+        if kps is None:
+            kps = np.zeros((len(boxes), 5, 2), np.float32)
+        return np.asarray(boxes, np.float32).reshape(-1, 5), np.asarray(kps, np.float32).reshape(-1, 5, 2)
+
+    def _detect_boxes(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        height, width = bgr.shape[:2]
+        scale = 1.0
+        small = bgr
+        if max(height, width) > DETECTION_MAX_SIDE:
+            # The detector letterboxes to det_size anyway; shrinking a 50 MP photo first is much cheaper.
+            scale = DETECTION_MAX_SIDE / max(height, width)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        boxes, kps = self._run_detector(small)
+        if len(boxes) == 0:
+            # SCRFD misses faces that fill the whole frame (tight crops, passport photos); a border
+            # gives it the context it was trained with. Costs a second pass only when the first failed.
+            pad = max(small.shape[:2]) // 4
+            padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            boxes, kps = self._run_detector(padded)
+            boxes[:, :4] -= pad
+            kps -= pad
+        sx = width / small.shape[1]
+        sy = height / small.shape[0]
+        boxes[:, [0, 2]] *= sx
+        boxes[:, [1, 3]] *= sy
+        kps[:, :, 0] *= sx
+        kps[:, :, 1] *= sy
+        # Clip boxes to the image: the padded pass can place them partly outside.
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        order = np.argsort(-area, kind="stable")
+        return boxes[order], kps[order]
+
+    def _embed(self, bgr: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        from insightface.utils import face_align
+
+        # Alignment on the full-resolution photo: the 112 px crop keeps every detail the photo has.
+        with warnings.catch_warnings():
+            # insightface's alignment calls a scikit-image API deprecated in 0.26: noise to our users, and
+            # fatal under `-W error`. Racing threads can at worst leave this same narrow filter installed.
+            warnings.filterwarnings("ignore", message=".*`estimate` is deprecated", category=FutureWarning)
+            crop = face_align.norm_crop(bgr, landmark=kps, image_size=self._rec.input_size[0])
+        return np.asarray(self._rec.get_feat(crop), np.float32).reshape(-1).copy()
+
+    def detect(
+        self,
+        image: np.ndarray | Image.Image,
+        *,
+        with_embedding: bool = True,
+        max_num: int = 0,
+        only_largest: bool = False,
+    ) -> list[Face]:
+        """Faces in an RGB uint8 image, largest box first.
+
+        `max_num` > 0 keeps only that many of the largest faces. With `only_largest`, every face is
+        returned but only the first (largest) one carries an embedding: the pipeline uses only it.
+        """
+        rgb = _as_rgb_array(image)
+        # insightface models expect OpenCV's BGR channel order.
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        with self._lock:
+            boxes, kps = self._detect_boxes(bgr)
+            if max_num > 0:
+                boxes, kps = boxes[:max_num], kps[:max_num]
+            faces = []
+            for i in range(len(boxes)):
+                embedding = None
+                if with_embedding and (i == 0 or not only_largest):
+                    embedding = self._embed(bgr, kps[i])
+                x1, y1, x2, y2, score = (float(v) for v in boxes[i])
+                faces.append(Face((x1, y1, x2, y2), kps[i].copy(), score, embedding))
+        return faces
+
+    def embed_largest(self, image: np.ndarray | Image.Image, *, what: str = "face photo") -> tuple[Face, int]:
+        """The largest face with its embedding, and how many faces the photo holds.
+
+        Raises `NoFaceError` when there is no face, or when the largest one is too small to identify.
+        """
+        rgb = _as_rgb_array(image)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        with self._lock:
+            boxes, kps = self._detect_boxes(bgr)
+            if len(boxes) == 0:
+                raise NoFaceError(
+                    f"No face found in the {what}: use a photo where the face is clearly visible, facing the "
+                    "camera and not cropped too tightly."
+                )
+            x1, y1, x2, y2, score = (float(v) for v in boxes[0])
+            # Checked before the embedding is computed: a face this small carries no usable identity.
+            if x2 - x1 < MIN_FACE_WIDTH:
+                raise NoFaceError(
+                    f"The face in the {what} is too small ({x2 - x1:.0f} pixels wide): use a photo where the "
+                    f"face is at least {MIN_FACE_WIDTH} pixels wide, or crop closer to it."
+                )
+            embedding = self._embed(bgr, kps[0])
+        return Face((x1, y1, x2, y2), kps[0].copy(), score, embedding), len(boxes)
+
+
+# --- embeddings ----------------------------------------------------------------------------------
+
+
+def average_embedding(embeddings: Sequence[np.ndarray]) -> np.ndarray:
+    """Mean of several raw face embeddings (one identity from several photos).
+
+    The raw vectors are averaged, not normalised ones: InstantID's resampler was trained on raw
+    ArcFace embeddings, whose norm it sees too, so the mean must stay in that space.
+    """
+    if len(embeddings) == 0:
+        raise ValueError("average_embedding needs at least one embedding")
+    vectors = [np.asarray(e, dtype=np.float32) for e in embeddings]
+    first = vectors[0].reshape(-1).shape
+    for i, v in enumerate(vectors):
+        if v.ndim not in (1, 2) or (v.ndim == 2 and v.shape[0] != 1) or v.reshape(-1).shape != first:
+            raise ValueError(f"embedding {i} has shape {v.shape}; expected {first} like embedding 0")
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"embedding {i} holds non-finite values")
+    return np.mean(np.stack([v.reshape(-1) for v in vectors]), axis=0).astype(np.float32)
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of the angle between two embeddings (1 = same direction); 0.0 if either is all zeros."""
+    va = np.asarray(a, dtype=np.float64).reshape(-1)
+    vb = np.asarray(b, dtype=np.float64).reshape(-1)
+    if va.shape != vb.shape:
+        raise ValueError(f"embeddings differ in size: {va.shape} vs {vb.shape}")
+    na, nb = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(va, vb) / (na * nb))
+
+
+# --- conditions derived from a face --------------------------------------------------------------
+
+
+def draw_keypoints(size: tuple[int, int], kps: np.ndarray) -> Image.Image:
+    """InstantID's keypoint image at `size` (width, height), the IdentityNet's condition.
+
+    Black canvas; four limbs (eyes and mouth corners to the nose) as filled ellipses in the colour of
+    their first point; the whole canvas dimmed to 0.6; then a filled circle of radius 10 per point.
+    The IdentityNet was trained on exactly this drawing, so integer truncation and order matter.
+    """
+    # Provenance: re-derived from the description of InstantID's reference `draw_kps` (DESIGN.md section 3).
+    width, height = int(size[0]), int(size[1])
+    points = np.asarray(kps, dtype=np.float64)
+    if points.shape != (5, 2):
+        raise ValueError(f"kps must have shape (5, 2), got {points.shape}")
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)
+    for a, b in KPS_LIMBS:
+        (xa, ya), (xb, yb) = points[a], points[b]
+        half_length = math.hypot(xa - xb, ya - yb) / 2
+        angle = math.degrees(math.atan2(ya - yb, xa - xb))
+        center = (int((xa + xb) / 2), int((ya + yb) / 2))
+        polygon = cv2.ellipse2Poly(center, (int(half_length), KPS_STICK_WIDTH), int(angle), 0, 360, 1)
+        cv2.fillConvexPoly(canvas, polygon, KPS_COLORS[a])
+    canvas = (canvas * KPS_LIMB_DIM).astype(np.uint8)
+    for (x, y), color in zip(points, KPS_COLORS, strict=True):
+        cv2.circle(canvas, (int(x), int(y)), KPS_RADIUS, color, -1)
+    return Image.fromarray(canvas)
+
+
+def face_mask(size: tuple[int, int], bbox: Sequence[float], *, pad: float = 0.0) -> np.ndarray:
+    """A float32 (height, width) mask: 1 inside the face box, 0 elsewhere.
+
+    `pad` grows the box by that fraction of its width/height on each side before it is clipped to
+    the image and truncated to whole pixels.
+    """
+    width, height = int(size[0]), int(size[1])
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    dx, dy = (x2 - x1) * pad, (y2 - y1) * pad
+    x1, x2 = (int(min(max(v, 0.0), width)) for v in (x1 - dx, x2 + dx))
+    y1, y2 = (int(min(max(v, 0.0), height)) for v in (y1 - dy, y2 + dy))
+    mask = np.zeros((height, width), dtype=np.float32)
+    mask[y1:y2, x1:x2] = 1.0
+    return mask
+
+
+def scale_kps(kps: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Keypoints mapped from one image size to another (x times `sx`, y times `sy`)."""
+    out = np.asarray(kps, dtype=np.float32).copy()
+    out[..., 0] *= sx
+    out[..., 1] *= sy
+    return out
+
+
+def output_size(
+    width: int,
+    height: int,
+    *,
+    short_side: int = 1024,
+    max_side: int = 1280,
+    multiple: int = 64,
+) -> tuple[int, int]:
+    """Generation size for a photo of `width` x `height`, keeping its aspect ratio.
+
+    The short side goes to `short_side`; if the long side then exceeds `max_side` both shrink; both
+    are floored to multiples of `multiple` (SDXL's latent grid) and never drop below `multiple`.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive, got {width} x {height}")
+    if short_side <= 0 or max_side <= 0 or multiple <= 0:
+        raise ValueError("short_side, max_side and multiple must be positive")
+    ratio = short_side / min(width, height)
+    w, h = width * ratio, height * ratio
+    if max(w, h) > max_side:
+        shrink = max_side / max(w, h)
+        w, h = w * shrink, h * shrink
+    # The epsilon keeps 1279.9999 from flooring a whole step below 1280.
+    w_out = max(multiple, int(w + 1e-6) // multiple * multiple)
+    h_out = max(multiple, int(h + 1e-6) // multiple * multiple)
+    return w_out, h_out

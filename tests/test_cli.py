@@ -1,0 +1,152 @@
+"""`python -m instantid` as a user runs it: real subprocesses, offline, on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import PIL.Image
+import pytest
+
+from instantid.hub import publish_folder
+from instantid.tiny import TinyShape, _unet, build_instantid, build_sdxl
+
+
+def cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "instantid", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:  # noqa: ANN001
+    out = tmp_path / "out.png"
+    r = cli(
+        tiny_env,
+        "generate",
+        "--face",
+        str(photos["astronaut"]),
+        "--face",
+        str(photos["astronaut_flipped"]),
+        "--prompt",
+        "a knight",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--num-images",
+        "2",
+        "--controlnet",
+        "canny=0.5",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["seed"] == 3 and len(summary["images"]) == 2
+    for path in summary["images"]:
+        with PIL.Image.open(path) as im:
+            assert im.format == "PNG" and im.size == tuple(summary["size"])
+
+
+def test_faces_lists_largest_first(tiny_env, photos) -> None:  # noqa: ANN001
+    r = cli(tiny_env, "faces", str(photos["group"]))
+    assert r.returncode == 0, r.stderr
+    faces = json.loads(r.stdout)
+    assert len(faces) == 6
+    areas = [(f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]) for f in faces]
+    assert areas == sorted(areas, reverse=True)
+    assert all(len(f["kps"]) == 5 and 0 < f["score"] <= 1 for f in faces)
+
+
+def test_status_is_the_memory_report(tiny_env) -> None:  # noqa: ANN001
+    r = cli(tiny_env, "status")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert {"host", "gpu", "components", "profile", "state"} <= set(report)
+    assert report["state"]["phase"] == "not loaded" and report["host"]["process_rss"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--face", "{noface}"], "No face found in the face photo"),
+        (["--face", "{missing}"], "no such file"),
+        (["--face", "{notimage}"], "face photo"),
+        (["--face", "{astronaut}", "--steps", "1000"], "num_steps=1000"),
+        (["--face", "{astronaut}", "--scheduler", "Nope"], "scheduler='Nope'"),
+        (["--face", "{astronaut}", "--style", "Cubism"], "style='Cubism'"),
+        (["--face", "{astronaut}", "--width", "100", "--height", "128"], "width=100"),
+        (["--face", "{astronaut}", "--controlnet", "sketch"], "controlnets"),
+        (["--face", "{astronaut}", "--identity-strength", "abc"], "--identity-strength"),
+        (["--face", "{astronaut}", "--pose", "{noface}"], "pose photo"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:  # noqa: ANN001
+    notimage = tmp_path / "notes.png"
+    notimage.write_text("this is not an image")
+    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg"), "notimage": str(notimage)}
+    argv = ["generate", *[a.format(**names) for a in args], "--out", str(tmp_path / "o.png"), "--steps", "2"]
+    if "--steps" in args:
+        argv = argv[:-2]
+    r = cli(tiny_env, *argv)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path: Path, tiny_env) -> None:  # noqa: ANN001
+    """The real preset, offline, against checkpoints of other shapes published under the user's repo ids."""
+    shape = TinyShape(
+        cross_attention_dim=96,
+        text_hidden=48,
+        resampler_dim=128,
+        resampler_depth=2,
+        resampler_heads=2,
+        num_queries=8,
+        resampler_ff_mult=4,
+    )
+    cache = tmp_path / "hub"
+    build_sdxl(tmp_path / "sdxl", shape)
+    build_instantid(tmp_path / "iid", _unet(shape), shape)
+    publish_folder(cache, "acme/my-sdxl", tmp_path / "sdxl")
+    publish_folder(cache, "acme/my-instantid", tmp_path / "iid")
+    env = {k: v for k, v in tiny_env.items() if not k.startswith("INSTANTID_")}
+    env.update(
+        {
+            "INSTANTID_PRESET": "real",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_CACHE": str(cache),
+            "INSTANTID_BASE_MODEL": "acme/my-sdxl",
+            "INSTANTID_REPO": "acme/my-instantid",
+            "INSTANTID_FACE_MODELS": str(face_models_dir),
+        }
+    )
+    out = tmp_path / "o.png"
+    r = cli(
+        env,
+        "generate",
+        "--face",
+        str(photos["astronaut"]),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--width",
+        "128",
+        "--height",
+        "192",
+        "--seed",
+        "1",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    with PIL.Image.open(out) as im:
+        assert im.size == (128, 192)
+    # A repo id that is not in the cache: exit 2 naming it, no traceback.
+    env["INSTANTID_REPO"] = "acme/not-there"
+    r = cli(env, "generate", "--face", str(photos["astronaut"]), "--out", str(out), "--steps", "2")
+    assert r.returncode == 2 and "acme/not-there" in r.stderr and "Traceback" not in r.stderr

