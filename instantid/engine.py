@@ -192,7 +192,6 @@ class Engine:
         """Load an extra ControlNet on first use and place it like the IdentityNet."""
         with self._extras_lock:
             if name not in self._extra_nets:
-                import torch
                 from diffusers import ControlNetModel
 
                 repo = RepoRef.parse(self.settings.controlnets[name])
@@ -200,9 +199,8 @@ class Engine:
                 folder, variant = fetch_component(
                     repo, repo.subfolder, files=files, cache_dir=self._cache(), offline=self.settings.hub_offline
                 )
-                net = _from_pretrained(ControlNetModel, folder, variant, _torch_dtype(self.profile.dtype))
-                device = self.pipe.controlnet.device if self.pipe is not None else torch.device("cpu")
-                self._extra_nets[name] = net.to(device).eval()
+                net = _from_pretrained(ControlNetModel, folder, variant, _torch_dtype(self.profile.dtype)).eval()
+                self._extra_nets[name] = place_like_profile(net, self.profile)
             return self._extra_nets[name]
 
     def _estimator(self, name: str) -> Any:
@@ -211,13 +209,15 @@ class Engine:
         with self._extras_lock:
             if name not in self._estimators:
                 s = self.settings
+                # Estimators run once per request: on the GPU only when everything is resident anyway.
+                device = self.profile.device if self.profile.offload == "none" else "cpu"
                 if name == "depth":
                     folder = _snapshot(s.depth_estimator, s, self._cache())
-                    self._estimators[name] = controls.DepthEstimator.from_folder(folder)
+                    self._estimators[name] = controls.DepthEstimator.from_folder(folder, device=device)
                 elif name == "pose":
                     pose = _snapshot(s.pose_estimator, s, self._cache())
                     det = _snapshot(s.person_detector, s, self._cache())
-                    self._estimators[name] = controls.PoseEstimator.from_folders(pose, det)
+                    self._estimators[name] = controls.PoseEstimator.from_folders(pose, det, device=device)
             return self._estimators.get(name)
 
     def _lcm(self) -> None:
@@ -465,6 +465,8 @@ class Engine:
         if nxt is None:
             return False
         apply_profile(self.pipe, nxt)
+        for name, net in list(self._extra_nets.items()):
+            self._extra_nets[name] = place_like_profile(net, nxt)
         self.profile = nxt
         self.profile_reason += f"; switched to {nxt.name} after running out of GPU memory"
         return True
@@ -479,6 +481,23 @@ def _from_pretrained(cls: Any, folder: Path, variant: str | None, dtype: Any) ->
     return cls.from_pretrained(
         str(folder), variant=variant, use_safetensors=use_safetensors, dtype=dtype, low_cpu_mem_usage=True
     )
+
+
+def place_like_profile(net: Any, profile: Profile) -> Any:
+    """Place an extra ControlNet the way the profile placed the IdentityNet (it runs beside it every step)."""
+    import torch
+
+    if profile.device == "cpu":
+        return net.to("cpu")
+    if profile.offload == "group":
+        net.enable_group_offload(
+            onload_device=torch.device(profile.device),
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=True,
+        )
+        return net
+    return net.to(profile.device)
 
 
 def _snapshot(spec: str, s: Settings, cache: Path | None) -> Path:
