@@ -1,0 +1,82 @@
+"""Hugging Face Space entry point: build the UI, start loading the models, launch.
+
+Hugging Face Spaces imports this module and serves `demo`; `python app.py` launches it locally
+(GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by Gradio itself). Every knob is an environment
+variable read by `instantid.settings`; see the README.
+"""
+
+# `spaces` must be imported before anything touches CUDA: on ZeroGPU it patches torch.cuda so the
+# models can be placed on "cuda" at start-up while the real GPU is attached only inside @spaces.GPU.
+import spaces  # noqa: I001, F401 - import order matters here
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import gradio as gr
+
+from instantid import api
+from instantid.settings import get_settings
+from instantid.ui import build_demo
+
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT / "assets"
+CSS_PATH = ASSETS / "style.css"
+
+EXAMPLE_PROMPTS = [
+    ("a portrait of a woman as an astronaut on Mars, helmet under her arm, golden hour", "Mars"),
+    ("a woman reading in a rainy café at night, neon reflections", "Neon"),
+    ("a detective in a trench coat under a street lamp", "Film Noir"),
+    ("a woman in a garden, spring flowers", "Watercolor"),
+]
+
+log = logging.getLogger("instantid.app")
+settings = get_settings()
+
+
+def examples() -> list[list[str]]:
+    face = ASSETS / "astronaut.jpg"
+    if not face.is_file():
+        return []
+    return [[str(face), prompt, style] for prompt, style in EXAMPLE_PROMPTS]
+
+
+def mcp_enabled() -> bool:
+    """MCP needs the `gradio[mcp]` extra; without it we say so and serve the app without MCP."""
+    if not settings.mcp_server:
+        return False
+    if importlib.util.find_spec("mcp") is None:
+        log.warning('GRADIO_MCP_SERVER is on but the `mcp` package is missing: pip install "gradio[mcp]"')
+        return False
+    return True
+
+
+demo = build_demo(api.generate, api.status, settings=settings, examples=examples())
+demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+
+if settings.preload:
+    # Non-blocking: the page is served within seconds; the Status tab shows the load, the first request waits.
+    from instantid.engine import get_engine
+
+    get_engine(settings).start_background_load()
+
+
+def launch(**kwargs) -> None:
+    """Launch with the app's css and theme (`python app.py`); keyword arguments go to `demo.launch`."""
+    options = {
+        "css_paths": [CSS_PATH] if CSS_PATH.is_file() else None,
+        "theme": gr.themes.Soft(),
+        "mcp_server": mcp_enabled(),
+        "footer_links": ["api", "gradio", "settings"],
+        # Refuse oversized uploads at the door; instantid.images checks bytes and pixels again.
+        "max_file_size": settings.max_upload_bytes,
+        # Only our assets need serving besides Gradio's own cache (examples are read from here).
+        "allowed_paths": [str(ASSETS)],
+    }
+    options.update(kwargs)
+    demo.launch(**options)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    launch()

@@ -1,0 +1,220 @@
+"""The real app (`python app.py`) under the tiny preset, driven over HTTP by gradio_client.
+
+Tiny models (written to a per-session cache on first use) and real face models: every code path from
+the HTTP request to the pipeline and back runs, offline, in seconds per request on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+FACE = ROOT / "assets" / "astronaut.jpg"
+START_TIMEOUT_S = 180
+# Two steps keep each tiny-preset request well under a second of denoising on two cores.
+FAST = {"num_steps": 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_env(cache: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTANTID_", "GRADIO_"))}
+    env.pop("SPACES_ZERO_GPU", None)  # never pretend to be on ZeroGPU
+    env.update(
+        INSTANTID_PRESET="tiny",
+        HF_HUB_OFFLINE="1",
+        INSTANTID_TINY_CACHE=str(cache),
+        GRADIO_ANALYTICS_ENABLED="False",
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        INSTANTID_CONCURRENCY="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def start_app(tmp: Path, cache: Path) -> tuple[subprocess.Popen, str, Path]:
+    """Run `python app.py` exactly as a Space does and wait until it serves its page."""
+    port = free_port()
+    log_path = tmp / "app.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=app_env(cache, port), stdout=log, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc, url, log_path
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"app.py did not answer within {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[tuple[str, Path]]:
+    proc, url, log_path = start_app(tmp_path_factory.mktemp("app"), tiny_cache)
+    try:
+        yield url, log_path
+    finally:
+        stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def client(app: tuple[str, Path]) -> Client:
+    return Client(app[0], verbose=False)
+
+
+def pixels(path: str) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_api_signature(client: Client) -> None:
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(info) == {"/generate", "/status"}
+    params = [p["parameter_name"] for p in info["/generate"]["parameters"]]
+    assert params[:2] == ["face_image", "prompt"] and "randomize_seed" in params and "controlnets" in params
+    required = [p["parameter_name"] for p in info["/generate"]["parameters"] if not p["parameter_has_default"]]
+    assert required == ["face_image", "prompt"]
+
+
+def test_generate_with_only_face_and_prompt(client: Client) -> None:
+    gallery, seed, similarities, keypoints, timings = client.predict(
+        handle_file(str(FACE)), "a knight in shining armour", api_name="/generate"
+    )
+    assert len(gallery) == 1 and Path(gallery[0]["image"]).is_file()
+    assert seed == 42, "the API default seed is fixed unless randomize_seed is set"
+    assert f"seed {seed}" in gallery[0]["caption"]
+    assert len(similarities) == 1
+    assert Path(keypoints).is_file() and pixels(keypoints).max() > 0, "the keypoint image has coloured points"
+    assert timings["total_ms"] > 0
+    assert pixels(gallery[0]["image"]).ndim == 3
+
+
+def test_same_seed_same_pixels(client: Client) -> None:
+    def run(seed: int) -> np.ndarray:
+        gallery, used, *_ = client.predict(handle_file(str(FACE)), "a portrait", seed=seed, api_name="/generate",
+                                           **FAST)
+        assert used == seed
+        return pixels(gallery[0]["image"])
+
+    first, again, other = run(1234), run(1234), run(4321)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_extra_faces_and_pose_photo(client: Client, photos: dict[str, Path]) -> None:
+    gallery, seed, similarities, keypoints, _ = client.predict(
+        handle_file(str(FACE)), "a portrait", extra_face_images=[handle_file(str(photos["astronaut_flipped"]))],
+        pose_image=handle_file(str(photos["hanks"])), seed=5, api_name="/generate", **FAST
+    )
+    assert len(gallery) == 1 and seed == 5
+    with Image.open(keypoints) as kps, Image.open(gallery[0]["image"]) as out:
+        assert kps.size == out.size, "the keypoint image is the IdentityNet condition at the output size"
+
+
+def test_randomize_seed_and_several_images(client: Client) -> None:
+    gallery, seed, similarities, *_ = client.predict(
+        handle_file(str(FACE)), "a portrait", num_images=2, randomize_seed=True, api_name="/generate", **FAST
+    )
+    assert 0 <= seed <= 2**31 - 1
+    assert len(gallery) == 2 and len(similarities) == 2
+    assert all(f"seed {seed}" in item["caption"] for item in gallery)
+
+
+def test_status(client: Client) -> None:
+    report = client.predict(api_name="/status")
+    assert {"host", "gpu", "components", "profile", "state"} <= set(report)
+    assert report["host"]["total"] > 0 and report["host"]["process_rss"] > 0
+    assert report["gpu"] is None or "name" in report["gpu"] or "error" in report["gpu"]
+    assert report["profile"]["name"] and report["profile"]["reason"]
+    assert report["state"]["phase"] in ("not loaded", "loading", "ready", "error")
+
+
+def test_no_face_is_a_client_error(client: Client, photos: dict[str, Path]) -> None:
+    with pytest.raises(AppError) as caught:
+        client.predict(handle_file(str(photos["noface"])), "a portrait", api_name="/generate", **FAST)
+    assert "face" in str(caught.value).lower()
+    assert "Traceback" not in str(caught.value)
+
+
+def test_invalid_value_is_a_client_error(client: Client) -> None:
+    with pytest.raises(AppError, match="width"):
+        client.predict(handle_file(str(FACE)), "x", width=100, height=128, api_name="/generate", **FAST)
+
+
+def test_progress_is_reported(client: Client) -> None:
+    job = client.submit(handle_file(str(FACE)), "a portrait", api_name="/generate", num_steps=6)
+    seen = []
+    while not job.done():
+        update = job.status()
+        if update.progress_data:
+            seen.append(update.progress_data[-1])
+        time.sleep(0.02)
+    job.result()
+    steps = [(p.index, p.length) for p in seen if p.desc == "Denoising"]
+    assert steps and all(total == 6 for _, total in steps)
+
+
+def test_four_concurrent_clients(app: tuple[str, Path]) -> None:
+    def one(i: int):
+        c = Client(app[0], verbose=False)
+        return c.predict(handle_file(str(FACE)), f"portrait {i}", seed=i, api_name="/generate", **FAST)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    assert [r[1] for r in results] == [0, 1, 2, 3]
+    assert all(len(r[0]) == 1 for r in results)
+
+
+def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path]) -> None:
+    job = client.submit(handle_file(str(FACE)), "a slow portrait", num_steps=80, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        update = job.status()
+        if update.progress_data and update.progress_data[-1].desc == "Denoising":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the generation never reported denoising progress")
+    other = Client(app[0], verbose=False)
+    t0 = time.monotonic()
+    report = other.predict(api_name="/status")
+    elapsed = time.monotonic() - t0
+    assert not job.done(), "status should have answered while the generation was still running"
+    assert report["state"]["phase"] == "ready"
+    assert elapsed < 10
+    job.result()

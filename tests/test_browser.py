@@ -1,0 +1,131 @@
+"""The real app under the tiny preset in a real Chromium: upload, prompt, Generate, gallery, Status tab.
+
+Uses the Debian Chromium at /usr/bin/chromium through playwright (never `playwright install`);
+screenshots land in artifacts/ (gitignored).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+FACE = ROOT / "assets" / "astronaut.jpg"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        shutil.which(CHROMIUM) is None, reason=f"{CHROMIUM} is missing: apt-get install -y chromium"
+    ),
+]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+
+
+def _app_helpers():
+    # The server start-up lives in test_app.py; loaded by path so it works whatever pytest's import mode.
+    spec = importlib.util.spec_from_file_location("_instantid_app_helpers", Path(__file__).with_name("test_app.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[str]:
+    helpers = _app_helpers()
+    proc, url, _ = helpers.start_app(tmp_path_factory.mktemp("browser-app"), tiny_cache)
+    try:
+        yield url
+    finally:
+        helpers.stop_app(proc)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, app_url: str):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(app_url, wait_until="domcontentloaded")
+    page.locator("#generate-button").wait_for(timeout=60_000)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_generate_and_status_in_a_real_browser(page) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect = sync_api.expect
+
+    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
+    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    page.locator("#prompt textarea").fill("a knight in shining armour")
+
+    # Advanced settings: the page shows the explicit defaults, and the LCM switch moves them (a cheap step).
+    page.get_by_text("Advanced settings").click()
+    steps = page.get_by_role("spinbutton", name="Steps")
+    guidance = page.get_by_role("spinbutton", name="Guidance scale")
+    expect(steps).to_have_value("30", timeout=10_000)
+    expect(guidance).to_have_value("5")
+    page.get_by_label("LCM fast mode").check()
+    expect(steps).to_have_value("5", timeout=10_000)
+    expect(guidance).to_have_value("1.5")
+    page.get_by_label("LCM fast mode").uncheck()
+    expect(steps).to_have_value("30", timeout=10_000)
+    # Fewer steps keep the tiny preset quick on a small CPU.
+    steps.fill("3")
+    steps.press("Enter")
+    page.get_by_label("Randomize seed").first.uncheck()
+    seed = page.locator("#seed input")
+    seed.fill("777")
+    seed.press("Tab")
+
+    page.locator("#generate-button").click()
+    image = page.locator("#gallery img").first
+    expect(image).to_be_visible(timeout=120_000)
+    expect(seed).to_have_value("777")
+    page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)
+
+    page.get_by_role("tab", name="Status").click()
+    memory = page.locator("#memory-table")
+    expect(memory).to_contain_text(re.compile(r"\d+\.\d\d GiB"), timeout=30_000)
+    expect(memory).to_contain_text("Process RSS")
+    expect(page.locator("#load-state")).to_contain_text("ready", timeout=30_000)
+    expect(page.locator("#components")).to_contain_text("unet", timeout=30_000)
+    page.locator("#refresh-status").click()
+    expect(memory).to_contain_text("GiB")
+    page.screenshot(path=str(ARTIFACTS / "browser-status.png"), full_page=True)
+
+
+def test_example_fills_the_inputs(page) -> None:
+    expect = sync_api.expect
+    page.get_by_text("a detective in a trench coat under a street lamp").click()
+    expect(page.locator("#prompt textarea")).to_have_value("a detective in a trench coat under a street lamp")
+    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)

@@ -1,0 +1,343 @@
+"""The UI builders and the API layer with fake callables and a fake engine: no models, no server."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from instantid import api, ui
+from instantid.errors import InvalidParameter, NoFaceError
+from instantid.requests import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    LCM_GUIDANCE,
+    LCM_STEPS,
+    MAX_SEED,
+    GenerateRequest,
+    GenerateResult,
+)
+from instantid.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+FACE = str(ROOT / "assets" / "astronaut.jpg")
+
+API_PARAMETERS = [
+    "face_image", "prompt", "extra_face_images", "pose_image", "negative_prompt", "style", "num_images", "width",
+    "height", "num_steps", "guidance_scale", "identitynet_strength", "adapter_strength", "controlnets",
+    "pose_strength", "canny_strength", "depth_strength", "scheduler", "enable_lcm", "seed", "randomize_seed",
+    "enhance_face_region",
+]
+
+REPORT = {
+    "host": {
+        "total": 16 * 1024**3,
+        "available": 9 * 1024**3,
+        "process_rss": 3 * 1024**3,
+        "process_rss_peak": 4 * 1024**3,
+        "used_percent": 43.0,
+    },
+    "gpu": None,
+    "components": [
+        {"name": "unet", "device": "cpu", "dtype": "float32", "bytes": 5 * 1024**3, "size": "5.00 GiB",
+         "parameters": 2_567_000_000, "offload": None},
+    ],
+    "profile": {"name": "cpu", "reason": "no CUDA device", "description": "everything on the CPU", "device": "cpu",
+                "dtype": "float32", "offload": "none"},
+    "state": {"phase": "loading", "progress": 0.5, "message": "base model"},
+}
+
+
+def fake_generate(
+    face_image, prompt, extra_face_images=None, pose_image=None, negative_prompt="", style="", num_images=1,
+    width=0, height=0, num_steps=0, guidance_scale=0.0, identitynet_strength=0.8, adapter_strength=0.8,
+    controlnets=None, pose_strength=0.4, canny_strength=0.4, depth_strength=0.4, scheduler="", enable_lcm=False,
+    seed=42, randomize_seed=False, enhance_face_region=True,
+):
+    image = Image.new("RGB", (64, 64))
+    return [(image, "fake")], seed, [0.5], image, {"total_ms": 1.0}
+
+
+def fake_status() -> dict[str, Any]:
+    return dict(REPORT)
+
+
+class FakeEngine:
+    """Stands in for instantid.engine.Engine: records requests, can fail on demand."""
+
+    def __init__(self, phase: str = "ready", error: Exception | None = None) -> None:
+        self.phase = phase
+        self.error = error
+        self.requests: list[GenerateRequest] = []
+        self.loads = 0
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return {"phase": self.phase, "progress": 1.0 if self.phase == "ready" else 0.3, "message": ""}
+
+    def report(self) -> dict[str, Any]:
+        return {**REPORT, "state": self.state}
+
+    def start_background_load(self) -> None:
+        self.loads += 1
+        self.phase = "ready"
+
+    def generate(self, request: GenerateRequest, progress=None) -> GenerateResult:
+        self.requests.append(request)
+        if self.error is not None:
+            raise self.error
+        if progress is not None:
+            progress(1, 1)
+        n = request.num_images
+        return GenerateResult(
+            images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(n)],
+            seed=request.seed,
+            similarities=[0.61] + [None] * (n - 1),
+            keypoint_image=Image.new("RGB", (64, 64)),
+            timings_ms={"total_ms": 12.345},
+            width=64,
+            height=64,
+            num_steps=request.num_steps,
+            guidance_scale=request.guidance_scale,
+            faces_found=1,
+            profile="cpu",
+            warnings=[],
+        )
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+    fake = FakeEngine()
+    monkeypatch.setattr(api, "_engine", lambda: fake)
+    monkeypatch.setattr(api, "_settings_max_side", lambda: 1280)
+    return fake
+
+
+# --- the Blocks app ------------------------------------------------------------------------------------
+
+
+def test_named_endpoints_with_fakes() -> None:
+    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    endpoints = demo.get_api_info()["named_endpoints"]
+    assert set(endpoints) == {"/generate", "/status"}, "cheap UI steps must stay out of the API"
+    generate = endpoints["/generate"]
+    assert [p["parameter_name"] for p in generate["parameters"]] == API_PARAMETERS
+    assert [r["label"] for r in generate["returns"]] == [
+        "Results", "Seed", "Identity similarity", "Face keypoints", "Timings (ms)",
+    ]
+    assert endpoints["/status"]["parameters"] == []
+    assert endpoints["/status"]["returns"][0]["component"] == "Json"
+
+
+def test_real_api_functions_match_the_components() -> None:
+    """The API names come from api.generate's signature; the components are listed in the same order."""
+    assert list(inspect.signature(api.generate).parameters)[:-1] == API_PARAMETERS
+    assert list(inspect.signature(api.estimate_gpu_duration).parameters) == [
+        *API_PARAMETERS, "progress",
+    ], "spaces.GPU calls the duration function with the GPU function's arguments"
+    demo = ui.build_demo(api.generate, api.status, settings=Settings(), examples=[[FACE, "a knight", "Mars"]])
+    info = demo.get_api_info()["named_endpoints"]
+    params = {p["parameter_name"]: p for p in info["/generate"]["parameters"]}
+    assert not params["face_image"]["parameter_has_default"]
+    assert not params["prompt"]["parameter_has_default"]
+    # Client defaults are the components' initial values: 0 means "the mode default" for steps and guidance.
+    assert params["num_steps"]["parameter_default"] == 0
+    assert params["guidance_scale"]["parameter_default"] == 0
+    assert params["randomize_seed"]["parameter_default"] is False
+    assert params["controlnets"]["parameter_default"] == []
+    assert info["/generate"]["description"].startswith("Generate images of the person")
+
+
+def test_cheap_steps_skip_the_queue_and_the_api() -> None:
+    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    by_fn = {}
+    for dep in demo.fns.values():
+        name = getattr(dep.fn, "__name__", None)
+        by_fn.setdefault(name, []).append(dep)
+    for name in ("lcm_defaults", "next_seed"):
+        (dep,) = by_fn[name]
+        assert dep.queue is False
+        assert dep.api_visibility == "private"
+    (gen,) = by_fn["fake_generate"]
+    assert gen.api_name == "generate" and gen.queue is not False
+    (status,) = by_fn["status"]
+    assert status.api_name == "status" and status.queue is False
+
+
+def test_lcm_toggle_handler() -> None:
+    assert ui.lcm_defaults(True) == (LCM_STEPS, LCM_GUIDANCE) == (5, 1.5)
+    assert ui.lcm_defaults(False) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (30, 5.0)
+
+
+def test_randomize_seed_handler() -> None:
+    assert ui.next_seed(1234, False) == 1234
+    assert ui.next_seed(1234.0, False) == 1234
+    seeds = {ui.next_seed(1234, True) for _ in range(20)}
+    assert all(0 <= s <= MAX_SEED for s in seeds)
+    assert len(seeds) > 1
+    assert 0 <= ui.next_seed(None, False) <= MAX_SEED
+
+
+def test_status_rendering() -> None:
+    load, memory, plot, table, profile, raw, samples = ui.render_status(REPORT, [], now=1000.0)
+    assert "loading" in load and "50 %" in load and "base model" in load
+    assert "16.00 GiB" in memory and "3.00 GiB" in memory and "no GPU" in memory
+    assert list(table.columns) == ui.STATUS_COLUMNS
+    assert table.iloc[0]["component"] == "unet" and table.iloc[0]["parameters"] == "2.57 B"
+    assert "`cpu`" in profile and "no CUDA device" in profile
+    assert raw == REPORT
+    assert len(samples) == 1 and set(plot["series"]) == {"process RSS"}
+
+    gpu = {"name": "NVIDIA L4", "total": 24 * 1024**3, "free": 20 * 1024**3, "allocated": 2 * 1024**3,
+           "reserved": 3 * 1024**3, "peak_allocated": 5 * 1024**3, "emulated": False}
+    _, memory, plot, *_ = ui.render_status({**REPORT, "gpu": gpu}, samples, now=1004.0)
+    assert "NVIDIA L4" in memory and "4.00 GiB of 24.00 GiB" in memory and "5.00 GiB" in memory
+    assert {"process RSS", "GPU allocated", "GPU reserved"} == set(plot["series"])
+
+    zero = {"emulated": True, "name": "ZeroGPU slice", "note": "only attached during a generation"}
+    _, memory, *_ = ui.render_status({**REPORT, "gpu": zero}, [], now=1.0)
+    assert "only attached during a generation" in memory
+
+
+def test_status_samples_are_capped() -> None:
+    samples: list = []
+    for i in range(ui.MAX_SAMPLES + 10):
+        samples = ui.add_sample(samples, REPORT, now=float(i))
+    assert len(samples) == ui.MAX_SAMPLES
+    assert samples[0]["t"] == 10.0
+
+
+def test_status_rendering_survives_an_empty_report() -> None:
+    load, memory, plot, table, profile, raw, samples = ui.render_status({}, None, now=0.0)
+    assert "unknown" in load and "n/a" in memory and table.empty and plot.empty
+
+
+# --- api.generate ----------------------------------------------------------------------------------
+
+
+def test_generate_builds_the_request(engine: FakeEngine) -> None:
+    gallery, seed, sims, keypoints, timings = api.generate(
+        FACE, "a knight", extra_face_images=[FACE, {"path": FACE}], controlnets=["canny"], canny_strength=0.7,
+        num_images=2, seed=7,
+    )
+    (request,) = engine.requests
+    assert request.face_images == [FACE, FACE, FACE]
+    assert request.controlnets == {"canny": 0.7}
+    assert (request.num_steps, request.guidance_scale) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert seed == 7 and request.seed == 7
+    assert len(gallery) == 2 and "seed 7" in gallery[0][1] and "0.61" in gallery[0][1]
+    assert sims == [0.61, None]
+    assert isinstance(keypoints, Image.Image)
+    assert timings == {"total_ms": 12.3}
+
+
+def test_generate_sentinels(engine: FakeEngine) -> None:
+    api.generate(FACE, "x", enable_lcm=True)
+    api.generate(FACE, "x", enable_lcm=True, num_steps=8, guidance_scale=2.0)
+    api.generate(FACE, "x", randomize_seed=True, seed=7)
+    lcm, explicit, randomized = engine.requests
+    assert (lcm.num_steps, lcm.guidance_scale) == (LCM_STEPS, LCM_GUIDANCE)
+    assert (explicit.num_steps, explicit.guidance_scale) == (8, 2.0)
+    assert randomized.seed is not None and 0 <= randomized.seed <= MAX_SEED
+
+
+def test_generate_turns_user_errors_into_gr_error(engine: FakeEngine) -> None:
+    engine.error = NoFaceError("No face found in the face photo: use a photo where the face is visible.")
+    with pytest.raises(gr.Error) as caught:
+        api.generate(FACE, "x")
+    assert caught.value.message == "No face found in the face photo: use a photo where the face is visible."
+
+
+def test_generate_validates_before_waiting(engine: FakeEngine) -> None:
+    with pytest.raises(gr.Error) as caught:
+        api.generate(FACE, "x", width=100, height=128)
+    assert "width" in caught.value.message
+    assert engine.requests == []
+    with pytest.raises(gr.Error, match="face photo is required"):
+        api.generate(None, "x")  # type: ignore[arg-type]
+
+
+def test_generate_hides_unexpected_errors(engine: FakeEngine, caplog: pytest.LogCaptureFixture) -> None:
+    engine.error = RuntimeError("CUDA kernel exploded at /secret/path.py line 3")
+    with pytest.raises(gr.Error) as caught:
+        api.generate(FACE, "x")
+    assert caught.value.message == api.GENERIC_ERROR
+    assert "secret" not in caught.value.message
+    assert "CUDA kernel exploded" in caplog.text, "the traceback belongs in the server log"
+
+
+def test_generate_starts_a_load_that_nobody_started(engine: FakeEngine) -> None:
+    engine.phase = "not loaded"
+    api.generate(FACE, "x")
+    assert engine.loads == 1 and len(engine.requests) == 1
+
+
+def test_generate_passes_engine_progress_to_gradio(engine: FakeEngine) -> None:
+    calls = []
+
+    def progress(value, desc=None, unit="steps"):
+        calls.append((value, desc))
+
+    api.generate(FACE, "x", progress=progress)
+    assert ((1, 1), "Denoising") in calls
+
+
+def test_status_is_the_engine_report(engine: FakeEngine) -> None:
+    assert set(api.status()) >= {"host", "gpu", "components", "profile", "state"}
+
+
+# --- ZeroGPU duration ---------------------------------------------------------------------------------
+
+
+def test_gpu_duration_is_monotonic_and_clamped() -> None:
+    est = api.estimate_gpu_duration
+    base = est(FACE, "x", num_steps=30, width=1024, height=1024)
+    assert api.MIN_DURATION_S <= base <= api.MAX_DURATION_S
+    assert est(FACE, "x", num_steps=40, width=1024, height=1024) >= base
+    assert est(FACE, "x", num_steps=30, width=1280, height=1024) >= base
+    assert est(FACE, "x", num_steps=30, width=1024, height=1024, num_images=2) > base
+    assert est(FACE, "x", num_steps=30, width=1024, height=1024, controlnets=["pose", "depth"]) > base
+    steps = [est(FACE, "x", num_steps=n, width=1024, height=1024) for n in range(1, 101, 3)]
+    assert steps == sorted(steps)
+    sizes = [est(FACE, "x", num_steps=30, width=s, height=s) for s in range(64, 1281, 64)]
+    assert sizes == sorted(sizes)
+    images = [est(FACE, "x", num_steps=30, num_images=n) for n in range(1, 5)]
+    assert images == sorted(images)
+    assert est(FACE, "x", num_steps=1, width=64, height=64) == api.MIN_DURATION_S
+    assert est(FACE, "x", num_steps=100, num_images=4, controlnets=["pose", "canny", "depth"]) == api.MAX_DURATION_S
+    assert est(FACE, "x", enable_lcm=True) < est(FACE, "x"), "LCM's 5 steps cost less than 30"
+    assert est(FACE, "x", num_steps="many") == api.MAX_DURATION_S  # type: ignore[arg-type]
+
+
+def test_gpu_duration_of_the_gpu_function_matches() -> None:
+    request = GenerateRequest(face_images=[FACE], num_steps=30, width=1024, height=1024).validated()
+    assert api._gpu_duration(request, None) == api.estimate_gpu_duration(FACE, "", num_steps=30, width=1024,
+                                                                         height=1024)
+
+
+def test_results_pickle() -> None:
+    """ZeroGPU sends the request to its worker and the result back through pickle."""
+    import pickle
+
+    request = GenerateRequest(face_images=[FACE], controlnets={"pose": 0.4}).validated()
+    assert pickle.loads(pickle.dumps(request)) == request
+    result = FakeEngine().generate(request)
+    again = pickle.loads(pickle.dumps(result))
+    assert again.seed == result.seed and again.images[0].tobytes() == result.images[0].tobytes()
+
+
+def test_ui_and_api_do_not_import_torch() -> None:
+    code = "import sys, instantid.ui, instantid.api; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_invalid_parameter_message_is_a_sentence() -> None:
+    # The UI shows these verbatim: they must name the argument and say what is allowed.
+    message = str(InvalidParameter("width", 100, "use 0 (automatic) or a multiple of 64 up to 1280"))
+    assert message.startswith("Invalid width=100") and message.endswith(".")
