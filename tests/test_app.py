@@ -51,14 +51,13 @@ def app_env(cache: Path, port: int) -> dict[str, str]:
     return env
 
 
-def start_app(tmp: Path, cache: Path) -> tuple[subprocess.Popen, str, Path]:
+def start_app(tmp: Path, cache: Path, **extra_env: str) -> tuple[subprocess.Popen, str, Path]:
     """Run `python app.py` exactly as a Space does and wait until it serves its page."""
     port = free_port()
     log_path = tmp / "app.log"
+    env = {**app_env(cache, port), **extra_env}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "app.py"], cwd=ROOT, env=app_env(cache, port), stdout=log, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -218,3 +217,16 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
     assert report["state"]["phase"] == "ready"
     assert elapsed < 10
     job.result()
+
+
+def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
+    """GRADIO_MCP_SERVER=1 serves both endpoints as MCP tools, with their documented parameters."""
+    proc, url, _ = start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")
+    try:
+        schema = httpx.get(f"{url}gradio_api/mcp/schema", timeout=10).json()
+    finally:
+        stop_app(proc)
+    tools = {tool["name"]: tool for tool in schema}
+    assert {"generate", "status"} <= set(tools)
+    params = tools["generate"]["inputSchema"]["properties"]
+    assert {"face_image", "prompt", "num_steps", "enable_lcm", "seed"} <= set(params)
