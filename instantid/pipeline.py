@@ -86,6 +86,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
+def face_tokens(
+    resampler: Resampler,
+    face_embedding: np.ndarray | torch.Tensor,
+    device: torch.device,
+    uncond_cache: dict[tuple[str, torch.dtype], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Face tokens for an embedding, and for the zero embedding (InstantID's unconditional branch).
+
+    The zero embedding's tokens depend only on the resampler's weights, which never change after
+    loading, so they are computed once per device and dtype into `uncond_cache`, not once per request.
+    """
+    dtype = resampler.dtype
+    emb = torch.as_tensor(np.asarray(face_embedding, dtype=np.float32)).reshape(1, 1, -1)
+    tokens = resampler(emb.to(device=device, dtype=dtype))
+    key = (str(device), dtype)
+    if key not in uncond_cache:
+        uncond_cache[key] = resampler(torch.zeros_like(emb).to(device=device, dtype=dtype))
+    return tokens, uncond_cache[key]
+
+
 def mask_pyramid(mask: np.ndarray, latent_hw: tuple[int, int], levels: int = 4) -> dict[int, torch.Tensor]:
     """Face mask resized to every UNet resolution, keyed by sequence length (h * w) for the processors."""
     m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
@@ -186,16 +207,10 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
     def encode_face(
         self, face_embedding: np.ndarray | torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(conditional, unconditional) face tokens, each (1, num_queries, cross_attention_dim).
-
-        The unconditional branch is a zero embedding through the same resampler, as InstantID was trained.
-        """
+        """(conditional, unconditional) face tokens, each (1, num_queries, cross_attention_dim)."""
         assert self.resampler is not None, "InstantIDPipeline needs a resampler"
-        emb = torch.as_tensor(np.asarray(face_embedding, dtype=np.float32)).reshape(1, 1, -1)
-        dtype = self.resampler.dtype
-        both = torch.cat([emb, torch.zeros_like(emb)]).to(device=device, dtype=dtype)
-        tokens = self.resampler(both)
-        return tokens[:1], tokens[1:]
+        cache: dict[tuple[str, torch.dtype], torch.Tensor] = self.__dict__.setdefault("_uncond_tokens", {})
+        return face_tokens(self.resampler, face_embedding, device, cache)
 
     # --- hooks -----------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,16 +53,32 @@ def random_seed() -> int:
     return random.randint(0, MAX_SEED)
 
 
+def clean_text(text: str) -> str:
+    """`text` without control characters (newline and tab stay) and without lone UTF-16 surrogates.
+
+    Control characters carry nothing a text encoder can use (and terminal escapes have no business in
+    logs); lone surrogates (from JSON escapes, or undecodable bytes on a command line) make the fast
+    tokenizers raise. Format characters such as the zero-width joiner stay: emoji sequences need them.
+    """
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
+
+
+def _bound(value: float) -> str:
+    # Whole bounds in full ("0..2147483647", not "0..2.14748e+09"): the caller must be able to use them.
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _number(name: str, value: object, lo: float, hi: float, *, integer: bool) -> float:
+    span = f"{_bound(lo)}..{_bound(hi)}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             value = float(str(value))
         except ValueError:
-            raise InvalidParameter(name, value, f"must be a number in {lo:g}..{hi:g}") from None
+            raise InvalidParameter(name, value, f"must be a number in {span}") from None
     if not math.isfinite(float(value)) or not lo <= float(value) <= hi:
-        raise InvalidParameter(name, value, f"must be {'an integer' if integer else 'a number'} in {lo:g}..{hi:g}")
+        raise InvalidParameter(name, value, f"must be {'an integer' if integer else 'a number'} in {span}")
     if integer and float(value) != int(float(value)):
-        raise InvalidParameter(name, value, f"must be an integer in {lo:g}..{hi:g}")
+        raise InvalidParameter(name, value, f"must be an integer in {span}")
     return float(value)
 
 
@@ -93,12 +110,14 @@ class GenerateRequest:
             raise InvalidParameter("face_image", None, "a face photo is required")
         if len(self.face_images) > 8:
             raise InvalidParameter("extra_face_images", len(self.face_images), "use at most 8 photos in all")
+        texts = {}
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise InvalidParameter(name, value, "must be text")
             if len(value) > MAX_PROMPT_CHARS:
                 raise InvalidParameter(name, f"{len(value)} characters", f"use at most {MAX_PROMPT_CHARS} characters")
+            texts[name] = clean_text(value)
         if self.style not in STYLE_NAMES:
             raise InvalidParameter("style", self.style, f"choose one of {', '.join(STYLE_NAMES)}")
         if self.scheduler not in SCHEDULERS:
@@ -139,6 +158,8 @@ class GenerateRequest:
         return replace(
             self,
             face_images=list(self.face_images),
+            prompt=texts["prompt"],
+            negative_prompt=texts["negative_prompt"],
             num_images=num_images,
             width=sizes["width"],
             height=sizes["height"],

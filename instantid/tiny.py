@@ -196,19 +196,29 @@ def resampler_state_dict(
     return {k: v.to(dtype) for k, v in model.state_dict().items()}
 
 
-def ip_adapter_state_dict(unet, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """Random `ip_adapter` weights keyed by position in `unet.attn_processors`, as released."""
-    gen = torch.Generator().manual_seed(seed)
+def ip_adapter_shapes(unet) -> dict[str, tuple[int, int]]:  # noqa: ANN001
+    """`ip_adapter` key -> shape for a UNet: keys are positions in `unet.attn_processors`, as released.
+
+    Only cross-attention layers carry `to_k_ip` / `to_v_ip` (cross-attention width -> block width).
+    """
     modules = dict(unet.named_modules())
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, tuple[int, int]] = {}
     for i, name in enumerate(unet.attn_processors.keys()):
         if name.endswith("attn1.processor"):
             continue
         attn = modules[name.removesuffix(".processor")]
-        shape = (attn.to_q.out_features, attn.to_k.in_features)
         for key in ("to_k_ip", "to_v_ip"):
-            out[f"{i}.{key}.weight"] = (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(dtype)
+            out[f"{i}.{key}.weight"] = (attn.to_q.out_features, attn.to_k.in_features)
     return out
+
+
+def ip_adapter_state_dict(unet, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """Random `ip_adapter` weights for `unet`, on the scale of a default linear init."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        key: (torch.randn(shape, generator=gen) / shape[1] ** 0.5).to(dtype)
+        for key, shape in ip_adapter_shapes(unet).items()
+    }
 
 
 def build_instantid(folder: Path, unet, shape: TinyShape = TinyShape()) -> None:  # noqa: ANN001

@@ -466,3 +466,20 @@ def test_output_size(size, kwargs, expected):
 def test_output_size_rejects(args):
     with pytest.raises(ValueError):
         output_size(*args)
+
+
+def test_request_path_detects_coarse_first_and_falls_back_for_small_faces(analyzer, astronaut):
+    """Portraits are analysed at 320 px with the same identity; a small face still gets the full pass."""
+    from instantid.faces import COARSE_DET_SIZE
+
+    face, count = analyzer.embed_largest(astronaut)
+    full = analyzer.detect(astronaut, only_largest=True)[0]
+    assert count == 1 and analyzer.det_size > COARSE_DET_SIZE
+    assert cosine_similarity(face.embedding, full.embedding) > 0.98
+    # The same face, small in a large grey canvas: too few detector pixels at 320, found at full size.
+    canvas = np.full((1400, 1400, 3), 128, np.uint8)
+    small = np.asarray(Image.fromarray(astronaut).resize((256, 256)))
+    canvas[100:356, 1000:1256] = small
+    face, _ = analyzer.embed_largest(canvas)
+    assert 1000 <= face.bbox[0] < face.bbox[2] <= 1256
+    assert cosine_similarity(face.embedding, full.embedding) > 0.5

@@ -1,0 +1,226 @@
+"""Benchmarks: `python -m instantid bench NAME [--quick] [--record]` (or `python -m bench`, more options).
+
+Each benchmark prints progress on stderr and, as the last line of stdout, one JSON object. `--record`
+appends a row (date, machine, exact command, figures, baseline from the same run) to BENCHMARKS.md.
+
+- load-memory: host RAM to load the whole pipeline, against the official demo's loading (bench/load_memory.py)
+- overhead: per-request CPU work outside the denoising loop and VAE decode (bench/overhead.py)
+- gpu: seconds per image and peak VRAM per memory profile against plain diffusers (bench/gpu.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+BENCHMARKS = ("load-memory", "overhead", "gpu")
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
+RECORD_HEADER = """## Recorded runs
+
+Appended by `--record`: one row per run, the baseline measured in the same run.
+
+| date (UTC) | benchmark | machine | command | figures | baseline (same run) |
+|---|---|---|---|---|---|
+"""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_benchmark(
+    name: str,
+    quick: bool = False,
+    record: bool = False,
+    *,
+    command: str | None = None,
+    log: Callable[[str], None] = _log,
+    **options: Any,
+) -> int:
+    """Run one benchmark, print its JSON as the last stdout line, optionally record it; the exit code."""
+    if name not in BENCHMARKS:
+        print(f"error: unknown benchmark {name!r}: choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    try:
+        result = measure(name, quick=quick, log=log, **options)
+    except Exception as exc:  # noqa: BLE001 - the JSON line must still say what happened
+        traceback.print_exc()
+        print(json.dumps({"benchmark": name, "error": f"{type(exc).__name__}: {exc}"}))
+        return 1
+    result["machine"] = machine()
+    result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    result["command"] = command or _command(name, quick, options)
+    if name == "gpu" and result.get("table"):
+        print(result["table"])
+    if record:
+        path = append_record(result)
+        log(f"recorded in {path}")
+    print(json.dumps(result, default=str))
+    return 0
+
+
+def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log, **options: Any) -> dict[str, Any]:
+    """The benchmark's result dict (no printing, no recording)."""
+    if name == "load-memory":
+        from . import load_memory
+
+        return load_memory.run(quick=quick, size=options.get("size"), cache=options.get("cache"), log=log)
+    if name == "overhead":
+        from . import overhead
+
+        return overhead.run(quick=quick, requests=options.get("requests"), log=log)
+    if name == "gpu":
+        from . import gpu
+
+        return gpu.run(quick=quick, dry_run=options.get("dry_run"), log=log)
+    raise ValueError(f"unknown benchmark {name!r}")
+
+
+def _command(name: str, quick: bool, options: dict[str, Any]) -> str:
+    parts = ["python -m instantid bench", name] + (["--quick"] if quick else [])
+    for key, value in options.items():
+        if value in (None, False):
+            continue
+        flag = "--" + key.replace("_", "-")
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """`N CPU (model), X GiB RAM[, GPU name]`: enough to tell two rows' machines apart."""
+    import psutil
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    out = f"{cpus} CPU ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    gpu = _gpu_name()
+    return out + (f", {gpu}" if gpu else ", no GPU")
+
+
+def _gpu_name() -> str | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    except Exception:  # noqa: BLE001 - a machine description must never fail a benchmark
+        return None
+    return None
+
+
+def _git_commit() -> str | None:
+    """The commit measured, marked when the code under test differs from it."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = out.stdout.strip()
+        if not commit:
+            return None
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "bench", "instantid"], cwd=ROOT)
+        untracked = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard", "bench", "instantid"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        return commit + (" + local changes" if dirty.returncode or untracked.stdout.strip() else "")
+    except OSError:
+        return None
+
+
+# --- BENCHMARKS.md rows ---------------------------------------------------------------------------
+
+
+def _gb(n: Any) -> str:
+    return "n/a" if n is None else f"{n / 1e9:.2f} GB"
+
+
+def summary(result: dict[str, Any]) -> tuple[str, str]:
+    """(figures, baseline) cells for one result."""
+    name = result.get("benchmark")
+    if name == "load-memory":
+        figures = (
+            f"{result['size']} size: weights {_gb(result['weights_bytes'])}, peak RSS growth "
+            f"{_gb(result['peak_rss_bytes'])}, **ratio {result['ratio']}** "
+            f"({result['ratio_vs_baseline']} x baseline), load {result['load_seconds']} s"
+        )
+        baseline = (
+            f"official demo: peak {_gb(result['baseline_peak_rss_bytes'])}, ratio {result['baseline_ratio']}, "
+            f"load {result['baseline_load_seconds']} s; same demo on an fp16-only repo: ratio "
+            f"{result['baseline_fp16_files_ratio']}, load {result['baseline_fp16_files_load_seconds']} s"
+        )
+    elif name == "overhead":
+        stages = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["stages_median_ms"].items())
+        figures = (
+            f"**median {result['median_ms']} ms**, p90 {result['p90_ms']} ms over {result['requests']} requests "
+            f"(stage medians, ms: {stages}; det_size {result['det_size']}, resampler {result['resampler_dtype']})"
+        )
+        if result.get("what_ifs"):
+            figures += "; what-ifs, cumulative: " + "; ".join(
+                f"{w['name']} {w['median_ms']} ms" for w in result["what_ifs"]
+            )
+        if result.get("loadavg"):
+            figures += f"; load average {result['loadavg'][0]} -> {result['loadavg'][1]}"
+        base = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["baseline_stages_median_ms"].items())
+        baseline = (
+            f"official demo's face path: median {result['baseline_median_ms']} ms, p90 "
+            f"{result['baseline_p90_ms']} ms ({base})"
+        )
+    elif name == "gpu":
+        ours = [r for r in result["rows"] if r["pipeline"] == "instantid"]
+        plain = [r for r in result["rows"] if r["pipeline"] == "plain"]
+
+        def cell(rows: list[dict[str, Any]]) -> str:
+            return "; ".join(
+                f"{r['profile']} {r['mode']}: failed ({r['error'][:60]})"
+                if "error" in r
+                else f"{r['profile']} {r['mode']}: {r['seconds_per_image']} s, peak {_gb(r['peak_reserved_bytes'])}"
+                for r in rows
+            )
+
+        prefix = "DRY RUN on CPU (not GPU figures): " if result.get("dry_run") else f"{result['device']}: "
+        figures = prefix + (cell(ours) or "no rows")
+        if result.get("skipped"):
+            figures += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())
+        baseline = "plain diffusers SDXL ControlNet pipeline: " + (cell(plain) or "no rows")
+    else:
+        figures, baseline = json.dumps(result, default=str)[:300], ""
+    return figures, baseline
+
+
+def append_record(result: dict[str, Any], path: Path = BENCHMARKS_MD) -> Path:
+    """Append one row to the recorded-runs table at the end of `path` (created if missing)."""
+    figures, baseline = summary(result)
+    commit = _git_commit()
+    command = f"`{result['command']}`" + (f" at {commit}" if commit else "")
+    row = [result["date"], result["benchmark"], result["machine"], command, figures, baseline]
+    line = "| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in row) + " |\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if "## Recorded runs" not in text:
+        text = text.rstrip("\n") + "\n\n" + RECORD_HEADER
+    if not text.endswith("\n"):
+        text += "\n"
+    path.write_text(text + line)
+    return path

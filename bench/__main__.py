@@ -1,0 +1,33 @@
+"""`python -m bench NAME`: the same benchmarks as `python -m instantid bench`, with the extra knobs.
+
+python -m bench load-memory --size micro --cache /tmp/hub   # sizes: full (default), quick, micro
+python -m bench overhead --requests 40
+python -m bench gpu --dry-run                                # the CPU-sized form of the GPU script
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import BENCHMARKS, run_benchmark
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("name", choices=BENCHMARKS)
+    p.add_argument("--quick", action="store_true", help="reduced sizes / fewer requests")
+    p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
+    p.add_argument("--size", choices=("full", "quick", "micro"), help="load-memory: checkpoint width")
+    p.add_argument("--cache", type=Path, help="load-memory: the local Hugging Face cache to write and read")
+    p.add_argument("--requests", type=int, help="overhead: how many timed requests")
+    p.add_argument("--dry-run", action="store_true", help="gpu: CPU-sized run that proves the script")
+    args = p.parse_args(argv)
+    options = {"size": args.size, "cache": args.cache, "requests": args.requests, "dry_run": args.dry_run or None}
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    return run_benchmark(args.name, quick=args.quick, record=args.record, command=command, **options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""load-memory: host RAM the engine needs to load the whole pipeline, against the official demo's way.
+
+Random SDXL-architecture checkpoints in the real repos' file layout are written once into a local
+Hugging Face cache (`write_checkpoints`); then two fresh subprocesses each import everything first,
+note their resident set, load, and report how far RSS rose (peak and end):
+
+- `engine`: `instantid.engine.load_pipeline` with a GPU-class fp16 profile placed on the CPU (the
+  `large` profile with device "cpu"), so the weights stay fp16 and host RAM is what is measured;
+- `baseline`: the official demo's sequence: `ControlNetModel.from_pretrained(..., float16)`,
+  `StableDiffusionXLControlNetPipeline.from_pretrained(..., controlnet=..., float16)`, then
+  `ip-adapter.bin` read with `torch.load` twice (once for the resampler, once for the IP layers), each
+  module first built with random float32 weights and then cast.
+
+RSS counts file pages mapped into the process too (safetensors and `torch.load(mmap=True)` map files),
+so a weight that is only mapped, not copied, is counted once, as it should be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CACHE = Path.home() / ".cache" / "instantid" / "bench-hub"
+GOAL_RATIO = 1.10
+GOAL_VS_BASELINE = 0.7
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INSTANTID_BENCH_CACHE", str(DEFAULT_CACHE))).expanduser()
+
+
+def run(*, quick: bool = False, size: str | None = None, cache: Path | None = None, log=print) -> dict[str, Any]:  # noqa: ANN001
+    from .sdxl import SDXLSize, write_checkpoints
+
+    spec = SDXLSize.named(size or ("quick" if quick else "full"))
+    cache = cache or cache_dir()
+    t0 = time.perf_counter()
+    info = write_checkpoints(cache, spec, log=log)
+    results = {}
+    for mode, base in (
+        ("engine", info["base_model"]),
+        ("baseline", info["base_model"]),
+        ("baseline", info["base_model_fp16"]),
+    ):
+        key = mode if base == info["base_model"] else f"{mode}_fp16_files"
+        _prewarm(_files_read(cache, base, info["instantid_repo"], fp16=mode == "engine"))
+        log(f"loading in a fresh process: {key} ({base})")
+        results[key] = _child(mode, cache, base, info["instantid_repo"])
+    ours, base, base16 = results["engine"], results["baseline"], results["baseline_fp16_files"]
+    weights = ours["weights_bytes"]
+    ratio = ours["peak_rss_bytes"] / weights
+    baseline_ratio = base["peak_rss_bytes"] / weights
+    out = {
+        "benchmark": "load-memory",
+        "size": spec.name,
+        "weights_bytes": weights,
+        "peak_rss_bytes": ours["peak_rss_bytes"],
+        "baseline_peak_rss_bytes": base["peak_rss_bytes"],
+        "ratio": round(ratio, 3),
+        "baseline_ratio": round(baseline_ratio, 3),
+        "ratio_vs_baseline": round(ratio / baseline_ratio, 3),
+        "load_seconds": ours["load_seconds"],
+        "baseline_load_seconds": base["load_seconds"],
+        # The official demo on a repo that ships fp16 data under the plain names (no fp32 files to read).
+        "baseline_fp16_files_peak_rss_bytes": base16["peak_rss_bytes"],
+        "baseline_fp16_files_ratio": round(base16["peak_rss_bytes"] / weights, 3),
+        "baseline_fp16_files_load_seconds": base16["load_seconds"],
+        "end_rss_bytes": ours["end_rss_bytes"],
+        "baseline_end_rss_bytes": base["end_rss_bytes"],
+        "baseline_weights_bytes": base["weights_bytes"],
+        "files_bytes": info["files_bytes"],
+        "write_seconds": info["write_seconds"],
+        "profile": ours["profile"],
+        "goal": f"ratio <= {GOAL_RATIO} and <= {GOAL_VS_BASELINE} x baseline_ratio",
+        "goal_met": ratio <= GOAL_RATIO and ratio <= GOAL_VS_BASELINE * baseline_ratio,
+        "stages": ours["stages"],
+        "baseline_stages": base["stages"],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return out
+
+
+def _files_read(cache: Path, base: str, repo: str, *, fp16: bool) -> list[Path]:
+    """The weight files a loader reads: the engine the `.fp16` variants, the demo the plain names."""
+    from .sdxl import _snapshot
+
+    files = [p for p in _snapshot(cache, base).rglob("*.safetensors") if (".fp16." in p.name) == fp16]
+    return files + [p for p in _snapshot(cache, repo).rglob("*") if p.suffix in (".safetensors", ".bin")]
+
+
+def _prewarm(files: list[Path]) -> None:
+    """Read the files once so every loader starts from the page cache: load seconds then compare
+    loading, not which loader happened to run after the other had read the same files."""
+    for path in files:
+        with open(path, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+def _child(mode: str, cache: Path, base: str, repo: str) -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(root), env.get("PYTHONPATH", "")])})
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.load_memory",
+        mode,
+        str(cache),
+        base,
+        repo,
+    ]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {mode} load failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- inside the fresh subprocess -----------------------------------------------------------------
+
+
+class RSSWatch:
+    """Resident set size now, at start, and its peak (polled, and the kernel's high-water mark)."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.start = self.now()
+        self.peak = self.start
+        self.marks: list[tuple[str, int]] = []
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._hwm0 = _hwm()
+
+    def now(self) -> int:
+        return int(self._proc.memory_info().rss)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> RSSWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        hwm = _hwm()
+        # The high-water mark only counts when the load raised it above where imports had left it.
+        if hwm > self._hwm0:
+            self.peak = max(self.peak, hwm)
+        self.peak = max(self.peak, self.now())
+
+    def mark(self, label: str) -> None:
+        rss = self.now()
+        self.peak = max(self.peak, rss)
+        self.marks.append((label, rss - self.start))
+
+
+def _hwm() -> int:
+    """VmHWM: the kernel's exact peak RSS of this process (Linux), 0 where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _imports() -> None:
+    # Everything either loader imports, so RSS growth is the load alone.
+    import accelerate  # noqa: F401
+    import diffusers  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    from diffusers import (  # noqa: F401
+        AutoencoderKL,
+        ControlNetModel,
+        EulerDiscreteScheduler,
+        StableDiffusionXLControlNetPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
+
+    import instantid.attention  # noqa: F401
+    import instantid.engine  # noqa: F401
+    import instantid.pipeline  # noqa: F401
+    import instantid.resampler  # noqa: F401
+
+
+def _module_bytes(modules: dict[str, Any]) -> int:
+    from instantid.memory import component_info
+
+    return sum(int(component_info(n, m)["bytes"]) for n, m in modules.items() if m is not None)
+
+
+def _load_engine(cache: str, base: str, repo: str, watch: RSSWatch) -> tuple[dict[str, Any], str]:
+    from dataclasses import replace
+
+    from instantid.engine import load_pipeline
+    from instantid.memory import PROFILES
+    from instantid.settings import Settings
+
+    settings = Settings.from_env(
+        {
+            "INSTANTID_PRESET": "real",
+            "INSTANTID_BASE_MODEL": base,
+            "INSTANTID_REPO": repo,
+            "HF_HUB_CACHE": cache,
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+    # A GPU-class profile (fp16 weights, bf16 VAE as on Ampere and newer), placed on the CPU: what is
+    # measured is host RAM, which is what runs out while loading (Colab) and what offload profiles keep.
+    profile = replace(PROFILES["large"], name="large-on-cpu", device="cpu", vae_dtype="bfloat16")
+    pipe = load_pipeline(settings, profile, lambda f, m: watch.mark(m))
+    names = ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "resampler")
+    return {n: getattr(pipe, n) for n in names}, profile.name
+
+
+def _load_baseline(cache: str, base: str, repo: str, watch: RSSWatch) -> tuple[dict[str, Any], str]:
+    """The official demo's loading, re-derived: fp16 from_pretrained, then ip-adapter.bin loaded twice."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+    from huggingface_hub import snapshot_download
+    from torch import nn
+
+    from instantid.attention import IPAttnProcessor, SelfAttnProcessor
+    from instantid.resampler import Resampler, ResamplerConfig
+
+    iid = Path(snapshot_download(repo, cache_dir=cache, local_files_only=True))
+    controlnet = ControlNetModel.from_pretrained(str(iid / "ControlNetModel"), dtype=torch.float16)
+    watch.mark("IdentityNet")
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        base, controlnet=controlnet, dtype=torch.float16, cache_dir=cache
+    )
+    watch.mark("SDXL pipeline")
+    ckpt = iid / "ip-adapter.bin"
+    # 1) the resampler: built with random float32 weights, cast, then loaded from a full torch.load.
+    state = torch.load(str(ckpt), map_location="cpu")
+    config = ResamplerConfig.from_state_dict(state["image_proj"])  # the demo hard-codes the same numbers
+    resampler = Resampler.from_resampler_config(config).eval().to(pipe.device, dtype=torch.float16)
+    state = state["image_proj"]
+    resampler.load_state_dict(state)
+    del state
+    watch.mark("resampler")
+    # 2) the IP attention layers: random float32 processors, cast, then a second full torch.load.
+    unet = pipe.unet
+    modules = dict(unet.named_modules())
+    procs: dict[str, Any] = {}
+    for name in unet.attn_processors:
+        attn = modules[name.removesuffix(".processor")]
+        if name.endswith("attn1.processor"):
+            procs[name] = SelfAttnProcessor()
+        else:
+            proc = IPAttnProcessor(attn.to_q.out_features, attn.to_k.in_features, config.num_queries)
+            procs[name] = proc.to(unet.device, dtype=unet.dtype)
+    unet.set_attn_processor(procs)
+    state = torch.load(str(ckpt), map_location="cpu")["ip_adapter"]
+    layers = nn.ModuleList(p if isinstance(p, nn.Module) else nn.Identity() for p in unet.attn_processors.values())
+    layers.load_state_dict(state)
+    del state, layers
+    watch.mark("IP layers")
+    names = ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2")
+    modules_out = {n: getattr(pipe, n) for n in names}
+    modules_out["resampler"] = resampler
+    return modules_out, "official demo (fp16 from_pretrained, torch.load x2)"
+
+
+def _touch(modules: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for module in modules.values():
+            for t in [*module.parameters(), *module.buffers()]:
+                flat = t.detach().reshape(-1)
+                step = max(1, 4096 // t.element_size())  # one element per 4 KiB page
+                if flat.numel():
+                    flat[::step].float().sum()
+
+
+def child_main(mode: str, cache: str, base: str, repo: str) -> dict[str, Any]:
+    import gc
+
+    _imports()
+    gc.collect()
+    loader = {"engine": _load_engine, "baseline": _load_baseline}[mode]
+    with RSSWatch() as watch:
+        t0 = time.perf_counter()
+        modules, profile = loader(cache, base, repo, watch)
+        seconds = time.perf_counter() - t0
+        gc.collect()
+        # Weights that are only mapped from a file become resident when first read; the first
+        # generation reads them all, so page every one in: the peak is then what running needs.
+        _touch(modules)
+        watch.mark("every weight paged in")
+    return {
+        "mode": mode,
+        "profile": profile,
+        "weights_bytes": _module_bytes(modules),
+        "peak_rss_bytes": watch.peak - watch.start,
+        "end_rss_bytes": watch.now() - watch.start,
+        "load_seconds": round(seconds, 2),
+        "stages": [[label, delta] for label, delta in watch.marks],
+    }
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(json.dumps(child_main(*sys.argv[1:5])))

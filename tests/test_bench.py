@@ -1,0 +1,172 @@
+"""The benchmarks' smallest forms run offline and report what BENCHMARKS.md needs (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "INSTANTID_LOG_LEVEL": "WARNING"})
+    env.pop("SPACES_ZERO_GPU", None)
+    return env
+
+
+def _last_json(cmd: list[str], timeout: int = 400) -> dict:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_load_memory_micro(tmp_path: Path) -> None:
+    cache = tmp_path / "hub"
+    out = _last_json([sys.executable, "-m", "bench", "load-memory", "--size", "micro", "--cache", str(cache)])
+    for key in (
+        "weights_bytes",
+        "peak_rss_bytes",
+        "baseline_peak_rss_bytes",
+        "ratio",
+        "baseline_ratio",
+        "load_seconds",
+        "baseline_load_seconds",
+        "baseline_fp16_files_ratio",
+        "machine",
+        "command",
+    ):
+        assert key in out, key
+    assert out["benchmark"] == "load-memory" and out["size"] == "micro"
+    assert out["weights_bytes"] > 0 and out["peak_rss_bytes"] > 0 and out["baseline_peak_rss_bytes"] > 0
+    assert out["ratio"] == pytest.approx(out["peak_rss_bytes"] / out["weights_bytes"], rel=1e-2)
+    # The real repos' layout: fp32 files beside .fp16 variants, the fp16-only twin shares the bytes.
+    from bench.sdxl import SDXLSize, _snapshot, repo_ids
+
+    snap = _snapshot(cache, repo_ids(SDXLSize.named("micro"))["base_model"])
+    names = {p.name for p in (snap / "unet").iterdir()}
+    assert {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"} <= names
+    assert out["write_seconds"] >= 0
+
+
+def test_checkpoints_are_loadable_and_shaped_like_the_release(tmp_path: Path) -> None:
+    """The written files load with the readers the engine uses, with the released ip-adapter layout."""
+    import torch
+    from safetensors import safe_open
+
+    from bench.sdxl import SDXLSize, _snapshot, write_checkpoints
+    from instantid.engine import load_ip_adapter_file
+    from instantid.resampler import ResamplerConfig
+
+    size = SDXLSize.named("micro")
+    info = write_checkpoints(tmp_path, size)
+    again = write_checkpoints(tmp_path, size)
+    assert again["write_seconds"] == 0.0  # reused, not rewritten
+    base = _snapshot(tmp_path, info["base_model"])
+    with (
+        safe_open(str(base / "unet" / "diffusion_pytorch_model.fp16.safetensors"), "pt") as f16,
+        safe_open(str(base / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f32,
+    ):
+        key = next(iter(f16.keys()))
+        assert f16.get_tensor(key).dtype == torch.float16 and f32.get_tensor(key).dtype == torch.float32
+        assert torch.equal(f32.get_tensor(key).half(), f16.get_tensor(key))  # one set of weights, two dtypes
+    proj, ip = load_ip_adapter_file(_snapshot(tmp_path, info["instantid_repo"]) / "ip-adapter.bin")
+    cfg = ResamplerConfig.from_state_dict(proj)
+    assert (cfg.depth, cfg.num_queries, cfg.output_dim, cfg.ff_mult) == (4, 16, size.cross_attention_dim, 4)
+    assert proj["latents"].dtype == torch.float32  # as released
+    assert len(ip) == 2 * 70  # SDXL's 70 cross-attention layers, to_k_ip and to_v_ip each
+
+
+def test_full_size_shapes_match_sdxl() -> None:
+    """Full size is real SDXL: the parameter counts of the released checkpoints."""
+    import torch
+
+    from bench.sdxl import SDXLSize, ip_adapter_payload, meta_models
+
+    size = SDXLSize.named("full")
+    models = meta_models(size)
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    assert round(count["unet"] / 1e6) == 2567
+    assert round(count["controlnet"] / 1e6) == 1251
+    assert round(count["text_encoder_2"] / 1e6) == 695
+    payload = ip_adapter_payload(size, models["unet"], torch.float32, device="meta")
+    total = sum(t.numel() * 4 for part in payload.values() for t in part.values())
+    assert 1.65e9 < total < 1.75e9  # ip-adapter.bin is 1.69 GB
+
+
+def test_overhead_three_requests() -> None:
+    from bench import overhead
+
+    out = overhead.run(requests=3, what_ifs=False, log=lambda m: None)
+    for key in ("median_ms", "p90_ms", "stages_median_ms", "baseline_median_ms", "baseline_stages_median_ms"):
+        assert key in out, key
+    assert out["requests"] == 3
+    assert set(out["stages_median_ms"]) == set(overhead.STAGES)
+    assert out["median_ms"] > 0 and out["p90_ms"] >= out["median_ms"] * 0.5
+
+
+def test_overhead_what_if_path_runs_in_process() -> None:
+    from bench import overhead
+
+    out = overhead.child_main(overhead.WHAT_IFS[-1], 1)
+    assert out["det_size"] == 320 and out["resampler_dtype"] == "bfloat16"
+    assert set(out["stages_median_ms"]) == set(overhead.STAGES)
+
+
+def test_gpu_dry_run_through_the_cli() -> None:
+    """`python -m instantid bench gpu` without CUDA runs the CPU-sized form of every profile."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the real benchmark would run, not the dry run")
+    out = _last_json([sys.executable, "-m", "instantid", "bench", "gpu"], timeout=600)
+    assert out["dry_run"] is True and out["benchmark"] == "gpu"
+    assert not out["skipped"], out["skipped"]
+    seen = {(r["pipeline"], r["profile"], r["mode"].startswith("LCM")) for r in out["rows"]}
+    for profile in ("large", "medium", "small", "small-fp8"):
+        assert ("instantid", profile, False) in seen and ("instantid", profile, True) in seen
+    assert ("plain", "resident", False) in seen and ("plain", "resident", True) in seen
+    assert {"instantid_vs_plain_30", "large_30_steps_s", "large_lcm_5_steps_s"} <= set(out["checks"])
+    assert out["table"].startswith("| pipeline |")
+
+
+def test_record_appends_a_row(tmp_path: Path) -> None:
+    from bench import append_record, summary
+
+    result = {
+        "benchmark": "overhead",
+        "date": "2026-01-01 00:00 UTC",
+        "machine": "2 CPU (test), 24 GiB RAM, no GPU",
+        "command": "python -m instantid bench overhead --quick",
+        "requests": 3,
+        "median_ms": 50.0,
+        "p90_ms": 60.0,
+        "stages_median_ms": {"decode_ms": 1.0},
+        "baseline_median_ms": 90.0,
+        "baseline_p90_ms": 99.0,
+        "baseline_stages_median_ms": {"decode_ms": 2.0},
+        "det_size": 640,
+        "resampler_dtype": "float32",
+    }
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nprose\n")
+    append_record(result, path)
+    append_record(result, path)
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nprose\n") and text.count("## Recorded runs") == 1
+    rows = [line for line in text.splitlines() if line.startswith("| 2026-01-01")]
+    assert len(rows) == 2 and "median 50.0 ms" in rows[0] and "median 90.0 ms" in rows[0]
+    figures, baseline = summary(result)
+    assert "p90 60.0 ms" in figures and "p90 99.0 ms" in baseline
+
+
+def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import run_benchmark
+
+    assert run_benchmark("nope") == 2
+    assert "unknown benchmark" in capsys.readouterr().err
