@@ -176,13 +176,51 @@ def _gpu_duration(request: GenerateRequest, progress: Any = None) -> int:
     return _duration_for(request)
 
 
+class ClientGone(Exception):
+    """The client cancelled the request or disconnected: stop denoising and free the pipeline."""
+
+
+class _RequestWatch:
+    """Tells whether Gradio has given up on the request this worker thread serves.
+
+    Gradio cannot stop a sync function: on a cancel or a disconnect it drops the request from its queue
+    (or marks it dead) while the worker thread runs on, holding the one shared pipeline until its last
+    step and making the next request wait. Built in the worker thread, checked between denoising steps.
+    It reads Gradio 6 queue internals defensively: when the request is not in the queue to begin with
+    (no Gradio request, a direct call, the ZeroGPU worker process) it never reports the client gone.
+    """
+
+    def __init__(self) -> None:
+        self._events: Any = None
+        self._event_id: str | None = None
+        try:
+            from gradio.context import LocalContext
+
+            blocks = LocalContext.blocks.get(None)
+            event_id = LocalContext.event_id.get(None)
+            events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+            if event_id and isinstance(events, dict) and event_id in events:
+                self._events, self._event_id = events, event_id
+        except Exception:  # noqa: BLE001 - no watch is better than a failed generation
+            pass
+
+    def client_gone(self) -> bool:
+        if self._events is None:
+            return False
+        event = self._events.get(self._event_id)
+        return event is None or not getattr(event, "alive", True)
+
+
 @spaces.GPU(duration=_gpu_duration)
 def _generate_on_gpu(request: GenerateRequest, progress: Any = None) -> GenerateResult:
     """The only code that needs the accelerator. Off ZeroGPU `spaces.GPU` returns it unchanged."""
+    watch = _RequestWatch()
 
     def on_step(step: int, total: int) -> None:
         if progress is not None:
             progress((int(step), int(total)), desc="Denoising", unit="steps")
+        if watch.client_gone():
+            raise ClientGone
 
     return _engine().generate(request, progress=on_step)
 
@@ -302,6 +340,9 @@ def generate(
         result = _generate_on_gpu(request, progress)
     except gr.Error:
         raise
+    except ClientGone:
+        log.info("generation stopped: the client cancelled or disconnected")
+        raise gr.Error("The request was cancelled.", print_exception=False) from None
     except UserError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
     except Exception:

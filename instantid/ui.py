@@ -7,6 +7,7 @@ the order of `generate_inputs` below: Gradio names the API parameters after the 
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -49,6 +50,65 @@ Use it from code with `gradio_client` (see "Use via API" at the bottom of the pa
 STEPS_INFO = f"0 = automatic ({DEFAULT_STEPS}, or {LCM_STEPS} with LCM)"
 GUIDANCE_INFO = f"0 = automatic ({DEFAULT_GUIDANCE:g}, or {LCM_GUIDANCE:g} with LCM); 1 or less turns guidance off"
 STATUS_COLUMNS = ["component", "device", "dtype", "size", "parameters", "offload"]
+
+
+# Every `frequency` seconds Gradio deletes the uploads and results this app wrote more than `age` seconds
+# ago (gr.Blocks(delete_cache=...)): uploads never pile up on the Space's disk.
+DELETE_CACHE = (1800, 3600)
+
+
+# --- input checks that name the API parameter --------------------------------------------------------
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _input_error(component: Any, name: str, value: Any, exc: Exception) -> str:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    lo, hi = getattr(component, "minimum", None), getattr(component, "maximum", None)
+    if lo is not None and hi is not None:
+        step = getattr(component, "step", None)
+        if getattr(component, "precision", None) == 0 or step == 1:
+            kind = "an integer"
+        elif isinstance(step, int) and step > 1:
+            kind = f"a multiple of {step}"
+        else:
+            kind = "a number"
+        return f"Invalid {name}={shown}: must be {kind} in {_number_text(lo)}..{_number_text(hi)}."
+    choices = getattr(component, "choices", None)
+    if choices:
+        names = [str(c[1]) if isinstance(c, tuple) else str(c) for c in choices]
+        return f"Invalid {name}={shown}: choose from {', '.join(names)}."
+    reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return f"Invalid {name}={shown}: {reason}"
+
+
+def guard_input(component: Any, name: str) -> None:
+    """Make Gradio's own checks of an API input say which parameter they refuse, and why.
+
+    Gradio says "Value 1000 is greater than maximum value 100." without naming which of 22 parameters it
+    means, and a value of the wrong type becomes an anonymous server error; callers get one sentence
+    naming the parameter, the value and what is allowed instead. Photo uploads are handed over
+    untouched: Gradio would open them with PIL first, so a file that is not an image would also end as
+    an anonymous error, while `instantid.images` refuses it (or a bomb) with a sentence that says what
+    to do. Gradio has already checked that an upload's path lies in its own cache, never elsewhere.
+    Patched on the instance: a component subclass would make Gradio write a `.pyi` stub next to this file.
+    """
+    original = component.preprocess
+    hand_over = isinstance(component, gr.Image) and component.type == "filepath" and component.image_mode is None
+
+    def preprocess(payload: Any) -> Any:
+        if hand_over and payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        try:
+            return original(payload)
+        except Exception as exc:  # noqa: BLE001 - every refusal of a value gets the same kind of sentence
+            raise gr.Error(_input_error(component, name, payload, exc), print_exception=False) from None
+
+    component.preprocess = preprocess
 
 
 # --- cheap UI steps (queue=False, no API) ----------------------------------------------------------
@@ -231,7 +291,7 @@ def build_demo(
     examples: rows of [face photo path, prompt, style].
     """
     max_side = max(64, settings.max_output_side // 64 * 64)
-    with gr.Blocks(title="InstantID", analytics_enabled=False) as demo:
+    with gr.Blocks(title="InstantID", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="intro")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate") as generate_tab:
@@ -417,6 +477,8 @@ def build_demo(
             canny_strength, depth_strength, scheduler, enable_lcm, seed, api_randomize, enhance_face_region,
         ]
         generate_outputs = [gallery, seed, similarities, keypoints, timings]
+        for name, component in zip(inspect.signature(generate_fn).parameters, generate_inputs, strict=False):
+            guard_input(component, name)
 
         # The defaults the page shows; the components themselves hold 0 so API callers get "automatic".
         demo.load(None, None, [num_steps, guidance_scale], js=f"() => [{DEFAULT_STEPS}, {DEFAULT_GUIDANCE}]")
