@@ -124,8 +124,12 @@ def test_generate_and_status_in_a_real_browser(page) -> None:
     page.screenshot(path=str(ARTIFACTS / "browser-status.png"), full_page=True)
 
 
-def test_example_fills_the_inputs(page) -> None:
+def test_example_fills_the_inputs_and_is_generated_once(page) -> None:
     expect = sync_api.expect
     page.get_by_text("a detective in a trench coat under a street lamp").click()
     expect(page.locator("#prompt textarea")).to_have_value("a detective in a trench coat under a street lamp")
     expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    # Lazily cached: the first click generates the example with the default settings and shows it.
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=120_000)
+    page.get_by_text("Advanced settings").click()
+    expect(page.locator("#seed input")).to_have_value("42", timeout=10_000)

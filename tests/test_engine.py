@@ -175,3 +175,21 @@ def test_save_pretrained_keeps_the_resampler(tiny_engine, tmp_path: Path) -> Non
     tiny_engine.pipe.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "resampler" / "config.json").exists()
     assert (tmp_path / "saved" / "resampler" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_ip_adapter_bin_and_safetensors_load_the_same(tmp_path: Path, tiny_cache: Path) -> None:
+    """ip-adapter.bin is read with weights_only; a safetensors file with prefixed keys gives the same weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from instantid.engine import load_ip_adapter_file
+
+    bin_path = next(tiny_cache.glob("models--instantid-tiny--InstantID/snapshots/*/ip-adapter.bin"))
+    image_proj, ip = load_ip_adapter_file(bin_path)
+    flat = {f"image_proj.{k}": v.contiguous() for k, v in image_proj.items()}
+    flat.update({f"ip_adapter.{k}": v.contiguous() for k, v in ip.items()})
+    save_file(flat, tmp_path / "ip-adapter.safetensors")
+    image_proj2, ip2 = load_ip_adapter_file(tmp_path / "ip-adapter.safetensors")
+    assert image_proj2.keys() == image_proj.keys() and ip2.keys() == ip.keys()
+    assert all(torch.equal(image_proj[k], image_proj2[k]) for k in image_proj)
+    assert all(torch.equal(ip[k], ip2[k]) for k in ip)
