@@ -21,7 +21,7 @@ import numpy as np
 
 from . import faces as face_lib
 from .errors import BusyError, CheckpointError, OutOfMemoryError, UserError
-from .hub import RepoRef, fetch, fetch_component, list_files, resolve_face_models
+from .hub import RepoRef, choose_weights, fetch, fetch_component, list_files, resolve_face_models
 from .images import image_to_array, load_image
 from .memory import Hardware, Profile, apply_profile, choose_profile, memory_report, probe_hardware
 from .requests import DEFAULT_PROMPT, GenerateRequest, GenerateResult, random_seed
@@ -504,7 +504,10 @@ def resampler_dtype(profile: Profile) -> Any:
 
 def _from_pretrained(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
     """from_pretrained of one local component folder with the weight format `hub` chose."""
-    use_safetensors = any(p.suffix == ".safetensors" for p in folder.iterdir())
+    # Judged by the weight file names from_pretrained will look for: a cached snapshot can also hold
+    # unrelated .safetensors files (e.g. a single-file checkpoint beside a diffusers .bin).
+    chosen = choose_weights([p.name for p in folder.iterdir()], "")
+    use_safetensors = bool(chosen) and ".safetensors" in chosen[0]
     return cls.from_pretrained(
         str(folder), variant=variant, use_safetensors=use_safetensors, dtype=dtype, low_cpu_mem_usage=True
     )

@@ -193,3 +193,16 @@ def test_ip_adapter_bin_and_safetensors_load_the_same(tmp_path: Path, tiny_cache
     assert image_proj2.keys() == image_proj.keys() and ip2.keys() == ip.keys()
     assert all(torch.equal(image_proj[k], image_proj2[k]) for k in image_proj)
     assert all(torch.equal(ip[k], ip2[k]) for k in ip)
+
+
+def test_weight_format_is_judged_by_the_diffusers_names(tmp_path: Path) -> None:
+    """A stray single-file .safetensors beside a diffusers .bin must not make from_pretrained look for safetensors."""
+    from diffusers import ControlNetModel
+
+    from instantid.engine import _from_pretrained
+    from instantid.tiny import TinyShape, _controlnet, _unet
+
+    _controlnet(_unet(TinyShape()), seed=1).save_pretrained(tmp_path, safe_serialization=False)
+    (tmp_path / "OpenPoseXL2.safetensors").write_bytes(b"not loaded")
+    net = _from_pretrained(ControlNetModel, tmp_path, None, None)
+    assert isinstance(net, ControlNetModel)
