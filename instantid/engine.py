@@ -296,12 +296,12 @@ class Engine:
         else:
             short = TINY_SHORT_SIDE if s.preset == "tiny" else self.profile.default_short_side
             width, height = face_lib.output_size(src_w, src_h, short_side=short, max_side=s.max_output_side)
-        sx, sy = width / src_w, height / src_h
-        kps = face_lib.scale_kps(pose_face.kps, sx, sy)
+        scale, ox, oy = layout((src_w, src_h), (width, height), pose_face.bbox)
+        kps = face_lib.scale_kps(pose_face.kps, scale, scale) + np.array([ox, oy], dtype=np.float32)
         keypoint_image = face_lib.draw_keypoints((width, height), kps)
         x1, y1, x2, y2 = pose_face.bbox
         mask = (
-            face_lib.face_mask((width, height), (x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+            face_lib.face_mask((width, height), (x1 * scale + ox, y1 * scale + oy, x2 * scale + ox, y2 * scale + oy))
             if req.enhance_face_region
             else None
         )
@@ -323,7 +323,8 @@ class Engine:
         warnings += self._prompt_warnings(prompt, negative)
 
         t1 = time.perf_counter()
-        extras = self._extra_controls(req, pose_img, (width, height))
+        crop = (-ox / scale, -oy / scale, (width - ox) / scale, (height - oy) / scale)
+        extras = self._extra_controls(req, pose_img, (width, height), crop)
         timings["controls_ms"] = (time.perf_counter() - t1) * 1000
 
         seed = req.seed if req.seed is not None else random_seed()
@@ -370,13 +371,15 @@ class Engine:
                 )
         return out
 
-    def _extra_controls(self, req: GenerateRequest, pose_img: Any, size: tuple[int, int]) -> list[Any]:
+    def _extra_controls(
+        self, req: GenerateRequest, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
+    ) -> list[Any]:
         if not req.controlnets:
             return []
         from . import controls
         from .pipeline import ExtraControl
 
-        resized = pose_img.resize(size)
+        resized = pose_img.resize(size, box=crop)  # the same crop as the keypoint layout
         extras = []
         for name, strength in req.controlnets.items():
             net = self._extra_controlnet(name)
@@ -482,6 +485,23 @@ class Engine:
 
 
 # --- loading the pipeline ------------------------------------------------------------------------
+
+
+def layout(
+    src: tuple[int, int], out: tuple[int, int], face_box: tuple[float, float, float, float]
+) -> tuple[float, float, float]:
+    """(scale, x offset, y offset) mapping photo coordinates onto the output canvas.
+
+    One scale for both axes, so the face is never stretched; when the output's aspect differs from the
+    photo's, the canvas covers the photo and the crop is centred on the face (clamped to the photo), so
+    a wide output of a portrait keeps the face in frame.
+    """
+    (src_w, src_h), (width, height) = src, out
+    scale = max(width / src_w, height / src_h)
+    cx, cy = (face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2
+    ox = min(0.0, max(width - src_w * scale, width / 2 - cx * scale))
+    oy = min(0.0, max(height - src_h * scale, height / 2 - cy * scale))
+    return scale, ox, oy
 
 
 def resampler_dtype(profile: Profile) -> Any:

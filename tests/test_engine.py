@@ -206,3 +206,42 @@ def test_weight_format_is_judged_by_the_diffusers_names(tmp_path: Path) -> None:
     (tmp_path / "OpenPoseXL2.safetensors").write_bytes(b"not loaded")
     net = _from_pretrained(ControlNetModel, tmp_path, None, None)
     assert isinstance(net, ControlNetModel)
+
+
+def test_chosen_size_keeps_the_face_proportions(tiny_engine, photos) -> None:  # noqa: ANN001
+    """A size with another aspect than the photo crops the layout; the face is not stretched."""
+
+    def shape_ratio(result) -> float:  # noqa: ANN001
+        img = np.asarray(result.keypoint_image).astype(int)
+
+        def centre(rgb: tuple[int, int, int]) -> np.ndarray:
+            return np.argwhere((img == rgb).all(axis=2)).mean(axis=0)  # (y, x) of the point's disc
+
+        left_eye, right_eye = centre((255, 0, 0)), centre((0, 255, 0))
+        mouth = (centre((255, 255, 0)) + centre((255, 0, 255))) / 2
+        eyes = (left_eye + right_eye) / 2
+        return abs(right_eye[1] - left_eye[1]) / abs(mouth[0] - eyes[0])
+
+    square = run(tiny_engine, photos, width=256, height=256)  # the astronaut photo is square
+    wide = run(tiny_engine, photos, width=512, height=256)
+    # Stretching to 2:1 would double the eye distance against the eye-mouth height; cropping keeps it.
+    assert shape_ratio(wide) == pytest.approx(shape_ratio(square), rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("src", "out", "box", "expected"),
+    [
+        # Same aspect: a plain scale, no offset.
+        ((512, 768), (1024, 1536), (100, 100, 200, 200), (2.0, 0.0, 0.0)),
+        # A wide output of a tall portrait with the face near the top: the crop follows the face...
+        ((512, 1024), (1024, 512), (200, 50, 300, 150), (2.0, 0.0, -0.0)),
+        # ...and for a face in the middle it is centred on the face.
+        ((512, 1024), (1024, 512), (200, 462, 300, 562), (2.0, 0.0, -768.0)),
+        # A face at the very bottom: clamped so the canvas stays inside the photo.
+        ((512, 1024), (1024, 512), (200, 950, 300, 1024), (2.0, 0.0, -1536.0)),
+    ],
+)
+def test_layout_keeps_the_face_in_frame(src, out, box, expected) -> None:  # noqa: ANN001
+    from instantid.engine import layout
+
+    assert layout(src, out, box) == pytest.approx(expected)
