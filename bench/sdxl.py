@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from instantid.tiny import SCHEDULER_CONFIG, ip_adapter_shapes
+from instantid.tiny import SDXL_MODEL_INDEX as MODEL_INDEX
 
 SIZES = ("full", "quick", "micro")
 _DIVISORS = {"full": 1, "quick": 4, "micro": 16}
@@ -208,19 +209,6 @@ def ip_adapter_payload(
 
 # --- checkpoints in a local Hugging Face cache ----------------------------------------------------
 
-
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionXLPipeline",
-    "_diffusers_version": "0.42.1",
-    "force_zeros_for_empty_prompt": True,
-    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 # The released ip-adapter.bin is 1.69 GB for about 424 M parameters: float32 on disk.
 IP_ADAPTER_DTYPE = torch.float32

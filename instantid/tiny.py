@@ -46,6 +46,20 @@ SCHEDULER_CONFIG = {
     "use_karras_sigmas": False,
 }
 
+# model_index.json of an SDXL repo in the diffusers layout (the tiny preset, tests and benchmarks).
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "_diffusers_version": "0.42.1",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
 
 @dataclass(frozen=True)
 class TinyShape:
@@ -159,19 +173,7 @@ def build_sdxl(folder: Path, shape: TinyShape = TinyShape()) -> None:
         _tokenizer(folder / name.replace("text_encoder", "tokenizer"))
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=1))
-    index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.42.1",
-        "force_zeros_for_empty_prompt": True,
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    (folder / "model_index.json").write_text(json.dumps(SDXL_MODEL_INDEX, indent=1))
 
 
 def resampler_state_dict(
