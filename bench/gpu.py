@@ -172,6 +172,23 @@ def _build(plan: Plan) -> dict[str, Any]:
     return build_components(SDXLSize.named(plan.size), plan.device, _dtype(plan.dtype))
 
 
+_PIPELINE_PARTS = (
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "unet",
+    "controlnet",
+    "scheduler",
+)
+
+
+def _sdxl_controlnet_parts(parts: dict[str, Any]) -> dict[str, Any]:
+    """The components both pipelines share: the same UNet and ControlNet objects, so the comparison is fair."""
+    return {name: parts[name] for name in _PIPELINE_PARTS}
+
+
 def _instantid(parts: dict[str, Any], plan: Plan) -> Any:
     from instantid.attention import install_ip_processors
     from instantid.pipeline import InstantIDPipeline
@@ -180,17 +197,7 @@ def _instantid(parts: dict[str, Any], plan: Plan) -> Any:
     payload = parts["ip_adapter"]
     resampler = build_resampler(payload["image_proj"], source="bench", dtype=_dtype(plan.dtype), device=plan.device)
     install_ip_processors(parts["unet"], payload["ip_adapter"], resampler.config.num_queries, source="bench")
-    pipe = InstantIDPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        text_encoder_2=parts["text_encoder_2"],
-        tokenizer=parts["tokenizer"],
-        tokenizer_2=parts["tokenizer_2"],
-        unet=parts["unet"],
-        controlnet=parts["controlnet"],
-        scheduler=parts["scheduler"],
-        resampler=resampler,
-    )
+    pipe = InstantIDPipeline(**_sdxl_controlnet_parts(parts), resampler=resampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -397,17 +404,7 @@ def _resident_phase(plan: Plan, log: Any) -> list[dict[str, Any]]:
 
     parts = _build(plan)
     inputs = _inputs(plan)
-    plain = StableDiffusionXLControlNetPipeline(
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        text_encoder_2=parts["text_encoder_2"],
-        tokenizer=parts["tokenizer"],
-        tokenizer_2=parts["tokenizer_2"],
-        unet=parts["unet"],
-        controlnet=parts["controlnet"],
-        scheduler=parts["scheduler"],
-        add_watermarker=False,
-    )
+    plain = StableDiffusionXLControlNetPipeline(**_sdxl_controlnet_parts(parts), add_watermarker=False)
     plain.set_progress_bar_config(disable=True)
     plain.to(plan.device)
     label30, labellcm = _labels(plan)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from instantid.tiny import SCHEDULER_CONFIG, ip_adapter_shapes
+from instantid.tiny import SCHEDULER_CONFIG, file_lock, ip_adapter_shapes
 from instantid.tiny import SDXL_MODEL_INDEX as MODEL_INDEX
 
 SIZES = ("full", "quick", "micro")
@@ -319,7 +319,7 @@ def write_checkpoints(cache: Path, size: SDXLSize, log: Callable[[str], None] = 
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     wrote = False
-    with _lock(cache):
+    with file_lock(cache / ".instantid-bench.lock"):
         models: dict[str, Any] | None = None
         for key, writer, marker in (
             ("base_model", _write_base, "model_index.json"),
@@ -353,18 +353,6 @@ def _snapshot(cache: Path, repo_id: str) -> Path:
 def _repo_bytes(cache: Path, repo_id: str) -> int:
     snap = _snapshot(cache, repo_id)
     return sum(p.stat().st_size for p in snap.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
-
-
-@contextmanager
-def _lock(cache: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(cache / ".instantid-bench.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- modules built directly on a device (GPU benchmark) -------------------------------------------

@@ -265,10 +265,10 @@ def copy_face_models(folder: Path) -> None:
 
 
 @contextmanager
-def _lock(cache: Path) -> Iterator[None]:
-    # Two processes (app + CLI, or parallel tests) may build at once; the second waits, then reuses.
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".instantid-tiny.lock", "w") as fh:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes (app + CLI, or parallel tests building one cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -289,7 +289,8 @@ def ensure_tiny_checkpoints(settings: Settings) -> None:
     """Write every tiny checkpoint the tiny preset names, unless already there (idempotent, locked)."""
     cache = settings.tiny_cache
     shape = TinyShape()
-    with _lock(cache):
+    # The second builder waits, then finds everything published and reuses it.
+    with file_lock(cache / ".instantid-tiny.lock"):
         _publish(cache, TINY_BASE_MODEL, lambda d: build_sdxl(d, shape), "model_index.json")
         unet = None
 

@@ -13,19 +13,13 @@ Source photos: `skimage.data.astronaut()` (public domain) and insightface's bund
 from __future__ import annotations
 
 import io
-import os
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
 
@@ -289,72 +283,3 @@ def build_corpus(folder: Path) -> dict[str, Path]:
         path.write_bytes(case.make())
         paths[case.name] = path
     return paths
-
-
-# --- the app under attack ------------------------------------------------------------------------
-# `python app.py` as a Space runs it, on the tiny preset, loopback only, with its own Gradio temp folder.
-
-ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class App:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-    temp_dir: Path  # GRADIO_TEMP_DIR: where Gradio keeps uploads and results
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def start_app(tmp: Path, cache: Path, **env: str) -> App:
-    """Start the app and wait until it serves its page; `env` adds or overrides environment variables."""
-    port = free_port()
-    temp_dir = tmp / "gradio-temp"
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("INSTANTID_", "GRADIO_"))}
-    full.pop("SPACES_ZERO_GPU", None)  # never pretend to be on ZeroGPU
-    full.update(
-        INSTANTID_PRESET="tiny",
-        HF_HUB_OFFLINE="1",
-        INSTANTID_TINY_CACHE=str(cache),
-        GRADIO_ANALYTICS_ENABLED="False",
-        GRADIO_SERVER_NAME="127.0.0.1",
-        GRADIO_SERVER_PORT=str(port),
-        GRADIO_TEMP_DIR=str(temp_dir),
-        PYTHONUNBUFFERED="1",
-    )
-    full.update(env)
-    log_path = tmp / "app.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
-    app = App(proc, f"http://127.0.0.1:{port}/", log_path, temp_dir)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{app.log_text()[-4000:]}")
-        try:
-            if httpx.get(app.url, timeout=2).status_code == 200:
-                return app
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    app.stop()
-    raise RuntimeError(f"app.py did not answer within {START_TIMEOUT_S} s:\n{app.log_text()[-4000:]}")

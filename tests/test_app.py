@@ -6,10 +6,6 @@ the HTTP request to the pipeline and back runs, offline, in seconds per request 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,73 +18,21 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from tests import apprunner
+
 ROOT = Path(__file__).resolve().parents[1]
 FACE = ROOT / "assets" / "astronaut.jpg"
-START_TIMEOUT_S = 180
 # Two steps keep each tiny-preset request well under a second of denoising on two cores.
 FAST = {"num_steps": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def app_env(cache: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INSTANTID_", "GRADIO_"))}
-    env.pop("SPACES_ZERO_GPU", None)  # never pretend to be on ZeroGPU
-    env.update(
-        INSTANTID_PRESET="tiny",
-        HF_HUB_OFFLINE="1",
-        INSTANTID_TINY_CACHE=str(cache),
-        GRADIO_ANALYTICS_ENABLED="False",
-        GRADIO_SERVER_NAME="127.0.0.1",
-        GRADIO_SERVER_PORT=str(port),
-        INSTANTID_CONCURRENCY="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
-
-
-def start_app(tmp: Path, cache: Path, **extra_env: str) -> tuple[subprocess.Popen, str, Path]:
-    """Run `python app.py` exactly as a Space does and wait until it serves its page."""
-    port = free_port()
-    log_path = tmp / "app.log"
-    env = {**app_env(cache, port), **extra_env}
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return proc, url, log_path
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"app.py did not answer within {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[tuple[str, Path]]:
-    proc, url, log_path = start_app(tmp_path_factory.mktemp("app"), tiny_cache)
+    app = apprunner.start_app(tmp_path_factory.mktemp("app"), tiny_cache)
     try:
-        yield url, log_path
+        yield app.url, app.log
     finally:
-        stop_app(proc)
+        app.stop()
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +69,9 @@ def test_generate_with_only_face_and_prompt(client: Client) -> None:
 
 def test_same_seed_same_pixels(client: Client) -> None:
     def run(seed: int) -> np.ndarray:
-        gallery, used, *_ = client.predict(handle_file(str(FACE)), "a portrait", seed=seed, api_name="/generate",
-                                           **FAST)
+        gallery, used, *_ = client.predict(
+            handle_file(str(FACE)), "a portrait", seed=seed, api_name="/generate", **FAST
+        )
         assert used == seed
         return pixels(gallery[0]["image"])
 
@@ -137,8 +82,13 @@ def test_same_seed_same_pixels(client: Client) -> None:
 
 def test_extra_faces_and_pose_photo(client: Client, photos: dict[str, Path]) -> None:
     gallery, seed, similarities, keypoints, _ = client.predict(
-        handle_file(str(FACE)), "a portrait", extra_face_images=[handle_file(str(photos["astronaut_flipped"]))],
-        pose_image=handle_file(str(photos["hanks"])), seed=5, api_name="/generate", **FAST
+        handle_file(str(FACE)),
+        "a portrait",
+        extra_face_images=[handle_file(str(photos["astronaut_flipped"]))],
+        pose_image=handle_file(str(photos["hanks"])),
+        seed=5,
+        api_name="/generate",
+        **FAST,
     )
     assert len(gallery) == 1 and seed == 5
     with Image.open(keypoints) as kps, Image.open(gallery[0]["image"]) as out:
@@ -221,11 +171,11 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
 
 def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
     """GRADIO_MCP_SERVER=1 serves both endpoints as MCP tools, with their documented parameters."""
-    proc, url, _ = start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")
+    app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")
     try:
-        schema = httpx.get(f"{url}gradio_api/mcp/schema", timeout=10).json()
+        schema = httpx.get(f"{app.url}gradio_api/mcp/schema", timeout=10).json()
     finally:
-        stop_app(proc)
+        app.stop()
     tools = {tool["name"]: tool for tool in schema}
     assert {"generate", "status"} <= set(tools)
     params = tools["generate"]["inputSchema"]["properties"]

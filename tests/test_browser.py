@@ -6,13 +6,14 @@ screenshots land in artifacts/ (gitignored).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests import apprunner
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,30 +32,19 @@ CHROMIUM_ARGS = [
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        shutil.which(CHROMIUM) is None, reason=f"{CHROMIUM} is missing: apt-get install -y chromium"
-    ),
+    pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"{CHROMIUM} is missing: apt-get install -y chromium"),
 ]
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
 
 
-def _app_helpers():
-    # The server start-up lives in test_app.py; loaded by path so it works whatever pytest's import mode.
-    spec = importlib.util.spec_from_file_location("_instantid_app_helpers", Path(__file__).with_name("test_app.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[str]:
-    helpers = _app_helpers()
-    proc, url, _ = helpers.start_app(tmp_path_factory.mktemp("browser-app"), tiny_cache)
+    app = apprunner.start_app(tmp_path_factory.mktemp("browser-app"), tiny_cache)
     try:
-        yield url
+        yield app.url
     finally:
-        helpers.stop_app(proc)
+        app.stop()
 
 
 @pytest.fixture(scope="module")

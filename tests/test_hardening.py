@@ -32,7 +32,7 @@ from PIL import Image
 
 from instantid import errors
 from instantid.requests import MAX_PROMPT_CHARS, GenerateRequest
-from tests import hostile
+from tests import apprunner, hostile
 
 FAST = {"num_steps": 1, "seed": 1}
 SECRET = "hf_hardeningTestSecret0123456789abcdef"
@@ -49,7 +49,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):  # noqa: ANN201
     # A token in the environment, as on a Space with HF_TOKEN set: it must never reach a log or the status.
-    app = hostile.start_app(tmp_path_factory.mktemp("hardening-app"), tiny_cache, HF_TOKEN=SECRET)
+    app = apprunner.start_app(tmp_path_factory.mktemp("hardening-app"), tiny_cache, HF_TOKEN=SECRET)
     try:
         yield app
     finally:
@@ -57,7 +57,7 @@ def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):  # noqa: AN
 
 
 @pytest.fixture(scope="module")
-def client(app: hostile.App) -> Client:
+def client(app: apprunner.App) -> Client:
     return Client(app.url, verbose=False)
 
 
@@ -438,7 +438,9 @@ def file_ref(path: str) -> dict[str, Any]:
 SERVER_SIDE = {
     # A real face photo on the server's disk, outside Gradio's upload folder: it would work if read.
     "server_path": lambda photos, app: {"face_image": file_ref(str(photos["astronaut"]))},
-    "server_path_in_repo": lambda photos, app: {"face_image": file_ref(str(hostile.ROOT / "assets" / "astronaut.jpg"))},
+    "server_path_in_repo": lambda photos, app: {
+        "face_image": file_ref(str(apprunner.ROOT / "assets" / "astronaut.jpg"))
+    },
     "system_file": lambda photos, app: {"face_image": file_ref("/etc/passwd")},
     "raw_string_path": lambda photos, app: {"face_image": str(photos["astronaut"])},
     "relative_path": lambda photos, app: {"face_image": file_ref("assets/astronaut.jpg")},
@@ -451,7 +453,7 @@ SERVER_SIDE = {
 
 
 @pytest.mark.parametrize("name", list(SERVER_SIDE))
-def test_api_never_reads_server_files_or_urls(client: Client, app: hostile.App, photos: dict[str, Path],
+def test_api_never_reads_server_files_or_urls(client: Client, app: apprunner.App, photos: dict[str, Path],
                                               name: str) -> None:
     values = SERVER_SIDE[name](photos, app)
     if "face_image" not in values:
@@ -684,7 +686,7 @@ def _next_request_seconds(client: Client, photos: dict[str, Path]) -> float:
     return time.monotonic() - t0
 
 
-def test_api_cancel_frees_the_worker(app: hostile.App, photos: dict[str, Path]) -> None:
+def test_api_cancel_frees_the_worker(app: apprunner.App, photos: dict[str, Path]) -> None:
     stopped = app.log_text().count(STOPPED)
     client = Client(app.url, verbose=False)
     job = client.submit(handle_file(str(photos["astronaut"])), "a portrait", api_name="/generate", **LONG_JOB)
@@ -695,7 +697,7 @@ def test_api_cancel_frees_the_worker(app: hostile.App, photos: dict[str, Path]) 
     assert seconds < 30, f"the next request waited {seconds:.0f} s: the cancelled generation kept the pipeline"
 
 
-def test_api_disconnect_frees_the_worker(app: hostile.App, photos: dict[str, Path]) -> None:
+def test_api_disconnect_frees_the_worker(app: apprunner.App, photos: dict[str, Path]) -> None:
     stopped = app.log_text().count(STOPPED)
     client = Client(app.url, verbose=False)
     base = app.url + "gradio_api"
@@ -740,7 +742,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
 
 
 def test_only_safe_checkpoint_loaders_in_the_package() -> None:
-    for path in sorted((hostile.ROOT / "instantid").glob("*.py")):
+    for path in sorted((apprunner.ROOT / "instantid").glob("*.py")):
         text = path.read_text()
         for match in re.finditer(r"torch\.load\(", text):
             call = text[match.start(): text.index("\n", match.start())]
@@ -748,7 +750,7 @@ def test_only_safe_checkpoint_loaders_in_the_package() -> None:
         assert not re.search(r"\bpickle\.loads?\(|trust_remote_code=True|(?<![.\w])(eval|exec)\(", text), path.name
 
 
-def test_no_secrets_in_logs_or_status(app: hostile.App, client: Client) -> None:
+def test_no_secrets_in_logs_or_status(app: apprunner.App, client: Client) -> None:
     report = client.predict(api_name="/status")
     config = httpx.get(app.url + "config", timeout=10).text
     for text, where in ((json.dumps(report), "status report"), (config, "page config"), (app.log_text(), "log")):
@@ -756,7 +758,7 @@ def test_no_secrets_in_logs_or_status(app: hostile.App, client: Client) -> None:
 
 
 def test_uploads_stay_in_gradio_temp_and_are_cleaned(
-    app: hostile.App, client: Client, photos: dict[str, Path], tiny_settings: Any,
+    app: apprunner.App, client: Client, photos: dict[str, Path], tiny_settings: Any,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Uploads land only in Gradio's temp folder, and the app's own Blocks deletes them on a schedule."""
@@ -775,7 +777,7 @@ def test_uploads_stay_in_gradio_temp_and_are_cleaned(
     monkeypatch.setattr(ui, "DELETE_CACHE", (1, 1))
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     demo = ui.build_demo(api.generate, api.status, settings=tiny_settings)
-    port = hostile.free_port()
+    port = apprunner.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         with marker.open("rb") as fh:

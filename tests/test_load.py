@@ -22,7 +22,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 
 from instantid.requests import GenerateRequest
-from tests import hostile
+from tests import apprunner
 
 CLIENTS = 8
 REQUESTS_EACH = 3
@@ -35,7 +35,7 @@ MB = 2**20
 
 @pytest.fixture(scope="module")
 def busy_app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):  # noqa: ANN201
-    app = hostile.start_app(tmp_path_factory.mktemp("load-app"), tiny_cache, INSTANTID_QUEUE_SIZE=str(QUEUE_SIZE))
+    app = apprunner.start_app(tmp_path_factory.mktemp("load-app"), tiny_cache, INSTANTID_QUEUE_SIZE=str(QUEUE_SIZE))
     try:
         yield app
     finally:
@@ -75,7 +75,7 @@ def test_memory_is_stable_over_sequential_requests(tiny_engine, photos: dict[str
     assert growth < 300 * MB
 
 
-def test_concurrent_clients_every_request_answered(busy_app: hostile.App, photos: dict[str, Path]) -> None:
+def test_concurrent_clients_every_request_answered(busy_app: apprunner.App, photos: dict[str, Path]) -> None:
     face = str(photos["astronaut"])
     # Warm the app up (the first request waits for the background model load).
     Client(busy_app.url, verbose=False).predict(handle_file(face), "warm-up", num_steps=1, seed=0, api_name="/generate")
