@@ -104,11 +104,10 @@ class Settings:
         hub_offline = _truthy(env.get("HF_HUB_OFFLINE", ""))
 
         raw_preset = env.get("INSTANTID_PRESET", "auto").strip().lower() or "auto"
-        if raw_preset == "auto":
-            # Offline there is nothing real to load, so the app still comes up and every code path runs.
-            preset = "tiny" if hub_offline else "real"
-        else:
-            preset = _parse_choice("INSTANTID_PRESET", raw_preset, ("auto", *PRESETS))
+        # Only an explicit `tiny` swaps the models for random tiny ones: offline (HF_HUB_OFFLINE=1) is how
+        # deployments run from a pre-filled cache, and they must get the models they named, not noise.
+        preset = _parse_choice("INSTANTID_PRESET", raw_preset, ("auto", *PRESETS))
+        preset = "real" if preset == "auto" else preset
 
         controlnets = dict(defaults.controlnets)
         for name in CONTROLNET_NAMES:

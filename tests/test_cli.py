@@ -99,7 +99,8 @@ def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args
 
 
 def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path: Path, tiny_env) -> None:  # noqa: ANN001
-    """The real preset, offline, against checkpoints of other shapes published under the user's repo ids."""
+    """Offline with no preset set: checkpoints of other shapes, published under the user's repo ids, are loaded
+    as they are (never swapped for the tiny preset)."""
     shape = TinyShape(
         cross_attention_dim=96,
         text_hidden=48,
@@ -117,7 +118,6 @@ def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path
     env = {k: v for k, v in tiny_env.items() if not k.startswith("INSTANTID_")}
     env.update(
         {
-            "INSTANTID_PRESET": "real",
             "HF_HUB_OFFLINE": "1",
             "HF_HUB_CACHE": str(cache),
             "INSTANTID_BASE_MODEL": "acme/my-sdxl",

@@ -18,11 +18,16 @@ def test_defaults_are_the_real_checkpoints() -> None:
     assert s.hub_cache is None and not s.hub_offline
 
 
-def test_offline_auto_selects_tiny_and_keeps_user_face_models(tmp_path: Path) -> None:
-    s = Settings.from_env({"HF_HUB_OFFLINE": "1", "INSTANTID_TINY_CACHE": str(tmp_path)})
+def test_offline_keeps_the_users_models_and_tiny_runs_only_when_asked(tmp_path: Path) -> None:
+    # Offline alone means "serve from the cache": the repos named (or the defaults) stay as they are.
+    s = Settings.from_env({"HF_HUB_OFFLINE": "1", "INSTANTID_BASE_MODEL": "me/sdxl", "INSTANTID_REPO": "me/iid"})
+    assert s.preset == "real" and s.hub_offline and (s.base_model, s.instantid_repo) == ("me/sdxl", "me/iid")
+    assert Settings.from_env({"HF_HUB_OFFLINE": "1"}).base_model == "wangqixun/YamerMIX_v8"
+    tiny = {"HF_HUB_OFFLINE": "1", "INSTANTID_PRESET": "tiny", "INSTANTID_TINY_CACHE": str(tmp_path)}
+    s = Settings.from_env(tiny)
     assert s.preset == "tiny" and s.hub_cache == tmp_path and s.base_model.startswith("instantid-tiny/")
     assert s.face_models == str(tmp_path / "face-models")
-    s = Settings.from_env({"HF_HUB_OFFLINE": "1", "INSTANTID_FACE_MODELS": "/models/antelopev2"})
+    s = Settings.from_env({**tiny, "INSTANTID_FACE_MODELS": "/models/antelopev2"})
     assert s.face_models == "/models/antelopev2"
     # An explicit real preset stays real offline (checkpoints placed in the cache by hand).
     s = Settings.from_env({"HF_HUB_OFFLINE": "1", "INSTANTID_PRESET": "real", "HF_HUB_CACHE": str(tmp_path)})
