@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from instantid import api
+from instantid.memory import is_zerogpu
 from instantid.settings import get_settings
 from instantid.ui import build_demo
 
@@ -54,7 +55,14 @@ def mcp_enabled() -> bool:
 demo = build_demo(api.generate, api.status, settings=settings, examples=examples())
 demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 
-if settings.preload:
+if is_zerogpu():
+    # ZeroGPU: everything, extras included, loads here, in the main thread and before `launch`: `spaces`
+    # packs at launch what was placed on "cuda" until then, and only sees placements made in the thread that
+    # imported it. A GPU call that loaded anything would lose it with its worker, on the visitor's time.
+    from instantid.engine import get_engine
+
+    get_engine(settings).load_all()
+elif settings.preload:
     # Non-blocking: the page is served within seconds; the Status tab shows the load, the first request waits.
     from instantid.engine import get_engine
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m instantid generate | faces | status | bench`.
+"""Command line: `python -m instantid generate | faces | status | preload | bench`.
 
 User errors (no face, bad value, missing checkpoint) exit with status 2 and one line on stderr; no
 traceback. Anything else is a bug and keeps its traceback.
@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("path", type=Path)
 
     sub.add_parser("status", help="print the memory report as JSON")
+    sub.add_parser(
+        "preload",
+        help="print the Space front matter's preload_from_hub: the files the start-up loads, from each repo's listing",
+    )
 
     b = sub.add_parser("bench", help="run a benchmark; the last output line is one JSON object")
     b.add_argument("name", choices=("load-memory", "overhead", "gpu"))
@@ -152,6 +156,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def preload_yaml(files: dict[tuple[str, str], list[str]]) -> str:
+    """The `preload_from_hub` block for the README's front matter (model repos; other kinds as comments)."""
+    lines = ["preload_from_hub:"]
+    for (repo_type, repo_id), names in files.items():
+        entry = f"  - {repo_id} {','.join(names)}"
+        # The Hub documents preload_from_hub for model repos; a Space's files still download at start-up.
+        lines.append(entry if repo_type == "model" else f"  # ({repo_type}) {entry.strip()[2:]}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -172,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             from .engine import get_engine
 
             print(json.dumps(get_engine().report(), indent=1))
+            return 0
+        if args.command == "preload":
+            from .engine import loader_files
+            from .settings import get_settings
+
+            print(preload_yaml(loader_files(get_settings())))
             return 0
         if args.command == "bench":
             from bench import run_benchmark  # the bench/ folder at the repository root

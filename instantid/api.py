@@ -4,9 +4,10 @@ Their signatures and docstrings are the public API documentation (Gradio reads t
 from the signature and the descriptions from the `Args:` sections), so keep them in step with the
 components in `instantid.ui`, which are listed in the same order.
 
-No torch here: the engine is imported on first use. On ZeroGPU only `_generate_on_gpu` runs in the
-GPU worker process; everything it receives and returns pickles (a `GenerateRequest` with file paths,
-a `GenerateResult` with PIL images).
+No torch here: the engine is imported on first use. A request runs in three stages: the engine's
+`prepare` (CPU: validation, decoding, faces, condition images) and `finish` (CPU: identity check) run
+here, in the main process; only `_render_on_gpu` runs in ZeroGPU's GPU worker. What it receives and
+yields pickles (a `Job` of arrays and images; `Step`s, then a `Rendered` with PIL images).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -30,6 +31,9 @@ from .requests import (
     LCM_STEPS,
     GenerateRequest,
     GenerateResult,
+    Job,
+    Rendered,
+    Step,
     random_seed,
 )
 from .styles import NO_STYLE
@@ -43,21 +47,24 @@ LOAD_WAIT_S = 30 * 60
 LOAD_POLL_S = 0.5
 
 # --- ZeroGPU duration model -------------------------------------------------------------------
-# Seconds per denoising step for ONE 1024x1024 image with classifier-free guidance (batch of 2) through
-# SDXL + the IdentityNet ControlNet + IP attention, in fp16 on the ZeroGPU slice (half an H200). An
-# H100 does such a step in roughly 0.12-0.15 s; the slice has about half of that throughput.
-STEP_S_1MP = 0.25
-# Each extra ControlNet (pose/canny/depth) runs its own encoder copy every step: about +35 %.
-EXTRA_CONTROLNET_FACTOR = 0.35
-# Without guidance (scale <= 1) the UNet runs on a batch of 1 instead of 2.
+# Measured on a whole NVIDIA H200 (bench gpu, 2026-11-27, BENCHMARKS.md): one guided denoising step of a
+# 1024x1024 image through SDXL + IdentityNet + IP attention in fp16 takes 0.122 s; ZeroGPU's default
+# "large" size is half an H200 (a MIG slice with 60 of its 132 multiprocessors, per spaces' own
+# zero/configs.json), so 0.122 x 132/60.
+STEP_S_1MP = 0.27
+# Each extra ControlNet beside the IdentityNet: +33 % per step (measured, same run).
+EXTRA_CONTROLNET_FACTOR = 0.33
+# LCM-LoRA stays unfused (it is switched per request): 0.322 s per step against 0.122 s (measured).
+LCM_STEP_FACTOR = 2.64
+# Without guidance (scale <= 1) the UNet runs a batch of 1 instead of 2 (not measured: the batch halves,
+# the weights are read as often).
 NO_CFG_FACTOR = 0.55
-# Fixed costs inside the GPU call: worker start-up and moving weights to the GPU, face analysis,
-# VAE decoding, and the extra conditions (depth/pose estimators) when asked for.
+# VAE decoding of a 1024x1024 image: 0.12 s on the whole H200 (measured), x 132/60 on the slice.
+VAE_DECODE_S_1MP = 0.27
+# Fixed costs inside the GPU call, not measured here: a fresh worker (a fork) moves the packed weights,
+# about 10 GB, to the GPU; the depth/pose estimators run once per extra control.
 BASE_OVERHEAD_S = 10.0
-VAE_DECODE_S_1MP = 0.6
 EXTRA_CONTROLNET_OVERHEAD_S = 3.0
-# Loading and fusing the LCM LoRA the first time it is switched on.
-LCM_OVERHEAD_S = 5.0
 SAFETY = 1.5
 MIN_DURATION_S = 15
 # 120 s is also what ZeroGPU grants visitors who are not logged in; asking for more gets refused.
@@ -143,37 +150,74 @@ def _build_request(
     )
 
 
+def duration_seconds(
+    *, steps: Any, images: Any, width: Any, height: Any, guidance: Any, extra_controls: int, lcm: bool
+) -> int:
+    """GPU seconds to ask ZeroGPU for (see the constants above), capped so that the time `spaces` asks
+    for after its own per-hardware duration factor stays within `MAX_DURATION_S`."""
+    cap = MAX_DURATION_S / _duration_factor()
+    try:
+        steps = max(1.0, float(steps))
+        images = max(1.0, float(images))
+        width, height = float(width or 0), float(height or 0)
+        guidance = float(guidance)
+    except (TypeError, ValueError):
+        return int(cap)  # invalid values fail validation before any GPU is asked for; ask for the most
+    pixels = width * height if width > 0 and height > 0 else AUTO_PIXELS
+    megapixels = pixels / (1024 * 1024)
+    per_step = STEP_S_1MP * megapixels * (1 + EXTRA_CONTROLNET_FACTOR * extra_controls)
+    if guidance <= 1:
+        per_step *= NO_CFG_FACTOR
+    if lcm:
+        per_step *= LCM_STEP_FACTOR
+    seconds = steps * images * per_step + images * VAE_DECODE_S_1MP * megapixels
+    seconds = BASE_OVERHEAD_S + extra_controls * EXTRA_CONTROLNET_OVERHEAD_S + SAFETY * seconds
+    if not math.isfinite(seconds):
+        return int(cap)
+    return int(min(cap, max(MIN_DURATION_S, math.ceil(seconds))))
+
+
+def _duration_factor() -> float:
+    """`spaces` multiplies the duration we ask for by a per-hardware factor (its zero/configs.json)."""
+    try:
+        from spaces.config import Config
+        from spaces.zero.config import get_config
+
+        if Config.zero_gpu:
+            return max(1.0, float(get_config()["duration_factor"]))
+    except Exception:  # noqa: BLE001 - an older or newer `spaces` without it: no factor
+        pass
+    return 1.0
+
+
 def _duration_for(request: GenerateRequest) -> int:
-    """The GPU time to ask ZeroGPU for, in whole seconds (see the constants above for the model)."""
     steps = request.num_steps or (LCM_STEPS if request.enable_lcm else DEFAULT_STEPS)
     guidance = request.guidance_scale
     if guidance is None:
         guidance = 1.5 if request.enable_lcm else 5.0
-    try:
-        steps = max(1.0, float(steps))
-        images = max(1.0, float(request.num_images))
-        width, height = float(request.width or 0), float(request.height or 0)
-        guidance = float(guidance)
-    except (TypeError, ValueError):
-        return MAX_DURATION_S  # invalid values fail validation inside the call; ask for the most
-    pixels = width * height if width > 0 and height > 0 else AUTO_PIXELS
-    megapixels = pixels / (1024 * 1024)
-    extra = len(request.controlnets or {})
-    per_step = STEP_S_1MP * megapixels * (1 + EXTRA_CONTROLNET_FACTOR * extra)
-    if guidance <= 1:
-        per_step *= NO_CFG_FACTOR
-    seconds = steps * images * per_step + images * VAE_DECODE_S_1MP * megapixels
-    seconds = BASE_OVERHEAD_S + extra * EXTRA_CONTROLNET_OVERHEAD_S + SAFETY * seconds
-    if request.enable_lcm:
-        seconds += LCM_OVERHEAD_S
-    if not math.isfinite(seconds):
-        return MAX_DURATION_S
-    return int(min(MAX_DURATION_S, max(MIN_DURATION_S, math.ceil(seconds))))
+    return duration_seconds(
+        steps=steps,
+        images=request.num_images,
+        width=request.width,
+        height=request.height,
+        guidance=guidance,
+        extra_controls=len(request.controlnets or {}),
+        lcm=bool(request.enable_lcm),
+    )
 
 
-def _gpu_duration(request: GenerateRequest, progress: Any = None) -> int:
-    # ZeroGPU calls the duration function with the GPU function's own arguments.
-    return _duration_for(request)
+def _gpu_duration(job: Job) -> int:
+    # ZeroGPU calls the duration function with the GPU function's own arguments: the prepared job knows
+    # the real output size, steps and controls.
+    return duration_seconds(
+        steps=job.num_steps,
+        images=job.num_images,
+        width=job.width,
+        height=job.height,
+        guidance=job.guidance_scale,
+        extra_controls=len(job.controls),
+        lcm=job.enable_lcm,
+    )
 
 
 class ClientGone(Exception):
@@ -212,17 +256,40 @@ class _RequestWatch:
 
 
 @spaces.GPU(duration=_gpu_duration)
-def _generate_on_gpu(request: GenerateRequest, progress: Any = None) -> GenerateResult:
-    """The only code that needs the accelerator. Off ZeroGPU `spaces.GPU` returns it unchanged."""
+def _render_on_gpu(job: Job) -> Iterator[Step | Rendered]:
+    """The only code that needs the accelerator: a `Step` per denoising step, then the `Rendered` images.
+
+    A generator because that is how `spaces` lets a GPU call be stopped: when the main process closes
+    it, `spaces` closes this one in the worker at its next step. Off ZeroGPU `spaces.GPU` returns it
+    unchanged and it runs in this process. Errors are turned into `gr.Error` here because only a
+    `gr.Error` crosses ZeroGPU's process boundary with its message.
+    """
+    try:
+        yield from _engine().render_steps(job)
+    except gr.Error:
+        raise
+    except UserError as exc:  # includes running out of memory after the leaner retry
+        raise gr.Error(str(exc), print_exception=False) from None
+    except Exception:
+        log.exception("generation failed on the GPU")
+        raise gr.Error(GENERIC_ERROR, print_exception=False) from None
+
+
+def _render(job: Job, progress: Any) -> Rendered:
+    """Drive the GPU stage, showing its steps; stop it when the client has gone (it frees the GPU)."""
     watch = _RequestWatch()
-
-    def on_step(step: int, total: int) -> None:
-        if progress is not None:
-            progress((int(step), int(total)), desc="Denoising", unit="steps")
-        if watch.client_gone():
-            raise ClientGone
-
-    return _engine().generate(request, progress=on_step)
+    steps = _render_on_gpu(job)
+    try:
+        for event in steps:
+            if isinstance(event, Rendered):
+                return event
+            if progress is not None:
+                progress((event.done, event.total), desc="Denoising", unit="steps")
+            if watch.client_gone():
+                raise ClientGone
+    finally:
+        steps.close()
+    raise RuntimeError("the GPU stage ended without a result")
 
 
 def _load_state(engine: Any) -> dict[str, Any]:
@@ -335,9 +402,10 @@ def generate(
             request = replace(request, seed=random_seed())
         engine = _engine()
         _wait_for_models(engine, progress)
+        job = engine.prepare(request)  # CPU, in this process: a photo without a face asks for no GPU time
         if progress is not None:
             progress(0.0, desc="Starting")
-        result = _generate_on_gpu(request, progress)
+        result = engine.finish(job, _render(job, progress))
     except gr.Error:
         raise
     except ClientGone:
@@ -381,10 +449,10 @@ def estimate_gpu_duration(
 ) -> int:
     """Seconds of GPU time to reserve on ZeroGPU for a `generate` call with these arguments.
 
-    Model: steps x images x (0.25 s per step for a 1024x1024 image with guidance, scaled by pixel count,
-    +35 % per extra ControlNet, x0.55 without guidance) plus VAE decoding, times a 1.5 safety factor, plus
-    10 s of fixed overhead (+3 s per extra ControlNet, +5 s for LCM); clamped to 15..120 s. Automatic size
-    counts as 1024x1280.
+    Model: steps x images x (0.27 s per step for a 1024x1024 image with guidance on half an H200, scaled
+    by pixel count, +33 % per extra ControlNet, x2.64 with the LCM-LoRA, x0.55 without guidance) plus VAE
+    decoding, times a 1.5 safety factor, plus 10 s of fixed overhead (+3 s per extra ControlNet); clamped
+    to 15..120 s after ZeroGPU's own duration factor. Automatic size counts as 1024x1280.
     """
     request = _build_request(
         face_image, prompt, extra_face_images, pose_image, negative_prompt, style, num_images, width, height,

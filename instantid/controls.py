@@ -191,6 +191,10 @@ def _check_folder(what: str, folder: str | Path) -> Path:
 # --- canny ---------------------------------------------------------------------------------------------
 
 
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
 def canny_condition(image: PIL.Image.Image, low: int = 100, high: int = 200) -> PIL.Image.Image:
     """OpenCV Canny edges of `image` as a white-on-black RGB image of the same size.
 
@@ -238,7 +242,6 @@ class DepthEstimator:
     def __init__(self, model: Any, processor: Any, device: str | torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self.processor = processor
-        self.device = torch.device(device)
         self.dtype = dtype
         # Depth Anything configs say whether the head predicts metric distance; DPT-style models do not
         # and predict inverse depth.
@@ -263,10 +266,14 @@ class DepthEstimator:
         model.to(device).eval()
         return cls(model, processor, device, dtype)
 
+    @property
+    def device(self) -> torch.device:
+        # Read from the weights, not remembered: on ZeroGPU they move to the GPU only inside a GPU call.
+        return _device_of(self.model)
+
     def to(self, device: str | torch.device) -> DepthEstimator:
         """Move the model (for offloading); returns self."""
-        self.device = torch.device(device)
-        self.model.to(self.device)
+        self.model.to(torch.device(device))
         return self
 
     @torch.inference_mode()
@@ -312,7 +319,6 @@ class PoseEstimator:
         self.pose_processor = pose_processor
         self.detector = detector
         self.detector_processor = detector_processor
-        self.device = torch.device(device)
         self.dtype = dtype
         self.detection_threshold = detection_threshold
         self.keypoint_threshold = keypoint_threshold
@@ -362,12 +368,15 @@ class PoseEstimator:
             detector.to(device).eval()
         return cls(pose_model, pose_processor, detector, detector_processor, device, dtype, **options)
 
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.pose_model)
+
     def to(self, device: str | torch.device) -> PoseEstimator:
         """Move both models (for offloading); returns self."""
-        self.device = torch.device(device)
-        self.pose_model.to(self.device)
+        self.pose_model.to(torch.device(device))
         if self.detector is not None:
-            self.detector.to(self.device)
+            self.detector.to(torch.device(device))
         return self
 
     @torch.inference_mode()
@@ -378,7 +387,7 @@ class PoseEstimator:
         if self.detector is None or self.detector_processor is None:
             return whole
         inputs = self.detector_processor(images=rgb, return_tensors="pt")
-        outputs = self.detector(pixel_values=inputs["pixel_values"].to(self.device, self.dtype))
+        outputs = self.detector(pixel_values=inputs["pixel_values"].to(_device_of(self.detector), self.dtype))
         # Post-processing in float32 on the CPU keeps sigmoid/top-k exact whatever dtype the model runs in.
         outputs.logits = outputs.logits.float().cpu()
         outputs.pred_boxes = outputs.pred_boxes.float().cpu()

@@ -1,18 +1,25 @@
-"""The one shared model holder: lazy, thread-safe loading and `generate(request) -> result`.
+"""The one shared model holder: thread-safe loading and a request in three stages.
 
-Everything that owns memory lives here: the pipeline, the face models, the lazily loaded extra
-ControlNets, LCM-LoRA and the condition estimators. Loading happens once, on first need (or in the
-background when the app starts), even when two first requests arrive together; generation is
-serialised on the shared pipeline, while `report()` never waits for either lock.
+Everything that owns memory lives here: the pipeline, the face models, the extra ControlNets, LCM-LoRA
+and the condition estimators. Two start-up modes:
+
+- resident (ZeroGPU): `load_all()` in the main thread before launch loads everything a request can
+  need, placed on "cuda", so that `spaces` packs it; nothing is ever loaded inside a GPU call;
+- lazy (everywhere else): the base models load once, in the background or on first need, even when two
+  first requests arrive together; the extras load on first use.
+
+A request runs as `prepare` (CPU) -> `render` (GPU) -> `finish` (CPU); `generate` runs the three in turn.
+Generation is serialised on the shared pipeline, while `report()` never waits for either lock.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,11 +28,22 @@ import numpy as np
 
 from . import faces as face_lib
 from .errors import BusyError, CheckpointError, OutOfMemoryError, UserError
-from .hub import RepoRef, choose_weights, fetch, fetch_component, list_files, resolve_face_models
+from .hub import (
+    RepoRef,
+    choose_weights,
+    component_files,
+    face_model_files,
+    fetch,
+    fetch_component,
+    ip_adapter_file,
+    list_files,
+    lora_file,
+    resolve_face_models,
+)
 from .images import image_to_array, load_image
 from .memory import Hardware, Profile, apply_profile, choose_profile, memory_report, probe_hardware
-from .requests import DEFAULT_PROMPT, GenerateRequest, GenerateResult, random_seed
-from .settings import Settings, get_settings
+from .requests import DEFAULT_PROMPT, GenerateRequest, GenerateResult, Job, Rendered, Step, random_seed
+from .settings import CONTROLNET_NAMES, Settings, get_settings
 from .styles import apply_style
 
 log = logging.getLogger("instantid")
@@ -34,6 +52,12 @@ log = logging.getLogger("instantid")
 ProgressFn = Callable[[int, int], None]
 
 TINY_SHORT_SIDE = 128  # the tiny preset's noise images need no more; keeps CPU requests instant
+# Extra controls whose condition image comes from a model (run in the GPU stage); canny's is plain CPU work.
+ESTIMATED_CONTROLS = ("depth", "pose")
+
+
+class RenderCancelled(Exception):
+    """Raised inside the pipeline's step callback when the consumer of `render_steps` stopped listening."""
 
 
 @dataclass
@@ -79,6 +103,12 @@ class Engine:
         self.face_analyzer: face_lib.FaceAnalyzer | None = None
         self._extra_nets: dict[str, Any] = {}
         self._estimators: dict[str, Any] = {}
+        # True once `load_all` ran: every part is resident and nothing may load on a request's path.
+        self.resident = False
+        # Optional parts ("lcm", "pose", "canny", "depth") that failed to load at start-up -> the reason.
+        self.unavailable: dict[str, str] = {}
+        # What was loaded from where: role, repo, revision, weight file (the status report shows it).
+        self.checkpoints: list[dict[str, str]] = []
 
     # --- state ---------------------------------------------------------------------------------
 
@@ -102,6 +132,10 @@ class Engine:
         if pipe is not None:
             for name in ("unet", "controlnet", "text_encoder", "text_encoder_2", "vae", "resampler"):
                 components[name if name != "controlnet" else "identitynet"] = getattr(pipe, name, None)
+            if getattr(pipe, "has_lcm", False):
+                # The LoRA's layers live inside the UNet: listed apart, counted once.
+                components["unet"] = (pipe.unet, lambda n: "lora_" not in n)
+                components["lcm_lora"] = (pipe.unet, lambda n: "lora_" in n)
         for name, net in list(self._extra_nets.items()):
             components[f"controlnet_{name}"] = net
         for name, est in list(self._estimators.items()):
@@ -114,6 +148,22 @@ class Engine:
         report["preset"] = self.settings.preset
         if self.face_analyzer is not None:
             report["face_models"] = {"folder": Path(self.face_analyzer.model_dir).name, "device": "cpu (onnxruntime)"}
+        if self.hardware.zerogpu:
+            # Outside a GPU call `spaces` keeps the "cuda" weights packed on disk and torch shows their host
+            # stand-ins; inside one they are on the GPU.
+            for info in report["components"]:
+                if self.profile.device == "cuda" and not str(info.get("device", "")).startswith("cuda"):
+                    info["device"] = "cuda (ZeroGPU: on the GPU during a generation)"
+        report["startup"] = {
+            "mode": "resident" if self.resident else "lazy",
+            "description": (
+                "everything loaded in the main thread before launch, placed on cuda for ZeroGPU"
+                if self.resident
+                else "page first; base models load in the background or on first request, extras on first use"
+            ),
+            "unavailable": dict(self.unavailable),
+        }
+        report["checkpoints"] = list(self.checkpoints)
         return report
 
     # --- loading -------------------------------------------------------------------------------
@@ -131,6 +181,41 @@ class Engine:
 
         self._thread = threading.Thread(target=run, name="instantid-load", daemon=True)
         self._thread.start()
+
+    def load_all(self) -> None:
+        """Load every part a request can need, now, in the calling thread (the resident start-up mode).
+
+        For ZeroGPU: `spaces` packs at launch only what was placed on "cuda" before it, and only in the
+        thread that imported it (torch function modes are thread-local), so this runs in the main thread
+        before `launch`. An optional part that fails (LCM-LoRA, an extra ControlNet, an estimator) is
+        recorded in `unavailable` with the reason and start-up goes on; if the base models fail, the state
+        says so and every request gets that message.
+        """
+        self.resident = True
+        try:
+            self.ensure_loaded()
+        except Exception:  # recorded in the state; the page still comes up and says why
+            log.exception("start-up load failed")
+            return
+        parts: list[tuple[str, str, Callable[[], Any]]] = [("lcm", "LCM-LoRA", self._lcm)]
+        for name in CONTROLNET_NAMES:
+            if name in self.settings.controlnets:
+                parts.append((name, f"{name} ControlNet", lambda name=name: self._extra_controlnet(name)))
+                if name in ESTIMATED_CONTROLS:
+                    parts.append((name, f"{name} estimator", lambda name=name: self._estimator(name)))
+        for key, label, load in parts:
+            if key in self.unavailable:
+                continue  # its ControlNet already failed: the estimator alone would be no use
+            self._progress(self._state.progress, f"loading {label}")
+            try:
+                load()
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                self.unavailable[key] = f"{label} could not be loaded: {reason}"
+                log.warning("optional part unavailable: %s", self.unavailable[key])
+                continue
+            self._state.loaded.append(label)
+        self._state.message = f"ready ({self.profile.name} profile): {len(self._state.loaded)} parts resident"
 
     def ensure_loaded(self) -> None:
         """Load everything once. Concurrent callers wait for the first; a failed load is retried."""
@@ -168,12 +253,13 @@ class Engine:
         self._progress(0.05, "face models")
         self.face_analyzer = self._load_faces()
         self._state.loaded.append("face models")
-        self.pipe = load_pipeline(s, self.profile, self._progress)
+        self.pipe = load_pipeline(s, self.profile, self._progress, record=self._record)
         self._state.loaded.extend(["base model", "IdentityNet", "ip-adapter"])
 
     def _load_faces(self) -> face_lib.FaceAnalyzer:
         s = self.settings
         folder = resolve_face_models(s.face_models, cache_dir=self._cache(), offline=s.hub_offline)
+        self._record("face models", s.face_models, folder)
         return face_lib.FaceAnalyzer(folder, providers=s.onnx_providers, det_size=s.face_det_size)
 
     def faces(self) -> face_lib.FaceAnalyzer:
@@ -201,6 +287,7 @@ class Engine:
                 )
                 net = _from_pretrained(ControlNetModel, folder, variant, _torch_dtype(self.profile.dtype)).eval()
                 self._extra_nets[name] = place_like_profile(net, self.profile)
+                self._record(f"{name} ControlNet", repo, folder)
             return self._extra_nets[name]
 
     def _estimator(self, name: str) -> Any:
@@ -214,10 +301,13 @@ class Engine:
                 if name == "depth":
                     folder = _snapshot(s.depth_estimator, s, self._cache())
                     self._estimators[name] = controls.DepthEstimator.from_folder(folder, device=device)
+                    self._record("depth estimator", s.depth_estimator, folder)
                 elif name == "pose":
                     pose = _snapshot(s.pose_estimator, s, self._cache())
                     det = _snapshot(s.person_detector, s, self._cache())
                     self._estimators[name] = controls.PoseEstimator.from_folders(pose, det, device=device)
+                    self._record("pose estimator", s.pose_estimator, pose)
+                    self._record("person detector", s.person_detector, det)
             return self._estimators.get(name)
 
     def _lcm(self) -> None:
@@ -226,14 +316,17 @@ class Engine:
                 s = self.settings
                 repo = RepoRef.parse(s.lcm_lora)
                 files = list_files(repo, cache_dir=self._cache(), offline=s.hub_offline)
-                names = [f for f in files if f.endswith(".safetensors") and "/" not in f]
-                if not names:
-                    raise CheckpointError(f"'{repo}' holds no LoRA .safetensors file at its root.")
-                name = "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in names else names[0]
+                name = lora_file(repo, files)
                 path = fetch(repo, name, cache_dir=self._cache(), offline=s.hub_offline)
                 self.pipe.load_lcm_lora(str(path.parent), weight_name=name)
+                self._record("LCM-LoRA", repo, path)
 
-    # --- generation ----------------------------------------------------------------------------
+    def _record(self, role: str, repo: Any, path: Path) -> None:
+        self.checkpoints = [c for c in self.checkpoints if c["role"] != role] + [checkpoint_entry(role, repo, path)]
+
+    # --- the three stages ----------------------------------------------------------------------
+    # prepare (CPU) -> render (GPU) -> finish (CPU). On ZeroGPU only render runs in the GPU worker, so a
+    # user error found by prepare never asks for GPU time; everywhere else the same three run in turn.
 
     def analyze(self, source: Any, *, what: str = "photo") -> list[face_lib.Face]:
         """All faces in an image, largest first (no embeddings: the `faces` command)."""
@@ -243,11 +336,20 @@ class Engine:
 
     def generate(self, request: GenerateRequest, progress: ProgressFn | None = None) -> GenerateResult:
         """Run one request end to end. User-fixable problems raise `UserError` subclasses."""
+        job = self.prepare(request)
+        return self.finish(job, self.render(job, progress))
+
+    def prepare(self, request: GenerateRequest) -> Job:
+        """The CPU stage: validate, decode the photos, find the faces, lay out every condition image.
+
+        Needs the face models only (onnxruntime on the CPU), never the diffusion models or a GPU.
+        """
+        started = time.time()  # wall clock: the stages may run in different processes
         s = self.settings
         req = request.validated(max_side=s.max_output_side)
+        self._check_available(req)
         if req.num_images > self.profile.max_images:
             req = replace(req, num_images=self.profile.max_images)
-        t_start = time.perf_counter()
         timings: dict[str, float] = {}
         warnings: list[str] = []
         if request.num_images != req.num_images:
@@ -259,10 +361,11 @@ class Engine:
             if len(raw) != len(clean):
                 warnings.append(f"Removed {len(raw) - len(clean)} control character(s) from the {name}.")
 
-        # Faces first: a photo without a face fails fast, before any model loading waits.
         t0 = time.perf_counter()
         analyzer = self.faces()
-        loaded = []
+        embeddings = []
+        ref_img = ref_face = None
+        faces_found = 0
         for i, src in enumerate(req.face_images):
             what = "face photo" if i == 0 else f"extra face photo {i}"
             img, w = load_image(src, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what=what)
@@ -270,12 +373,13 @@ class Engine:
             face, count = analyzer.embed_largest(image_to_array(img), what=what)
             if count > 1:
                 warnings.append(f"Found {count} faces in the {what}; using the largest.")
-            # Only the first photo's pixels are used again: up to 8 extra 50-megapixel photos must not
-            # all stay decoded at once (150 MB each), only their embeddings.
-            loaded.append((img if i == 0 else None, face, count))
+            embeddings.append(face.embedding)
+            if i == 0:
+                # Only the first photo's pixels are used again: up to 8 extra 50-megapixel photos must not
+                # all stay decoded at once (150 MB each), only their embeddings.
+                ref_img, ref_face, faces_found = img, face, count
             del img
-        ref_img, ref_face, faces_found = loaded[0]
-        embedding = face_lib.average_embedding([f.embedding for _, f, _ in loaded])
+        embedding = face_lib.average_embedding(embeddings)
         pose_img, pose_face = ref_img, ref_face
         if req.pose_image is not None:
             pose_img, w = load_image(
@@ -290,6 +394,7 @@ class Engine:
             pose_face = pose_faces[0]
         timings["faces_ms"] = (time.perf_counter() - t0) * 1000
 
+        t1 = time.perf_counter()
         src_w, src_h = pose_img.size
         if req.width:
             width, height = req.width, req.height
@@ -305,54 +410,148 @@ class Engine:
             if req.enhance_face_region
             else None
         )
-
-        if self._state.phase != "ready" and progress is not None:
-            progress(0, req.num_steps or 1)  # tell the caller we are alive while models load
-        try:
-            self.ensure_loaded()
-        except UserError:
-            raise
-        except Exception as exc:
-            raise BusyError(f"The models could not be loaded ({type(exc).__name__}); try again in a minute.") from exc
+        crop = (-ox / scale, -oy / scale, (width - ox) / scale, (height - oy) / scale)
+        controls = self._prepare_controls(req, pose_img, (width, height), crop)
+        timings["conditions_ms"] = (time.perf_counter() - t1) * 1000
 
         prompt = req.prompt.strip()
         if not prompt:
             prompt = DEFAULT_PROMPT
             warnings.append(f"Empty prompt: used '{DEFAULT_PROMPT}'.")
         prompt, negative = apply_style(req.style, prompt, req.negative_prompt.strip())
-        warnings += self._prompt_warnings(prompt, negative)
-
-        t1 = time.perf_counter()
-        crop = (-ox / scale, -oy / scale, (width - ox) / scale, (height - oy) / scale)
-        extras = self._extra_controls(req, pose_img, (width, height), crop)
-        timings["controls_ms"] = (time.perf_counter() - t1) * 1000
-
-        seed = req.seed if req.seed is not None else random_seed()
-        with self._gen_lock:
-            out = self._run_pipeline(
-                req, prompt, negative, embedding, keypoint_image, extras, mask, width, height, seed, progress
-            )
-        timings.update(out.timings_ms)
-
-        t2 = time.perf_counter()
-        sims: list[float | None] = []
-        for image in out.images:
-            sims.append(face_lib.identity_similarity(analyzer, embedding, image_to_array(image)))
-        timings["identity_check_ms"] = (time.perf_counter() - t2) * 1000
-        timings["total_ms"] = (time.perf_counter() - t_start) * 1000
-        if out.interrupted:
-            warnings.append("Generation was stopped early.")
-        return GenerateResult(
-            images=out.images,
-            seed=seed,
-            similarities=sims,
+        return Job(
+            prompt=prompt,
+            negative_prompt=negative,
+            embedding=embedding,
             keypoint_image=keypoint_image,
-            timings_ms={k: round(v, 1) for k, v in timings.items()},
+            face_mask=mask,
+            controls=controls,
             width=width,
             height=height,
-            num_steps=int(req.num_steps or 0),
+            num_images=req.num_images,
+            num_steps=int(req.num_steps or 1),
             guidance_scale=float(req.guidance_scale or 0.0),
+            identitynet_strength=req.identitynet_strength,
+            adapter_strength=req.adapter_strength,
+            scheduler=req.scheduler,
+            enable_lcm=req.enable_lcm,
+            seed=req.seed if req.seed is not None else random_seed(),
             faces_found=faces_found,
+            warnings=warnings,
+            timings_ms=timings,
+            started=started,
+        )
+
+    def _check_available(self, req: GenerateRequest) -> None:
+        """Refuse, before any GPU time, what this server cannot run: parts that did not load at start-up."""
+        if self.resident and self._state.phase == "error":
+            raise BusyError(
+                f"The models did not load when the server started ({self._state.error}); "
+                "the Space must be restarted, ask its owner."
+            )
+        asked = [*req.controlnets, *(["lcm"] if req.enable_lcm else [])]
+        for name in asked:
+            reason = self.unavailable.get(name)
+            if reason is not None:
+                what = "LCM fast mode" if name == "lcm" else f"The {name} ControlNet"
+                fix = "switch LCM off" if name == "lcm" else f"untick '{name}' in the extra ControlNets"
+                raise CheckpointError(f"{what} is not available on this server ({reason}): {fix}.")
+
+    def _prepare_controls(
+        self, req: GenerateRequest, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
+    ) -> dict[str, tuple[float, Any]]:
+        """Each extra ControlNet's input at the output size, cropped like the keypoint layout."""
+        if not req.controlnets:
+            return {}
+        from . import controls
+
+        resized = pose_img.resize(size, box=crop)
+        out: dict[str, tuple[float, Any]] = {}
+        for name, strength in req.controlnets.items():
+            # Canny is plain CPU image work; depth and pose need their estimators, GPU models run in render.
+            image = controls.make_condition(name, resized, {}) if name not in ESTIMATED_CONTROLS else resized
+            out[name] = (strength, image)
+        return out
+
+    def render(self, job: Job, progress: ProgressFn | None = None) -> Rendered:
+        """The GPU stage: the condition estimators and the pipeline call, nothing else.
+
+        `progress(step, total)` is called after every denoising step and may raise to stop the run.
+        """
+        if self.resident and self._state.phase != "ready":
+            # A ZeroGPU worker must never load: what it loads dies with it, on the visitor's GPU time.
+            raise BusyError("The models are not loaded on this server; try again in a minute.")
+        try:
+            self.ensure_loaded()
+        except UserError:
+            raise
+        except Exception as exc:
+            raise BusyError(f"The models could not be loaded ({type(exc).__name__}); try again in a minute.") from exc
+        t0 = time.perf_counter()
+        extras = self._extra_controls(job)
+        controls_ms = (time.perf_counter() - t0) * 1000
+        with self._gen_lock:
+            out = self._run_pipeline(job, extras, progress)
+        timings = {"controls_ms": controls_ms, **out.timings_ms}
+        return Rendered(images=list(out.images), timings_ms=timings, interrupted=bool(out.interrupted))
+
+    def render_steps(self, job: Job) -> Iterator[Step | Rendered]:
+        """`render` as a generator: a `Step` after each denoising step, then the `Rendered` result.
+
+        The pipeline runs in a thread so that each step can be handed out as it finishes. Closing the
+        generator (a visitor who cancelled; on ZeroGPU, `spaces` closes it in the worker when the main
+        process's generator is closed) stops the pipeline at its next step and waits for that, so the GPU
+        is free when `close()` returns.
+        """
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        stop = threading.Event()
+
+        def on_step(done: int, total: int) -> None:
+            if stop.is_set():
+                raise RenderCancelled
+            events.put(("step", Step(done, total)))
+
+        def run() -> None:
+            try:
+                events.put(("done", self.render(job, on_step)))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which re-raises it
+                events.put(("error", exc))
+
+        worker = threading.Thread(target=run, name="instantid-render", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "error":
+                    raise value
+                yield value
+                if kind == "done":
+                    return
+        finally:
+            stop.set()
+            worker.join()
+
+    def finish(self, job: Job, rendered: Rendered) -> GenerateResult:
+        """The CPU stage after the GPU: identity similarity of each image, warnings, timings."""
+        t0 = time.perf_counter()
+        analyzer = self.faces()
+        sims = [face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im)) for im in rendered.images]
+        timings = {**job.timings_ms, **rendered.timings_ms, "identity_check_ms": (time.perf_counter() - t0) * 1000}
+        timings["total_ms"] = (time.time() - job.started) * 1000
+        warnings = list(job.warnings) + self._prompt_warnings(job.prompt, job.negative_prompt)
+        if rendered.interrupted:
+            warnings.append("Generation was stopped early.")
+        return GenerateResult(
+            images=rendered.images,
+            seed=job.seed,
+            similarities=sims,
+            keypoint_image=job.keypoint_image,
+            timings_ms={k: round(v, 1) for k, v in timings.items()},
+            width=job.width,
+            height=job.height,
+            num_steps=job.num_steps,
+            guidance_scale=job.guidance_scale,
+            faces_found=job.faces_found,
             profile=self.profile.name,
             warnings=warnings,
         )
@@ -371,48 +570,32 @@ class Engine:
                 )
         return out
 
-    def _extra_controls(
-        self, req: GenerateRequest, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
-    ) -> list[Any]:
-        if not req.controlnets:
+    def _extra_controls(self, job: Job) -> list[Any]:
+        if not job.controls:
             return []
         from . import controls
         from .pipeline import ExtraControl
 
-        resized = pose_img.resize(size, box=crop)  # the same crop as the keypoint layout
         extras = []
-        for name, strength in req.controlnets.items():
+        for name, (strength, image) in job.controls.items():
             net = self._extra_controlnet(name)
-            estimators = {name: self._estimator(name)} if name in ("depth", "pose") else {}
-            image = controls.make_condition(name, resized, estimators)
+            if name in ESTIMATED_CONTROLS:
+                image = controls.make_condition(name, image, {name: self._estimator(name)})
             extras.append(ExtraControl(name=name, net=net, image=image, scale=strength))
         return extras
 
-    def _run_pipeline(
-        self,
-        req: GenerateRequest,
-        prompt: str,
-        negative: str,
-        embedding: np.ndarray,
-        keypoint_image: Any,
-        extras: list[Any],
-        mask: np.ndarray | None,
-        width: int,
-        height: int,
-        seed: int,
-        progress: ProgressFn | None,
-    ) -> Any:
+    def _run_pipeline(self, job: Job, extras: list[Any], progress: ProgressFn | None) -> Any:
         import torch
 
         pipe = self.pipe
-        if req.enable_lcm:
+        if job.enable_lcm:
             self._lcm()
             pipe.use_lcm(True)
             pipe.set_scheduler("LCMScheduler")
         else:
             pipe.use_lcm(False)
-            pipe.set_scheduler(req.scheduler)
-        steps = int(req.num_steps or 1)
+            pipe.set_scheduler(job.scheduler)
+        steps = job.num_steps
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if progress is not None:
@@ -421,21 +604,21 @@ class Engine:
 
         def call() -> Any:
             # A CPU generator gives the same noise on every device, so a seed means the same image.
-            generator = torch.Generator("cpu").manual_seed(seed)
+            generator = torch.Generator("cpu").manual_seed(job.seed)
             return pipe(
-                prompt,
-                negative,
-                face_embedding=embedding,
-                keypoint_image=keypoint_image,
+                job.prompt,
+                job.negative_prompt,
+                face_embedding=job.embedding,
+                keypoint_image=job.keypoint_image,
                 extra_controls=extras,
-                identitynet_strength=req.identitynet_strength,
-                adapter_strength=req.adapter_strength,
-                face_mask=mask,
-                height=height,
-                width=width,
+                identitynet_strength=job.identitynet_strength,
+                adapter_strength=job.adapter_strength,
+                face_mask=job.face_mask,
+                height=job.height,
+                width=job.width,
                 num_inference_steps=steps,
-                guidance_scale=float(req.guidance_scale or 0.0),
-                num_images_per_prompt=req.num_images,
+                guidance_scale=job.guidance_scale,
+                num_images_per_prompt=job.num_images,
                 generator=generator,
                 callback_on_step_end=on_step,
             )
@@ -585,8 +768,28 @@ def load_ip_adapter_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return sd["image_proj"], sd["ip_adapter"]
 
 
-def load_pipeline(s: Settings, profile: Profile, progress: Callable[[float, str], None] | None = None) -> Any:
-    """Resolve and load every component, build the InstantID pipeline and place it per `profile`."""
+def checkpoint_entry(role: str, repo: Any, path: Path) -> dict[str, str]:
+    """Role, repo, the revision served from the cache (its snapshot's commit) and the weight file(s) used."""
+    path = Path(path)
+    parts = path.parts
+    revision = parts[parts.index("snapshots") + 1][:12] if "snapshots" in parts else "local folder"
+    if path.is_dir():
+        weights = ", ".join(Path(w).name for w in choose_weights([p.name for p in path.iterdir()], "")) or "-"
+    else:
+        weights = path.name
+    return {"role": role, "repo": str(repo), "revision": revision, "weights": weights}
+
+
+def load_pipeline(
+    s: Settings,
+    profile: Profile,
+    progress: Callable[[float, str], None] | None = None,
+    record: Callable[[str, Any, Path], None] | None = None,
+) -> Any:
+    """Resolve and load every component, build the InstantID pipeline and place it per `profile`.
+
+    `record(role, repo, path)` hears where each component came from (the status report lists them).
+    """
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -597,6 +800,10 @@ def load_pipeline(s: Settings, profile: Profile, progress: Callable[[float, str]
     def say(fraction: float, message: str) -> None:
         if progress is not None:
             progress(fraction, message)
+
+    def note(role: str, repo: Any, path: Path) -> None:
+        if record is not None:
+            record(role, repo, path)
 
     cache, offline = s.hub_cache, s.hub_offline
     dtype = _torch_dtype(profile.dtype)
@@ -618,6 +825,7 @@ def load_pipeline(s: Settings, profile: Profile, progress: Callable[[float, str]
         say(0.15 + 0.12 * i, f"{base}: {name}")
         folder, variant = fetch_component(base, name, files=files, cache_dir=cache, offline=offline)
         loaded[name] = _from_pretrained(cls, folder, variant, dt).eval()
+        note(f"base model: {name}", base, folder)
     for name in ("tokenizer", "tokenizer_2"):
         folder, _ = fetch_component(base, name, files=files, cache_dir=cache, offline=offline)
         loaded[name] = CLIPTokenizer.from_pretrained(str(folder))
@@ -636,15 +844,12 @@ def load_pipeline(s: Settings, profile: Profile, progress: Callable[[float, str]
         offline=offline,
     )
     identitynet = _from_pretrained(ControlNetModel, cn_folder, cn_variant, dtype).eval()
+    note("IdentityNet", repo, cn_folder)
 
     say(0.8, f"{repo}: ip-adapter")
-    prefix = f"{repo.subfolder}/" if repo.subfolder else ""
-    ip_name = next(
-        (f"{prefix}{n}" for n in ("ip-adapter.safetensors", "ip-adapter.bin") if f"{prefix}{n}" in id_files), None
-    )
-    if ip_name is None:
-        raise CheckpointError(f"'{repo}' has no ip-adapter.bin: set INSTANTID_REPO to an InstantID checkpoint repo.")
+    ip_name = ip_adapter_file(repo, id_files)
     ip_path = fetch(repo, ip_name, cache_dir=cache, offline=offline)
+    note("ip-adapter", repo, ip_path)
     image_proj, ip_weights = load_ip_adapter_file(ip_path)
     source = f"{repo}/{ip_name}"
     resampler = build_resampler(image_proj, source=f"{source}[image_proj]", dtype=resampler_dtype(profile))
@@ -673,6 +878,37 @@ def load_pipeline(s: Settings, profile: Profile, progress: Callable[[float, str]
     apply_profile(pipe, profile)
     say(1.0, "ready")
     return pipe
+
+
+BASE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def loader_files(s: Settings) -> dict[tuple[str, str], list[str]]:
+    """(repo type, repo id) -> the files the resident start-up fetches from it, chosen by the loaders' own rules
+    from each repo's listing (the Hub's, or the cache's offline): what a Space should download at build time.
+    """
+    out: dict[tuple[str, str], list[str]] = {}
+
+    def add(spec: str, pick: Callable[[RepoRef, list[str]], list[str]]) -> None:
+        repo = RepoRef.parse(spec)
+        files = list_files(repo, cache_dir=s.hub_cache, offline=s.hub_offline)
+        key = (repo.repo_type, repo.repo_id)
+        out[key] = sorted(set(out.get(key, [])) | set(pick(repo, files)))
+
+    def component(folder: Callable[[RepoRef], str]) -> Callable[[RepoRef, list[str]], list[str]]:
+        return lambda repo, files: component_files(files, folder(repo))
+
+    add(s.base_model, lambda repo, files: [f for name in BASE_COMPONENTS for f in component_files(files, name)])
+    add(s.instantid_repo, lambda repo, files: [
+        *component_files(files, "/".join(p for p in (repo.subfolder, "ControlNetModel") if p)),
+        ip_adapter_file(repo, files),
+    ])
+    add(s.lcm_lora, lambda repo, files: [lora_file(repo, files)])
+    for spec in [*s.controlnets.values(), s.depth_estimator, s.pose_estimator, s.person_detector]:
+        add(spec, component(lambda repo: repo.subfolder))
+    if not Path(s.face_models).expanduser().is_dir():
+        add(s.face_models, face_model_files)
+    return out
 
 
 _engine: Engine | None = None

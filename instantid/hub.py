@@ -159,6 +159,45 @@ def choose_weights(files: Iterable[str], folder: str) -> list[str]:
     return []
 
 
+def component_files(files: list[str], folder: str, extra: Iterable[str] = ()) -> list[str]:
+    """What `fetch_component` takes from `folder`: its configs and tokenizer files, and one weight set."""
+    prefix = folder.strip("/")
+    in_folder = [f for f in files if posixpath.dirname(f) == prefix]
+    small = [f for f in in_folder if f.endswith((".json", ".txt", ".model")) and "index.json" not in f]
+    small += [f for f in in_folder if posixpath.basename(f) in extra]
+    return sorted(set(small) | set(choose_weights(files, prefix)))
+
+
+def lora_file(repo: RepoRef, files: list[str]) -> str:
+    """The LoRA weights at a repo's root: diffusers' own file name when present."""
+    names = [f for f in files if f.endswith(".safetensors") and "/" not in f]
+    if not names:
+        raise CheckpointError(f"'{repo}' holds no LoRA .safetensors file at its root.")
+    return "pytorch_lora_weights.safetensors" if "pytorch_lora_weights.safetensors" in names else names[0]
+
+
+def ip_adapter_file(repo: RepoRef, files: list[str]) -> str:
+    """InstantID's ip-adapter (image projection + IP attention weights): safetensors before the pickle."""
+    prefix = f"{repo.subfolder}/" if repo.subfolder else ""
+    for name in ("ip-adapter.safetensors", "ip-adapter.bin"):
+        if f"{prefix}{name}" in files:
+            return f"{prefix}{name}"
+    raise CheckpointError(f"'{repo}' has no ip-adapter.bin: set INSTANTID_REPO to an InstantID checkpoint repo.")
+
+
+def face_model_files(repo: RepoRef, files: list[str]) -> list[str]:
+    """The insightface detector and recognizer in a repo folder (the other antelopev2 models are unused)."""
+    onnx = [f for f in files if f.endswith(".onnx") and posixpath.dirname(f) == repo.subfolder]
+    wanted = [f for f in onnx if "scrfd" in f.lower() or "det" in posixpath.basename(f).lower()]
+    wanted += [f for f in onnx if any(k in f.lower() for k in ("glintr", "w600k", "arcface", "r100", "r50"))]
+    if len(wanted) < 2:
+        raise CheckpointError(
+            f"'{repo}' does not hold an insightface detector and recognizer ONNX pair "
+            f"(found {[posixpath.basename(f) for f in onnx] or 'no ONNX files'})."
+        )
+    return wanted
+
+
 def fetch_component(
     repo: RepoRef,
     folder: str,
@@ -173,12 +212,9 @@ def fetch_component(
     Returns (local folder, variant) where variant is "fp16" when fp16 weights were chosen.
     """
     prefix = folder.strip("/")
-    in_folder = [f for f in files if posixpath.dirname(f) == prefix]
-    small = [f for f in in_folder if f.endswith((".json", ".txt", ".model")) and "index.json" not in f]
-    small += [f for f in in_folder if posixpath.basename(f) in extra]
+    needed = component_files(files, prefix, extra)
     weights = choose_weights(files, prefix)
-    needed = sorted(set(small) | set(weights))
-    if not any(posixpath.basename(f) == "config.json" for f in needed) and not weights and not small:
+    if not needed:
         raise CheckpointError(f"'{repo}' has no component folder '{prefix or '.'}': check the repo id.")
     local: Path | None = None
     for f in needed:
@@ -206,17 +242,8 @@ def resolve_face_models(spec: str, *, cache_dir: Path | None, offline: bool) -> 
         )
     repo = RepoRef.parse(spec)
     files = list_files(repo, cache_dir=cache_dir, offline=offline)
-    prefix = repo.subfolder
-    onnx = [f for f in files if f.endswith(".onnx") and posixpath.dirname(f) == prefix]
-    wanted = [f for f in onnx if "scrfd" in f.lower() or "det" in posixpath.basename(f).lower()]
-    wanted += [f for f in onnx if any(k in f.lower() for k in ("glintr", "w600k", "arcface", "r100", "r50"))]
-    if len(wanted) < 2:
-        raise CheckpointError(
-            f"'{repo}' does not hold an insightface detector and recognizer ONNX pair "
-            f"(found {[posixpath.basename(f) for f in onnx] or 'no ONNX files'})."
-        )
     folder: Path | None = None
-    for f in wanted:
+    for f in face_model_files(repo, files):
         folder = fetch(repo, f, cache_dir=cache_dir, offline=offline).parent
     assert folder is not None
     return folder

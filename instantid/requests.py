@@ -190,3 +190,54 @@ class GenerateResult:
     faces_found: int
     profile: str
     warnings: list[str] = field(default_factory=list)
+
+
+# --- the three stages' hand-overs -------------------------------------------------------------------
+# A request runs as prepare (CPU, main process) -> render (the GPU) -> finish (CPU, main process). On
+# ZeroGPU render runs in a forked worker, so what crosses between the stages must pickle and stay small:
+# numbers, text, numpy arrays and PIL images, never modules or tensors.
+
+
+@dataclass
+class Job:
+    """A prepared request: everything the GPU stage needs, with the inputs already decoded and measured."""
+
+    prompt: str
+    negative_prompt: str
+    embedding: Any  # np.ndarray (512,), the averaged identity embedding
+    keypoint_image: Any  # PIL image at the output size
+    face_mask: Any  # np.ndarray (height, width) or None
+    # Extra ControlNets: name -> (strength, image). Canny's edges are made in prepare; depth and pose carry
+    # the cropped photo, which their estimators (GPU models) turn into the condition in render.
+    controls: dict[str, tuple[float, Any]]
+    width: int
+    height: int
+    num_images: int
+    num_steps: int
+    guidance_scale: float
+    identitynet_strength: float
+    adapter_strength: float
+    scheduler: str
+    enable_lcm: bool
+    seed: int
+    faces_found: int
+    warnings: list[str] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    started: float = 0.0  # time.time() when prepare began: finish reports the request's total from it
+
+
+@dataclass(frozen=True)
+class Step:
+    """Progress of the GPU stage: `done` of `total` denoising steps."""
+
+    done: int
+    total: int
+
+
+@dataclass
+class Rendered:
+    """What the GPU stage returns: the images and its own timings."""
+
+    images: list[Any]
+    timings_ms: dict[str, float]
+    interrupted: bool = False

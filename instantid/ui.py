@@ -163,6 +163,16 @@ def format_load_state(report: Mapping[str, Any]) -> str:
         line += f" `{_bar(float(progress))}` {float(progress) * 100:.0f} %"
     if message:
         line += f" — {message}"
+    startup = report.get("startup") or {}
+    if startup.get("mode"):
+        line += f"\n\n**Start-up:** {startup['mode']} ({startup.get('description', '')})"
+    for name, reason in (startup.get("unavailable") or {}).items():
+        line += f"\n\n**Unavailable:** {name}: {reason}"
+    checkpoints = report.get("checkpoints") or []
+    if checkpoints:
+        line += "\n\n| Checkpoint | repo | revision | weights |\n|---|---|---|---|\n" + "\n".join(
+            f"| {c.get('role')} | {c.get('repo')} | {c.get('revision')} | {c.get('weights')} |" for c in checkpoints
+        )
     return line
 
 
@@ -275,6 +285,13 @@ def render_report(report: Mapping[str, Any] | None, samples: Sequence[Mapping[st
 # --- the app -----------------------------------------------------------------------------------------
 
 
+TINY_BANNER = (
+    "**Tiny preset: random tiny weights, so the images are noise.** Every code path runs, offline, but nothing "
+    "here was trained. For the real models unset `INSTANTID_PRESET` (with network access, or with the "
+    "checkpoints already in the Hugging Face cache and `HF_HUB_OFFLINE=1`)."
+)
+
+
 def build_demo(
     generate_fn: Callable[..., Any],
     status_fn: Callable[[], Mapping[str, Any]],
@@ -293,6 +310,8 @@ def build_demo(
     max_side = max(64, settings.max_output_side // 64 * 64)
     with gr.Blocks(title="InstantID", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="intro")
+        if settings.preset == "tiny":
+            gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate") as generate_tab:
                 with gr.Row(equal_height=False):

@@ -46,8 +46,11 @@ class App:
             self.proc.wait()
 
 
-def start_app(tmp: Path, cache: Path, **env: str) -> App:
-    """Start the app and wait until it serves its page; `env` adds or overrides environment variables."""
+def start_app(tmp: Path, cache: Path, script: str = "app.py", **env: str) -> App:
+    """Start the app and wait until it serves its page; `env` adds or overrides environment variables.
+
+    `script` runs instead of app.py (a harness that sets the app up, then runs app.py as __main__).
+    """
     port = free_port()
     temp_dir = tmp / "gradio-temp"
     full = {k: v for k, v in os.environ.items() if not k.startswith(("INSTANTID_", "GRADIO_"))}
@@ -65,12 +68,12 @@ def start_app(tmp: Path, cache: Path, **env: str) -> App:
     full.update(env)
     log_path = tmp / "app.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, script], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
     app = App(proc, f"http://127.0.0.1:{port}/", log_path, temp_dir)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}:\n{app.log_text()[-4000:]}")
+            raise RuntimeError(f"{script} exited with {proc.returncode}:\n{app.log_text()[-4000:]}")
         try:
             if httpx.get(app.url, timeout=2).status_code == 200:
                 return app
@@ -78,4 +81,4 @@ def start_app(tmp: Path, cache: Path, **env: str) -> App:
             pass
         time.sleep(0.5)
     app.stop()
-    raise RuntimeError(f"app.py did not answer within {START_TIMEOUT_S} s:\n{app.log_text()[-4000:]}")
+    raise RuntimeError(f"{script} did not answer within {START_TIMEOUT_S} s:\n{app.log_text()[-4000:]}")

@@ -131,6 +131,33 @@ def test_progress_and_interrupt(tiny_engine, photos) -> None:  # noqa: ANN001
     assert run(tiny_engine, photos).images  # not poisoned
 
 
+def test_three_stages_are_generate_and_their_hand_overs_pickle(tiny_engine, photos) -> None:  # noqa: ANN001
+    """prepare -> render -> finish (ZeroGPU's split, across a process boundary) gives generate's pixels."""
+    import pickle
+
+    from instantid.requests import Rendered, Step
+
+    request = GenerateRequest(face_images=[photos["astronaut"]], prompt="a portrait", num_steps=2, seed=7,
+                              controlnets={"canny": 0.4, "depth": 0.4})
+    job = pickle.loads(pickle.dumps(tiny_engine.prepare(request)))
+    assert job.seed == 7 and set(job.controls) == {"canny", "depth"} and job.face_mask.shape == (job.height, job.width)
+    events = list(tiny_engine.render_steps(job))
+    assert events[:-1] == [Step(1, 2), Step(2, 2)] and isinstance(events[-1], Rendered)
+    rendered = pickle.loads(pickle.dumps(events[-1]))
+    staged = tiny_engine.finish(job, rendered)
+    assert np.array_equal(pixels(staged), pixels(tiny_engine.generate(request)))
+
+
+def test_closing_the_gpu_stage_stops_it_at_the_next_step(tiny_engine, photos) -> None:  # noqa: ANN001
+    job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], num_steps=50, seed=1))
+    steps = tiny_engine.render_steps(job)
+    assert next(steps).done == 1
+    steps.close()  # returns once the pipeline thread has stopped: the next request finds the pipeline free
+    assert tiny_engine._gen_lock.acquire(blocking=False)
+    tiny_engine._gen_lock.release()
+    assert run(tiny_engine, photos).images
+
+
 def test_two_concurrent_first_requests_load_once(tiny_settings, photos, monkeypatch) -> None:  # noqa: ANN001
     import instantid.engine as engine_mod
 

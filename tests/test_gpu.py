@@ -21,8 +21,9 @@ def test_profiles_generate(tiny_settings, photos, profile_name: str) -> None:  #
     settings = dataclasses.replace(tiny_settings, memory_profile=profile_name)
     engine = Engine(settings)
     assert engine.profile.name == profile_name
+    # All three extra controls: the depth and pose estimators run on the GPU in the large profile.
     request = GenerateRequest(face_images=[photos["astronaut"]], prompt="x", num_steps=2, seed=1,
-                              controlnets={"canny": 0.4})
+                              controlnets={"canny": 0.4, "depth": 0.4, "pose": 0.4})
     torch.cuda.reset_peak_memory_stats()
     a = engine.generate(request)
     b = engine.generate(request)
@@ -30,3 +31,23 @@ def test_profiles_generate(tiny_settings, photos, profile_name: str) -> None:  #
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     report = engine.report()
     assert report["gpu"]["peak_allocated"] > 0
+
+
+def test_resident_start_up_on_a_real_gpu(tiny_settings, photos) -> None:  # noqa: ANN001
+    """ZeroGPU's start-up mode on real CUDA: everything loaded up front, then the three stages."""
+    import torch
+
+    from instantid.engine import Engine
+
+    engine = Engine(dataclasses.replace(tiny_settings, memory_profile="large"))
+    engine.load_all()
+    assert engine.unavailable == {} and engine.pipe.has_lcm
+    nets = [engine.pipe.unet, *engine._extra_nets.values(), engine._estimators["depth"].model]
+    assert all(next(n.parameters()).device.type == "cuda" for n in nets)
+    request = GenerateRequest(face_images=[photos["astronaut"]], prompt="x", num_steps=2, seed=1, enable_lcm=True,
+                              controlnets={"depth": 0.4, "pose": 0.4})
+    job = engine.prepare(request)
+    result = engine.finish(job, engine.render(job))
+    assert len(result.images) == 1 and torch.cuda.max_memory_allocated() > 0
+    names = {c["name"] for c in engine.report()["components"]}
+    assert {"lcm_lora", "controlnet_depth", "controlnet_pose", "depth_model"} <= names

@@ -126,3 +126,35 @@ def test_face_models_from_a_folder_or_a_space_repo(tmp_path: Path, face_models_d
         sorted(p.name for p in folder.iterdir()) == ["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"]
         or (folder / "w600k_mbf.onnx").exists()
     )
+
+
+def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monkeypatch) -> None:  # noqa: ANN001
+    """`python -m instantid preload` names exactly the files `load_all` fetches: no more, no fewer."""
+    import dataclasses
+
+    import instantid.engine as engine_mod
+    import instantid.hub as hub_mod
+    from instantid.__main__ import preload_yaml
+
+    fetched: set[tuple[str, str]] = set()
+    real_fetch = hub_mod.fetch
+
+    def recording_fetch(repo: RepoRef, filename: str, **kw):  # noqa: ANN003, ANN202 - a spy, the real fetch runs
+        fetched.add((repo.repo_id, filename))
+        return real_fetch(repo, filename, **kw)
+
+    monkeypatch.setattr(hub_mod, "fetch", recording_fetch)
+    monkeypatch.setattr(engine_mod, "fetch", recording_fetch)
+    # The wheel's face models as a repo in the cache, as the real preset fetches antelopev2 from a repo.
+    face_repo = "acme/face-models"
+    publish_folder(tiny_settings.hub_cache, face_repo, Path(tiny_settings.face_models))
+    settings = dataclasses.replace(tiny_settings, face_models=face_repo)
+    engine = engine_mod.Engine(settings)
+    engine.load_all()
+    assert engine.unavailable == {} and engine.state["phase"] == "ready"
+
+    plan = engine_mod.loader_files(settings)
+    planned = {(repo_id, name) for (_, repo_id), names in plan.items() for name in names}
+    assert planned == fetched
+    yaml = preload_yaml(plan)
+    assert yaml.startswith("preload_from_hub:\n") and "instantid-tiny/InstantID ControlNetModel/config.json," in yaml

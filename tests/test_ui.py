@@ -22,6 +22,9 @@ from instantid.requests import (
     MAX_SEED,
     GenerateRequest,
     GenerateResult,
+    Job,
+    Rendered,
+    Step,
 )
 from instantid.settings import Settings
 
@@ -88,12 +91,25 @@ class FakeEngine:
         self.loads += 1
         self.phase = "ready"
 
-    def generate(self, request: GenerateRequest, progress=None) -> GenerateResult:
+    # The three stages, as the API calls them; the fake's job is the validated request itself.
+    def prepare(self, request: GenerateRequest) -> GenerateRequest:
         self.requests.append(request)
         if self.error is not None:
             raise self.error
-        if progress is not None:
-            progress(1, 1)
+        return request
+
+    def render_steps(self, job: GenerateRequest):
+        yield Step(1, 1)
+        yield Rendered(images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(job.num_images)],
+                       timings_ms={})
+
+    def finish(self, job: GenerateRequest, rendered: Rendered) -> GenerateResult:
+        return self._result(job)
+
+    def generate(self, request: GenerateRequest, progress=None) -> GenerateResult:
+        return self._result(self.prepare(request))
+
+    def _result(self, request: GenerateRequest) -> GenerateResult:
         n = request.num_images
         return GenerateResult(
             images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(n)],
@@ -315,10 +331,28 @@ def test_gpu_duration_is_monotonic_and_clamped() -> None:
     assert est(FACE, "x", num_steps="many") == api.MAX_DURATION_S  # type: ignore[arg-type]
 
 
+def _job(**kw: Any) -> Job:
+    fields = dict(prompt="x", negative_prompt="", embedding=None, keypoint_image=None, face_mask=None, controls={},
+                  width=1024, height=1024, num_images=1, num_steps=30, guidance_scale=5.0, identitynet_strength=0.8,
+                  adapter_strength=0.8, scheduler="EulerDiscreteScheduler", enable_lcm=False, seed=1, faces_found=1)
+    return Job(**{**fields, **kw})
+
+
 def test_gpu_duration_of_the_gpu_function_matches() -> None:
-    request = GenerateRequest(face_images=[FACE], num_steps=30, width=1024, height=1024).validated()
-    assert api._gpu_duration(request, None) == api.estimate_gpu_duration(FACE, "", num_steps=30, width=1024,
-                                                                         height=1024)
+    """ZeroGPU sizes the call from the prepared job, the same model as the API's estimate."""
+    assert api._gpu_duration(_job()) == api.estimate_gpu_duration(FACE, "", num_steps=30, width=1024, height=1024)
+    two = _job(controls={"canny": (0.4, None), "depth": (0.4, None)}, num_images=2, enable_lcm=True, num_steps=5,
+               guidance_scale=1.5)
+    assert api._gpu_duration(two) == api.estimate_gpu_duration(
+        FACE, "", num_steps=5, width=1024, height=1024, num_images=2, controlnets=["canny", "depth"], enable_lcm=True)
+
+
+def test_gpu_duration_cap_holds_after_the_zerogpu_factor(monkeypatch: pytest.MonkeyPatch) -> None:
+    # spaces multiplies what we ask for by its per-hardware factor (1.5 on its RTX PRO 6000 entry).
+    monkeypatch.setattr(api, "_duration_factor", lambda: 1.5)
+    biggest = api._gpu_duration(_job(num_steps=100, num_images=4, width=1280, height=1280))
+    assert biggest * 1.5 <= api.MAX_DURATION_S
+    assert api._gpu_duration(_job(num_steps=1, width=64, height=64)) == api.MIN_DURATION_S
 
 
 def test_results_pickle() -> None:
@@ -330,6 +364,29 @@ def test_results_pickle() -> None:
     result = FakeEngine().generate(request)
     again = pickle.loads(pickle.dumps(result))
     assert again.seed == result.seed and again.images[0].tobytes() == result.images[0].tobytes()
+
+
+def test_gpu_stage_errors_cross_the_worker_with_their_message(engine: FakeEngine, caplog) -> None:  # noqa: ANN001
+    """Only a gr.Error crosses ZeroGPU's process boundary with its message: the GPU stage raises nothing else."""
+    import pickle
+
+    from instantid.errors import OutOfMemoryError
+
+    def failing(exc: Exception):  # noqa: ANN202
+        def render_steps(job: Any):  # noqa: ANN202
+            raise exc
+            yield
+
+        return render_steps
+
+    engine.render_steps = failing(OutOfMemoryError("The GPU ran out of memory: use fewer images."))
+    with pytest.raises(gr.Error) as caught:
+        list(api._render_on_gpu(_job()))
+    assert pickle.loads(pickle.dumps(caught.value)).message == "The GPU ran out of memory: use fewer images."
+    engine.render_steps = failing(RuntimeError("cuDNN exploded at /secret/path.py"))
+    with pytest.raises(gr.Error) as caught:
+        list(api._render_on_gpu(_job()))
+    assert caught.value.message == api.GENERIC_ERROR and "cuDNN exploded" in caplog.text
 
 
 def test_ui_and_api_do_not_import_torch() -> None:

@@ -1,0 +1,226 @@
+"""The app under an emulated ZeroGPU: the real `spaces` package, its device API answered by a stub.
+
+`tests/zerogpu_app.py` runs `app.py` with SPACES_ZERO_GPU=true on the CPU build of torch; this test serves
+the device API `spaces` talks to (start-up report, schedule, allow, release) on 127.0.0.1 and records each
+call, then drives the app with a real `gradio_client`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from tests.apprunner import App, start_app
+
+STOPPED = "generation stopped: the client cancelled or disconnected"  # logged by instantid.api
+
+
+class DeviceAPI:
+    """A stub of ZeroGPU's device API: grants every schedule at once and remembers the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, str]]] = []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                url = urlparse(self.path)
+                params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                api.calls.append((url.path, params))
+                body = b""
+                if url.path == "/schedule":
+                    n = sum(1 for path, _ in api.calls if path == "/schedule")
+                    grant = {"idle": False, "nvidiaIndex": 0, "nvidiaUUID": "GPU-stub", "allowToken": f"token-{n}"}
+                    body = json.dumps(grant).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.calls]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def zerogpu(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[tuple[App, DeviceAPI, dict]]:
+    tmp = tmp_path_factory.mktemp("zerogpu")
+    # One optional part broken on purpose: a damaged pose ControlNet must not stop start-up.
+    cache = tmp / "hub"
+    shutil.copytree(tiny_cache, cache)
+    for weights in (cache / "models--instantid-tiny--controlnet-openpose").rglob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    device = DeviceAPI()
+    cgroup = tmp / "cgroup"
+    cgroup.write_text("1:devices:/zerogpu-test\n")
+    facts = tmp / "facts.json"
+    app = start_app(
+        tmp,
+        cache,
+        script="tests/zerogpu_app.py",
+        SPACES_ZERO_GPU="true",
+        SPACES_ZERO_DEVICE_API_URL=device.url,
+        ZEROGPU_PROC_SELF_CGROUP_PATH=str(cgroup),
+        ZEROGPU_OFFLOAD_DIR=str(tmp / "offload"),
+        ZEROGPU_FACTS=str(facts),
+    )
+    try:
+        yield app, device, json.loads(facts.read_text())
+    finally:
+        app.stop()
+        device.close()
+
+
+def test_everything_is_resident_before_launch(zerogpu: tuple[App, DeviceAPI, dict]) -> None:
+    app, device, facts = zerogpu
+    assert facts["thread"] == "MainThread" and not facts["background_thread"], facts
+    assert facts["resident"] and facts["state"]["phase"] == "ready", facts["state"]
+    assert facts["has_lcm"] and set(facts["unavailable"]) == {"pose"}, facts
+    assert "pose ControlNet could not be loaded" in facts["unavailable"]["pose"]
+    expected = {"unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "resampler", "controlnet_canny",
+                "controlnet_depth", "depth_model"}
+    assert set(facts["modules"]) == expected
+    assert all(devices == ["cuda:0"] for devices in facts["modules"].values()), facts["modules"]
+    assert facts["cuda_tensors"] > 0
+    assert device.paths()[:1] == ["/startup-report"], "spaces reports start-up once it has packed"
+
+
+def test_a_photo_without_a_face_costs_no_gpu_time(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    app, device, _ = zerogpu
+    before = device.paths().count("/schedule")
+    client = Client(app.url, verbose=False)
+    with pytest.raises(AppError, match="No face found"):
+        client.predict(face_image=handle_file(str(photos["noface"])), prompt="x", api_name="/generate")
+    assert device.paths().count("/schedule") == before
+
+
+def test_an_unavailable_part_is_refused_with_its_reason(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    app, device, _ = zerogpu
+    before = device.paths().count("/schedule")
+    with pytest.raises(AppError, match="pose ControlNet is not available on this server.*untick 'pose'"):
+        Client(app.url, verbose=False).predict(face_image=handle_file(str(photos["astronaut"])), prompt="x",
+                                               controlnets=["pose"], api_name="/generate")
+    assert device.paths().count("/schedule") == before
+
+
+def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+    from gradio_client import Client, handle_file
+
+    app, device, _ = zerogpu
+    client = Client(app.url, verbose=False)
+    before = len(device.calls)
+    gallery, seed, sims, keypoints, timings = client.predict(
+        face_image=handle_file(str(photos["astronaut"])), prompt="an astronaut", num_steps=3, seed=7,
+        controlnets=["canny", "depth"], enable_lcm=True, api_name="/generate",
+    )
+    assert seed == 7 and len(gallery) == 1 and Path(gallery[0]["image"]).is_file()
+    calls = device.calls[before:]
+    assert [path for path, _ in calls] == ["/schedule", "/allow", "/release"], calls
+    schedule = calls[0][1]
+    assert 15 <= int(schedule["durationSeconds"]) <= 120, schedule
+    assert calls[2][1]["fail"] == "false", "the worker returned a result"
+    assert "denoise_ms" in timings, "the denoising ran in the worker and its timings came back"
+
+
+def test_errors_in_the_worker_reach_the_visitor(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+    """An out-of-range value is refused before scheduling; an error inside the worker keeps its message."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    app, device, _ = zerogpu
+    client = Client(app.url, verbose=False)
+    before = device.paths().count("/schedule")
+    with pytest.raises(AppError, match="num_steps"):
+        client.predict(face_image=handle_file(str(photos["astronaut"])), prompt="x", num_steps=500,
+                       api_name="/generate")
+    assert device.paths().count("/schedule") == before
+
+
+def test_status_reports_the_resident_start_up(zerogpu: tuple[App, DeviceAPI, dict]) -> None:
+    from gradio_client import Client
+
+    app, _, _ = zerogpu
+    report = Client(app.url, verbose=False).predict(api_name="/status")
+    assert report["startup"]["mode"] == "resident" and set(report["startup"]["unavailable"]) == {"pose"}
+    names = {c["name"] for c in report["components"]}
+    assert {"lcm_lora", "controlnet_canny", "controlnet_depth", "depth_model"} <= names
+    assert all(c["device"].startswith("cuda") for c in report["components"]), report["components"]
+    roles = {c["role"]: c for c in report["checkpoints"]}
+    assert roles["IdentityNet"]["repo"] == "instantid-tiny/InstantID" and roles["LCM-LoRA"]["weights"]
+    assert report["gpu"]["emulated"] is True
+
+
+def test_progress_from_the_worker_reaches_the_client(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+    from gradio_client import Client, handle_file
+
+    app, _, _ = zerogpu
+    job = Client(app.url, verbose=False).submit(
+        face_image=handle_file(str(photos["astronaut"])), prompt="x", num_steps=4, seed=1, api_name="/generate"
+    )
+    job.result(timeout=120)
+    updates = []
+    while not job.communicator.updates.empty():
+        updates.append(job.communicator.updates.get_nowait())
+    steps = [(u.progress_data[-1].index, u.progress_data[-1].length) for u in updates
+             if getattr(u, "progress_data", None) and u.progress_data[-1].desc == "Denoising"]
+    assert (4, 4) in steps, steps
+
+
+def test_cancel_frees_the_gpu_within_steps(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+    """A visitor who cancels: `spaces` stops the worker at its next step and the GPU is released."""
+    from gradio_client import Client, handle_file
+
+    app, device, _ = zerogpu
+    client = Client(app.url, verbose=False)
+    releases = device.paths().count("/release")
+    job = client.submit(face_image=handle_file(str(photos["astronaut"])), prompt="x", num_steps=100, width=256,
+                        height=256, api_name="/generate")
+    seen: dict[int, float] = {}  # step -> when the client first saw it
+    deadline = time.monotonic() + 120
+    while len(seen) < 3:
+        assert time.monotonic() < deadline, f"the long job reported too few steps: {seen}"
+        progress = job.status().progress_data
+        if progress and progress[-1].desc == "Denoising" and progress[-1].index:
+            seen.setdefault(progress[-1].index, time.monotonic())
+        time.sleep(0.02)
+    steps = sorted(seen)
+    step_s = (seen[steps[-1]] - seen[steps[0]]) / (steps[-1] - steps[0])
+    cancelled = time.monotonic()
+    assert job.cancel()
+    while device.paths().count("/release") == releases:
+        assert time.monotonic() - cancelled < 120, "the GPU was never released after the cancel"
+        time.sleep(0.02)
+    stopped_after = time.monotonic() - cancelled
+    assert STOPPED in app.log_text()
+    assert stopped_after < 3 * step_s + 2, (
+        f"released {stopped_after:.1f} s after the cancel, at {step_s:.2f} s a step: more than two steps ran on"
+    )
+    assert steps[-1] + stopped_after / step_s < 50, "far from the 100 steps the job asked for"
+    gallery, *_ = client.predict(face_image=handle_file(str(photos["astronaut"])), prompt="x", num_steps=2,
+                                 api_name="/generate")
+    assert len(gallery) == 1, "the app serves the next request"
