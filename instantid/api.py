@@ -52,9 +52,10 @@ LOAD_POLL_S = 0.5
 # "large" size is half an H200 (a MIG slice with 60 of its 132 multiprocessors, per spaces' own
 # zero/configs.json), so 0.122 x 132/60.
 STEP_S_1MP = 0.27
-# Each extra ControlNet beside the IdentityNet: +33 % per step (measured, same run).
+# Each extra ControlNet beside the IdentityNet: +33 % per step (measured; a second run on another H200: +22 %).
 EXTRA_CONTROLNET_FACTOR = 0.33
-# LCM-LoRA stays unfused (it is switched per request): 0.322 s per step against 0.122 s (measured).
+# LCM-LoRA stays unfused (it is switched per request): 0.322 s per step against 0.122 s (measured; 1.6x in
+# the second run: the slower figure is kept).
 LCM_STEP_FACTOR = 2.64
 # Without guidance (scale <= 1) the UNet runs a batch of 1 instead of 2 (not measured: the batch halves,
 # the weights are read as often).
