@@ -80,6 +80,9 @@ def launch(**kwargs) -> None:
         "max_file_size": settings.max_upload_bytes,
         # Only our assets need serving besides Gradio's own cache (examples are read from here).
         "allowed_paths": [str(ASSETS)],
+        # Gradio's own refusals before our code runs (a server path or a URL in place of an upload) reach the
+        # client with their sentence instead of `{"error": null}`; our handlers raise only gr.Error anyway.
+        "show_error": True,
     }
     options.update(kwargs)
     demo.launch(**options)

@@ -96,17 +96,41 @@ def _controlnets(specs: list[str]) -> dict[str, float]:
     return out
 
 
+def _check_input(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: no such file.")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; name a photo file.")
+    if not path.is_file():
+        raise UserError(f"{path}: is not a regular file (a device or a pipe); name a photo file.")
+
+
+def _check_out(out: Path) -> None:
+    """--out must name a .png file we can create, in a folder that exists; tried for real, then removed."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; name a .png file in it, e.g. {out / 'out.png'}.")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: use a .png file name.")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist.")
+    existed = out.exists()
+    try:
+        with open(out, "ab"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc}).") from None
+    if not existed:
+        out.unlink(missing_ok=True)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .engine import get_engine
     from .requests import GenerateRequest
 
+    # Every path is checked before a model loads: a bad --out must not cost a whole generation.
     for path in [*args.face, *([args.pose] if args.pose else [])]:
-        if not path.is_file():
-            raise UserError(f"{path}: no such file.")
-    if args.out.suffix.lower() != ".png":
-        raise UserError(f"--out {args.out}: use a .png file name.")
-    if not args.out.parent.exists():
-        raise UserError(f"--out {args.out}: the folder {args.out.parent} does not exist.")
+        _check_input(path)
+    _check_out(args.out)
     request = GenerateRequest(
         face_images=[str(p) for p in args.face],
         prompt=args.prompt,
@@ -130,7 +154,10 @@ def _generate(args: argparse.Namespace) -> int:
     paths = []
     for i, image in enumerate(result.images):
         path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}_{i + 1}.png")
-        image.save(path)
+        try:
+            image.save(path)
+        except OSError as exc:
+            raise UserError(f"--out {path}: the image could not be written ({exc.strerror or exc}).") from None
         paths.append(str(path))
     summary = {
         "images": paths,

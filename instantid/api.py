@@ -34,6 +34,7 @@ from .requests import (
     Job,
     Rendered,
     Step,
+    check_kind,
     random_seed,
 )
 from .styles import NO_STYLE
@@ -118,7 +119,12 @@ def _build_request(
     randomize_seed: bool,
     enhance_face_region: bool,
 ) -> GenerateRequest:
-    """Map the flat API arguments (with their sentinels) onto a `GenerateRequest`; no validation here."""
+    """Map the flat API arguments (with their sentinels) onto a `GenerateRequest`.
+
+    Only what the request cannot check itself is checked here: the API-only flag and the names list.
+    """
+    check_kind("randomize_seed", randomize_seed, "boolean")
+    check_kind("controlnets", controlnets, "names")
     faces: list[Any] = [face_image] if face_image else []
     for extra in extra_face_images or []:
         # gr.File hands over paths; older clients may send {"path": ...} dicts.
@@ -145,9 +151,9 @@ def _build_request(
         adapter_strength=adapter_strength,
         controlnets=chosen,
         scheduler=scheduler or DEFAULT_SCHEDULER,
-        enable_lcm=bool(enable_lcm),
+        enable_lcm=enable_lcm,
         seed=None if randomize_seed or seed is None else seed,
-        enhance_face_region=bool(enhance_face_region),
+        enhance_face_region=enhance_face_region,
     )
 
 

@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from .hub import (
     lora_file,
     resolve_face_models,
 )
-from .images import image_to_array, load_image
+from .images import image_to_array, load_image, release_memory
 from .memory import Hardware, Profile, apply_profile, choose_profile, memory_report, probe_hardware
 from .requests import DEFAULT_PROMPT, GenerateRequest, GenerateResult, Job, Rendered, Step, random_seed
 from .settings import CONTROLNET_NAMES, Settings, get_settings
@@ -331,8 +332,14 @@ class Engine:
     def analyze(self, source: Any, *, what: str = "photo") -> list[face_lib.Face]:
         """All faces in an image, largest first (no embeddings: the `faces` command)."""
         s = self.settings
-        image, _ = load_image(source, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what=what)
-        return self.faces().detect(image_to_array(image), with_embedding=False)
+        try:
+            image, _ = load_image(source, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what=what)
+            return self.faces().detect(image_to_array(image), with_embedding=False)
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # as in prepare: free the decoded photo first
+            raise
+        finally:
+            release_memory()
 
     def generate(self, request: GenerateRequest, progress: ProgressFn | None = None) -> GenerateResult:
         """Run one request end to end. User-fixable problems raise `UserError` subclasses."""
@@ -344,6 +351,17 @@ class Engine:
 
         Needs the face models only (onnxruntime on the CPU), never the diffusion models or a GPU.
         """
+        try:
+            return self._prepare(request)
+        except BaseException as exc:
+            # A refusal's traceback holds the frames that hold the decoded photos: drop their locals, so the
+            # memory is free when it is handed back below, not only when the caller lets go of the error.
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            release_memory()  # decoded photos can be hundreds of MB, refused or not
+
+    def _prepare(self, request: GenerateRequest) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         s = self.settings
         req = request.validated(max_side=s.max_output_side)

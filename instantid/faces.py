@@ -177,6 +177,15 @@ def _session_options() -> Any:
     return options
 
 
+def _letterboxed(hw: tuple[int, int], input_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) the insightface detector resizes an image of `hw` to inside its `input_size`."""
+    # The same arithmetic as insightface's SCRFD.detect, so the guard agrees with it to the pixel.
+    im_ratio = float(hw[0]) / hw[1]
+    if im_ratio > float(input_size[1]) / input_size[0]:
+        return int(input_size[1] / im_ratio), input_size[1]
+    return input_size[0], int(input_size[0] * im_ratio)
+
+
 def _to_bgr(image: Any) -> np.ndarray:
     # insightface models expect OpenCV's BGR order; cvtColor is a fast contiguous copy.
     return cv2.cvtColor(_as_rgb_array(image), cv2.COLOR_RGB2BGR)
@@ -240,6 +249,11 @@ class FaceAnalyzer:
 
     def _run_detector(self, bgr: np.ndarray, det_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         size = None if det_size is None else (det_size, det_size)
+        # insightface 2.1 may run several input sizes (or a model's fixed one) for one call.
+        resolve = getattr(self._det, "_resolve_input_sizes", lambda s: [s or self._det.input_size])
+        if any(min(_letterboxed(bgr.shape[:2], tuple(s))) < 1 for s in resolve(size)):
+            # The detector would scale the short side to zero pixels and OpenCV would assert: no face fits.
+            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
         boxes, kps = self._det.detect(bgr, input_size=size, max_num=0)
         if kps is None:
             kps = np.zeros((len(boxes), 5, 2), np.float32)

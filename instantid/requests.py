@@ -7,6 +7,7 @@ UI can import them without importing torch.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -68,13 +69,52 @@ def _bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+# What each API parameter accepts, checked on the value as sent, before anything converts it: Gradio would
+# otherwise read "false" as true, round 3.7 to 4 and take a dict's keys for a list of names.
+API_KINDS: dict[str, str] = {
+    **dict.fromkeys(("prompt", "negative_prompt", "style", "scheduler"), "text"),
+    **dict.fromkeys(("num_images", "width", "height", "num_steps", "seed"), "integer"),
+    **dict.fromkeys(
+        ("guidance_scale", "identitynet_strength", "adapter_strength", "pose_strength", "canny_strength",
+         "depth_strength"),
+        "number",
+    ),
+    **dict.fromkeys(("enable_lcm", "randomize_seed", "enhance_face_region"), "boolean"),
+    "controlnets": "names",
+}
+
+
+def check_kind(name: str, value: object, kind: str) -> None:
+    """Refuse `value` unless it is of `kind` (see `API_KINDS`); None is left to the range checks."""
+    if kind == "boolean":
+        if not isinstance(value, bool):
+            raise InvalidParameter(name, value, "must be true or false (a boolean, not text or a number)")
+        return
+    if value is None:
+        return
+    if kind in ("integer", "number"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InvalidParameter(name, value, f"must be a number, not {type(value).__name__}")
+        if kind == "integer" and math.isfinite(float(value)) and not float(value).is_integer():
+            raise InvalidParameter(name, value, "must be a whole number")
+    elif kind == "text":
+        if not isinstance(value, str):
+            raise InvalidParameter(name, value, f"must be text, not {type(value).__name__}")
+    elif kind == "names":
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            raise InvalidParameter(
+                name, value, f"must be a list of names from {', '.join(CONTROLNET_NAMES)} (their strengths go "
+                "in pose_strength, canny_strength and depth_strength)"
+            )
+        for item in value:
+            if item not in CONTROLNET_NAMES:
+                raise InvalidParameter(name, item, f"choose from {', '.join(CONTROLNET_NAMES)}")
+
+
 def _number(name: str, value: object, lo: float, hi: float, *, integer: bool) -> float:
     span = f"{_bound(lo)}..{_bound(hi)}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(str(value))
-        except ValueError:
-            raise InvalidParameter(name, value, f"must be a number in {span}") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidParameter(name, value, f"must be {'an integer' if integer else 'a number'} in {span}")
     if not math.isfinite(float(value)) or not lo <= float(value) <= hi:
         raise InvalidParameter(name, value, f"must be {'an integer' if integer else 'a number'} in {span}")
     if integer and float(value) != int(float(value)):
@@ -110,6 +150,8 @@ class GenerateRequest:
             raise InvalidParameter("face_image", None, "a face photo is required")
         if len(self.face_images) > 8:
             raise InvalidParameter("extra_face_images", len(self.face_images), "use at most 8 photos in all")
+        for name in ("enable_lcm", "enhance_face_region"):
+            check_kind(name, getattr(self, name), "boolean")
         texts = {}
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
@@ -169,8 +211,8 @@ class GenerateRequest:
             adapter_strength=adapter,
             controlnets=controlnets,
             seed=seed,
-            enable_lcm=bool(self.enable_lcm),
-            enhance_face_region=bool(self.enhance_face_region),
+            enable_lcm=self.enable_lcm,
+            enhance_face_region=self.enhance_face_region,
         )
 
 

@@ -15,7 +15,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from .errors import InvalidParameter
 from .requests import (
+    API_KINDS,
     DEFAULT_CONTROLNET_STRENGTH,
     DEFAULT_GUIDANCE,
     DEFAULT_SCHEDULER,
@@ -28,6 +30,7 @@ from .requests import (
     MAX_STEPS,
     MAX_STRENGTH,
     SCHEDULERS,
+    check_kind,
     random_seed,
 )
 from .settings import CONTROLNET_NAMES, Settings
@@ -99,8 +102,25 @@ def guard_input(component: Any, name: str) -> None:
     """
     original = component.preprocess
     hand_over = isinstance(component, gr.Image) and component.type == "filepath" and component.image_mode is None
+    kind = API_KINDS.get(name)
 
     def preprocess(payload: Any) -> Any:
+        if kind is not None:
+            # The value as sent, before Gradio converts it (it would read "false" as true, round 3.7).
+            try:
+                check_kind(name, payload, kind)
+            except InvalidParameter as exc:
+                # A number of the right type but not whole: say the range too, as for any other number.
+                ranged = isinstance(payload, (int, float)) and not isinstance(payload, bool)
+                message = _input_error(component, name, payload, exc) if ranged else str(exc)
+                raise gr.Error(message, print_exception=False) from None
+        if hand_over and payload is not None and not payload.path and not (payload.url or "").startswith("data:"):
+            # An object with only a URL: Gradio fetched nothing, and its own message would print the object.
+            raise gr.Error(
+                f"Invalid {name}: send the photo itself as an upload (gradio_client: handle_file(path)); a URL "
+                "or a path on the server is never read.",
+                print_exception=False,
+            )
         if hand_over and payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return str(payload.path)
         try:

@@ -203,6 +203,26 @@ def very_large() -> bytes:
     return encode(big, "JPEG", quality=80)
 
 
+def strip_png() -> bytes:
+    """64 x 200000 pixels: under the megapixel limit, a shape no face photo has (OpenCV asserted on it)."""
+    return encode(Image.new("RGB", (64, 200_000), (120, 130, 140)), "PNG")
+
+
+def metadata_bomb_png() -> bytes:
+    """A good photo whose text chunk inflates from a few KB to 64 MB, past PIL's metadata limit."""
+    photo = encode(astronaut().resize((256, 256)), "PNG")
+    ztxt = png_chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"\x00" * (64 * 2**20), 9))
+    return photo[:33] + ztxt + photo[33:]  # right after the 33-byte signature + IHDR
+
+
+def rgba16_huge_png(side: int = 7000) -> bytes:
+    """A 16-bit RGBA PNG of 49 megapixels in a few hundred KB: cheap to send, costly to decode."""
+    row = b"\x00" + b"\x80\x00" * 4 * side
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    return png(side, side, 16, 6, idat)
+
+
 def cmyk_jpeg() -> bytes:
     return encode(astronaut().convert("CMYK"), "JPEG", quality=92)
 
@@ -235,6 +255,9 @@ CASES: list[Case] = [
     Case("one_pixel", "png", lambda: encode(Image.new("RGB", (1, 1), (200, 150, 120)), "PNG"), REFUSE, "1 x 1"),
     Case("thumbnail", "jpg", lambda: encode(astronaut().resize((48, 48)), "JPEG"), REFUSE, "48 x 48"),
     Case("sliver", "png", lambda: encode(astronaut().resize((2000, 10)), "PNG"), REFUSE, "2000 x 10"),
+    Case("strip", "png", strip_png, REFUSE, "one side more than 20 times the other", cli=True),
+    Case("metadata_bomb", "png", metadata_bomb_png, REFUSE, "metadata block that inflates", bomb=True),
+    Case("rgba16_huge", "png", rgba16_huge_png, REFUSE, NO_FACE, error="NoFaceError"),
     Case("face_too_small", "png", face_too_small, REFUSE, "too small", error="NoFaceError", cli=True),
     Case("no_face", "png", lambda: encode(noise((256, 256)), "PNG"), REFUSE, NO_FACE, error="NoFaceError"),
     # Only the first frame of an animation counts: here it holds no face.

@@ -483,3 +483,13 @@ def test_request_path_detects_coarse_first_and_falls_back_for_small_faces(analyz
     face, _ = analyzer.embed_largest(canvas)
     assert 1000 <= face.bbox[0] < face.bbox[2] <= 1256
     assert cosine_similarity(face.embedding, full.embedding) > 0.5
+
+
+@pytest.mark.parametrize("shape", [(64, 200_000), (200_000, 64), (1, 5000), (4000, 2)])
+def test_detector_is_never_given_a_shape_it_cannot_letterbox(analyzer, shape):
+    """A strip whose short side the detector would scale to zero pixels: no face, and no OpenCV assertion."""
+    strip = np.full((*shape, 3), 128, np.uint8)
+    assert analyzer.detect(strip, with_embedding=False) == []
+    assert analyzer.detect(strip, with_embedding=False, det_size=160) == []
+    with pytest.raises(NoFaceError):
+        analyzer.embed_largest(strip)

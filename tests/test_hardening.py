@@ -461,10 +461,136 @@ def test_api_never_reads_server_files_or_urls(client: Client, app: apprunner.App
     event, data = raw_generate(client, **values)
     assert event == "error", f"{name}: the server used a file it was not sent: {str(data)[:300]}"
     assert "root:" not in json.dumps(data)
+    # Refused before our code runs, by Gradio itself: still a sentence for the client, never `null`.
+    assert isinstance(data, dict) and isinstance(data.get("error"), str) and len(data["error"]) > 20, data
     # ...and through gradio_client a plain string is a string, never a file the server would open.
     if name == "raw_string_path":
         with pytest.raises(AppError):
             client.predict(str(photos["astronaut"]), "a portrait", api_name="/generate", **FAST)
+
+
+def test_api_image_given_as_a_url_object_is_refused_in_words(client: Client) -> None:
+    url_only = {"url": "https://example.com/face.png", "meta": {"_type": "gradio.FileData"}}
+    event, data = raw_generate(client, face_image=url_only)
+    assert event == "error" and "face_image" in data["error"] and "handle_file" in data["error"], data
+    assert "ImageData(" not in data["error"], "the message printed an internal object"
+
+
+# --- 3b. strict types: what Gradio would convert is refused as sent ---------------------------------
+
+LOOSE_VALUES = [
+    ({"randomize_seed": "false"}, r"randomize_seed='false': must be true or false"),
+    ({"enable_lcm": "false"}, r"enable_lcm='false': must be true or false"),
+    ({"enable_lcm": "yes"}, r"enable_lcm='yes': must be true or false"),
+    ({"enable_lcm": 2}, r"enable_lcm=2: must be true or false"),
+    ({"enhance_face_region": 1}, r"enhance_face_region=1: must be true or false"),
+    ({"seed": 3.7}, r"seed=3\.7: must be an integer in 0\.\.2147483647"),
+    ({"num_images": "2"}, r"num_images='2': must be a number, not str"),
+    ({"adapter_strength": True}, r"adapter_strength=True: must be a number, not bool"),
+    ({"prompt": 5}, r"prompt=5: must be text, not int"),
+    ({"prompt": {"a": 1}}, r"prompt=\{'a': 1\}: must be text, not dict"),
+    ({"negative_prompt": ["x"]}, r"negative_prompt=\['x'\]: must be text, not list"),
+    ({"controlnets": {"pose": 5}}, r"controlnets=\{'pose': 5\}: must be a list of names .* pose_strength"),
+    ({"controlnets": "pose"}, r"controlnets='pose': must be a list of names"),
+]
+
+
+@pytest.mark.parametrize(("values", "pattern"), LOOSE_VALUES, ids=[str(v) for v, _ in LOOSE_VALUES])
+def test_api_refuses_loose_types(client: Client, photos: dict[str, Path], values: dict, pattern: str) -> None:
+    values = {"face_image": handle_file(str(photos["astronaut"])), "prompt": "a portrait", **FAST, **values}
+    with pytest.raises(AppError, match=pattern):
+        client.predict(api_name="/generate", **values)
+
+
+@pytest.mark.parametrize(
+    ("fields", "pattern"),
+    [
+        ({"enable_lcm": "false"}, "enable_lcm='false': must be true or false"),
+        ({"enhance_face_region": None}, "enhance_face_region=None: must be true or false"),
+        ({"adapter_strength": "0.5"}, r"adapter_strength='0.5': must be a number in 0..1.5"),
+        ({"seed": 3.7}, r"seed=3.7: must be an integer in 0..2147483647"),
+        ({"controlnets": {"canny": "0.4"}}, r"controlnets\[canny\]='0.4': must be a number"),
+    ],
+)
+def test_engine_refuses_loose_types(tiny_engine, photos: dict[str, Path], fields: dict, pattern: str) -> None:  # noqa: ANN001
+    """The command line and Python callers get the same strict reading (GenerateRequest.validated)."""
+    with pytest.raises(errors.InvalidParameter, match=pattern):
+        tiny_engine.prepare(engine_request(str(photos["astronaut"]), **fields))
+
+
+# --- 3c. command-line paths: checked before any model loads ----------------------------------------
+
+
+def test_cli_bad_paths_exit_2_before_loading(cli_main, photos: dict[str, Path], tmp_path: Path,  # noqa: ANN001
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import instantid.engine as engine_mod
+
+    def no_loading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a model was asked for before the paths were checked")
+
+    monkeypatch.setattr(engine_mod, "get_engine", no_loading)
+    face = str(photos["astronaut"])
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("x")
+    cases = [
+        (["--face", face, "--out", str(tmp_path)], "is a folder; name a .png file in it"),
+        (["--face", face, "--out", "/proc/instantid-out.png"], "cannot write there"),
+        (["--face", face, "--out", str(a_file / "o.png")], "does not exist"),
+        (["--face", str(tmp_path), "--out", str(tmp_path / "o.png")], "is a folder; name a photo file"),
+        (["--face", "/dev/null", "--out", str(tmp_path / "o.png")], "is not a regular file"),
+        (["--face", face, "--pose", str(tmp_path), "--out", str(tmp_path / "o.png")], "is a folder"),
+    ]
+    for args, message in cases:
+        assert_clean_refusal(cli_main("generate", *args), message)
+    assert not (tmp_path / "o.png").exists() and not Path("/proc/instantid-out.png").exists()
+
+
+# --- 3d. memory: a large upload, refused or not, gives its memory back -----------------------------
+
+RSS_SCRIPT = """
+import json, os, sys, threading
+import psutil
+from instantid.engine import Engine
+from instantid.requests import GenerateRequest
+from instantid.settings import Settings
+from tests import hostile
+
+engine = Engine(Settings.from_env({"INSTANTID_PRESET": "tiny", "INSTANTID_TINY_CACHE": sys.argv[1]}))
+uploads = [hostile.rgba16_huge_png(), hostile.very_large(), hostile.encode(
+    hostile.Image.new("CMYK", (7000, 7000), (10, 20, 30, 40)), "JPEG", quality=80)]
+process = psutil.Process()
+
+def prepare(data):
+    try:
+        engine.prepare(GenerateRequest(face_images=[data]))
+    except Exception:
+        pass
+
+def in_a_new_thread(data):  # as Gradio serves each request from a worker thread
+    t = threading.Thread(target=prepare, args=(data,))
+    t.start()
+    t.join()
+
+in_a_new_thread(hostile.encode(hostile.astronaut(), "PNG"))  # models loaded, caches warm
+idle = process.memory_info().rss
+after = []
+for _ in range(2):
+    for data in uploads:
+        in_a_new_thread(data)
+        after.append(process.memory_info().rss - idle)
+print(json.dumps(after))
+"""
+
+
+def test_large_uploads_give_their_memory_back(tiny_cache: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(apprunner.ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_cache)], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=apprunner.ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    growth = json.loads(r.stdout.strip().splitlines()[-1])
+    # Six 35-49 megapixel uploads (16-bit RGBA, RGB, CMYK), each in its own thread: without handing freed
+    # memory back this grew by 0.6-1.5 GB per upload.
+    assert max(growth) < 100 * 2**20, [f"{g / 2**20:.0f} MB" for g in growth]
 
 
 # --- 4. faults -----------------------------------------------------------------------------------
