@@ -52,7 +52,7 @@ def run_benchmark(
         return 2
     try:
         result = measure(name, quick=quick, log=log, **options)
-    except Exception as exc:  # noqa: BLE001 - the JSON line must still say what happened
+    except Exception as exc:  # the JSON line must still say what happened
         traceback.print_exc()
         print(json.dumps({"benchmark": name, "error": f"{type(exc).__name__}: {exc}"}))
         return 1
@@ -126,7 +126,7 @@ def _gpu_name() -> str | None:
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    except Exception:  # noqa: BLE001 - a machine description must never fail a benchmark
+    except Exception:  # a machine description must never fail a benchmark
         return None
     return None
 

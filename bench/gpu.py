@@ -85,7 +85,7 @@ def plan_for(dry_run: bool) -> Plan:
     return Plan("cuda", "float16", "full", 1024, 30, 5, 2, 64, False)
 
 
-def run(*, quick: bool = False, dry_run: bool | None = None, log=print) -> dict[str, Any]:  # noqa: ANN001
+def run(*, quick: bool = False, dry_run: bool | None = None, log=print) -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
@@ -118,7 +118,7 @@ def run(*, quick: bool = False, dry_run: bool | None = None, log=print) -> dict[
             log(f"profile {name}")
             try:
                 rows.extend(fn(plan, log))
-            except Exception as exc:  # noqa: BLE001 - one profile failing must not lose the others' rows
+            except Exception as exc:  # one profile failing must not lose the others' rows
                 skipped[name] = f"failed: {type(exc).__name__}: {exc}"[:400]
                 log(f"  {skipped[name]}")
             _free()
@@ -511,7 +511,7 @@ def _offload_phase(name: str, plan: Plan, log: Any) -> list[dict[str, Any]]:
                 pipe.load_lcm_lora(tmp, weight_name=LCM_WEIGHTS)
             rows += _instantid_rows(name, pipe, plan, inputs, modes=("lcm",))
             log(_row_text(rows[-1]))
-        except Exception as exc:  # noqa: BLE001 - keep the 30-step row; the failure is itself a finding
+        except Exception as exc:  # keep the 30-step row; the failure is itself a finding
             rows.append(
                 {"pipeline": "instantid", "profile": name, "mode": "LCM", "error": f"{type(exc).__name__}: {exc}"[:400]}
             )

@@ -35,7 +35,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INSTANTID_BENCH_CACHE", str(DEFAULT_CACHE))).expanduser()
 
 
-def run(*, quick: bool = False, size: str | None = None, cache: Path | None = None, log=print) -> dict[str, Any]:  # noqa: ANN001
+def run(*, quick: bool = False, size: str | None = None, cache: Path | None = None, log=print) -> dict[str, Any]:
     from .sdxl import SDXLSize, write_checkpoints
 
     spec = SDXLSize.named(size or ("quick" if quick else "full"))
@@ -193,9 +193,9 @@ def _imports() -> None:
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
-    import instantid.attention  # noqa: F401
-    import instantid.engine  # noqa: F401
-    import instantid.pipeline  # noqa: F401
+    import instantid.attention
+    import instantid.engine
+    import instantid.pipeline
     import instantid.resampler  # noqa: F401
 
 

@@ -113,7 +113,7 @@ def run(
     quick: bool = False,
     requests: int | None = None,
     what_ifs: bool | None = None,
-    log=print,  # noqa: ANN001
+    log=print,
 ) -> dict[str, Any]:
     """The engine's request path against the demo's, plus what-ifs, each in a fresh process."""
     n = requests or (6 if quick else 24)

@@ -192,7 +192,7 @@ def _duration_factor() -> float:
 
         if Config.zero_gpu:
             return max(1.0, float(get_config()["duration_factor"]))
-    except Exception:  # noqa: BLE001 - an older or newer `spaces` without it: no factor
+    except Exception:  # an older or newer `spaces` without it: no factor
         pass
     return 1.0
 
@@ -252,7 +252,7 @@ class _RequestWatch:
             events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
             if event_id and isinstance(events, dict) and event_id in events:
                 self._events, self._event_id = events, event_id
-        except Exception:  # noqa: BLE001 - no watch is better than a failed generation
+        except Exception:  # no watch is better than a failed generation
             pass
 
     def client_gone(self) -> bool:

@@ -271,11 +271,6 @@ class DepthEstimator:
         # Read from the weights, not remembered: on ZeroGPU they move to the GPU only inside a GPU call.
         return _device_of(self.model)
 
-    def to(self, device: str | torch.device) -> DepthEstimator:
-        """Move the model (for offloading); returns self."""
-        self.model.to(torch.device(device))
-        return self
-
     @torch.inference_mode()
     def estimate(self, image: PIL.Image.Image) -> np.ndarray:
         """Raw model output resized to the photo, float32 `(height, width)`."""
@@ -371,13 +366,6 @@ class PoseEstimator:
     @property
     def device(self) -> torch.device:
         return _device_of(self.pose_model)
-
-    def to(self, device: str | torch.device) -> PoseEstimator:
-        """Move both models (for offloading); returns self."""
-        self.pose_model.to(torch.device(device))
-        if self.detector is not None:
-            self.detector.to(torch.device(device))
-        return self
 
     @torch.inference_mode()
     def detect_people(self, image: PIL.Image.Image) -> np.ndarray:

@@ -42,7 +42,7 @@ from .hub import (
     resolve_face_models,
 )
 from .images import image_to_array, load_image, release_memory
-from .memory import Hardware, Profile, apply_profile, choose_profile, memory_report, probe_hardware
+from .memory import Hardware, Profile, apply_profile, choose_profile, memory_report, probe_hardware, torch_dtype
 from .requests import DEFAULT_PROMPT, GenerateRequest, GenerateResult, Job, Rendered, Step, random_seed
 from .settings import CONTROLNET_NAMES, Settings, get_settings
 from .styles import apply_style
@@ -82,12 +82,6 @@ class LoadState:
         }
 
 
-def _torch_dtype(name: str):  # noqa: ANN202 - torch.dtype, imported lazily
-    import torch
-
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
 class Engine:
     """Owns the models. Use `get_engine()` for the process-wide instance."""
 
@@ -112,10 +106,6 @@ class Engine:
         self.checkpoints: list[dict[str, str]] = []
 
     # --- state ---------------------------------------------------------------------------------
-
-    @property
-    def profile_name(self) -> str:
-        return self.profile.name
 
     @property
     def state(self) -> dict[str, Any]:
@@ -286,7 +276,7 @@ class Engine:
                 folder, variant = fetch_component(
                     repo, repo.subfolder, files=files, cache_dir=self._cache(), offline=self.settings.hub_offline
                 )
-                net = _from_pretrained(ControlNetModel, folder, variant, _torch_dtype(self.profile.dtype)).eval()
+                net = _from_pretrained(ControlNetModel, folder, variant, torch_dtype(self.profile.dtype)).eval()
                 self._extra_nets[name] = place_like_profile(net, self.profile)
                 self._record(f"{name} ControlNet", repo, folder)
             return self._extra_nets[name]
@@ -366,6 +356,8 @@ class Engine:
         s = self.settings
         req = request.validated(max_side=s.max_output_side)
         self._check_available(req)
+        if request.num_steps in (None, 0) and not req.enable_lcm and self.profile.default_steps:
+            req = replace(req, num_steps=self.profile.default_steps)  # the cpu profile's shorter default
         if req.num_images > self.profile.max_images:
             req = replace(req, num_images=self.profile.max_images)
         timings: dict[str, float] = {}
@@ -532,7 +524,7 @@ class Engine:
         def run() -> None:
             try:
                 events.put(("done", self.render(job, on_step)))
-            except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread, which re-raises it
+            except BaseException as exc:  # handed to the consuming thread, which re-raises it
                 events.put(("error", exc))
 
         worker = threading.Thread(target=run, name="instantid-render", daemon=True)
@@ -715,7 +707,7 @@ def resampler_dtype(profile: Profile) -> Any:
     import torch
 
     if profile.device != "cpu":
-        return _torch_dtype(profile.dtype)
+        return torch_dtype(profile.dtype)
     try:
         fast_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -824,8 +816,8 @@ def load_pipeline(
             record(role, repo, path)
 
     cache, offline = s.hub_cache, s.hub_offline
-    dtype = _torch_dtype(profile.dtype)
-    vae_dtype = _torch_dtype(getattr(profile, "vae_dtype", profile.dtype))
+    dtype = torch_dtype(profile.dtype)
+    vae_dtype = torch_dtype(getattr(profile, "vae_dtype", profile.dtype))
 
     base = RepoRef.parse(s.base_model)
     say(0.1, f"listing {base}")

@@ -101,7 +101,7 @@ def _onnx_role(path: Path) -> str | None:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - a damaged or foreign file is simply "not this role"
+    except Exception:  # a damaged or foreign file is simply "not this role"
         return None
     graph = model.graph
     # Old exporters list weights as graph inputs too; onnxruntime (and so insightface) does not count them.
@@ -243,10 +243,6 @@ class FaceAnalyzer:
             f"det_size={self.det_size}, providers={list(self.providers)!r})"
         )
 
-    def warmup(self) -> None:
-        """Run once on a blank image so the first real request does not pay for session set-up."""
-        self.detect(np.zeros((self.det_size, self.det_size, 3), np.uint8), with_embedding=False)
-
     def _run_detector(self, bgr: np.ndarray, det_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         size = None if det_size is None else (det_size, det_size)
         # insightface 2.1 may run several input sizes (or a model's fixed one) for one call.
@@ -306,14 +302,13 @@ class FaceAnalyzer:
         image: np.ndarray | Image.Image,
         *,
         with_embedding: bool = True,
-        max_num: int = 0,
         only_largest: bool = False,
         det_size: int | None = None,
     ) -> list[Face]:
         """Faces in an RGB uint8 image, largest box first.
 
-        `max_num` > 0 keeps only that many of the largest faces. With `only_largest`, every face is
-        returned but only the first (largest) one carries an embedding: the pipeline uses only it.
+        With `only_largest`, every face is returned but only the first (largest) one carries an embedding:
+        the pipeline uses only it.
         `det_size` overrides the detector's input size for this call (a multiple of 32).
         """
         if det_size is not None:
@@ -321,8 +316,6 @@ class FaceAnalyzer:
         bgr = _to_bgr(image)
         with self._lock:
             boxes, kps = self._detect_boxes(bgr, det_size)
-            if max_num > 0:
-                boxes, kps = boxes[:max_num], kps[:max_num]
             faces = []
             for i in range(len(boxes)):
                 embedding = None
@@ -452,17 +445,12 @@ def draw_keypoints(size: tuple[int, int], kps: np.ndarray) -> Image.Image:
     return Image.fromarray(canvas)
 
 
-def face_mask(size: tuple[int, int], bbox: Sequence[float], *, pad: float = 0.0) -> np.ndarray:
-    """A float32 (height, width) mask: 1 inside the face box, 0 elsewhere.
-
-    `pad` grows the box by that fraction of its width/height on each side before it is clipped to
-    the image and truncated to whole pixels.
-    """
+def face_mask(size: tuple[int, int], bbox: Sequence[float]) -> np.ndarray:
+    """A float32 (height, width) mask: 1 inside the face box (clipped to the image, whole pixels), 0 elsewhere."""
     width, height = int(size[0]), int(size[1])
     x1, y1, x2, y2 = (float(v) for v in bbox)
-    dx, dy = (x2 - x1) * pad, (y2 - y1) * pad
-    x1, x2 = (int(min(max(v, 0.0), width)) for v in (x1 - dx, x2 + dx))
-    y1, y2 = (int(min(max(v, 0.0), height)) for v in (y1 - dy, y2 + dy))
+    x1, x2 = (int(min(max(v, 0.0), width)) for v in (x1, x2))
+    y1, y2 = (int(min(max(v, 0.0), height)) for v in (y1, y2))
     mask = np.zeros((height, width), dtype=np.float32)
     mask[y1:y2, x1:x2] = 1.0
     return mask

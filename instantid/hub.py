@@ -12,7 +12,6 @@ tiny preset, the tests and the benchmarks serve local checkpoints through the re
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import shutil
@@ -23,7 +22,6 @@ from pathlib import Path
 from .errors import CheckpointError
 
 # (fraction 0..1 of this resolution, message) -> None
-ProgressFn = Callable[[float, str], None]
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model", "pytorch_lora_weights")
 
@@ -159,12 +157,11 @@ def choose_weights(files: Iterable[str], folder: str) -> list[str]:
     return []
 
 
-def component_files(files: list[str], folder: str, extra: Iterable[str] = ()) -> list[str]:
+def component_files(files: list[str], folder: str) -> list[str]:
     """What `fetch_component` takes from `folder`: its configs and tokenizer files, and one weight set."""
     prefix = folder.strip("/")
     in_folder = [f for f in files if posixpath.dirname(f) == prefix]
     small = [f for f in in_folder if f.endswith((".json", ".txt", ".model")) and "index.json" not in f]
-    small += [f for f in in_folder if posixpath.basename(f) in extra]
     return sorted(set(small) | set(choose_weights(files, prefix)))
 
 
@@ -205,14 +202,13 @@ def fetch_component(
     files: list[str],
     cache_dir: Path | None,
     offline: bool,
-    extra: Iterable[str] = (),
 ) -> tuple[Path, str | None]:
     """Fetch a diffusers/transformers component folder: configs, tokenizer files and one weight set.
 
     Returns (local folder, variant) where variant is "fp16" when fp16 weights were chosen.
     """
     prefix = folder.strip("/")
-    needed = component_files(files, prefix, extra)
+    needed = component_files(files, prefix)
     weights = choose_weights(files, prefix)
     if not needed:
         raise CheckpointError(f"'{repo}' has no component folder '{prefix or '.'}': check the repo id.")
@@ -286,10 +282,3 @@ def is_published(cache_dir: Path, repo_id: str, *, repo_type: str = "model", mar
     snap = root / "snapshots" / ref.read_text().strip()
     return snap.is_dir() and (not marker or (snap / marker).exists())
 
-
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path.name} is not a JSON object.")
-    return data

@@ -26,7 +26,6 @@ from .errors import ImageError
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 MIN_SIDE = 64
-DETECTION_MAX_SIDE = 1536
 # No face photo is a strip: past 20:1 the face detector's letterbox would squeeze the short side to a few
 # pixels (64 x 200000 made OpenCV assert inside it).
 MAX_ASPECT = 20
@@ -106,26 +105,6 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
-
-
-def downscale_for_detection(img: Image.Image, max_side: int = DETECTION_MAX_SIDE) -> tuple[Image.Image, float]:
-    """Shrink `img` so its longest side is at most `max_side`, for a fast face detection pass.
-
-    Returns the (possibly unchanged) image and the factor `scale = small / original`; divide
-    coordinates found on the small image by `scale` to map them back to the original.
-    """
-    if max_side < 1:
-        raise ValueError(f"max_side must be positive, got {max_side}")
-    width, height = img.size
-    longest = max(width, height)
-    if longest <= max_side:
-        return img, 1.0
-    scale = max_side / longest
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # reducing_gap first shrinks by an integer factor with a box filter: near-Lanczos quality at a
-    # fraction of the cost on 50-megapixel photos.
-    small = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return small, size[0] / width
 
 
 def image_to_array(img: Image.Image) -> np.ndarray:
@@ -215,7 +194,7 @@ def _open(data: bytes, max_pixels: int, what: str) -> Image.Image:
         raise ImageError(
             f"The {what} could not be read (the file is damaged or not an image): {_ALLOWED_HINT}."
         ) from None
-    except Exception:  # noqa: BLE001 - header parsers of hostile files raise all sorts of things
+    except Exception:  # header parsers of hostile files raise all sorts of things
         raise ImageError(
             f"The {what} could not be read (the file is damaged or not an image): {_ALLOWED_HINT}."
         ) from None
@@ -235,7 +214,7 @@ def _unidentified(data: bytes, what: str) -> ImageError:
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as probe:
                 fmt = probe.format
-    except Exception:  # noqa: BLE001 - any failure just means "not an image"
+    except Exception:  # any failure just means "not an image"
         fmt = None
     if fmt:
         return ImageError(f"The {what} is a {fmt} file, which is not supported: {_ALLOWED_HINT}.")
@@ -272,14 +251,14 @@ def _decode(img: Image.Image, what: str, notes: list[str]) -> Image.Image:
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise _bomb_error(what, img.size, _pil_limit(img.size[0] * img.size[1])) from None
-    except Exception:  # noqa: BLE001 - decoders of damaged files raise OSError, SyntaxError, zlib errors...
+    except Exception:  # decoders of damaged files raise OSError, SyntaxError, zlib errors...
         raise ImageError(
             f"The {what} could not be decoded (the file is truncated or damaged): upload the original photo again."
         ) from None
     try:
         # Phones store portraits sideways plus an orientation tag; faces must be upright for detection.
         img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - malformed EXIF must not make a good photo unusable
+    except Exception:  # malformed EXIF must not make a good photo unusable
         notes.append(f"The {what} has unreadable orientation data; it is used as stored.")
     return _to_rgb(img, what, notes)
 

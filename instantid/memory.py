@@ -91,7 +91,7 @@ def probe_hardware(env: Mapping[str, str] | None = None) -> Hardware:
 
                 props = torch.cuda.get_device_properties(0)
                 name, total = str(props.name), int(props.total_memory)
-            except Exception as exc:  # noqa: BLE001 - the emulation is not ours; failing keeps nominal values
+            except Exception as exc:  # the emulation is not ours; failing keeps nominal values
                 notes.append(f"could not read the emulated GPU properties ({type(exc).__name__})")
         notes.append(
             "ZeroGPU: CUDA is emulated outside GPU calls; the GPU is an H200/A100-class slice lent per generation"
@@ -117,7 +117,7 @@ def probe_hardware(env: Mapping[str, str] | None = None) -> Hardware:
                 notes=tuple(notes),
                 **host,
             )
-    except Exception as exc:  # noqa: BLE001 - a broken driver must not stop the app from starting on CPU
+    except Exception as exc:  # a broken driver must not stop the app from starting on CPU
         notes.append(f"CUDA probe failed, using the CPU: {type(exc).__name__}: {exc}")
     return Hardware(cuda=False, gpu_name=None, gpu_total_bytes=0, bf16=False, zerogpu=False, notes=tuple(notes), **host)
 
@@ -143,7 +143,7 @@ class Profile:
     dtype: str  # UNet / ControlNet / text encoders: "float16" | "bfloat16" | "float32"
     # SDXL's VAE overflows in float16; bfloat16 has float32's range. `choose_profile` resolves it per GPU.
     vae_dtype: str
-    offload: str  # "none" | "model" | "group" | "sequential"
+    offload: str  # "none" | "model" | "group"
     vae_tiling: bool
     vae_slicing: bool
     default_short_side: int
@@ -156,23 +156,6 @@ class Profile:
     host_ram_gib: float
     warning: str | None = None
 
-    def public_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "device": self.device,
-            "dtype": self.dtype,
-            "vae_dtype": self.vae_dtype,
-            "offload": self.offload,
-            "vae_tiling": self.vae_tiling,
-            "vae_slicing": self.vae_slicing,
-            "default_short_side": self.default_short_side,
-            "max_images": self.max_images,
-            "default_steps": self.default_steps,
-            "description": self.description,
-            "expected_vram": self.expected_vram,
-            "expected_host_ram": self.expected_host_ram,
-            "warning": self.warning,
-        }
 
 
 # Weight sizes behind the estimates (fp16): UNet 4.8 GiB, IdentityNet 2.3 GiB, text encoders 1.5 GiB,
@@ -352,12 +335,9 @@ def _dtype_name(dtype: Any) -> str:
 def _offload_info(module: Any) -> tuple[str | None, str | None]:
     """(kind, execution device) of the offload hooks on `module`; best effort, (None, None) if none.
 
-    diffusers group offload keeps a hook registry in `_diffusers_hook`; accelerate puts `_hf_hook` on the
-    top module for model offload (CpuOffload) and on every leaf for sequential offload (AlignDevicesHook
-    with offload=True).
+    diffusers group offload keeps a hook registry in `_diffusers_hook`; accelerate puts a `CpuOffload`
+    `_hf_hook` on the top module for model offload.
     """
-    kind: str | None = None
-    device: str | None = None
     for sub in module.modules():
         registry = getattr(sub, "_diffusers_hook", None)
         if registry is not None and hasattr(registry, "get_hook"):
@@ -367,22 +347,13 @@ def _offload_info(module: Any) -> tuple[str | None, str | None]:
                 onload = getattr(config, "onload_device", None)
                 return "group", None if onload is None else str(onload)
         hf_hook = getattr(sub, "_hf_hook", None)
-        if hf_hook is None:
-            continue
-        for hook in getattr(hf_hook, "hooks", None) or (hf_hook,):  # SequentialHook wraps several
-            hook_type = type(hook).__name__
-            if hook_type == "CpuOffload" and kind is None:
-                kind = "model"
-            elif hook_type == "AlignDevicesHook" and getattr(hook, "offload", False):
-                kind = "sequential"
-            else:
-                continue
-            exec_device = getattr(hook, "execution_device", None)
-            if exec_device is not None:
-                device = str(exec_device) if not isinstance(exec_device, int) else f"cuda:{exec_device}"
-        if kind == "sequential":
-            break
-    return kind, device
+        for hook in (getattr(hf_hook, "hooks", None) or (hf_hook,)) if hf_hook is not None else ():
+            if type(hook).__name__ == "CpuOffload":  # a SequentialHook may wrap it among others
+                exec_device = getattr(hook, "execution_device", None)
+                if isinstance(exec_device, int):
+                    exec_device = f"cuda:{exec_device}"
+                return "model", None if exec_device is None else str(exec_device)
+    return None, None
 
 
 def component_info(name: str, module: Any, only: Callable[[str], bool] | None = None) -> dict[str, object]:
@@ -495,7 +466,7 @@ def gpu_memory(*, zerogpu: bool | None = None) -> dict[str, object] | None:
     zerogpu = is_zerogpu() if zerogpu is None else zerogpu
     try:
         ready = _cuda_ready(zerogpu)
-    except Exception as exc:  # noqa: BLE001 - a status page must not take the app down with it
+    except Exception as exc:  # a status page must not take the app down with it
         return {"error": f"{type(exc).__name__}: {exc}"} if not zerogpu else _emulated_gpu()
     if not ready:
         return _emulated_gpu() if zerogpu else None
@@ -513,7 +484,7 @@ def gpu_memory(*, zerogpu: bool | None = None) -> dict[str, object] | None:
             "peak_reserved": int(torch.cuda.max_memory_reserved()),
             "emulated": False,
         }
-    except Exception as exc:  # noqa: BLE001 - a status page must not take the app down with it
+    except Exception as exc:  # a status page must not take the app down with it
         if zerogpu:
             return _emulated_gpu()
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -526,18 +497,6 @@ def _emulated_gpu() -> dict[str, object]:
         "note": "On ZeroGPU the GPU is only attached during a generation, so GPU memory is only real inside one; "
         "the peak of the last generation is in the generation's own report.",
     }
-
-
-def reset_peak(*, zerogpu: bool | None = None) -> None:
-    """Reset torch.cuda's peak counters before a generation; a no-op without (initialised) CUDA."""
-    zerogpu = is_zerogpu() if zerogpu is None else zerogpu
-    try:
-        if _cuda_ready(zerogpu):
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-    except Exception as exc:  # noqa: BLE001 - only statistics: losing a reset must never fail a generation
-        logger.debug("could not reset CUDA peak memory stats: %s", exc)
 
 
 def memory_report(
@@ -607,7 +566,7 @@ def apply_profile(pipe: Any, profile: Profile, *, low_cpu_mem_usage: bool | None
 
     The VAE is cast here because diffusers loads every component in one dtype and SDXL's VAE overflows
     in float16; the pipeline must therefore hand latents to the VAE in `vae.dtype`. Hooks from a previous
-    model or sequential offload are removed first so the engine can step down after an out-of-memory
+    model offload are removed first so the engine can step down after an out-of-memory
     error; group offload hooks are not removable, so leaving `small` means reloading.
     `low_cpu_mem_usage` (group offload only): pin host memory per transfer instead of up front, which
     avoids a second pinned copy of the weights; None decides from the host RAM available.
@@ -660,8 +619,6 @@ def apply_profile(pipe: Any, profile: Profile, *, low_cpu_mem_usage: bool | None
             low_cpu_mem_usage=low_cpu_mem_usage,
             exclude_modules=[n for n in components if n not in streamed],
         )
-    elif profile.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=profile.device)
     else:
         raise ValueError(f"profile {profile.name!r} has an unknown offload mode {profile.offload!r}")
 

@@ -143,7 +143,6 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         scheduler: Any,
         resampler: Resampler | None = None,
         force_zeros_for_empty_prompt: bool = True,
-        add_watermarker: bool | None = False,
         feature_extractor: Any = None,
         image_encoder: Any = None,
     ) -> None:

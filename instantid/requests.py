@@ -64,7 +64,7 @@ def clean_text(text: str) -> str:
     return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
 
 
-def _bound(value: float) -> str:
+def format_bound(value: float) -> str:
     # Whole bounds in full ("0..2147483647", not "0..2.14748e+09"): the caller must be able to use them.
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
@@ -112,7 +112,7 @@ def check_kind(name: str, value: object, kind: str) -> None:
 
 
 def _number(name: str, value: object, lo: float, hi: float, *, integer: bool) -> float:
-    span = f"{_bound(lo)}..{_bound(hi)}"
+    span = f"{format_bound(lo)}..{format_bound(hi)}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidParameter(name, value, f"must be {'an integer' if integer else 'a number'} in {span}")
     if not math.isfinite(float(value)) or not lo <= float(value) <= hi:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import SettingsError
@@ -180,19 +180,6 @@ class Settings:
             hub_cache=self.tiny_cache,
         )
 
-    def public_dict(self) -> dict[str, object]:
-        """What the status tab may show: settings hold no secrets, but paths are shortened to names."""
-        out: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, Mapping):
-                value = dict(value)
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
 
 
 _settings: Settings | None = None

@@ -75,7 +75,7 @@ class TinyShape:
     resampler_ff_mult: int = 2
 
 
-def _unet(shape: TinyShape, seed: int = 0):  # noqa: ANN202 - diffusers type
+def _unet(shape: TinyShape, seed: int = 0):  # diffusers type
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -100,7 +100,7 @@ def _unet(shape: TinyShape, seed: int = 0):  # noqa: ANN202 - diffusers type
     )
 
 
-def _controlnet(unet, seed: int):  # noqa: ANN001, ANN202
+def _controlnet(unet, seed: int):
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
@@ -198,7 +198,7 @@ def resampler_state_dict(
     return {k: v.to(dtype) for k, v in model.state_dict().items()}
 
 
-def ip_adapter_shapes(unet) -> dict[str, tuple[int, int]]:  # noqa: ANN001
+def ip_adapter_shapes(unet) -> dict[str, tuple[int, int]]:
     """`ip_adapter` key -> shape for a UNet: keys are positions in `unet.attn_processors`, as released.
 
     Only cross-attention layers carry `to_k_ip` / `to_v_ip` (cross-attention width -> block width).
@@ -214,7 +214,7 @@ def ip_adapter_shapes(unet) -> dict[str, tuple[int, int]]:  # noqa: ANN001
     return out
 
 
-def ip_adapter_state_dict(unet, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:  # noqa: ANN001
+def ip_adapter_state_dict(unet, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random `ip_adapter` weights for `unet`, on the scale of a default linear init."""
     gen = torch.Generator().manual_seed(seed)
     return {
@@ -223,7 +223,7 @@ def ip_adapter_state_dict(unet, *, seed: int = 0, dtype: torch.dtype = torch.flo
     }
 
 
-def build_instantid(folder: Path, unet, shape: TinyShape = TinyShape()) -> None:  # noqa: ANN001
+def build_instantid(folder: Path, unet, shape: TinyShape = TinyShape()) -> None:
     """`ControlNetModel/` (IdentityNet) and `ip-adapter.bin` (image_proj + ip_adapter), as InstantX ships."""
     folder.mkdir(parents=True, exist_ok=True)
     _controlnet(unet, seed=10).save_pretrained(folder / "ControlNetModel")
@@ -276,7 +276,7 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _publish(cache: Path, repo_id: str, build, marker: str) -> None:  # noqa: ANN001
+def _publish(cache: Path, repo_id: str, build, marker: str) -> None:
     if is_published(cache, repo_id, marker=marker):
         return
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -292,12 +292,7 @@ def ensure_tiny_checkpoints(settings: Settings) -> None:
     # The second builder waits, then finds everything published and reuses it.
     with file_lock(cache / ".instantid-tiny.lock"):
         _publish(cache, TINY_BASE_MODEL, lambda d: build_sdxl(d, shape), "model_index.json")
-        unet = None
-
-        def instantid(d: Path) -> None:
-            build_instantid(d, unet if unet is not None else _unet(shape), shape)
-
-        _publish(cache, TINY_INSTANTID_REPO, instantid, "ip-adapter.bin")
+        _publish(cache, TINY_INSTANTID_REPO, lambda d: build_instantid(d, _unet(shape), shape), "ip-adapter.bin")
         _publish(cache, TINY_LCM_LORA, lambda d: build_lcm_lora(d, shape), "pytorch_lora_weights.safetensors")
         for i, repo in enumerate(TINY_CONTROLNETS.values()):
             _publish(

@@ -31,6 +31,7 @@ from .requests import (
     MAX_STRENGTH,
     SCHEDULERS,
     check_kind,
+    format_bound,
     random_seed,
 )
 from .settings import CONTROLNET_NAMES, Settings
@@ -63,10 +64,6 @@ DELETE_CACHE = (1800, 3600)
 # --- input checks that name the API parameter --------------------------------------------------------
 
 
-def _number_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
 def _input_error(component: Any, name: str, value: Any, exc: Exception) -> str:
     shown = repr(value)
     if len(shown) > 80:
@@ -80,7 +77,7 @@ def _input_error(component: Any, name: str, value: Any, exc: Exception) -> str:
             kind = f"a multiple of {step}"
         else:
             kind = "a number"
-        return f"Invalid {name}={shown}: must be {kind} in {_number_text(lo)}..{_number_text(hi)}."
+        return f"Invalid {name}={shown}: must be {kind} in {format_bound(lo)}..{format_bound(hi)}."
     choices = getattr(component, "choices", None)
     if choices:
         names = [str(c[1]) if isinstance(c, tuple) else str(c) for c in choices]
@@ -125,7 +122,7 @@ def guard_input(component: Any, name: str) -> None:
             return str(payload.path)
         try:
             return original(payload)
-        except Exception as exc:  # noqa: BLE001 - every refusal of a value gets the same kind of sentence
+        except Exception as exc:  # every refusal of a value gets the same kind of sentence
             raise gr.Error(_input_error(component, name, payload, exc), print_exception=False) from None
 
     component.preprocess = preprocess

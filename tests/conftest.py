@@ -61,7 +61,7 @@ def tiny_env(tiny_cache: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_settings(tiny_cache: Path):  # noqa: ANN201
+def tiny_settings(tiny_cache: Path):
     from instantid.settings import Settings
 
     return Settings.from_env(
@@ -70,7 +70,7 @@ def tiny_settings(tiny_cache: Path):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def tiny_engine(tiny_settings):  # noqa: ANN001, ANN201
+def tiny_engine(tiny_settings):
     """A loaded engine on the tiny preset, shared by the tests that only read from it."""
     from instantid.engine import Engine
 

@@ -12,11 +12,11 @@ from instantid.tiny import TinyShape, _unet, ip_adapter_state_dict
 
 
 @pytest.fixture()
-def unet():  # noqa: ANN201
+def unet():
     return _unet(TinyShape())
 
 
-def test_weights_land_on_cross_attention_processors_by_position(unet) -> None:  # noqa: ANN001
+def test_weights_land_on_cross_attention_processors_by_position(unet) -> None:
     names = list(unet.attn_processors)
     sd = ip_adapter_state_dict(unet, seed=3)
     count = install_ip_processors(unet, sd, num_tokens=4, source="test")
@@ -36,7 +36,7 @@ def test_weights_land_on_cross_attention_processors_by_position(unet) -> None:  
     assert any("to_k_ip" in k for k in unet.state_dict())
 
 
-def test_mismatched_checkpoints_are_refused(unet) -> None:  # noqa: ANN001
+def test_mismatched_checkpoints_are_refused(unet) -> None:
     sd = ip_adapter_state_dict(unet)
     first = next(iter(sd))
     bad_shape = dict(sd)
@@ -53,11 +53,11 @@ def test_mismatched_checkpoints_are_refused(unet) -> None:  # noqa: ANN001
         install_ip_processors(_unet(TinyShape()), extra, 4, source="ckpt")
 
 
-def _cross_attention(unet):  # noqa: ANN001, ANN202
+def _cross_attention(unet):
     return next(m for n, m in unet.named_modules() if n.endswith("attn2"))
 
 
-def test_processor_math(unet) -> None:  # noqa: ANN001
+def test_processor_math(unet) -> None:
     attn = _cross_attention(unet)
     torch.manual_seed(0)
     hidden = torch.randn(2, 16, attn.to_q.in_features)

@@ -20,7 +20,7 @@ def cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.Compl
     )
 
 
-def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:  # noqa: ANN001
+def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:
     out = tmp_path / "out.png"
     r = cli(
         tiny_env,
@@ -51,7 +51,7 @@ def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:  # noqa
             assert im.format == "PNG" and im.size == tuple(summary["size"])
 
 
-def test_faces_lists_largest_first(tiny_env, photos) -> None:  # noqa: ANN001
+def test_faces_lists_largest_first(tiny_env, photos) -> None:
     r = cli(tiny_env, "faces", str(photos["group"]))
     assert r.returncode == 0, r.stderr
     faces = json.loads(r.stdout)
@@ -61,7 +61,7 @@ def test_faces_lists_largest_first(tiny_env, photos) -> None:  # noqa: ANN001
     assert all(len(f["kps"]) == 5 and 0 < f["score"] <= 1 for f in faces)
 
 
-def test_status_is_the_memory_report(tiny_env) -> None:  # noqa: ANN001
+def test_status_is_the_memory_report(tiny_env) -> None:
     r = cli(tiny_env, "status")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
@@ -84,7 +84,7 @@ def test_status_is_the_memory_report(tiny_env) -> None:  # noqa: ANN001
         (["--face", "{astronaut}", "--pose", "{noface}"], "pose photo"),
     ],
 )
-def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:  # noqa: ANN001
+def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:
     notimage = tmp_path / "notes.png"
     notimage.write_text("this is not an image")
     names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg"), "notimage": str(notimage)}
@@ -98,7 +98,7 @@ def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args
     assert "Traceback" not in r.stderr
 
 
-def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path: Path, tiny_env) -> None:  # noqa: ANN001
+def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path: Path, tiny_env) -> None:
     """Offline with no preset set: checkpoints of other shapes, published under the user's repo ids, are loaded
     as they are (never swapped for the tiny preset)."""
     shape = TinyShape(

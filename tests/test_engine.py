@@ -12,11 +12,11 @@ from instantid.errors import InvalidParameter, NoFaceError
 from instantid.requests import GenerateRequest
 
 
-def pixels(result) -> np.ndarray:  # noqa: ANN001
+def pixels(result) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
 
 
-def run(engine, photos, **kw):  # noqa: ANN001, ANN003, ANN201
+def run(engine, photos, **kw):
     kw.setdefault("face_images", [photos["astronaut"]])
     kw.setdefault("prompt", "a portrait")
     kw.setdefault("num_steps", 2)
@@ -24,7 +24,7 @@ def run(engine, photos, **kw):  # noqa: ANN001, ANN003, ANN201
     return engine.generate(GenerateRequest(**kw))
 
 
-def test_result_fields(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_result_fields(tiny_engine, photos) -> None:
     r = run(tiny_engine, photos, num_images=2)
     assert len(r.images) == 2 and len(r.similarities) == 2
     assert r.images[0].size == (r.width, r.height) == r.keypoint_image.size
@@ -35,7 +35,7 @@ def test_result_fields(tiny_engine, photos) -> None:  # noqa: ANN001
     assert all(s is None or -1 <= s <= 1 for s in r.similarities)
 
 
-def test_same_seed_same_pixels_other_seed_other_pixels(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_same_seed_same_pixels_other_seed_other_pixels(tiny_engine, photos) -> None:
     a, b = run(tiny_engine, photos), run(tiny_engine, photos)
     assert np.array_equal(pixels(a), pixels(b))
     assert not np.array_equal(pixels(a), pixels(run(tiny_engine, photos, seed=8)))
@@ -55,7 +55,7 @@ def test_same_seed_same_pixels_other_seed_other_pixels(tiny_engine, photos) -> N
         {"prompt": "a painting of a dragon"},
     ],
 )
-def test_each_switch_changes_the_output(tiny_engine, photos, change: dict) -> None:  # noqa: ANN001
+def test_each_switch_changes_the_output(tiny_engine, photos, change: dict) -> None:
     base = pixels(run(tiny_engine, photos))
     kw = dict(change)
     if "face_images_extra" in kw:
@@ -69,7 +69,7 @@ def test_each_switch_changes_the_output(tiny_engine, photos, change: dict) -> No
     assert np.array_equal(base, pixels(run(tiny_engine, photos)))
 
 
-def test_lcm_toggle(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_lcm_toggle(tiny_engine, photos) -> None:
     off = pixels(run(tiny_engine, photos, num_steps=2, guidance_scale=1.5))
     on = run(tiny_engine, photos, enable_lcm=True, num_steps=None)
     assert on.num_steps == 5 and on.guidance_scale == 1.5  # LCM's defaults
@@ -79,13 +79,13 @@ def test_lcm_toggle(tiny_engine, photos) -> None:  # noqa: ANN001
     assert np.array_equal(off, pixels(run(tiny_engine, photos, num_steps=2, guidance_scale=1.5)))
 
 
-def test_several_faces_use_the_largest_and_say_so(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_several_faces_use_the_largest_and_say_so(tiny_engine, photos) -> None:
     r = run(tiny_engine, photos, face_images=[photos["group"]])
     assert r.faces_found == 6
     assert any("6 faces" in w for w in r.warnings)
 
 
-def test_embedding_averaging(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_embedding_averaging(tiny_engine, photos) -> None:
     from instantid import faces
     from instantid.images import image_to_array, load_image
 
@@ -98,7 +98,7 @@ def test_embedding_averaging(tiny_engine, photos) -> None:  # noqa: ANN001
     np.testing.assert_allclose(avg, (embs[0] + embs[1]) / 2, rtol=1e-6)
 
 
-def test_user_errors(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_user_errors(tiny_engine, photos) -> None:
     with pytest.raises(NoFaceError, match="face"):
         run(tiny_engine, photos, face_images=[photos["noface"]])
     with pytest.raises(NoFaceError, match="pose photo"):
@@ -111,7 +111,7 @@ def test_user_errors(tiny_engine, photos) -> None:  # noqa: ANN001
     assert run(tiny_engine, photos).images
 
 
-def test_progress_and_interrupt(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_progress_and_interrupt(tiny_engine, photos) -> None:
     seen: list[tuple[int, int]] = []
     r = tiny_engine.generate(
         GenerateRequest(face_images=[photos["astronaut"]], num_steps=3, seed=1),
@@ -131,7 +131,7 @@ def test_progress_and_interrupt(tiny_engine, photos) -> None:  # noqa: ANN001
     assert run(tiny_engine, photos).images  # not poisoned
 
 
-def test_three_stages_are_generate_and_their_hand_overs_pickle(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_three_stages_are_generate_and_their_hand_overs_pickle(tiny_engine, photos) -> None:
     """prepare -> render -> finish (ZeroGPU's split, across a process boundary) gives generate's pixels."""
     import pickle
 
@@ -148,7 +148,7 @@ def test_three_stages_are_generate_and_their_hand_overs_pickle(tiny_engine, phot
     assert np.array_equal(pixels(staged), pixels(tiny_engine.generate(request)))
 
 
-def test_closing_the_gpu_stage_stops_it_at_the_next_step(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_closing_the_gpu_stage_stops_it_at_the_next_step(tiny_engine, photos) -> None:
     job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], num_steps=50, seed=1))
     steps = tiny_engine.render_steps(job)
     assert next(steps).done == 1
@@ -158,13 +158,13 @@ def test_closing_the_gpu_stage_stops_it_at_the_next_step(tiny_engine, photos) ->
     assert run(tiny_engine, photos).images
 
 
-def test_two_concurrent_first_requests_load_once(tiny_settings, photos, monkeypatch) -> None:  # noqa: ANN001
+def test_two_concurrent_first_requests_load_once(tiny_settings, photos, monkeypatch) -> None:
     import instantid.engine as engine_mod
 
     calls = []
     real = engine_mod.load_pipeline
 
-    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
@@ -188,7 +188,7 @@ def test_two_concurrent_first_requests_load_once(tiny_settings, photos, monkeypa
     assert np.array_equal(pixels(results[0]), pixels(results[1]))
 
 
-def test_report_is_json_ready(tiny_engine) -> None:  # noqa: ANN001
+def test_report_is_json_ready(tiny_engine) -> None:
     import json
 
     report = json.loads(json.dumps(tiny_engine.report()))
@@ -198,7 +198,7 @@ def test_report_is_json_ready(tiny_engine) -> None:  # noqa: ANN001
     assert report["state"]["phase"] == "ready" and report["profile"]["name"] == "cpu"
 
 
-def test_save_pretrained_keeps_the_resampler(tiny_engine, tmp_path: Path) -> None:  # noqa: ANN001
+def test_save_pretrained_keeps_the_resampler(tiny_engine, tmp_path: Path) -> None:
     tiny_engine.pipe.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "resampler" / "config.json").exists()
     assert (tmp_path / "saved" / "resampler" / "diffusion_pytorch_model.safetensors").exists()
@@ -235,10 +235,10 @@ def test_weight_format_is_judged_by_the_diffusers_names(tmp_path: Path) -> None:
     assert isinstance(net, ControlNetModel)
 
 
-def test_chosen_size_keeps_the_face_proportions(tiny_engine, photos) -> None:  # noqa: ANN001
+def test_chosen_size_keeps_the_face_proportions(tiny_engine, photos) -> None:
     """A size with another aspect than the photo crops the layout; the face is not stretched."""
 
-    def shape_ratio(result) -> float:  # noqa: ANN001
+    def shape_ratio(result) -> float:
         img = np.asarray(result.keypoint_image).astype(int)
 
         def centre(rgb: tuple[int, int, int]) -> np.ndarray:
@@ -268,7 +268,15 @@ def test_chosen_size_keeps_the_face_proportions(tiny_engine, photos) -> None:  #
         ((512, 1024), (1024, 512), (200, 950, 300, 1024), (2.0, 0.0, -1536.0)),
     ],
 )
-def test_layout_keeps_the_face_in_frame(src, out, box, expected) -> None:  # noqa: ANN001
+def test_layout_keeps_the_face_in_frame(src, out, box, expected) -> None:
     from instantid.engine import layout
 
     assert layout(src, out, box) == pytest.approx(expected)
+
+
+def test_the_cpu_profile_default_steps_apply_only_when_automatic(tiny_engine, photos) -> None:
+    assert tiny_engine.profile.name == "cpu" and tiny_engine.profile.default_steps == 20
+    face = [photos["astronaut"]]
+    assert tiny_engine.prepare(GenerateRequest(face_images=face)).num_steps == 20
+    assert tiny_engine.prepare(GenerateRequest(face_images=face, num_steps=30)).num_steps == 30
+    assert tiny_engine.prepare(GenerateRequest(face_images=face, enable_lcm=True)).num_steps == 5

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("profile_name", ["large", "medium", "small"])
-def test_profiles_generate(tiny_settings, photos, profile_name: str) -> None:  # noqa: ANN001
+def test_profiles_generate(tiny_settings, photos, profile_name: str) -> None:
     import torch
 
     from instantid.engine import Engine
@@ -33,7 +33,7 @@ def test_profiles_generate(tiny_settings, photos, profile_name: str) -> None:  #
     assert report["gpu"]["peak_allocated"] > 0
 
 
-def test_resident_start_up_on_a_real_gpu(tiny_settings, photos) -> None:  # noqa: ANN001
+def test_resident_start_up_on_a_real_gpu(tiny_settings, photos) -> None:
     """ZeroGPU's start-up mode on real CUDA: everything loaded up front, then the three stages."""
     import torch
 

@@ -47,7 +47,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):  # noqa: ANN201
+def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):
     # A token in the environment, as on a Space with HF_TOKEN set: it must never reach a log or the status.
     app = apprunner.start_app(tmp_path_factory.mktemp("hardening-app"), tiny_cache, HF_TOKEN=SECRET)
     try:
@@ -125,7 +125,7 @@ def upload_args(path: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture
-def cli_main(tiny_engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  # noqa: ANN001, ANN201
+def cli_main(tiny_engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     """`python -m instantid ...` in this process, on the shared tiny engine: (exit status, stdout, stderr)."""
     import instantid.engine as engine_mod
     from instantid.__main__ import main
@@ -180,7 +180,7 @@ def check_cli_upload(r: subprocess.CompletedProcess[str], case: hostile.Case) ->
 
 
 @pytest.mark.parametrize("case", hostile.CASES, ids=lambda c: c.id)
-def test_engine_hostile_upload(tiny_engine, corpus: dict[str, Path], case: hostile.Case) -> None:  # noqa: ANN001
+def test_engine_hostile_upload(tiny_engine, corpus: dict[str, Path], case: hostile.Case) -> None:
     path = corpus[case.name]
     if case.expect == hostile.REFUSE:
         t0 = time.perf_counter()
@@ -203,7 +203,7 @@ def test_engine_hostile_upload(tiny_engine, corpus: dict[str, Path], case: hosti
 
 
 @pytest.mark.parametrize("case", hostile.CASES, ids=lambda c: c.id)
-def test_cli_hostile_upload(cli_main, corpus: dict[str, Path], tmp_path: Path, case: hostile.Case) -> None:  # noqa: ANN001
+def test_cli_hostile_upload(cli_main, corpus: dict[str, Path], tmp_path: Path, case: hostile.Case) -> None:
     check_cli_upload(cli_main(*upload_args(corpus[case.name], tmp_path / "out.png")), case)
 
 
@@ -269,7 +269,7 @@ PROMPTS = {
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_engine_prompts(tiny_engine, photos: dict[str, Path], name: str) -> None:  # noqa: ANN001
+def test_engine_prompts(tiny_engine, photos: dict[str, Path], name: str) -> None:
     prompt, warning = PROMPTS[name]
     result = tiny_engine.generate(engine_request(str(photos["astronaut"]), prompt=prompt))
     assert len(result.images) == 1
@@ -285,7 +285,7 @@ def test_control_characters_are_stripped_before_the_encoders() -> None:
     assert clean.prompt == "ab[1mc\td\nef 👩🏽‍🚀" and clean.negative_prompt == "x"
 
 
-def test_engine_prompt_too_long(tiny_engine, photos: dict[str, Path]) -> None:  # noqa: ANN001
+def test_engine_prompt_too_long(tiny_engine, photos: dict[str, Path]) -> None:
     with pytest.raises(errors.InvalidParameter, match=f"prompt=.*at most {MAX_PROMPT_CHARS} characters"):
         tiny_engine.generate(engine_request(str(photos["astronaut"]), prompt=LONG_PROMPT))
 
@@ -355,19 +355,19 @@ PARAM_IDS = [re.sub(r"[^A-Za-z0-9_=.-]+", "", str(api)) for _, api, _ in BAD_PAR
 
 
 @pytest.mark.parametrize(("fields", "api", "pattern"), BAD_PARAMETERS, ids=PARAM_IDS)
-def test_engine_rejects_bad_parameter(tiny_engine, photos, fields: dict, api: dict, pattern: str) -> None:  # noqa: ANN001
+def test_engine_rejects_bad_parameter(tiny_engine, photos, fields: dict, api: dict, pattern: str) -> None:
     with pytest.raises(errors.InvalidParameter, match=pattern):
         tiny_engine.generate(engine_request(str(photos["astronaut"]), **{**FAST, **fields}))
 
 
 @pytest.mark.parametrize(("fields", "api", "pattern"), BAD_PARAMETERS, ids=PARAM_IDS)
-def test_api_rejects_bad_parameter(client: Client, photos, fields: dict, api: dict, pattern: str) -> None:  # noqa: ANN001
+def test_api_rejects_bad_parameter(client: Client, photos, fields: dict, api: dict, pattern: str) -> None:
     with pytest.raises(AppError, match=pattern):
         client.predict(handle_file(str(photos["astronaut"])), "a portrait", api_name="/generate", **{**FAST, **api})
 
 
 @pytest.mark.parametrize(("args", "message"), CLI_PARAMETERS, ids=[a[0] for a, _ in CLI_PARAMETERS])
-def test_cli_rejects_bad_parameter(cli_main, photos: dict[str, Path], tmp_path: Path, args: list[str],  # noqa: ANN001
+def test_cli_rejects_bad_parameter(cli_main, photos: dict[str, Path], tmp_path: Path, args: list[str],
                                    message: str) -> None:
     r = cli_main("generate", "--face", str(photos["astronaut"]), "--out", str(tmp_path / "o.png"), *args)
     assert_clean_refusal(r, message)
@@ -512,7 +512,7 @@ def test_api_refuses_loose_types(client: Client, photos: dict[str, Path], values
         ({"controlnets": {"canny": "0.4"}}, r"controlnets\[canny\]='0.4': must be a number"),
     ],
 )
-def test_engine_refuses_loose_types(tiny_engine, photos: dict[str, Path], fields: dict, pattern: str) -> None:  # noqa: ANN001
+def test_engine_refuses_loose_types(tiny_engine, photos: dict[str, Path], fields: dict, pattern: str) -> None:
     """The command line and Python callers get the same strict reading (GenerateRequest.validated)."""
     with pytest.raises(errors.InvalidParameter, match=pattern):
         tiny_engine.prepare(engine_request(str(photos["astronaut"]), **fields))
@@ -521,7 +521,7 @@ def test_engine_refuses_loose_types(tiny_engine, photos: dict[str, Path], fields
 # --- 3c. command-line paths: checked before any model loads ----------------------------------------
 
 
-def test_cli_bad_paths_exit_2_before_loading(cli_main, photos: dict[str, Path], tmp_path: Path,  # noqa: ANN001
+def test_cli_bad_paths_exit_2_before_loading(cli_main, photos: dict[str, Path], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import instantid.engine as engine_mod
 
@@ -603,7 +603,7 @@ def _snapshot(cache: Path, repo_id: str) -> Path:
 
 @pytest.mark.parametrize("missing", ["base_repo", "ip_adapter_file"])
 def test_missing_checkpoint_is_named_and_a_later_request_retries(
-    tiny_settings, tiny_cache: Path, photos: dict[str, Path], tmp_path: Path, missing: str  # noqa: ANN001
+    tiny_settings, tiny_cache: Path, photos: dict[str, Path], tmp_path: Path, missing: str
 ) -> None:
     """The Hub is unreachable (offline) and the cache lacks a repo or a file: a clear error, then recovery."""
     from instantid.engine import Engine
@@ -665,14 +665,14 @@ class FlakyPipe:
         self.held_alive_at_retry += [ref() is not None for ref in self.held]
         if self.failures > 0:
             self.failures -= 1
-            activations = torch.zeros(1024)  # what a failed attempt holds until its frames die  # noqa: F841
+            activations = torch.zeros(1024)  # what a failed attempt holds until its frames die
             self.held.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by the test)")
         return self._pipe(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
-def spare_engine(tiny_settings):  # noqa: ANN001, ANN201
+def spare_engine(tiny_settings):
     """A second loaded engine, so that faults injected here never touch the shared one."""
     from instantid.engine import Engine
 
@@ -682,7 +682,7 @@ def spare_engine(tiny_settings):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def gpu_like(spare_engine, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+def gpu_like(spare_engine, monkeypatch: pytest.MonkeyPatch):
     """The spare engine pretending to run the `large` GPU profile; placement calls are recorded, not run."""
     import instantid.engine as engine_mod
     from instantid.memory import PROFILES
@@ -698,7 +698,7 @@ def gpu_like(spare_engine, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, AN
     return spare_engine, placed, freed
 
 
-def test_oom_frees_and_retries_once_with_a_leaner_profile(gpu_like, photos: dict[str, Path]) -> None:  # noqa: ANN001
+def test_oom_frees_and_retries_once_with_a_leaner_profile(gpu_like, photos: dict[str, Path]) -> None:
     engine, placed, freed = gpu_like
     reference = engine.generate(engine_request(str(photos["astronaut"]), seed=5))
     flaky = FlakyPipe(engine.pipe, failures=1)
@@ -711,7 +711,7 @@ def test_oom_frees_and_retries_once_with_a_leaner_profile(gpu_like, photos: dict
     assert np.array_equal(pixels(result), pixels(reference)), "the retry returns the same image"
 
 
-def test_oom_twice_is_a_clear_error_and_the_engine_serves_on(gpu_like, photos: dict[str, Path]) -> None:  # noqa: ANN001
+def test_oom_twice_is_a_clear_error_and_the_engine_serves_on(gpu_like, photos: dict[str, Path]) -> None:
     engine, placed, freed = gpu_like
     real = engine.pipe
     engine.pipe = FlakyPipe(real, failures=2)
@@ -722,7 +722,7 @@ def test_oom_twice_is_a_clear_error_and_the_engine_serves_on(gpu_like, photos: d
     assert len(engine.generate(engine_request(str(photos["astronaut"]))).images) == 1
 
 
-def test_oom_without_a_leaner_profile_is_a_clear_error(gpu_like, photos: dict[str, Path]) -> None:  # noqa: ANN001
+def test_oom_without_a_leaner_profile_is_a_clear_error(gpu_like, photos: dict[str, Path]) -> None:
     from instantid.memory import PROFILES
 
     engine, placed, _ = gpu_like
@@ -746,7 +746,7 @@ class Injected(Exception):
     pass
 
 
-def test_an_exception_mid_request_never_poisons_the_shared_pipeline(tiny_engine, photos: dict[str, Path]) -> None:  # noqa: ANN001
+def test_an_exception_mid_request_never_poisons_the_shared_pipeline(tiny_engine, photos: dict[str, Path]) -> None:
     from diffusers import ControlNetModel
 
     face = str(photos["astronaut"])

@@ -128,7 +128,7 @@ def test_face_models_from_a_folder_or_a_space_repo(tmp_path: Path, face_models_d
     )
 
 
-def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monkeypatch) -> None:  # noqa: ANN001
+def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monkeypatch) -> None:
     """`python -m instantid preload` names exactly the files `load_all` fetches: no more, no fewer."""
     import dataclasses
 
@@ -139,7 +139,7 @@ def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monke
     fetched: set[tuple[str, str]] = set()
     real_fetch = hub_mod.fetch
 
-    def recording_fetch(repo: RepoRef, filename: str, **kw):  # noqa: ANN003, ANN202 - a spy, the real fetch runs
+    def recording_fetch(repo: RepoRef, filename: str, **kw):  # a spy, the real fetch runs
         fetched.add((repo.repo_id, filename))
         return real_fetch(repo, filename, **kw)
 

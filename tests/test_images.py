@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from instantid.errors import ImageError, UserError
-from instantid.images import downscale_for_detection, image_to_array, load_image
+from instantid.images import image_to_array, load_image
 
 MAX_BYTES = 25 * 2**20
 MAX_PIXELS = 50_000_000
@@ -401,25 +401,6 @@ def test_bad_arrays(arr):
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "size,max_side,expected_size",
-    [
-        ((4000, 3000), 1536, (1536, 1152)),
-        ((3000, 4000), 1536, (1152, 1536)),
-        ((1536, 100), 1536, (1536, 100)),
-        ((800, 600), 1536, (800, 600)),
-        ((1000, 500), 100, (100, 50)),
-    ],
-)
-def test_downscale_for_detection(size, max_side, expected_size):
-    img = Image.new("RGB", size, (9, 9, 9))
-    small, scale = downscale_for_detection(img, max_side=max_side)
-    assert small.size == expected_size
-    assert scale == pytest.approx(expected_size[0] / size[0])
-    if expected_size == size:
-        assert small is img and scale == 1.0
 
 
 def test_image_to_array():

@@ -34,7 +34,7 @@ MB = 2**20
 
 
 @pytest.fixture(scope="module")
-def busy_app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):  # noqa: ANN201
+def busy_app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):
     app = apprunner.start_app(tmp_path_factory.mktemp("load-app"), tiny_cache, INSTANTID_QUEUE_SIZE=str(QUEUE_SIZE))
     try:
         yield app
@@ -46,7 +46,7 @@ def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-def test_memory_is_stable_over_sequential_requests(tiny_engine, photos: dict[str, Path]) -> None:  # noqa: ANN001
+def test_memory_is_stable_over_sequential_requests(tiny_engine, photos: dict[str, Path]) -> None:
     process = psutil.Process()
     faces = [str(photos["astronaut"]), str(photos["hanks"]), str(photos["group"])]
 
@@ -98,7 +98,7 @@ def test_concurrent_clients_every_request_answered(busy_app: apprunner.App, phot
                 outcome: tuple[str, Any] = ("ok", valid)
             except QueueError as exc:
                 outcome = ("queue full", str(exc))
-            except Exception as exc:  # noqa: BLE001 - anything else is reported by the assertions below
+            except Exception as exc:  # anything else is reported by the assertions below
                 outcome = ("error", f"{type(exc).__name__}: {exc}")
             with lock:
                 outcomes[(i, j)] = outcome

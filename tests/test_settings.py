@@ -63,12 +63,6 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
         Settings.from_env(env)
 
 
-def test_public_dict_is_json_ready() -> None:
-    import json
-
-    json.dumps(Settings.from_env({}).public_dict())
-
-
 @pytest.mark.parametrize(
     ("kw", "name"),
     [

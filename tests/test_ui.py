@@ -366,14 +366,14 @@ def test_results_pickle() -> None:
     assert again.seed == result.seed and again.images[0].tobytes() == result.images[0].tobytes()
 
 
-def test_gpu_stage_errors_cross_the_worker_with_their_message(engine: FakeEngine, caplog) -> None:  # noqa: ANN001
+def test_gpu_stage_errors_cross_the_worker_with_their_message(engine: FakeEngine, caplog) -> None:
     """Only a gr.Error crosses ZeroGPU's process boundary with its message: the GPU stage raises nothing else."""
     import pickle
 
     from instantid.errors import OutOfMemoryError
 
-    def failing(exc: Exception):  # noqa: ANN202
-        def render_steps(job: Any):  # noqa: ANN202
+    def failing(exc: Exception):
+        def render_steps(job: Any):
             raise exc
             yield
 

@@ -31,7 +31,7 @@ class DeviceAPI:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:  # http.server's name
                 url = urlparse(self.path)
                 params = {k: v[-1] for k, v in parse_qs(url.query).items()}
                 api.calls.append((url.path, params))
@@ -104,7 +104,7 @@ def test_everything_is_resident_before_launch(zerogpu: tuple[App, DeviceAPI, dic
     assert device.paths()[:1] == ["/startup-report"], "spaces reports start-up once it has packed"
 
 
-def test_a_photo_without_a_face_costs_no_gpu_time(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+def test_a_photo_without_a_face_costs_no_gpu_time(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -116,7 +116,7 @@ def test_a_photo_without_a_face_costs_no_gpu_time(zerogpu: tuple[App, DeviceAPI,
     assert device.paths().count("/schedule") == before
 
 
-def test_an_unavailable_part_is_refused_with_its_reason(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+def test_an_unavailable_part_is_refused_with_its_reason(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
@@ -128,7 +128,7 @@ def test_an_unavailable_part_is_refused_with_its_reason(zerogpu: tuple[App, Devi
     assert device.paths().count("/schedule") == before
 
 
-def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     from gradio_client import Client, handle_file
 
     app, device, _ = zerogpu
@@ -147,7 +147,7 @@ def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, di
     assert "denoise_ms" in timings, "the denoising ran in the worker and its timings came back"
 
 
-def test_errors_in_the_worker_reach_the_visitor(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+def test_errors_in_the_worker_reach_the_visitor(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     """An out-of-range value is refused before scheduling; an error inside the worker keeps its message."""
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -175,7 +175,7 @@ def test_status_reports_the_resident_start_up(zerogpu: tuple[App, DeviceAPI, dic
     assert report["gpu"]["emulated"] is True
 
 
-def test_progress_from_the_worker_reaches_the_client(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+def test_progress_from_the_worker_reaches_the_client(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     from gradio_client import Client, handle_file
 
     app, _, _ = zerogpu
@@ -191,7 +191,7 @@ def test_progress_from_the_worker_reaches_the_client(zerogpu: tuple[App, DeviceA
     assert (4, 4) in steps, steps
 
 
-def test_cancel_frees_the_gpu_within_steps(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:  # noqa: ANN001
+def test_cancel_frees_the_gpu_within_steps(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     """A visitor who cancels: `spaces` stops the worker at its next step and the GPU is released."""
     from gradio_client import Client, handle_file
 

@@ -56,7 +56,7 @@ def _init_on_cpu(nvidia_uuid: str) -> None:
     torch.set_num_threads(1)
 
 
-def _move_to_host(callback=None) -> None:  # noqa: ANN001 - the signature spaces calls
+def _move_to_host(callback=None) -> None:  # the signature spaces calls
     """The weights `spaces` packed at launch, read back from its pack files into host tensors."""
     for fake, original in patching.cuda_aliases.items():
         if original is not None:
@@ -78,7 +78,7 @@ def _facts() -> dict:
     engine = get_engine()
     pipe = engine.pipe
 
-    def devices(module) -> list[str]:  # noqa: ANN001
+    def devices(module) -> list[str]:
         return sorted({str(p.device) for p in module.parameters()})
 
     modules = {}
