@@ -331,13 +331,19 @@ def _labels(plan: Plan) -> tuple[str, str]:
 
 
 def _instantid_rows(
-    name: str, pipe: Any, plan: Plan, inputs: dict[str, Any], modes: tuple[str, ...] = ("full", "lcm")
+    name: str,
+    pipe: Any,
+    plan: Plan,
+    inputs: dict[str, Any],
+    modes: tuple[str, ...] = ("full", "lcm"),
+    extra_controls: tuple[Any, ...] = (),
 ) -> list[dict[str, Any]]:
     import torch
 
     rows = []
     label30, label_lcm = _labels(plan)
     runs = {"full": (label30, plan.steps, 5.0, False), "lcm": (label_lcm, plan.lcm_steps, 1.5, True)}
+    suffix = f" + {len(extra_controls)} extra ControlNet" if extra_controls else ""
     for label, steps, guidance, use_lcm in (runs[m] for m in modes):
         pipe.use_lcm(use_lcm)
         pipe.set_scheduler("LCMScheduler" if use_lcm else "EulerDiscreteScheduler")
@@ -351,6 +357,7 @@ def _instantid_rows(
                 num_inference_steps=n,
                 guidance_scale=guidance,
                 generator=torch.Generator("cpu").manual_seed(0),
+                extra_controls=extra_controls,
                 **inputs,
             )
 
@@ -360,7 +367,7 @@ def _instantid_rows(
             {
                 "pipeline": "instantid",
                 "profile": name,
-                "mode": label,
+                "mode": label + suffix,
                 "steps": steps,
                 "seconds_per_image": round(seconds, 3),
                 "stages_ms": {k: round(v, 1) for k, v in out.timings_ms.items()},
@@ -456,35 +463,8 @@ def _extra_controlnet_row(pipe: Any, parts: dict[str, Any], plan: Plan, inputs: 
     with _default(torch.device(plan.device), _dtype(plan.dtype)):
         net = _reinit(ControlNetModel.from_config(parts["controlnet"].config))
     net.to(device=plan.device, dtype=_dtype(plan.dtype))
-    extra = [ExtraControl(name="canny", net=net, image=inputs["keypoint_image"], scale=0.4)]
-    pipe.use_lcm(False)
-    pipe.set_scheduler("EulerDiscreteScheduler")
-
-    def call(n: int) -> Any:
-        return pipe(
-            "a portrait photo of a person, studio light",
-            "blurry, low quality",
-            height=plan.resolution,
-            width=plan.resolution,
-            num_inference_steps=n,
-            guidance_scale=5.0,
-            generator=torch.Generator("cpu").manual_seed(0),
-            extra_controls=extra,
-            **inputs,
-        )
-
-    _reset_peak()
-    seconds, out = _time(call, plan.steps, 1)
-    row = {
-        "pipeline": "instantid",
-        "profile": "large",
-        "mode": f"{plan.steps} steps + 1 extra ControlNet",
-        "steps": plan.steps,
-        "seconds_per_image": round(seconds, 3),
-        "stages_ms": {k: round(v, 1) for k, v in out.timings_ms.items()},
-        **_vram(),
-    }
-    return row  # the extra net is freed with this frame; the caller's _free() returns its memory
+    extra = (ExtraControl(name="canny", net=net, image=inputs["keypoint_image"], scale=0.4),)
+    return _instantid_rows("large", pipe, plan, inputs, modes=("full",), extra_controls=extra)[0]
 
 
 def _offload_phase(name: str, plan: Plan, log: Any) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ Random SDXL-architecture checkpoints in the real repos' file layout are written 
 Hugging Face cache (`write_checkpoints`); then two fresh subprocesses each import everything first,
 note their resident set, load, and report how far RSS rose (peak and end):
 
-- `engine`: `instantid.engine.load_pipeline` with a GPU-class fp16 profile placed on the CPU (the
+- `engine`: `instantid.loading.load_pipeline` with a GPU-class fp16 profile placed on the CPU (the
   `large` profile with device "cpu"), so the weights stay fp16 and host RAM is what is measured;
 - `baseline`: the official demo's sequence: `ControlNetModel.from_pretrained(..., float16)`,
   `StableDiffusionXLControlNetPipeline.from_pretrained(..., controlnet=..., float16)`, then
@@ -195,6 +195,7 @@ def _imports() -> None:
 
     import instantid.attention
     import instantid.engine
+    import instantid.loading
     import instantid.pipeline
     import instantid.resampler  # noqa: F401
 
@@ -208,7 +209,7 @@ def _module_bytes(modules: dict[str, Any]) -> int:
 def _load_engine(cache: str, base: str, repo: str, watch: RSSWatch) -> tuple[dict[str, Any], str]:
     from dataclasses import replace
 
-    from instantid.engine import load_pipeline
+    from instantid.loading import load_pipeline
     from instantid.memory import PROFILES
     from instantid.settings import Settings
 

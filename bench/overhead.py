@@ -179,8 +179,8 @@ def child_main(variant: Variant, n: int) -> dict[str, Any]:
     import torch
 
     from instantid import faces as face_lib
-    from instantid.engine import resampler_dtype
     from instantid.images import image_to_array, load_image
+    from instantid.loading import resampler_dtype
     from instantid.memory import PROFILES
     from instantid.pipeline import face_tokens
     from instantid.settings import Settings

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(get_engine().report(), indent=1))
             return 0
         if args.command == "preload":
-            from .engine import loader_files
+            from .loading import loader_files
             from .settings import get_settings
 
             print(preload_yaml(loader_files(get_settings())))

@@ -310,8 +310,9 @@ def _load_state(engine: Any) -> dict[str, Any]:
 def _wait_for_models(engine: Any, progress: Any) -> None:
     """Block until the engine has loaded (starting the load if nobody has), showing load progress.
 
-    On ZeroGPU this must happen outside the GPU function: the worker is a fork of this process, and a
-    fork taken halfway through a background load would wait for a loader thread that it does not have.
+    The lazy start-up mode's wait; on ZeroGPU everything was loaded before launch and this returns at
+    once (a load started here would run outside the thread `spaces` watches, and a GPU worker forked
+    halfway through it would wait for a loader thread it does not have).
     """
     if _load_state(engine).get("phase") == "not loaded":
         engine.start_background_load()
@@ -319,7 +320,7 @@ def _wait_for_models(engine: Any, progress: Any) -> None:
     while True:
         state = _load_state(engine)
         if state.get("phase") != "loading":
-            return  # ready, or an error that engine.generate turns into a UserError with its message
+            return  # ready, or an error that the engine's stages turn into a UserError with its message
         if time.monotonic() > deadline:
             raise gr.Error("The models are taking too long to load; please try again later.")
         if progress is not None:

@@ -464,6 +464,23 @@ def scale_kps(kps: np.ndarray, sx: float, sy: float) -> np.ndarray:
     return out
 
 
+def layout(
+    src: tuple[int, int], out: tuple[int, int], face_box: tuple[float, float, float, float]
+) -> tuple[float, float, float]:
+    """(scale, x offset, y offset) mapping photo coordinates onto the output canvas.
+
+    One scale for both axes, so the face is never stretched; when the output's aspect differs from the
+    photo's, the canvas covers the photo and the crop is centred on the face (clamped to the photo), so
+    a wide output of a portrait keeps the face in frame.
+    """
+    (src_w, src_h), (width, height) = src, out
+    scale = max(width / src_w, height / src_h)
+    cx, cy = (face_box[0] + face_box[2]) / 2, (face_box[1] + face_box[3]) / 2
+    ox = min(0.0, max(width - src_w * scale, width / 2 - cx * scale))
+    oy = min(0.0, max(height - src_h * scale, height / 2 - cy * scale))
+    return scale, ox, oy
+
+
 def output_size(
     width: int,
     height: int,

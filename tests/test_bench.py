@@ -60,7 +60,7 @@ def test_checkpoints_are_loadable_and_shaped_like_the_release(tmp_path: Path) ->
     from safetensors import safe_open
 
     from bench.sdxl import SDXLSize, _snapshot, write_checkpoints
-    from instantid.engine import load_ip_adapter_file
+    from instantid.loading import load_ip_adapter_file
     from instantid.resampler import ResamplerConfig
 
     size = SDXLSize.named("micro")
@@ -112,7 +112,7 @@ def test_overhead_three_requests() -> None:
 
 def test_overhead_what_if_path_runs_in_process() -> None:
     from bench import overhead
-    from instantid.engine import resampler_dtype
+    from instantid.loading import resampler_dtype
     from instantid.memory import PROFILES
 
     out = overhead.child_main(overhead.WHAT_IFS[-1], 1)

@@ -209,7 +209,7 @@ def test_ip_adapter_bin_and_safetensors_load_the_same(tmp_path: Path, tiny_cache
     import torch
     from safetensors.torch import save_file
 
-    from instantid.engine import load_ip_adapter_file
+    from instantid.loading import load_ip_adapter_file
 
     bin_path = next(tiny_cache.glob("models--instantid-tiny--InstantID/snapshots/*/ip-adapter.bin"))
     image_proj, ip = load_ip_adapter_file(bin_path)
@@ -226,7 +226,7 @@ def test_weight_format_is_judged_by_the_diffusers_names(tmp_path: Path) -> None:
     """A stray single-file .safetensors beside a diffusers .bin must not make from_pretrained look for safetensors."""
     from diffusers import ControlNetModel
 
-    from instantid.engine import _from_pretrained
+    from instantid.loading import _from_pretrained
     from instantid.tiny import TinyShape, _controlnet, _unet
 
     _controlnet(_unet(TinyShape()), seed=1).save_pretrained(tmp_path, safe_serialization=False)
@@ -269,7 +269,7 @@ def test_chosen_size_keeps_the_face_proportions(tiny_engine, photos) -> None:
     ],
 )
 def test_layout_keeps_the_face_in_frame(src, out, box, expected) -> None:
-    from instantid.engine import layout
+    from instantid.faces import layout
 
     assert layout(src, out, box) == pytest.approx(expected)
 

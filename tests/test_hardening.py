@@ -857,7 +857,7 @@ class _Payload:
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     import torch
 
-    from instantid.engine import load_ip_adapter_file
+    from instantid.loading import load_ip_adapter_file
 
     marker = tmp_path / "pwned"
     path = tmp_path / "ip-adapter.bin"

@@ -134,6 +134,7 @@ def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monke
 
     import instantid.engine as engine_mod
     import instantid.hub as hub_mod
+    import instantid.loading as loading_mod
     from instantid.__main__ import preload_yaml
 
     fetched: set[tuple[str, str]] = set()
@@ -144,7 +145,7 @@ def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monke
         return real_fetch(repo, filename, **kw)
 
     monkeypatch.setattr(hub_mod, "fetch", recording_fetch)
-    monkeypatch.setattr(engine_mod, "fetch", recording_fetch)
+    monkeypatch.setattr(loading_mod, "fetch", recording_fetch)
     # The wheel's face models as a repo in the cache, as the real preset fetches antelopev2 from a repo.
     face_repo = "acme/face-models"
     publish_folder(tiny_settings.hub_cache, face_repo, Path(tiny_settings.face_models))
@@ -153,7 +154,7 @@ def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monke
     engine.load_all()
     assert engine.unavailable == {} and engine.state["phase"] == "ready"
 
-    plan = engine_mod.loader_files(settings)
+    plan = loading_mod.loader_files(settings)
     planned = {(repo_id, name) for (_, repo_id), names in plan.items() for name in names}
     assert planned == fetched
     yaml = preload_yaml(plan)

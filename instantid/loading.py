@@ -1,0 +1,303 @@
+"""Loading: every checkpoint through the Hugging Face cache into its model, placed per the memory profile.
+
+The engine decides when (at start-up, in the background, on first use) and keeps what was loaded; this
+module knows how. Each loader reports where a component came from through `record(role, repo, path)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import faces as face_lib
+from .errors import CheckpointError
+from .hub import (
+    RepoRef,
+    choose_weights,
+    component_files,
+    face_model_files,
+    fetch,
+    fetch_component,
+    ip_adapter_file,
+    list_files,
+    lora_file,
+    resolve_face_models,
+)
+from .memory import Profile, apply_profile, torch_dtype
+from .settings import Settings
+
+Record = Callable[[str, Any, Path], None]
+
+
+def _ignore(role: str, repo: Any, path: Path) -> None:
+    pass
+
+
+def load_face_analyzer(s: Settings, record: Record = _ignore) -> face_lib.FaceAnalyzer:
+    """The insightface detector and recognizer (onnxruntime, on the CPU unless the providers say otherwise)."""
+    folder = resolve_face_models(s.face_models, cache_dir=s.hub_cache, offline=s.hub_offline)
+    record("face models", s.face_models, folder)
+    return face_lib.FaceAnalyzer(folder, providers=s.onnx_providers, det_size=s.face_det_size)
+
+
+def load_extra_controlnet(s: Settings, name: str, profile: Profile, record: Record = _ignore) -> Any:
+    """An extra ControlNet (pose, canny, depth), placed the way the profile places the IdentityNet."""
+    from diffusers import ControlNetModel
+
+    repo = RepoRef.parse(s.controlnets[name])
+    files = list_files(repo, cache_dir=s.hub_cache, offline=s.hub_offline)
+    folder, variant = fetch_component(repo, repo.subfolder, files=files, cache_dir=s.hub_cache, offline=s.hub_offline)
+    net = _from_pretrained(ControlNetModel, folder, variant, torch_dtype(profile.dtype)).eval()
+    record(f"{name} ControlNet", repo, folder)
+    return place_like_profile(net, profile)
+
+
+def load_estimator(s: Settings, name: str, device: str, record: Record = _ignore) -> Any:
+    """The depth or pose estimator that makes that ControlNet's condition image from a photo."""
+    from . import controls
+
+    if name == "depth":
+        folder = _snapshot(s.depth_estimator, s)
+        record("depth estimator", s.depth_estimator, folder)
+        return controls.DepthEstimator.from_folder(folder, device=device)
+    if name == "pose":
+        pose, det = _snapshot(s.pose_estimator, s), _snapshot(s.person_detector, s)
+        record("pose estimator", s.pose_estimator, pose)
+        record("person detector", s.person_detector, det)
+        return controls.PoseEstimator.from_folders(pose, det, device=device)
+    raise ValueError(f"no estimator for {name!r}")
+
+
+def load_lcm(pipe: Any, s: Settings, record: Record = _ignore) -> None:
+    """LCM-LoRA into the pipeline's UNet as the "lcm" adapter, switched off until a request asks for it."""
+    repo = RepoRef.parse(s.lcm_lora)
+    files = list_files(repo, cache_dir=s.hub_cache, offline=s.hub_offline)
+    name = lora_file(repo, files)
+    path = fetch(repo, name, cache_dir=s.hub_cache, offline=s.hub_offline)
+    pipe.load_lcm_lora(str(path.parent), weight_name=name)
+    record("LCM-LoRA", repo, path)
+
+
+def resampler_dtype(profile: Profile) -> Any:
+    """The resampler's dtype: the profile's on a GPU; on a CPU bfloat16 where it has native bf16 matmuls.
+
+    On the CPU the resampler (1280 wide, 4 layers) is the largest per-request cost outside the denoising
+    loop; with AVX512-BF16/AMX bf16 halves it (bench overhead). Its tokens are cast to the text
+    embeddings' dtype before the UNet sees them.
+    """
+    import torch
+
+    if profile.device != "cpu":
+        return torch_dtype(profile.dtype)
+    try:
+        fast_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast_bf16 = False
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def _from_pretrained(cls: Any, folder: Path, variant: str | None, dtype: Any) -> Any:
+    """from_pretrained of one local component folder with the weight format `hub` chose."""
+    # Judged by the weight file names from_pretrained will look for: a cached snapshot can also hold
+    # unrelated .safetensors files (e.g. a single-file checkpoint beside a diffusers .bin).
+    chosen = choose_weights([p.name for p in folder.iterdir()], "")
+    use_safetensors = bool(chosen) and ".safetensors" in chosen[0]
+    return cls.from_pretrained(
+        str(folder), variant=variant, use_safetensors=use_safetensors, dtype=dtype, low_cpu_mem_usage=True
+    )
+
+
+def place_like_profile(net: Any, profile: Profile) -> Any:
+    """Place an extra ControlNet the way the profile placed the IdentityNet (it runs beside it every step)."""
+    import torch
+
+    if profile.device == "cpu":
+        return net.to("cpu")
+    if profile.offload == "group":
+        net.enable_group_offload(
+            onload_device=torch.device(profile.device),
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
+            use_stream=True,
+        )
+        return net
+    return net.to(profile.device)
+
+
+def _snapshot(spec: str, s: Settings) -> Path:
+    """A transformers model folder (config, processor config, one weight format) through the cache."""
+    repo = RepoRef.parse(spec)
+    files = list_files(repo, cache_dir=s.hub_cache, offline=s.hub_offline)
+    folder, _ = fetch_component(repo, repo.subfolder, files=files, cache_dir=s.hub_cache, offline=s.hub_offline)
+    return folder
+
+
+def load_ip_adapter_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(image_proj, ip_adapter) state dicts from `ip-adapter.bin` (weights only) or a safetensors file."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        flat = load_file(str(path))
+        parts: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in flat.items():
+            head, _, rest = key.partition(".")
+            if head in parts:
+                parts[head][rest] = value
+        sd: Any = parts
+    else:
+        try:
+            # weights_only: a pickle from the Hub must not be able to run code. mmap: no second copy in RAM.
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{path.name} could not be read safely ({type(exc).__name__}: {exc}).") from exc
+    if not isinstance(sd, dict) or "image_proj" not in sd or "ip_adapter" not in sd:
+        raise CheckpointError(f"{path.name} is not an InstantID ip-adapter: expected 'image_proj' and 'ip_adapter'.")
+    return sd["image_proj"], sd["ip_adapter"]
+
+
+def checkpoint_entry(role: str, repo: Any, path: Path) -> dict[str, str]:
+    """Role, repo, the revision served from the cache (its snapshot's commit) and the weight file(s) used."""
+    path = Path(path)
+    parts = path.parts
+    revision = parts[parts.index("snapshots") + 1][:12] if "snapshots" in parts else "local folder"
+    if path.is_dir():
+        weights = ", ".join(Path(w).name for w in choose_weights([p.name for p in path.iterdir()], "")) or "-"
+    else:
+        weights = path.name
+    return {"role": role, "repo": str(repo), "revision": revision, "weights": weights}
+
+
+def load_pipeline(
+    s: Settings,
+    profile: Profile,
+    progress: Callable[[float, str], None] | None = None,
+    record: Callable[[str, Any, Path], None] | None = None,
+) -> Any:
+    """Resolve and load every component, build the InstantID pipeline and place it per `profile`.
+
+    `record(role, repo, path)` hears where each component came from (the status report lists them).
+    """
+    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from .attention import install_ip_processors
+    from .pipeline import InstantIDPipeline
+    from .resampler import build_resampler
+
+    def say(fraction: float, message: str) -> None:
+        if progress is not None:
+            progress(fraction, message)
+
+    def note(role: str, repo: Any, path: Path) -> None:
+        if record is not None:
+            record(role, repo, path)
+
+    cache, offline = s.hub_cache, s.hub_offline
+    dtype = torch_dtype(profile.dtype)
+    vae_dtype = torch_dtype(getattr(profile, "vae_dtype", profile.dtype))
+
+    base = RepoRef.parse(s.base_model)
+    say(0.1, f"listing {base}")
+    files = list_files(base, cache_dir=cache, offline=offline)
+    if "model_index.json" not in files:
+        raise CheckpointError(f"'{base}' is not a diffusers SDXL repo (no model_index.json): set INSTANTID_BASE_MODEL.")
+    parts = {
+        "unet": (UNet2DConditionModel, dtype),
+        "vae": (AutoencoderKL, vae_dtype),
+        "text_encoder": (CLIPTextModel, dtype),
+        "text_encoder_2": (CLIPTextModelWithProjection, dtype),
+    }
+    loaded: dict[str, Any] = {}
+    for i, (name, (cls, dt)) in enumerate(parts.items()):
+        say(0.15 + 0.12 * i, f"{base}: {name}")
+        folder, variant = fetch_component(base, name, files=files, cache_dir=cache, offline=offline)
+        loaded[name] = _from_pretrained(cls, folder, variant, dt).eval()
+        note(f"base model: {name}", base, folder)
+    for name in ("tokenizer", "tokenizer_2"):
+        folder, _ = fetch_component(base, name, files=files, cache_dir=cache, offline=offline)
+        loaded[name] = CLIPTokenizer.from_pretrained(str(folder))
+    sched_folder, _ = fetch_component(base, "scheduler", files=files, cache_dir=cache, offline=offline)
+    # Euler is the official Space's default; other schedulers are built from the same config per request.
+    loaded["scheduler"] = EulerDiscreteScheduler.from_pretrained(str(sched_folder))
+
+    repo = RepoRef.parse(s.instantid_repo)
+    say(0.65, f"{repo}: IdentityNet")
+    id_files = list_files(repo, cache_dir=cache, offline=offline)
+    cn_folder, cn_variant = fetch_component(
+        repo,
+        "/".join(p for p in (repo.subfolder, "ControlNetModel") if p),
+        files=id_files,
+        cache_dir=cache,
+        offline=offline,
+    )
+    identitynet = _from_pretrained(ControlNetModel, cn_folder, cn_variant, dtype).eval()
+    note("IdentityNet", repo, cn_folder)
+
+    say(0.8, f"{repo}: ip-adapter")
+    ip_name = ip_adapter_file(repo, id_files)
+    ip_path = fetch(repo, ip_name, cache_dir=cache, offline=offline)
+    note("ip-adapter", repo, ip_path)
+    image_proj, ip_weights = load_ip_adapter_file(ip_path)
+    source = f"{repo}/{ip_name}"
+    resampler = build_resampler(image_proj, source=f"{source}[image_proj]", dtype=resampler_dtype(profile))
+    unet = loaded["unet"]
+    if resampler.config.output_dim != unet.config.cross_attention_dim:
+        raise CheckpointError(
+            f"{source}: the resampler makes {resampler.config.output_dim}-wide face tokens but the base model's "
+            f"UNet attends over {unet.config.cross_attention_dim}: the ip-adapter does not match the base model."
+        )
+    install_ip_processors(unet, ip_weights, resampler.config.num_queries, source=f"{source}[ip_adapter]")
+    del image_proj, ip_weights
+
+    pipe = InstantIDPipeline(
+        vae=loaded["vae"],
+        text_encoder=loaded["text_encoder"],
+        text_encoder_2=loaded["text_encoder_2"],
+        tokenizer=loaded["tokenizer"],
+        tokenizer_2=loaded["tokenizer_2"],
+        unet=unet,
+        controlnet=identitynet,
+        scheduler=loaded["scheduler"],
+        resampler=resampler,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    say(0.9, f"placing models ({profile.name} profile)")
+    apply_profile(pipe, profile)
+    say(1.0, "ready")
+    return pipe
+
+
+BASE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def loader_files(s: Settings) -> dict[tuple[str, str], list[str]]:
+    """(repo type, repo id) -> the files the resident start-up fetches from it, chosen by the loaders' own rules
+    from each repo's listing (the Hub's, or the cache's offline): what a Space should download at build time.
+    """
+    out: dict[tuple[str, str], list[str]] = {}
+
+    def add(spec: str, pick: Callable[[RepoRef, list[str]], list[str]]) -> None:
+        repo = RepoRef.parse(spec)
+        files = list_files(repo, cache_dir=s.hub_cache, offline=s.hub_offline)
+        key = (repo.repo_type, repo.repo_id)
+        out[key] = sorted(set(out.get(key, [])) | set(pick(repo, files)))
+
+    def component(folder: Callable[[RepoRef], str]) -> Callable[[RepoRef, list[str]], list[str]]:
+        return lambda repo, files: component_files(files, folder(repo))
+
+    add(s.base_model, lambda repo, files: [f for name in BASE_COMPONENTS for f in component_files(files, name)])
+    add(s.instantid_repo, lambda repo, files: [
+        *component_files(files, "/".join(p for p in (repo.subfolder, "ControlNetModel") if p)),
+        ip_adapter_file(repo, files),
+    ])
+    add(s.lcm_lora, lambda repo, files: [lora_file(repo, files)])
+    for spec in [*s.controlnets.values(), s.depth_estimator, s.pose_estimator, s.person_detector]:
+        add(spec, component(lambda repo: repo.subfolder))
+    if not Path(s.face_models).expanduser().is_dir():
+        add(s.face_models, face_model_files)
+    return out
