@@ -111,14 +111,14 @@ def guard_input(component: Any, name: str) -> None:
                 ranged = isinstance(payload, (int, float)) and not isinstance(payload, bool)
                 message = _input_error(component, name, payload, exc) if ranged else str(exc)
                 raise gr.Error(message, print_exception=False) from None
-        if hand_over and payload is not None and not payload.path and not (payload.url or "").startswith("data:"):
-            # An object with only a URL: Gradio fetched nothing, and its own message would print the object.
-            raise gr.Error(
-                f"Invalid {name}: send the photo itself as an upload (gradio_client: handle_file(path)); a URL "
-                "or a path on the server is never read.",
-                print_exception=False,
-            )
-        if hand_over and payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+        if hand_over and payload is not None and not (payload.url or "").startswith("data:"):
+            if not payload.path:
+                # An object with only a URL: Gradio fetched nothing, and its own message would print the object.
+                raise gr.Error(
+                    f"Invalid {name}: send the photo itself as an upload (gradio_client: handle_file(path)); a "
+                    "URL or a path on the server is never read.",
+                    print_exception=False,
+                )
             return str(payload.path)
         try:
             return original(payload)
