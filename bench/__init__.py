@@ -154,6 +154,7 @@ def _git_commit() -> str | None:
 
 
 def _gb(n: Any) -> str:
+    """Decimal gigabytes, as GPU memory is quoted (bench gpu's rows and this module's summaries)."""
     return "n/a" if n is None else f"{n / 1e9:.2f} GB"
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from . import _gb
+
 # A lent GPU machine gives a session 15 minutes in all, start-up and the GPU tests included: stop
 # starting new profiles after this many seconds (BENCH_GPU_BUDGET_S overrides it for a longer lease).
 BUDGET_S = int(os.environ.get("BENCH_GPU_BUDGET_S", 5 * 60))
@@ -505,10 +507,6 @@ def _row_text(r: dict[str, Any]) -> str:
 
 
 # --- report --------------------------------------------------------------------------------------
-
-
-def _gb(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / GB:.2f} GB"
 
 
 def table(rows: list[dict[str, Any]]) -> str:

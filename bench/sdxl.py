@@ -346,8 +346,12 @@ def write_checkpoints(cache: Path, size: SDXLSize, log: Callable[[str], None] = 
 
 
 def _snapshot(cache: Path, repo_id: str) -> Path:
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    return root / "snapshots" / (root / "refs" / "main").read_text().strip()
+    from instantid.hub import cached_snapshot
+
+    snapshot = cached_snapshot(cache, repo_id)
+    if snapshot is None:
+        raise FileNotFoundError(f"{repo_id} is not in the cache at {cache}")
+    return snapshot
 
 
 def _repo_bytes(cache: Path, repo_id: str) -> int:

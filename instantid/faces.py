@@ -61,6 +61,19 @@ _EXPECTED = (
 )
 
 
+def role_by_name(filename: str) -> str | None:
+    """"detection" or "recognition" as an insightface model file's name says, None for any other name.
+
+    The one naming rule for both the folder search below and the choice of files fetched from a repo.
+    """
+    stem = Path(filename).stem
+    if _OTHER_NAME.search(stem):
+        return None
+    if _DETECTOR_NAME.search(stem):
+        return "detection"
+    return "recognition" if _RECOGNIZER_NAME.search(stem) else None
+
+
 @dataclass(frozen=True, eq=False)
 class Face:
     """One detected face, in the coordinates of the image it was found in."""

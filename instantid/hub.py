@@ -183,11 +183,14 @@ def ip_adapter_file(repo: RepoRef, files: list[str]) -> str:
 
 
 def face_model_files(repo: RepoRef, files: list[str]) -> list[str]:
-    """The insightface detector and recognizer in a repo folder (the other antelopev2 models are unused)."""
+    """The insightface detector(s) and recognizer(s) in a repo folder, by the same naming rule as the
+    folder search in `faces`; the other antelopev2 models (landmarks, gender/age) are never fetched."""
+    from .faces import role_by_name
+
     onnx = [f for f in files if f.endswith(".onnx") and posixpath.dirname(f) == repo.subfolder]
-    wanted = [f for f in onnx if "scrfd" in f.lower() or "det" in posixpath.basename(f).lower()]
-    wanted += [f for f in onnx if any(k in f.lower() for k in ("glintr", "w600k", "arcface", "r100", "r50"))]
-    if len(wanted) < 2:
+    roles = {f: role_by_name(posixpath.basename(f)) for f in onnx}
+    wanted = [f for f in onnx if roles[f] == "detection"] + [f for f in onnx if roles[f] == "recognition"]
+    if not {"detection", "recognition"} <= set(roles.values()):
         raise CheckpointError(
             f"'{repo}' does not hold an insightface detector and recognizer ONNX pair "
             f"(found {[posixpath.basename(f) for f in onnx] or 'no ONNX files'})."
@@ -260,7 +263,7 @@ def publish_folder(
     for p in files:
         digest.update(f"{p.relative_to(source)}:{p.stat().st_size}".encode())
     commit = digest.hexdigest()
-    root = cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    root = _repo_root(cache_dir, repo_id, repo_type)
     snapshot = root / "snapshots" / commit
     if snapshot.exists():
         shutil.rmtree(snapshot)
@@ -274,11 +277,19 @@ def publish_folder(
     return snapshot
 
 
-def is_published(cache_dir: Path, repo_id: str, *, repo_type: str = "model", marker: str = "") -> bool:
-    root = cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
+def _repo_root(cache_dir: Path, repo_id: str, repo_type: str = "model") -> Path:
+    return cache_dir / f"{repo_type}s--{repo_id.replace('/', '--')}"
+
+
+def cached_snapshot(cache_dir: Path, repo_id: str, *, repo_type: str = "model") -> Path | None:
+    """The snapshot folder a cache's main ref points to (the cache's own layout, read without the Hub
+    client), or None when the cache has no main ref for the repo."""
+    root = _repo_root(cache_dir, repo_id, repo_type)
     ref = root / "refs" / "main"
-    if not ref.is_file():
-        return False
-    snap = root / "snapshots" / ref.read_text().strip()
-    return snap.is_dir() and (not marker or (snap / marker).exists())
+    return root / "snapshots" / ref.read_text().strip() if ref.is_file() else None
+
+
+def is_published(cache_dir: Path, repo_id: str, *, repo_type: str = "model", marker: str = "") -> bool:
+    snap = cached_snapshot(cache_dir, repo_id, repo_type=repo_type)
+    return snap is not None and snap.is_dir() and (not marker or (snap / marker).exists())
 

@@ -280,3 +280,12 @@ def test_the_cpu_profile_default_steps_apply_only_when_automatic(tiny_engine, ph
     assert tiny_engine.prepare(GenerateRequest(face_images=face)).num_steps == 20
     assert tiny_engine.prepare(GenerateRequest(face_images=face, num_steps=30)).num_steps == 30
     assert tiny_engine.prepare(GenerateRequest(face_images=face, enable_lcm=True)).num_steps == 5
+
+
+def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
+    """requests.py names them without importing diffusers (the UI must not pull torch in); the pipeline
+    builds them: the two lists must not drift apart."""
+    from instantid.pipeline import SCHEDULER_FACTORIES
+    from instantid.requests import SCHEDULERS
+
+    assert set(SCHEDULER_FACTORIES) == {*SCHEDULERS, "LCMScheduler"}

@@ -596,27 +596,22 @@ def test_large_uploads_give_their_memory_back(tiny_cache: Path) -> None:
 # --- 4. faults -----------------------------------------------------------------------------------
 
 
-def _snapshot(cache: Path, repo_id: str) -> Path:
-    root = cache / f"models--{repo_id.replace('/', '--')}"
-    return root / "snapshots" / (root / "refs" / "main").read_text().strip()
-
-
 @pytest.mark.parametrize("missing", ["base_repo", "ip_adapter_file"])
 def test_missing_checkpoint_is_named_and_a_later_request_retries(
     tiny_settings, tiny_cache: Path, photos: dict[str, Path], tmp_path: Path, missing: str
 ) -> None:
     """The Hub is unreachable (offline) and the cache lacks a repo or a file: a clear error, then recovery."""
     from instantid.engine import Engine
-    from instantid.hub import publish_folder
+    from instantid.hub import cached_snapshot, publish_folder
     from instantid.settings import TINY_BASE_MODEL, TINY_INSTANTID_REPO
 
     cache = tmp_path / "hub"
-    iid = _snapshot(tiny_cache, TINY_INSTANTID_REPO)
+    iid = cached_snapshot(tiny_cache, TINY_INSTANTID_REPO)
     if missing == "base_repo":
         publish_folder(cache, "acme/instantid", iid)
         expected = ["acme/later-sdxl", "not in the local Hugging Face cache"]
     else:
-        publish_folder(cache, "acme/later-sdxl", _snapshot(tiny_cache, TINY_BASE_MODEL))
+        publish_folder(cache, "acme/later-sdxl", cached_snapshot(tiny_cache, TINY_BASE_MODEL))
         partial = tmp_path / "partial"
         partial.mkdir()
         (partial / "ControlNetModel").symlink_to(iid / "ControlNetModel", target_is_directory=True)
@@ -638,7 +633,7 @@ def test_missing_checkpoint_is_named_and_a_later_request_retries(
 
     # The missing piece arrives (the network is back, or the operator fills the cache): same engine, no restart.
     if missing == "base_repo":
-        publish_folder(cache, "acme/later-sdxl", _snapshot(tiny_cache, TINY_BASE_MODEL))
+        publish_folder(cache, "acme/later-sdxl", cached_snapshot(tiny_cache, TINY_BASE_MODEL))
     else:
         publish_folder(cache, "acme/instantid", iid)
     result = engine.generate(engine_request(str(photos["astronaut"])))

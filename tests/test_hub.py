@@ -10,6 +10,7 @@ from instantid.errors import CheckpointError
 from instantid.hub import (
     RepoRef,
     choose_weights,
+    face_model_files,
     fetch,
     fetch_component,
     is_published,
@@ -117,15 +118,19 @@ def test_face_models_from_a_folder_or_a_space_repo(tmp_path: Path, face_models_d
     (src / "models" / "antelopev2").mkdir(parents=True)
     for name in ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"):
         (src / "models" / "antelopev2" / name).write_bytes((face_models_dir / name).read_bytes())
-    (src / "models" / "antelopev2" / "genderage.onnx").write_bytes(b"unused")
+    for unused in ("genderage.onnx", "2d106det.onnx", "1k3d68.onnx"):  # antelopev2's other models
+        (src / "models" / "antelopev2" / unused).write_bytes(b"unused")
     (src / "app.py").write_text("")
     cache = tmp_path / "hub"
     publish_folder(cache, "acme/space", src, repo_type="space")
     folder = resolve_face_models("space:acme/space/models/antelopev2", cache_dir=cache, offline=True)
-    assert (
-        sorted(p.name for p in folder.iterdir()) == ["scrfd_500m_bnkps.onnx", "w600k_mbf.onnx"]
-        or (folder / "w600k_mbf.onnx").exists()
-    )
+    assert (folder / "scrfd_500m_bnkps.onnx").is_file() and (folder / "w600k_mbf.onnx").is_file()
+    repo = RepoRef.parse("space:acme/space/models/antelopev2")
+    # "2d106det" is a landmark model despite the "det" in its name: never fetched.
+    assert face_model_files(repo, list_files(repo, cache_dir=cache, offline=True)) == [
+        "models/antelopev2/scrfd_500m_bnkps.onnx",
+        "models/antelopev2/w600k_mbf.onnx",
+    ]
 
 
 def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monkeypatch) -> None:
