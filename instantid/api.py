@@ -380,7 +380,7 @@ def generate(
         num_images: How many images to make (1 to 4), from consecutive seeds.
         width: Output width in pixels, a multiple of 64; 0 sizes the output from the photo (short side 1024).
         height: Output height in pixels, a multiple of 64; 0 sizes it from the photo. Set both or neither.
-        num_steps: Denoising steps, 1 to 100; 0 means the mode default (30, or 5 with LCM).
+        num_steps: Denoising steps, 1 to 100 (1 to 50 with LCM); 0 means the mode default (30, or 5 with LCM).
         guidance_scale: Guidance scale up to 20; 0 means the mode default (5, or 1.5 with LCM); 1 or less is off.
         identitynet_strength: IdentityNet (face ControlNet) strength, 0 to 1.5; higher follows the face layout more.
         adapter_strength: Face adapter strength, 0 to 1.5; higher keeps the identity closer, the prompt less.

@@ -44,6 +44,9 @@ DEFAULT_SCHEDULER = "EulerDiscreteScheduler"
 DEFAULT_STEPS = 30
 DEFAULT_GUIDANCE = 5.0
 LCM_STEPS = 5
+# diffusers' LCMScheduler spreads its steps over the 50 it was distilled on (original_inference_steps) and
+# raises past them: the visitor got the generic "try again" message for LCM with 60 steps.
+MAX_LCM_STEPS = 50
 LCM_GUIDANCE = 1.5
 DEFAULT_STRENGTH = 0.8
 DEFAULT_CONTROLNET_STRENGTH = 0.4
@@ -182,6 +185,9 @@ class GenerateRequest:
             if self.num_steps in (None, 0)
             else int(_number("num_steps", self.num_steps, 1, MAX_STEPS, integer=True))
         )
+        if self.enable_lcm and steps > MAX_LCM_STEPS:
+            limit = f"use 1..{MAX_LCM_STEPS} with LCM fast mode (its scheduler's limit), or switch LCM off"
+            raise InvalidParameter("num_steps", steps, limit)
         guidance = (
             guidance_default
             if self.guidance_scale is None

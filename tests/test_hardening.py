@@ -321,6 +321,11 @@ def test_cli_prompts(cli_runs: dict[str, subprocess.CompletedProcess[str]]) -> N
 BAD_PARAMETERS = [
     ({"num_steps": 1000}, {"num_steps": 1000}, r"num_steps=1000: must be an integer in [01]\.\.100"),
     ({"num_steps": 2.5}, {"num_steps": 2.5}, r"num_steps=2\.5: must be an integer in [01]\.\.100"),
+    (
+        {"num_steps": 60, "enable_lcm": True},
+        {"num_steps": 60, "enable_lcm": True},
+        r"num_steps=60: use 1\.\.50 with LCM fast mode",
+    ),
     ({"num_images": 9}, {"num_images": 9}, r"num_images=9: must be an integer in 1\.\.4"),
     ({"num_images": 0}, {"num_images": 0}, r"num_images=0: must be an integer in 1\.\.4"),
     ({"guidance_scale": 50}, {"guidance_scale": 50}, r"guidance_scale=50: must be a number in 0\.\.20"),
