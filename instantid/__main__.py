@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .requests import DEFAULT_CONTROLNET_STRENGTH, DEFAULT_SCHEDULER, SCHEDULERS
-from .styles import NO_STYLE, STYLE_NAMES
+from .requests import DEFAULT_CONTROLNET_STRENGTH, PARAMS, GenerateRequest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,40 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images of the person in --face")
-    g.add_argument(
-        "--face",
-        action="append",
-        required=True,
-        type=Path,
-        help="face photo; repeat for more photos of the same person (embeddings are averaged)",
-    )
-    g.add_argument("--prompt", default="", help="what to make (empty: a default portrait prompt)")
+    _add_request_flags(g)
     g.add_argument("--out", required=True, type=Path, help="output PNG; with --num-images N, _1.._N are added")
-    g.add_argument("--pose", type=Path, help="photo whose face position and size the output follows")
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--style", default=NO_STYLE, help=f"one of: {', '.join(STYLE_NAMES)}")
-    g.add_argument("--steps", type=int, help="denoising steps (default 30, or 5 with --lcm)")
-    g.add_argument("--guidance", type=float, help="guidance scale (default 5, or 1.5 with --lcm)")
-    g.add_argument("--seed", type=int, help="random seed (default: random; printed)")
-    g.add_argument("--width", type=int, default=0, help="output width, multiple of 64 (default: from the photo)")
-    g.add_argument("--height", type=int, default=0)
-    g.add_argument("--identity-strength", type=float, default=0.8, help="IdentityNet strength, 0..1.5")
-    g.add_argument("--adapter-strength", type=float, default=0.8, help="face adapter strength, 0..1.5")
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--lcm", action="store_true", help="LCM-LoRA fast mode")
-    g.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"one of: {', '.join(SCHEDULERS)}")
-    g.add_argument(
-        "--controlnet",
-        action="append",
-        default=[],
-        metavar="NAME[=STRENGTH]",
-        help=f"extra ControlNet pose, canny or depth (strength default {DEFAULT_CONTROLNET_STRENGTH})",
-    )
-    g.add_argument(
-        "--no-enhance-face-region",
-        action="store_true",
-        help="apply the identity conditioning to the whole image, not just the face region",
-    )
     g.add_argument("--json", action="store_true", help="print the result summary as JSON")
 
     f = sub.add_parser("faces", help="list the faces found in a photo as JSON, largest first")
@@ -83,17 +50,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _controlnets(specs: list[str]) -> dict[str, float]:
-    from .errors import InvalidParameter
+def _add_request_flags(g: argparse.ArgumentParser) -> None:
+    """One flag per request parameter, made from its declaration (`instantid.requests.PARAMS`)."""
+    for p in PARAMS.values():
+        if p.flag is None:
+            continue
+        flag = p.flag or "--" + p.name.replace("_", "-")
+        help_text = p.help.replace("%", "%%")
+        if p.kind == "boolean":
+            # A flag turns on what is off by default, or off what is on (--no-enhance-face-region).
+            if p.default:
+                g.add_argument("--no-" + flag[2:], dest=p.name, action="store_false", help="Off: " + help_text)
+            else:
+                g.add_argument(flag, dest=p.name, action="store_true", help=help_text)
+        elif p.name == "face_image":
+            g.add_argument(flag, dest=p.name, action="append", required=True, type=Path,
+                           help=help_text + " Repeat for more photos of the same person (embeddings are averaged).")
+        elif p.kind == "controls":
+            g.add_argument(flag, dest=p.name, action="append", default=[], metavar="NAME[=STRENGTH]",
+                           type=_control, help=help_text + " Repeat for more than one.")
+        else:
+            kind = {"image": Path, "integer": int, "number": float}.get(p.kind, str)
+            g.add_argument(flag, dest=p.name, type=kind, default=p.default, help=help_text)
 
-    out: dict[str, float] = {}
-    for spec in specs:
-        name, _, strength = spec.partition("=")
-        try:
-            out[name.strip()] = float(strength) if strength else DEFAULT_CONTROLNET_STRENGTH
-        except ValueError:
-            raise InvalidParameter("--controlnet", spec, "use NAME or NAME=STRENGTH, e.g. pose=0.4") from None
-    return out
+
+def _control(spec: str) -> tuple[str, float]:
+    name, _, strength = spec.partition("=")
+    try:
+        return name.strip(), float(strength) if strength else DEFAULT_CONTROLNET_STRENGTH
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"use NAME or NAME=STRENGTH, e.g. pose=0.4, not {spec!r}") from None
 
 
 def _check_input(path: Path) -> None:
@@ -125,31 +111,16 @@ def _check_out(out: Path) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from .engine import get_engine
-    from .requests import GenerateRequest
 
     # Every path is checked before a model loads: a bad --out must not cost a whole generation.
-    for path in [*args.face, *([args.pose] if args.pose else [])]:
+    for path in [*args.face_image, *([args.pose_image] if args.pose_image else [])]:
         _check_input(path)
     _check_out(args.out)
-    request = GenerateRequest(
-        face_images=[str(p) for p in args.face],
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        pose_image=str(args.pose) if args.pose else None,
-        style=args.style,
-        num_images=args.num_images,
-        width=args.width,
-        height=args.height,
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        identitynet_strength=args.identity_strength,
-        adapter_strength=args.adapter_strength,
-        controlnets=_controlnets(args.controlnet),
-        scheduler=args.scheduler,
-        enable_lcm=args.lcm,
-        seed=args.seed,
-        enhance_face_region=not args.no_enhance_face_region,
-    )
+    values = {name: getattr(args, name) for name in PARAMS if hasattr(args, name)}
+    faces = [str(path) for path in values.pop("face_image")]
+    values.update(face_image=faces[0], extra_face_images=faces[1:], controlnets=dict(values["controlnets"]))
+    values["pose_image"] = str(values["pose_image"]) if values["pose_image"] else None
+    request = GenerateRequest.from_api(values)
     result = get_engine().generate(request)
     paths = []
     for i, image in enumerate(result.images):

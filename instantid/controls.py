@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 
 from .errors import CheckpointError, ImageError, InvalidParameter
-from .settings import CONTROLNET_NAMES
+from .settings import CONTROL_TYPES
 
 # Files each estimator folder needs; the hub layer can pass these as `allow_patterns` so a snapshot
 # download skips READMEs and alternative weight formats.
@@ -248,7 +248,7 @@ class DepthEstimator:
         self.near_is_large = getattr(model.config, "depth_estimation_type", "relative") != "metric"
 
     @classmethod
-    def from_folder(
+    def from_folders(
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> DepthEstimator:
         """Load model and image processor from a local checkpoint folder."""
@@ -429,16 +429,18 @@ class PoseEstimator:
 
 
 def make_condition(name: str, image: PIL.Image.Image, estimators: Mapping[str, ConditionFn]) -> PIL.Image.Image:
-    """The condition image for the extra ControlNet `name` ("pose", "canny" or "depth").
+    """The condition image for the extra ControlNet `name` (a `CONTROL_TYPES` entry).
 
-    `estimators` maps "pose" and "depth" to loaded estimators (any callable photo -> image). Only the entry
-    for `name` is read, so a lazily loading Mapping loads nothing else; canny needs none.
+    Types with an estimator read it from `estimators` (any callable photo -> image); only the entry for
+    `name` is read, so a lazily loading Mapping loads nothing else. The others are plain CPU work, made by
+    this module's `<name>_condition`.
     """
-    if name not in CONTROLNET_NAMES:
-        raise InvalidParameter("controlnet", name, f"use one of {', '.join(CONTROLNET_NAMES)}")
+    kind = CONTROL_TYPES.get(name)
+    if kind is None:
+        raise InvalidParameter("controlnet", name, f"use one of {', '.join(CONTROL_TYPES)}")
     rgb = _as_rgb(image)
-    if name == "canny":
-        return canny_condition(rgb)
+    if not kind.estimator:
+        return globals()[f"{name}_condition"](rgb)
     if name not in estimators:
         raise LookupError(f"No {name} estimator was given to make_condition; the engine must load it first.")
     return estimators[name](rgb)

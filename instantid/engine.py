@@ -21,14 +21,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import faces as face_lib
-from .errors import BusyError, CheckpointError, OutOfMemoryError, UserError
+from .errors import BusyError, CheckpointError, InvalidParameter, OutOfMemoryError, UserError
 from .images import image_to_array, load_image, release_memory
 from .loading import (
     checkpoint_entry,
@@ -40,8 +40,20 @@ from .loading import (
     place_like_profile,
 )
 from .memory import Hardware, apply_profile, choose_profile, memory_report, probe_hardware
-from .requests import DEFAULT_PROMPT, GenerateRequest, GenerateResult, Job, Rendered, Step, random_seed
-from .settings import CONTROLNET_NAMES, Settings, get_settings
+from .requests import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_PROMPT,
+    DEFAULT_STEPS,
+    LCM_GUIDANCE,
+    LCM_STEPS,
+    GenerateRequest,
+    GenerateResult,
+    Job,
+    Rendered,
+    Step,
+    random_seed,
+)
+from .settings import CONTROL_TYPES, Settings, get_settings
 from .styles import apply_style
 
 log = logging.getLogger("instantid")
@@ -50,8 +62,6 @@ log = logging.getLogger("instantid")
 ProgressFn = Callable[[int, int], None]
 
 TINY_SHORT_SIDE = 128  # the tiny preset's noise images need no more; keeps CPU requests instant
-# Extra controls whose condition image comes from a model (run in the GPU stage); canny's is plain CPU work.
-ESTIMATED_CONTROLS = ("depth", "pose")
 
 
 class RenderCancelled(Exception):
@@ -186,10 +196,10 @@ class Engine:
             log.exception("start-up load failed")
             return
         parts: list[tuple[str, str, Callable[[], Any]]] = [("lcm", "LCM-LoRA", self._lcm)]
-        for name in CONTROLNET_NAMES:
+        for name, kind in CONTROL_TYPES.items():
             if name in self.settings.controlnets:
                 parts.append((name, f"{name} ControlNet", lambda name=name: self._extra_controlnet(name)))
-                if name in ESTIMATED_CONTROLS:
+                if kind.estimator:
                     parts.append((name, f"{name} estimator", lambda name=name: self._estimator(name)))
         for key, label, load in parts:
             if key in self.unavailable:
@@ -318,25 +328,18 @@ class Engine:
         finally:
             release_memory()  # decoded photos can be hundreds of MB, refused or not
 
-    def _prepare(self, request: GenerateRequest) -> Job:
+    def _prepare(self, req: GenerateRequest) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         s = self.settings
-        req = request.validated(max_side=s.max_output_side)
-        self._check_available(req)
-        if request.num_steps in (None, 0) and not req.enable_lcm and self.profile.default_steps:
-            req = replace(req, num_steps=self.profile.default_steps)  # the cpu profile's shorter default
-        if req.num_images > self.profile.max_images:
-            req = replace(req, num_images=self.profile.max_images)
+        self.check(req)
+        lcm = req.enable_lcm
+        steps = req.num_steps or (LCM_STEPS if lcm else self.profile.default_steps or DEFAULT_STEPS)
+        guidance = req.guidance_scale or (LCM_GUIDANCE if lcm else DEFAULT_GUIDANCE)
+        num_images = min(req.num_images, self.profile.max_images)
         timings: dict[str, float] = {}
-        warnings: list[str] = []
-        if request.num_images != req.num_images:
-            warnings.append(f"This hardware ({self.profile.name} profile) makes at most {req.num_images} images.")
-        for name, raw, clean in (
-            ("prompt", request.prompt, req.prompt),
-            ("negative prompt", request.negative_prompt, req.negative_prompt),
-        ):
-            if len(raw) != len(clean):
-                warnings.append(f"Removed {len(raw) - len(clean)} control character(s) from the {name}.")
+        warnings = list(req.notes)
+        if num_images < req.num_images:
+            warnings.append(f"This hardware ({self.profile.name} profile) makes at most {num_images} images.")
 
         t0 = time.perf_counter()
         analyzer = self.faces()
@@ -405,9 +408,9 @@ class Engine:
             controls=controls,
             width=width,
             height=height,
-            num_images=req.num_images,
-            num_steps=int(req.num_steps or 1),
-            guidance_scale=float(req.guidance_scale or 0.0),
+            num_images=num_images,
+            num_steps=steps,
+            guidance_scale=guidance,
             identitynet_strength=req.identitynet_strength,
             adapter_strength=req.adapter_strength,
             scheduler=req.scheduler,
@@ -419,8 +422,13 @@ class Engine:
             started=started,
         )
 
-    def _check_available(self, req: GenerateRequest) -> None:
-        """Refuse, before any GPU time, what this server cannot run: parts that did not load at start-up."""
+    def check(self, req: GenerateRequest) -> None:
+        """Refuse, before any GPU time, what this server cannot run: a size over its limit, or parts that did
+        not load at start-up. Cheap: no model is loaded for it."""
+        limit = self.settings.max_output_side
+        for name in ("width", "height"):
+            if getattr(req, name) > limit:
+                raise InvalidParameter(name, getattr(req, name), f"use 0 (automatic) or a multiple of 64 up to {limit}")
         if self.resident and self._state.phase == "error":
             raise BusyError(
                 f"The models did not load when the server started ({self._state.error}); "
@@ -445,8 +453,8 @@ class Engine:
         resized = pose_img.resize(size, box=crop)
         out: dict[str, tuple[float, Any]] = {}
         for name, strength in req.controlnets.items():
-            # Canny is plain CPU image work; depth and pose need their estimators, GPU models run in render.
-            image = controls.make_condition(name, resized, {}) if name not in ESTIMATED_CONTROLS else resized
+            # Plain CPU work (canny) is done here; an estimator is a GPU model, run in render.
+            image = resized if CONTROL_TYPES[name].estimator else controls.make_condition(name, resized, {})
             out[name] = (strength, image)
         return out
 
@@ -472,8 +480,10 @@ class Engine:
         timings = {"controls_ms": controls_ms, **out.timings_ms}
         return Rendered(images=list(out.images), timings_ms=timings, interrupted=bool(out.interrupted))
 
-    def render_steps(self, job: Job) -> Iterator[Step | Rendered]:
-        """`render` as a generator: a `Step` after each denoising step, then the `Rendered` result.
+    def render_steps(self, job: Job, heartbeat_s: float | None = None) -> Iterator[Step | Rendered | None]:
+        """`render` as a generator: a `Step` after each denoising step, then the `Rendered` result; with
+        `heartbeat_s`, also None whenever that long passed without a step (its consumer can then be closed
+        within that time, however long a step takes: a CPU step can take many seconds).
 
         The pipeline runs in a thread so that each step can be handed out as it finishes. Closing the
         generator (a visitor who cancelled; on ZeroGPU, `spaces` closes it in the worker when the main
@@ -498,7 +508,11 @@ class Engine:
         worker.start()
         try:
             while True:
-                kind, value = events.get()
+                try:
+                    kind, value = events.get(timeout=heartbeat_s)
+                except queue.Empty:
+                    yield None
+                    continue
                 if kind == "error":
                     raise value
                 yield value
@@ -556,7 +570,7 @@ class Engine:
         extras = []
         for name, (strength, image) in job.controls.items():
             net = self._extra_controlnet(name)
-            if name in ESTIMATED_CONTROLS:
+            if CONTROL_TYPES[name].estimator:
                 image = controls.make_condition(name, image, {name: self._estimator(name)})
             extras.append(ExtraControl(name=name, net=net, image=image, scale=strength))
         return extras

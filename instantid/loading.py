@@ -25,7 +25,7 @@ from .hub import (
     resolve_face_models,
 )
 from .memory import Profile, apply_profile, torch_dtype
-from .settings import Settings
+from .settings import CONTROL_TYPES, Settings
 
 Record = Callable[[str, Any, Path], None]
 
@@ -54,19 +54,16 @@ def load_extra_controlnet(s: Settings, name: str, profile: Profile, record: Reco
 
 
 def load_estimator(s: Settings, name: str, device: str, record: Record = _ignore) -> Any:
-    """The depth or pose estimator that makes that ControlNet's condition image from a photo."""
+    """The model that makes the `name` ControlNet's condition image from a photo (`ControlType.estimator`)."""
     from . import controls
 
-    if name == "depth":
-        folder = _snapshot(s.depth_estimator, s)
-        record("depth estimator", s.depth_estimator, folder)
-        return controls.DepthEstimator.from_folder(folder, device=device)
-    if name == "pose":
-        pose, det = _snapshot(s.pose_estimator, s), _snapshot(s.person_detector, s)
-        record("pose estimator", s.pose_estimator, pose)
-        record("person detector", s.person_detector, det)
-        return controls.PoseEstimator.from_folders(pose, det, device=device)
-    raise ValueError(f"no estimator for {name!r}")
+    kind = CONTROL_TYPES[name]
+    folders = []
+    for field_name in kind.estimator_fields:
+        repo = getattr(s, field_name)
+        folders.append(_snapshot(repo, s))
+        record(field_name.replace("_", " "), repo, folders[-1])
+    return getattr(controls, kind.estimator).from_folders(*folders, device=device)
 
 
 def load_lcm(pipe: Any, s: Settings, record: Record = _ignore) -> None:
@@ -296,7 +293,8 @@ def loader_files(s: Settings) -> dict[tuple[str, str], list[str]]:
         ip_adapter_file(repo, files),
     ])
     add(s.lcm_lora, lambda repo, files: [lora_file(repo, files)])
-    for spec in [*s.controlnets.values(), s.depth_estimator, s.pose_estimator, s.person_detector]:
+    estimators = [getattr(s, f) for c in CONTROL_TYPES.values() for f in c.estimator_fields]
+    for spec in [*s.controlnets.values(), *estimators]:
         add(spec, component(lambda repo: repo.subfolder))
     if not Path(s.face_models).expanduser().is_dir():
         add(s.face_models, face_model_files)

@@ -11,11 +11,11 @@ import numbers
 import random
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import InvalidParameter
+from .errors import InvalidParameter, UserError
 from .settings import CONTROLNET_NAMES
 from .styles import NO_STYLE, STYLE_NAMES
 
@@ -27,6 +27,8 @@ MAX_IMAGES = 4
 MAX_STEPS = 100
 MAX_PROMPT_CHARS = 2000
 MAX_STRENGTH = 1.5
+# The largest output side a server may allow (INSTANTID_MAX_OUTPUT_SIDE; its default is 1280).
+MAX_SIDE = 4096
 
 # Same names as the official InstantID Space, plus Euler ancestral; "-Karras" / "-SDE" are variants.
 SCHEDULERS: tuple[str, ...] = (
@@ -72,62 +74,147 @@ def format_bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-# What each API parameter accepts, checked on the value as sent, before anything converts it: Gradio would
-# otherwise read "false" as true, round 3.7 to 4 and take a dict's keys for a list of names.
-API_KINDS: dict[str, str] = {
-    **dict.fromkeys(("prompt", "negative_prompt", "style", "scheduler"), "text"),
-    **dict.fromkeys(("num_images", "width", "height", "num_steps", "seed"), "integer"),
-    **dict.fromkeys(
-        ("guidance_scale", "identitynet_strength", "adapter_strength", "pose_strength", "canny_strength",
-         "depth_strength"),
-        "number",
-    ),
-    **dict.fromkeys(("enable_lcm", "randomize_seed", "enhance_face_region"), "boolean"),
-    "controlnets": "names",
-}
-
-
-def check_kind(name: str, value: object, kind: str) -> None:
-    """Refuse `value` unless it is of `kind` (see `API_KINDS`); None is left to the range checks."""
-    if kind == "boolean":
-        if not isinstance(value, bool):
-            raise InvalidParameter(name, value, "must be true or false (a boolean, not text or a number)")
-        return
-    if value is None:
-        return
-    if kind in ("integer", "number"):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise InvalidParameter(name, value, f"must be a number, not {type(value).__name__}")
-        if kind == "integer" and math.isfinite(float(value)) and not float(value).is_integer():
-            raise InvalidParameter(name, value, "must be a whole number")
-    elif kind == "text":
-        if not isinstance(value, str):
-            raise InvalidParameter(name, value, f"must be text, not {type(value).__name__}")
-    elif kind == "names":
-        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
-            raise InvalidParameter(
-                name, value, f"must be a list of names from {', '.join(CONTROLNET_NAMES)} (their strengths go "
-                "in pose_strength, canny_strength and depth_strength)"
-            )
-        for item in value:
-            if item not in CONTROLNET_NAMES:
-                raise InvalidParameter(name, item, f"choose from {', '.join(CONTROLNET_NAMES)}")
-
-
-def _number(name: str, value: object, lo: float, hi: float, *, integer: bool) -> float:
-    span = f"{format_bound(lo)}..{format_bound(hi)}"
+def check_number(name: str, value: Any, lo: float, hi: float, *, integer: bool = False, step: float = 0) -> Any:
+    """`value` if it is a number in lo..hi (a whole one for `integer`; a multiple of `step` when > 1)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidParameter(name, value, f"must be a number, not {type(value).__name__}")
+    span = f"{format_bound(lo)}..{format_bound(hi)}"
+    whole = math.isfinite(float(value)) and float(value).is_integer()
+    if not math.isfinite(float(value)) or not lo <= float(value) <= hi or (integer and not whole):
         raise InvalidParameter(name, value, f"must be {'an integer' if integer else 'a number'} in {span}")
-    if not math.isfinite(float(value)) or not lo <= float(value) <= hi:
-        raise InvalidParameter(name, value, f"must be {'an integer' if integer else 'a number'} in {span}")
-    if integer and float(value) != int(float(value)):
-        raise InvalidParameter(name, value, f"must be an integer in {span}")
-    return float(value)
+    if step > 1 and value % step:
+        raise InvalidParameter(name, value, f"use 0 (automatic) or a multiple of {step:g} up to {format_bound(hi)}")
+    return int(value) if integer else float(value)
+
+
+def check_controls(name: str, value: Any) -> dict[str, float]:
+    """Extra ControlNets as {name: strength}; a list of names takes the default strength for each."""
+    if value is None:
+        return {}
+    if isinstance(value, (list, tuple)):
+        value = dict.fromkeys(value, DEFAULT_CONTROLNET_STRENGTH)
+    if not isinstance(value, Mapping):
+        example = f'{{"{CONTROLNET_NAMES[0]}": {DEFAULT_CONTROLNET_STRENGTH}}}'
+        names = ", ".join(CONTROLNET_NAMES)
+        raise InvalidParameter(name, value, f"must map names ({names}) to strengths, e.g. {example}")
+    out = {}
+    for key, strength in value.items():
+        if key not in CONTROLNET_NAMES:
+            raise InvalidParameter(name, key, f"choose from {', '.join(CONTROLNET_NAMES)}")
+        out[key] = float(check_number(f"{name}[{key}]", strength, 0, MAX_STRENGTH))
+    return out
+
+
+@dataclass(frozen=True)
+class Param:
+    """One request parameter, declared once. The API signature and its docstring (`instantid.api`), the
+    page's controls (`instantid.ui`), the command-line flags (`instantid.__main__`) and validation (`check`)
+    are all made from these entries; `GenerateRequest` holds the checked values.
+    """
+
+    name: str
+    kind: str  # image | images | text | choice | integer | number | boolean | controls
+    default: Any
+    help: str  # the API docstring's line and the command-line help
+    label: str = ""  # the page's label ("" = API only)
+    lo: float = 0
+    hi: float = 0
+    step: float = 0  # integers with a step > 1 must be multiples of it (0 = automatic stays allowed)
+    choices: tuple[str, ...] = ()
+    flag: str | None = ""  # command line: "" = --<name-with-dashes>; None = none of its own
+    info: str = ""  # the hint under the page's control
+    section: str = "advanced"  # where the page shows it: main | photos | advanced
+    required: bool = False  # the API signature gives it no default
+
+    def check(self, value: Any) -> Any:
+        """`value` as sent, checked strictly (nothing converted that a caller did not mean); the clean value."""
+        if self.kind == "boolean":
+            if not isinstance(value, bool):
+                raise InvalidParameter(self.name, value, "must be true or false (a boolean, not text or a number)")
+            return value
+        if self.kind in ("text", "choice"):
+            if not isinstance(value, str):
+                raise InvalidParameter(self.name, value, f"must be text, not {type(value).__name__}")
+            if self.choices and value not in self.choices:
+                raise InvalidParameter(self.name, value, f"choose one of {', '.join(self.choices)}")
+            if len(value) > MAX_PROMPT_CHARS:
+                limit = f"use at most {MAX_PROMPT_CHARS} characters"
+                raise InvalidParameter(self.name, f"{len(value)} characters", limit)
+            return clean_text(value)
+        if self.kind in ("integer", "number"):
+            return check_number(self.name, value, self.lo, self.hi, integer=self.kind == "integer", step=self.step)
+        if self.kind == "controls":
+            return check_controls(self.name, value)
+        if self.kind == "images" and value is not None and not isinstance(value, (list, tuple)):
+            raise InvalidParameter(self.name, value, "must be a list of photos")
+        return value  # photos: `instantid.images` checks them when it decodes them
+
+
+_STRENGTH: dict[str, Any] = {"kind": "number", "lo": 0, "hi": MAX_STRENGTH, "step": 0.05}
+_SIDE: dict[str, Any] = {"kind": "integer", "default": 0, "lo": 0, "hi": MAX_SIDE, "step": 64, "info": "0 = automatic"}
+_AUTO_STEPS = f"{DEFAULT_STEPS}, or {LCM_STEPS} with LCM"
+_AUTO_GUIDANCE = f"{DEFAULT_GUIDANCE:g}, or {LCM_GUIDANCE:g} with LCM"
+
+# Every parameter of a generation, in the API's order.
+PARAMS: dict[str, Param] = {
+    p.name: p
+    for p in (
+        Param("face_image", "image", None, "Photo of the person's face; with several faces the largest is used.",
+              "Face photo", flag="--face", section="main", required=True),
+        Param("prompt", "text", "", 'What to draw, e.g. "a woman as an astronaut, cinematic light"; empty gives a '
+              "plain portrait.", "Prompt", section="main", required=True),
+        Param("extra_face_images", "images", None, "More photos of the same person (optional); their identity "
+              "embeddings are averaged.", "More photos of the same person (optional, averaged)", flag=None,
+              section="photos"),
+        Param("pose_image", "image", None, "Optional photo whose face position (and pose, depth or edges, see "
+              "controlnets) is followed.", "Pose photo (optional)", flag="--pose", section="photos"),
+        Param("negative_prompt", "text", "", "What to avoid in the image.", "Negative prompt", section="main"),
+        Param("style", "choice", NO_STYLE, f'Style template applied to the prompt; "{NO_STYLE}" uses the prompt '
+              "as written.", "Style", choices=STYLE_NAMES, section="main"),
+        Param("num_images", "integer", 1, f"How many images to make (1 to {MAX_IMAGES}), from consecutive seeds.",
+              "Number of images", lo=1, hi=MAX_IMAGES, step=1, section="main"),
+        Param("width", help="Output width in pixels, a multiple of 64; 0 sizes the output from the photo (short "
+              "side 1024).", label="Width", **_SIDE),
+        Param("height", help="Output height in pixels, a multiple of 64; 0 sizes it from the photo. Set both or "
+              "neither.", label="Height", **_SIDE),
+        Param("num_steps", "integer", 0, f"Denoising steps, 1 to {MAX_STEPS} (1 to {MAX_LCM_STEPS} with LCM); 0 "
+              f"means the mode default ({_AUTO_STEPS}).", "Steps", lo=0, hi=MAX_STEPS, step=1, flag="--steps",
+              info=f"0 = automatic ({_AUTO_STEPS})"),
+        Param("guidance_scale", "number", 0.0, f"Guidance scale up to 20; 0 means the mode default ({_AUTO_GUIDANCE});"
+              " 1 or less is off.", "Guidance scale", lo=0, hi=20, step=0.1, flag="--guidance",
+              info=f"0 = automatic ({_AUTO_GUIDANCE}); 1 or less turns guidance off"),
+        Param("identitynet_strength", default=DEFAULT_STRENGTH, help="IdentityNet (face ControlNet) strength, 0 "
+              "to 1.5; higher follows the face layout more.", label="IdentityNet strength (face layout)",
+              flag="--identity-strength", **_STRENGTH),
+        Param("adapter_strength", default=DEFAULT_STRENGTH, help="Face adapter strength, 0 to 1.5; higher keeps "
+              "the identity closer, the prompt less.", label="Adapter strength (identity detail)", **_STRENGTH),
+        Param("controlnets", "controls", None, f"Extra ControlNets ({', '.join(CONTROLNET_NAMES)}) fed from the "
+              f"pose photo (or the face photo), each with its strength, 0 to 1.5 ({DEFAULT_CONTROLNET_STRENGTH} when "
+              "not given): in the API a mapping such as {\"pose\": 0.4} or a list of names.",
+              "Extra ControlNets (from the pose photo, or the face photo)", flag="--controlnet"),
+        Param("scheduler", "choice", DEFAULT_SCHEDULER, 'Sampler, e.g. "EulerDiscreteScheduler" or '
+              '"DPMSolverMultistepScheduler-Karras".', "Scheduler", choices=SCHEDULERS),
+        Param("enable_lcm", "boolean", False, "Fast mode with the LCM LoRA: few steps and low guidance, lower "
+              "quality.", "LCM fast mode", flag="--lcm", info="few steps, lower quality"),
+        Param("seed", "integer", 42, f"Random seed, 0 to {MAX_SEED}; the same seed and settings give the same "
+              "images.", "Seed", lo=0, hi=MAX_SEED, step=1),
+        Param("randomize_seed", "boolean", False, "Ignore seed and pick a random one (the seed used is returned)."),
+        Param("enhance_face_region", "boolean", True, "Confine the identity conditioning to the face region, "
+              "leaving the rest to the prompt.", "Enhance face region"),
+    )
+}
+# Request fields where None means "automatic": the mode's default steps and guidance (0 too), a random seed.
+AUTOMATIC = ("num_steps", "guidance_scale", "seed")
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One generation request. `None` means "the default for this mode" (LCM changes steps/guidance)."""
+    """One generation request, checked when it is made (a `GenerateRequest` that exists is valid).
+
+    The fields carry the `PARAMS` of the same name, with the photos in one list (`face_images`) and None
+    (or 0) for "automatic" in `AUTOMATIC`. What depends on the server (its largest output side, the
+    profile's image count, parts that did not load) is the engine's to check.
+    """
 
     face_images: Sequence[ImageInput]
     prompt: str = ""
@@ -146,80 +233,58 @@ class GenerateRequest:
     enable_lcm: bool = False
     seed: int | None = None  # None = random; the result says which seed was used
     enhance_face_region: bool = True
+    # What the checks adjusted, for the result's warnings (control characters removed from a prompt).
+    notes: tuple[str, ...] = field(default=(), init=False, compare=False)
 
-    def validated(self, *, max_side: int = 1280) -> GenerateRequest:
-        """Return a copy with defaults filled in, or raise `InvalidParameter` naming what is wrong."""
-        if not self.face_images:
-            raise InvalidParameter("face_image", None, "a face photo is required")
-        if len(self.face_images) > 8:
-            raise InvalidParameter("extra_face_images", len(self.face_images), "use at most 8 photos in all")
-        for name in ("enable_lcm", "enhance_face_region"):
-            check_kind(name, getattr(self, name), "boolean")
-        texts = {}
-        for name in ("prompt", "negative_prompt"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                raise InvalidParameter(name, value, "must be text")
-            if len(value) > MAX_PROMPT_CHARS:
-                raise InvalidParameter(name, f"{len(value)} characters", f"use at most {MAX_PROMPT_CHARS} characters")
-            texts[name] = clean_text(value)
-        if self.style not in STYLE_NAMES:
-            raise InvalidParameter("style", self.style, f"choose one of {', '.join(STYLE_NAMES)}")
-        if self.scheduler not in SCHEDULERS:
-            raise InvalidParameter("scheduler", self.scheduler, f"choose one of {', '.join(SCHEDULERS)}")
-        num_images = int(_number("num_images", self.num_images, 1, MAX_IMAGES, integer=True))
-        sizes = {}
-        for name in ("width", "height"):
-            value = int(_number(name, getattr(self, name), 0, max_side, integer=True))
-            if value % 64:
-                raise InvalidParameter(name, value, f"use 0 (automatic) or a multiple of 64 up to {max_side}")
-            sizes[name] = value
-        if (sizes["width"] == 0) != (sizes["height"] == 0):
-            raise InvalidParameter(
-                "width/height", (sizes["width"], sizes["height"]), "set both or neither (0 = automatic)"
-            )
-        steps_default = LCM_STEPS if self.enable_lcm else DEFAULT_STEPS
-        guidance_default = LCM_GUIDANCE if self.enable_lcm else DEFAULT_GUIDANCE
-        steps = (
-            steps_default
-            if self.num_steps in (None, 0)
-            else int(_number("num_steps", self.num_steps, 1, MAX_STEPS, integer=True))
-        )
-        if self.enable_lcm and steps > MAX_LCM_STEPS:
+    def __post_init__(self) -> None:
+        faces = self.face_images
+        if not faces:
+            raise UserError("No face photo: add a photo of the person's face (API: face_image).")
+        if isinstance(faces, (str, bytes, Path)) or not isinstance(faces, Sequence):
+            faces = [faces]
+        if len(faces) > 8:
+            raise InvalidParameter("extra_face_images", len(faces), "use at most 8 photos in all")
+        object.__setattr__(self, "face_images", list(faces))
+        notes = []
+        for f in fields(self):
+            value = checked = getattr(self, f.name)
+            zero = f.name != "seed" and type(value) in (int, float) and value == 0  # a seed of 0 is a seed
+            if f.name in AUTOMATIC and (value is None or zero):
+                checked = None
+            elif f.name in PARAMS:
+                checked = PARAMS[f.name].check(value)
+            if isinstance(value, str) and len(checked) < len(value):
+                what = f.name.replace("_", " ")
+                notes.append(f"Removed {len(value) - len(checked)} control character(s) from the {what}.")
+            object.__setattr__(self, f.name, checked)
+        object.__setattr__(self, "notes", tuple(notes))
+        if (self.width == 0) != (self.height == 0):
+            raise InvalidParameter("width/height", (self.width, self.height), "set both or neither (0 = automatic)")
+        if self.enable_lcm and (self.num_steps or 0) > MAX_LCM_STEPS:
             limit = f"use 1..{MAX_LCM_STEPS} with LCM fast mode (its scheduler's limit), or switch LCM off"
-            raise InvalidParameter("num_steps", steps, limit)
-        guidance = (
-            guidance_default
-            if self.guidance_scale is None
-            else _number("guidance_scale", self.guidance_scale, 0.0, 20.0, integer=False)
-        )
-        identity = _number("identitynet_strength", self.identitynet_strength, 0.0, MAX_STRENGTH, integer=False)
-        adapter = _number("adapter_strength", self.adapter_strength, 0.0, MAX_STRENGTH, integer=False)
-        if not isinstance(self.controlnets, Mapping):
-            raise InvalidParameter("controlnets", self.controlnets, "must map names (pose, canny, depth) to strengths")
-        controlnets: dict[str, float] = {}
-        for name, strength in self.controlnets.items():
-            if name not in CONTROLNET_NAMES:
-                raise InvalidParameter("controlnets", name, f"choose from {', '.join(CONTROLNET_NAMES)}")
-            controlnets[name] = _number(f"controlnets[{name}]", strength, 0.0, MAX_STRENGTH, integer=False)
-        seed = None if self.seed is None else int(_number("seed", self.seed, 0, MAX_SEED, integer=True))
-        return replace(
-            self,
-            face_images=list(self.face_images),
-            prompt=texts["prompt"],
-            negative_prompt=texts["negative_prompt"],
-            num_images=num_images,
-            width=sizes["width"],
-            height=sizes["height"],
-            num_steps=steps,
-            guidance_scale=guidance,
-            identitynet_strength=identity,
-            adapter_strength=adapter,
-            controlnets=controlnets,
-            seed=seed,
-            enable_lcm=self.enable_lcm,
-            enhance_face_region=self.enhance_face_region,
-        )
+            raise InvalidParameter("num_steps", self.num_steps, limit)
+
+    @classmethod
+    def from_api(cls, values: Mapping[str, Any]) -> GenerateRequest:
+        """The request that the API's flat parameters (`PARAMS`, by name) describe; missing ones take defaults.
+
+        None stands for the default of any parameter but a boolean, as gradio_client may send it.
+        """
+        unknown = set(values) - set(PARAMS)
+        if unknown:
+            raise InvalidParameter(sorted(unknown)[0], values[sorted(unknown)[0]], f"use {', '.join(PARAMS)}")
+        given = {}
+        for name, param in PARAMS.items():
+            value = values.get(name, param.default)
+            given[name] = param.default if value is None and param.kind != "boolean" else value
+        extras = PARAMS["extra_face_images"].check(given["extra_face_images"]) or []
+        faces = [given["face_image"], *[x.get("path") if isinstance(x, dict) else x for x in extras]]
+        kwargs = {name: value for name, value in given.items() if name in {f.name for f in fields(cls)}}
+        kwargs["face_images"] = [face for face in faces if face]
+        kwargs["pose_image"] = given["pose_image"] or None
+        if PARAMS["randomize_seed"].check(given["randomize_seed"]) or ("seed" in values and values["seed"] is None):
+            kwargs["seed"] = None
+        return cls(**kwargs)
 
 
 @dataclass

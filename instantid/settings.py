@@ -15,21 +15,58 @@ from .errors import SettingsError
 
 PRESETS = ("real", "tiny")
 MEMORY_PROFILES = ("auto", "zerogpu", "large", "medium", "small", "cpu")
-CONTROLNET_NAMES = ("pose", "canny", "depth")
+
+
+@dataclass(frozen=True)
+class ControlType:
+    """One kind of extra ControlNet, declared once: the request schema, the page, the loaders, the
+    start-up plan and the tiny preset all read this entry.
+
+    Adding a kind: an entry in `CONTROL_TYPES` (plus a `Settings` field and its env variable per estimator
+    checkpoint), its condition maker in `instantid.controls`, and its tiny estimator in
+    `instantid.tiny_controls` (`save_tiny_<field>` for each estimator field).
+    """
+
+    name: str
+    label: str  # as the page names it
+    checkpoint: str  # the default ControlNet repo; INSTANTID_CONTROLNET_<NAME> overrides it
+    # `Settings` fields naming the checkpoints of the model that makes the condition image from a photo, in
+    # the order `controls.<estimator>.from_folders` takes them; none: the condition is plain CPU work
+    # (`controls.<name>_condition`), made in the CPU stage.
+    estimator_fields: tuple[str, ...] = ()
+    estimator: str = ""  # the class in `instantid.controls`
+
+    @property
+    def tiny_checkpoint(self) -> str:
+        return f"instantid-tiny/controlnet-{self.name}"
+
+
+CONTROL_TYPES: dict[str, ControlType] = {
+    c.name: c
+    for c in (
+        ControlType(
+            "pose", "Pose", "thibaud/controlnet-openpose-sdxl-1.0", ("pose_estimator", "person_detector"),
+            "PoseEstimator",
+        ),
+        ControlType("canny", "Canny", "diffusers/controlnet-canny-sdxl-1.0"),
+        ControlType(
+            "depth", "Depth", "diffusers/controlnet-depth-sdxl-1.0-small", ("depth_estimator",), "DepthEstimator"
+        ),
+    )
+}
+CONTROLNET_NAMES = tuple(CONTROL_TYPES)
 
 # The tiny preset publishes its checkpoints under these repo ids in its own local cache, so the
 # real loading code path (hub -> cache -> from_pretrained) runs unchanged.
 TINY_BASE_MODEL = "instantid-tiny/sdxl"
 TINY_INSTANTID_REPO = "instantid-tiny/InstantID"
 TINY_LCM_LORA = "instantid-tiny/lcm-lora-sdxl"
-TINY_CONTROLNETS = {
-    "pose": "instantid-tiny/controlnet-openpose",
-    "canny": "instantid-tiny/controlnet-canny",
-    "depth": "instantid-tiny/controlnet-depth",
-}
-TINY_DEPTH_ESTIMATOR = "instantid-tiny/depth-estimator"
-TINY_POSE_ESTIMATOR = "instantid-tiny/pose-estimator"
-TINY_PERSON_DETECTOR = "instantid-tiny/person-detector"
+TINY_CONTROLNETS = {name: c.tiny_checkpoint for name, c in CONTROL_TYPES.items()}
+
+
+def tiny_estimator_repo(field_name: str) -> str:
+    """Where the tiny preset publishes the estimator checkpoint that `Settings.<field_name>` names."""
+    return "instantid-tiny/" + field_name.replace("_", "-")
 
 
 def _truthy(value: str) -> bool:
@@ -73,12 +110,9 @@ class Settings:
     face_models: str = "space:InstantX/InstantID/models/antelopev2"
     lcm_lora: str = "latent-consistency/lcm-lora-sdxl"
     controlnets: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "pose": "thibaud/controlnet-openpose-sdxl-1.0",
-            "canny": "diffusers/controlnet-canny-sdxl-1.0",
-            "depth": "diffusers/controlnet-depth-sdxl-1.0-small",
-        }
+        default_factory=lambda: {name: c.checkpoint for name, c in CONTROL_TYPES.items()}
     )
+    # The estimators' checkpoints (`ControlType.estimator_fields`; env INSTANTID_<FIELD NAME>).
     depth_estimator: str = "depth-anything/Depth-Anything-V2-Small-hf"
     pose_estimator: str = "usyd-community/vitpose-base-simple"
     person_detector: str = "PekingU/rtdetr_r50vd_coco_o365"
@@ -129,9 +163,11 @@ class Settings:
             face_models=env.get("INSTANTID_FACE_MODELS", defaults.face_models).strip() or defaults.face_models,
             lcm_lora=env.get("INSTANTID_LCM_LORA", defaults.lcm_lora).strip() or defaults.lcm_lora,
             controlnets=controlnets,
-            depth_estimator=env.get("INSTANTID_DEPTH_ESTIMATOR", defaults.depth_estimator).strip(),
-            pose_estimator=env.get("INSTANTID_POSE_ESTIMATOR", defaults.pose_estimator).strip(),
-            person_detector=env.get("INSTANTID_PERSON_DETECTOR", defaults.person_detector).strip(),
+            **{
+                f: (env.get(f"INSTANTID_{f.upper()}") or getattr(defaults, f)).strip()
+                for c in CONTROL_TYPES.values()
+                for f in c.estimator_fields
+            },
             memory_profile=_parse_choice(
                 "INSTANTID_MEMORY_PROFILE", env.get("INSTANTID_MEMORY_PROFILE", "auto") or "auto", MEMORY_PROFILES
             ),
@@ -173,9 +209,7 @@ class Settings:
             instantid_repo=TINY_INSTANTID_REPO,
             lcm_lora=TINY_LCM_LORA,
             controlnets=dict(TINY_CONTROLNETS),
-            depth_estimator=TINY_DEPTH_ESTIMATOR,
-            pose_estimator=TINY_POSE_ESTIMATOR,
-            person_detector=TINY_PERSON_DETECTOR,
+            **{f: tiny_estimator_repo(f) for c in CONTROL_TYPES.values() for f in c.estimator_fields},
             face_models=self.face_models if keep_face_models else str(self.tiny_cache / "face-models"),
             hub_cache=self.tiny_cache,
         )

@@ -23,14 +23,13 @@ import torch
 
 from .hub import is_published, publish_folder
 from .settings import (
+    CONTROL_TYPES,
     TINY_BASE_MODEL,
     TINY_CONTROLNETS,
-    TINY_DEPTH_ESTIMATOR,
     TINY_INSTANTID_REPO,
     TINY_LCM_LORA,
-    TINY_PERSON_DETECTOR,
-    TINY_POSE_ESTIMATOR,
     Settings,
+    tiny_estimator_repo,
 )
 
 SCHEDULER_CONFIG = {
@@ -305,6 +304,6 @@ def ensure_tiny_checkpoints(settings: Settings) -> None:
             from . import tiny_controls
         except ImportError:  # pragma: no cover - the extra-ControlNet helpers are optional
             return
-        _publish(cache, TINY_DEPTH_ESTIMATOR, tiny_controls.save_tiny_depth_estimator, "config.json")
-        _publish(cache, TINY_POSE_ESTIMATOR, tiny_controls.save_tiny_pose_estimator, "config.json")
-        _publish(cache, TINY_PERSON_DETECTOR, tiny_controls.save_tiny_person_detector, "config.json")
+        for field_name in [f for c in CONTROL_TYPES.values() for f in c.estimator_fields]:
+            save = getattr(tiny_controls, f"save_tiny_{field_name}")
+            _publish(cache, tiny_estimator_repo(field_name), save, "config.json")

@@ -7,7 +7,6 @@ the order of `generate_inputs` below: Gradio names the API parameters after the 
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,27 +14,20 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .errors import InvalidParameter
+from .gradio_adapter import guard_input
 from .requests import (
-    API_KINDS,
     DEFAULT_CONTROLNET_STRENGTH,
     DEFAULT_GUIDANCE,
-    DEFAULT_SCHEDULER,
     DEFAULT_STEPS,
-    DEFAULT_STRENGTH,
     LCM_GUIDANCE,
     LCM_STEPS,
-    MAX_IMAGES,
     MAX_SEED,
-    MAX_STEPS,
     MAX_STRENGTH,
-    SCHEDULERS,
-    check_kind,
-    format_bound,
+    PARAMS,
+    Param,
     random_seed,
 )
-from .settings import CONTROLNET_NAMES, Settings
-from .styles import NO_STYLE, STYLE_NAMES
+from .settings import CONTROL_TYPES, Settings
 
 STATUS_REFRESH_S = 4.0
 # Samples of the memory plot kept per browser session (at one every 4 s: the last 4 minutes).
@@ -51,81 +43,12 @@ face position (and body pose, edges or depth, with the extra ControlNets) the re
 Use it from code with `gradio_client` (see "Use via API" at the bottom of the page).
 """
 
-STEPS_INFO = f"0 = automatic ({DEFAULT_STEPS}, or {LCM_STEPS} with LCM)"
-GUIDANCE_INFO = f"0 = automatic ({DEFAULT_GUIDANCE:g}, or {LCM_GUIDANCE:g} with LCM); 1 or less turns guidance off"
 STATUS_COLUMNS = ["component", "device", "dtype", "size", "parameters", "offload"]
 
 
 # Every `frequency` seconds Gradio deletes the uploads and results this app wrote more than `age` seconds
 # ago (gr.Blocks(delete_cache=...)): uploads never pile up on the Space's disk.
 DELETE_CACHE = (1800, 3600)
-
-
-# --- input checks that name the API parameter --------------------------------------------------------
-
-
-def _input_error(component: Any, name: str, value: Any, exc: Exception) -> str:
-    shown = repr(value)
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    lo, hi = getattr(component, "minimum", None), getattr(component, "maximum", None)
-    if lo is not None and hi is not None:
-        step = getattr(component, "step", None)
-        if getattr(component, "precision", None) == 0 or step == 1:
-            kind = "an integer"
-        elif isinstance(step, int) and step > 1:
-            kind = f"a multiple of {step}"
-        else:
-            kind = "a number"
-        return f"Invalid {name}={shown}: must be {kind} in {format_bound(lo)}..{format_bound(hi)}."
-    choices = getattr(component, "choices", None)
-    if choices:
-        names = [str(c[1]) if isinstance(c, tuple) else str(c) for c in choices]
-        return f"Invalid {name}={shown}: choose from {', '.join(names)}."
-    reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    return f"Invalid {name}={shown}: {reason}"
-
-
-def guard_input(component: Any, name: str) -> None:
-    """Make Gradio's own checks of an API input say which parameter they refuse, and why.
-
-    Gradio says "Value 1000 is greater than maximum value 100." without naming which of 22 parameters it
-    means, and a value of the wrong type becomes an anonymous server error; callers get one sentence
-    naming the parameter, the value and what is allowed instead. Photo uploads are handed over
-    untouched: Gradio would open them with PIL first, so a file that is not an image would also end as
-    an anonymous error, while `instantid.images` refuses it (or a bomb) with a sentence that says what
-    to do. Gradio has already checked that an upload's path lies in its own cache, never elsewhere.
-    Patched on the instance: a component subclass would make Gradio write a `.pyi` stub next to this file.
-    """
-    original = component.preprocess
-    hand_over = isinstance(component, gr.Image) and component.type == "filepath" and component.image_mode is None
-    kind = API_KINDS.get(name)
-
-    def preprocess(payload: Any) -> Any:
-        if kind is not None:
-            # The value as sent, before Gradio converts it (it would read "false" as true, round 3.7).
-            try:
-                check_kind(name, payload, kind)
-            except InvalidParameter as exc:
-                # A number of the right type but not whole: say the range too, as for any other number.
-                ranged = isinstance(payload, (int, float)) and not isinstance(payload, bool)
-                message = _input_error(component, name, payload, exc) if ranged else str(exc)
-                raise gr.Error(message, print_exception=False) from None
-        if hand_over and payload is not None and not (payload.url or "").startswith("data:"):
-            if not payload.path:
-                # An object with only a URL: Gradio fetched nothing, and its own message would print the object.
-                raise gr.Error(
-                    f"Invalid {name}: send the photo itself as an upload (gradio_client: handle_file(path)); a "
-                    "URL or a path on the server is never read.",
-                    print_exception=False,
-                )
-            return str(payload.path)
-        try:
-            return original(payload)
-        except Exception as exc:  # every refusal of a value gets the same kind of sentence
-            raise gr.Error(_input_error(component, name, payload, exc), print_exception=False) from None
-
-    component.preprocess = preprocess
 
 
 # --- cheap UI steps (queue=False, no API) ----------------------------------------------------------
@@ -141,6 +64,14 @@ def next_seed(seed: float | None, randomize_seed: bool) -> int:
     if randomize_seed or seed is None:
         return random_seed()
     return int(min(max(int(seed), 0), MAX_SEED))
+
+
+def start_run(seed: float | None, randomize: bool, chosen: list[str] | None, *strengths: float) -> tuple[Any, ...]:
+    """The page's step before a generation: the seed to show, the extra ControlNets as the API's mapping
+    ({name: strength} from the ticked boxes and their sliders), and the previous run's results cleared (so
+    an error never leaves them on screen as if they were this run's)."""
+    mapping = {name: float(s) for name, s in zip(CONTROL_TYPES, strengths, strict=True) if name in (chosen or [])}
+    return next_seed(seed, randomize), mapping, None, None, None, None
 
 
 # --- status rendering (pure functions of the engine's report) --------------------------------------
@@ -309,6 +240,89 @@ TINY_BANNER = (
 )
 
 
+# What the page adds to a parameter's declared control (placeholders, sizes, element ids for the browser test).
+PAGE_OPTIONS: dict[str, dict[str, Any]] = {
+    "face_image": {"height": 360, "elem_id": "face-image"},
+    "prompt": {"placeholder": "e.g. a woman as an astronaut on Mars, cinematic light", "lines": 2, "elem_id": "prompt"},
+    "negative_prompt": {"placeholder": "what to avoid (optional)"},
+    "seed": {"elem_id": "seed"},
+}
+PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
+
+
+def make_control(p: Param, settings: Settings) -> Any:
+    """The page's control for a declared parameter; one with no label is an API-only hidden input."""
+    options = {"label": p.label or p.name, "visible": bool(p.label), **PAGE_OPTIONS.get(p.name, {})}
+    if p.info:
+        options["info"] = p.info
+    if p.kind == "image":
+        # image_mode=None: the file is handed over untouched, `instantid.images` decodes it.
+        return gr.Image(type="filepath", image_mode=None, sources=PHOTO_SOURCES, **{"height": 240, **options})
+    if p.kind == "images":
+        return gr.File(file_count="multiple", file_types=["image"], type="filepath", **options)
+    if p.kind == "text":
+        return gr.Textbox(value=None if p.required else p.default, **{"lines": 1, **options})
+    if p.kind == "choice":
+        return gr.Dropdown(choices=list(p.choices), value=p.default, **options)
+    if p.kind == "boolean":
+        return gr.Checkbox(value=p.default, **options)
+    if p.kind == "controls":
+        return gr.JSON(value=p.default, visible=False, label=p.name)  # the page fills it in `start_run`
+    hi = min(p.hi, settings.max_output_side // 64 * 64) if p.step == 64 else p.hi
+    if (hi - p.lo) / (p.step or 1) > 1000:  # a seed: a slider would be useless
+        return gr.Number(value=p.default, precision=0, minimum=p.lo, maximum=hi, **options)
+    return gr.Slider(minimum=p.lo, maximum=hi, step=p.step, value=p.default, **options)
+
+
+def _controlnet_inputs(p: Param) -> tuple[Any, list[Any]]:
+    """The page's face of the `controlnets` mapping: a box per type and a strength slider each."""
+    chosen = gr.CheckboxGroup(label=p.label, choices=list(CONTROL_TYPES), value=[])
+    with gr.Row():
+        strengths = [
+            gr.Slider(label=f"{c.label} strength", minimum=0, maximum=MAX_STRENGTH, step=0.05,
+                      value=DEFAULT_CONTROLNET_STRENGTH)
+            for c in CONTROL_TYPES.values()
+        ]
+    return chosen, strengths
+
+
+def _generate_tab(settings: Settings) -> dict[str, Any]:
+    """The Generate tab's components by name: every parameter's input, the page-only controls, the outputs."""
+    c: dict[str, Any] = {}
+    sections = {name: [p for p in PARAMS.values() if p.section == name] for name in ("main", "photos", "advanced")}
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            for p in sections["main"]:
+                c[p.name] = make_control(p, settings)
+            c["generate_btn"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
+            with gr.Accordion("More photos and a pose reference", open=False):
+                for p in sections["photos"]:
+                    c[p.name] = make_control(p, settings)
+            with gr.Accordion("Advanced settings", open=False):
+                for p in sections["advanced"]:
+                    if p.kind == "controls":
+                        c["chosen_controls"], c["control_strengths"] = _controlnet_inputs(p)
+                    c[p.name] = make_control(p, settings)
+                    if p.name == "seed":
+                        # The page draws its random seed in `start_run`, so it shows before the result; the
+                        # API's randomize_seed input (hidden) stays off for the page.
+                        c["randomize"] = gr.Checkbox(label="Randomize seed", value=True)
+        with gr.Column(scale=1):
+            c["gallery"] = gr.Gallery(
+                label="Results", format="png", columns=2, height=520, object_fit="contain",
+                buttons=["download", "fullscreen"], interactive=False, elem_id="gallery",
+            )
+            with gr.Row():
+                c["similarities"] = gr.JSON(label="Identity similarity", height=120)
+                c["timings"] = gr.JSON(label="Timings (ms)", height=120)
+            c["keypoints"] = gr.Image(label="Face keypoints", type="pil", format="png", interactive=False, height=240)
+            # The seed used, for the API; the page shows it in the seed box already (`start_run`). Not the seed
+            # box itself: Gradio rebuilds an output per session when the generator yields gr.skip() for it, and
+            # an input rebuilt that way would lose its checks (`guard_input`).
+            c["seed_used"] = gr.Number(label="Seed", precision=0, visible=False)
+    return c
+
+
 def build_demo(
     generate_fn: Callable[..., Any],
     status_fn: Callable[[], Mapping[str, Any]],
@@ -318,263 +332,120 @@ def build_demo(
 ) -> gr.Blocks:
     """Build the Blocks app.
 
-    generate_fn: takes the inputs listed in `generate_inputs` (same order, same names as
-      `instantid.api.generate`, plus an optional `progress=gr.Progress()`), returns (gallery, seed,
-      similarities, keypoint image, timings); raises gr.Error for user-facing problems.
+    generate_fn: takes the inputs declared in `instantid.requests.PARAMS` (same order, same names as
+      `instantid.api.generate`, plus an optional `progress=gr.Progress()`), yields `gr.skip()` while it works
+      and then (gallery, seed, similarities, keypoint image, timings); raises gr.Error for user-facing problems.
     status_fn: returns the engine's JSON-ready report.
     examples: rows of [face photo path, prompt, style].
     """
-    max_side = max(64, settings.max_output_side // 64 * 64)
     with gr.Blocks(title="InstantID", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="intro")
         if settings.preset == "tiny":
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate") as generate_tab:
-                with gr.Row(equal_height=False):
-                    with gr.Column(scale=1):
-                        face_image = gr.Image(
-                            label="Face photo",
-                            type="filepath",
-                            image_mode=None,  # hand the file over untouched; instantid.images decodes it
-                            sources=["upload", "webcam", "clipboard"],
-                            height=360,
-                            elem_id="face-image",
-                        )
-                        prompt = gr.Textbox(
-                            label="Prompt",
-                            placeholder="e.g. a woman as an astronaut on Mars, cinematic light",
-                            lines=2,
-                            elem_id="prompt",
-                        )
-                        with gr.Row():
-                            style = gr.Dropdown(label="Style", choices=list(STYLE_NAMES), value=NO_STYLE)
-                            num_images = gr.Slider(
-                                label="Number of images", minimum=1, maximum=MAX_IMAGES, step=1, value=1
-                            )
-                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                        with gr.Accordion("More photos and a pose reference", open=False):
-                            extra_face_images = gr.File(
-                                label="More photos of the same person (optional, averaged)",
-                                file_count="multiple",
-                                file_types=["image"],
-                                type="filepath",
-                            )
-                            pose_image = gr.Image(
-                                label="Pose photo (optional)",
-                                type="filepath",
-                                image_mode=None,
-                                sources=["upload", "webcam", "clipboard"],
-                                height=240,
-                            )
-                        negative_prompt = gr.Textbox(
-                            label="Negative prompt", placeholder="what to avoid (optional)", lines=1, value=""
-                        )
-                        with gr.Accordion("Advanced settings", open=False):
-                            with gr.Row():
-                                # 0 is "automatic" for the API; the page shows the explicit defaults (load below).
-                                num_steps = gr.Slider(
-                                    label="Steps",
-                                    info=STEPS_INFO,
-                                    minimum=0,
-                                    maximum=MAX_STEPS,
-                                    step=1,
-                                    value=0,
-                                )
-                                guidance_scale = gr.Slider(
-                                    label="Guidance scale",
-                                    info=GUIDANCE_INFO,
-                                    minimum=0,
-                                    maximum=20,
-                                    step=0.1,
-                                    value=0,
-                                )
-                            with gr.Row():
-                                identitynet_strength = gr.Slider(
-                                    label="IdentityNet strength (face layout)",
-                                    minimum=0,
-                                    maximum=MAX_STRENGTH,
-                                    step=0.05,
-                                    value=DEFAULT_STRENGTH,
-                                )
-                                adapter_strength = gr.Slider(
-                                    label="Adapter strength (identity detail)",
-                                    minimum=0,
-                                    maximum=MAX_STRENGTH,
-                                    step=0.05,
-                                    value=DEFAULT_STRENGTH,
-                                )
-                            with gr.Row():
-                                width = gr.Slider(
-                                    label="Width", info="0 = automatic", minimum=0, maximum=max_side, step=64, value=0
-                                )
-                                height = gr.Slider(
-                                    label="Height", info="0 = automatic", minimum=0, maximum=max_side, step=64, value=0
-                                )
-                            controlnets = gr.CheckboxGroup(
-                                label="Extra ControlNets (from the pose photo, or the face photo)",
-                                choices=list(CONTROLNET_NAMES),
-                                value=[],
-                            )
-                            with gr.Row():
-                                pose_strength = gr.Slider(
-                                    label="Pose strength", minimum=0, maximum=MAX_STRENGTH, step=0.05,
-                                    value=DEFAULT_CONTROLNET_STRENGTH,
-                                )
-                                canny_strength = gr.Slider(
-                                    label="Canny strength", minimum=0, maximum=MAX_STRENGTH, step=0.05,
-                                    value=DEFAULT_CONTROLNET_STRENGTH,
-                                )
-                                depth_strength = gr.Slider(
-                                    label="Depth strength", minimum=0, maximum=MAX_STRENGTH, step=0.05,
-                                    value=DEFAULT_CONTROLNET_STRENGTH,
-                                )
-                            with gr.Row():
-                                scheduler = gr.Dropdown(
-                                    label="Scheduler", choices=list(SCHEDULERS), value=DEFAULT_SCHEDULER
-                                )
-                                enable_lcm = gr.Checkbox(
-                                    label="LCM fast mode", info="few steps, lower quality", value=False
-                                )
-                            with gr.Row():
-                                seed = gr.Number(
-                                    label="Seed", value=42, precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed"
-                                )
-                                randomize = gr.Checkbox(label="Randomize seed", value=True)
-                            enhance_face_region = gr.Checkbox(label="Enhance face region", value=True)
-                            # The page randomizes in a cheap step of its own (so the seed shows before the
-                            # result); API callers get the flag through this hidden twin, which the page leaves off.
-                            api_randomize = gr.Checkbox(label="Randomize seed", value=False, visible=False)
-                    with gr.Column(scale=1):
-                        gallery = gr.Gallery(
-                            label="Results",
-                            format="png",
-                            columns=2,
-                            height=520,
-                            object_fit="contain",
-                            buttons=["download", "fullscreen"],
-                            interactive=False,
-                            elem_id="gallery",
-                        )
-                        with gr.Row():
-                            similarities = gr.JSON(label="Identity similarity", height=120)
-                            timings = gr.JSON(label="Timings (ms)", height=120)
-                        keypoints = gr.Image(
-                            label="Face keypoints",
-                            type="pil",
-                            format="png",
-                            interactive=False,
-                            height=240,
-                        )
+                c = _generate_tab(settings)
+                outputs = [c["gallery"], c["seed_used"], c["similarities"], c["keypoints"], c["timings"]]
                 if examples:
-
-                    def run_example(face: str, prompt_text: str, style_name: str) -> Any:
-                        # Every other input keeps its default, so a cached example stays valid.
-                        return generate_fn(face, prompt_text, style=style_name)
-
-                    gr.Examples(
-                        examples=examples,
-                        inputs=[face_image, prompt, style],
-                        outputs=[gallery, seed, similarities, keypoints, timings],
-                        fn=run_example,
-                        # Lazily: each example is generated on its first click, then served from the cache;
-                        # eager caching would spend a full SDXL generation per example at start-up.
-                        cache_examples=True,
-                        cache_mode="lazy",
-                        api_visibility="private",
-                        label="Examples (click one: generated once, then served from the cache)",
-                    )
-
+                    _examples(generate_fn, examples, [c["face_image"], c["prompt"], c["style"]], outputs)
             with gr.Tab("Status", id="status") as status_tab:
-                with gr.Row():
-                    load_state = gr.Markdown("**Models:** …", elem_id="load-state")
-                    refresh_btn = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-status")
-                with gr.Row(equal_height=False):
-                    with gr.Column():
-                        memory = gr.Markdown(elem_id="memory-table")
-                        profile = gr.Markdown(elem_id="profile")
-                    with gr.Column():
-                        plot = gr.LinePlot(
-                            # Not an empty frame: Gradio 6 keeps the axis types of the first value it draws.
-                            value=None,
-                            x="seconds",
-                            y="GiB",
-                            color="series",
-                            x_title="seconds (0 = latest sample)",
-                            y_lim=[0, None],
-                            label="Memory over time",
-                            height=300,
-                        )
-                components = gr.Dataframe(
-                    headers=STATUS_COLUMNS,
-                    label="Loaded components",
-                    interactive=False,
-                    elem_id="components",
-                )
-                with gr.Accordion("Status report (JSON)", open=False):
-                    raw = gr.JSON(label="Status report")
-                samples = gr.State([])
-                timer = gr.Timer(STATUS_REFRESH_S, active=False)
-
-        # -- wiring ------------------------------------------------------------------------------
-        generate_inputs = [
-            face_image, prompt, extra_face_images, pose_image, negative_prompt, style, num_images, width, height,
-            num_steps, guidance_scale, identitynet_strength, adapter_strength, controlnets, pose_strength,
-            canny_strength, depth_strength, scheduler, enable_lcm, seed, api_randomize, enhance_face_region,
-        ]
-        generate_outputs = [gallery, seed, similarities, keypoints, timings]
-        for name, component in zip(inspect.signature(generate_fn).parameters, generate_inputs, strict=False):
-            guard_input(component, name)
-
-        # The defaults the page shows; the components themselves hold 0 so API callers get "automatic".
-        demo.load(None, None, [num_steps, guidance_scale], js=f"() => [{DEFAULT_STEPS}, {DEFAULT_GUIDANCE}]")
-
-        enable_lcm.change(
-            lcm_defaults, [enable_lcm], [num_steps, guidance_scale],
-            queue=False, api_visibility="private", show_progress="hidden",
-        )
-        gr.on(
-            [generate_btn.click, prompt.submit],
-            next_seed, [seed, randomize], [seed],
-            queue=False, api_visibility="private", show_progress="hidden",
-        ).then(
-            generate_fn,
-            generate_inputs,
-            generate_outputs,
-            api_name="generate",
-            show_progress_on=[gallery],
-        )
-
-        def status() -> dict[str, Any]:
-            """Memory and model-loading report of the server: host RAM, process RSS and its peak, GPU memory,
-            loaded components (device, dtype, size), the memory profile and why it was chosen, and the load state.
-
-            Returns:
-                A JSON object with keys host, gpu (null without a GPU), components, profile and state.
-            """
-            return dict(status_fn())
-
-        def safe_report() -> dict[str, Any]:
-            try:
-                return dict(status_fn())
-            except Exception as exc:  # gr.Error from the API layer, or a fake's failure
-                message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-                return {"state": {"phase": "error", "message": f"status unavailable: {message}"}}
-
-        def refresh(history: list[dict]):
-            return render_status(safe_report(), history)
-
-        status_outputs = [load_state, memory, plot, components, profile, raw, samples]
-        quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-        timer.tick(refresh, [samples], status_outputs, **quiet)
-        # The Refresh button is also the `status` API endpoint: outside the queue, so it answers while a
-        # generation runs and never counts against the queue size. The page then renders the JSON it got.
-        refresh_btn.click(
-            status, None, [raw], api_name="status", queue=False, show_progress="hidden"
-        ).then(render_report, [raw, samples], status_outputs, **quiet)
-        # Poll only while the Status tab is open.
-        status_tab.select(lambda: gr.Timer(active=True), None, timer, **quiet).then(
-            refresh, [samples], status_outputs, **quiet
-        )
-        generate_tab.select(lambda: gr.Timer(active=False), None, timer, **quiet)
+                s = _status_tab()
+        _wire_generate(demo, generate_fn, c, outputs)
+        _wire_status(status_fn, s, status_tab, generate_tab)
     return demo
+
+
+def _wire_status(status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], status_tab: Any, generate_tab: Any):
+    def status() -> dict[str, Any]:
+        """Memory and model-loading report of the server: host RAM, process RSS and its peak, GPU memory,
+        loaded components (device, dtype, size), the memory profile and why it was chosen, and the load state.
+
+        Returns:
+            A JSON object with keys host, gpu (null without a GPU), components, profile and state.
+        """
+        return dict(status_fn())
+
+    def safe_report() -> dict[str, Any]:
+        try:
+            return dict(status_fn())
+        except Exception as exc:  # gr.Error from the API layer, or a fake's failure
+            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            return {"state": {"phase": "error", "message": f"status unavailable: {message}"}}
+
+    def refresh(history: list[dict]):
+        return render_status(safe_report(), history)
+
+    outputs = [s[name] for name in ("load_state", "memory", "plot", "components", "profile", "raw", "samples")]
+    quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    s["timer"].tick(refresh, [s["samples"]], outputs, **quiet)
+    # The Refresh button is also the `status` API endpoint: outside the queue, so it answers while a
+    # generation runs and never counts against the queue size. The page then renders the JSON it got.
+    s["refresh_btn"].click(status, None, [s["raw"]], api_name="status", queue=False, show_progress="hidden").then(
+        render_report, [s["raw"], s["samples"]], outputs, **quiet
+    )
+    # Poll only while the Status tab is open.
+    status_tab.select(lambda: gr.Timer(active=True), None, s["timer"], **quiet).then(
+        refresh, [s["samples"]], outputs, **quiet
+    )
+    generate_tab.select(lambda: gr.Timer(active=False), None, s["timer"], **quiet)
+
+
+def _examples(generate_fn: Callable[..., Any], examples: list[list[Any]], inputs: list[Any], outputs: list[Any]):
+    def run_example(face: str, prompt_text: str, style_name: str) -> Any:
+        # Every other input keeps its default, so a cached example stays valid.
+        yield from generate_fn(face, prompt_text, style=style_name)
+
+    gr.Examples(
+        examples=examples,
+        inputs=inputs,
+        outputs=outputs,
+        fn=run_example,
+        # Lazily: each example is generated on its first click, then served from the cache; eager caching
+        # would spend a full SDXL generation per example at start-up.
+        cache_examples=True,
+        cache_mode="lazy",
+        api_visibility="private",
+        label="Examples (click one: generated once, then served from the cache)",
+    )
+
+
+def _wire_generate(demo: gr.Blocks, generate_fn: Callable[..., Any], c: dict[str, Any], outputs: list[Any]) -> None:
+    inputs = [c[name] for name in PARAMS]
+    for param, component in zip(PARAMS.values(), inputs, strict=True):
+        guard_input(component, param)
+    # The defaults the page shows; the components themselves hold 0 so API callers get "automatic".
+    demo.load(None, None, [c["num_steps"], c["guidance_scale"]], js=f"() => [{DEFAULT_STEPS}, {DEFAULT_GUIDANCE}]")
+    quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    c["enable_lcm"].change(lcm_defaults, [c["enable_lcm"]], [c["num_steps"], c["guidance_scale"]], **quiet)
+    gr.on(
+        [c["generate_btn"].click, c["prompt"].submit],
+        start_run,
+        [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
+        [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"]],
+        **quiet,
+    ).then(generate_fn, inputs, outputs, api_name="generate", show_progress_on=[c["gallery"]])
+
+
+def _status_tab() -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    with gr.Row():
+        s["load_state"] = gr.Markdown("**Models:** …", elem_id="load-state")
+        s["refresh_btn"] = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-status")
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            s["memory"] = gr.Markdown(elem_id="memory-table")
+            s["profile"] = gr.Markdown(elem_id="profile")
+        with gr.Column():
+            s["plot"] = gr.LinePlot(
+                # Not an empty frame: Gradio 6 keeps the axis types of the first value it draws.
+                value=None, x="seconds", y="GiB", color="series", x_title="seconds (0 = latest sample)",
+                y_lim=[0, None], label="Memory over time", height=300,
+            )
+    s["components"] = gr.Dataframe(
+        headers=STATUS_COLUMNS, label="Loaded components", interactive=False, elem_id="components"
+    )
+    with gr.Accordion("Status report (JSON)", open=False):
+        s["raw"] = gr.JSON(label="Status report")
+    s["samples"] = gr.State([])
+    s["timer"] = gr.Timer(STATUS_REFRESH_S, active=False)
+    return s

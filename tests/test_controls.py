@@ -93,7 +93,7 @@ def test_depth_to_image_makes_near_bright() -> None:
 def test_tiny_depth_estimator_output(
     tiny_folders: dict[str, Path], photo: PIL.Image.Image, size: tuple[int, int]
 ) -> None:
-    estimator = DepthEstimator.from_folder(tiny_folders["depth"])
+    estimator = DepthEstimator.from_folders(tiny_folders["depth"])
     image = photo.resize(size)
     first = estimator(image)
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def test_tiny_estimator_folders_are_small_and_complete(tiny_folders: dict[str, P
 
 def test_loading_from_a_folder_without_a_checkpoint_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="depth estimator"):
-        DepthEstimator.from_folder(tmp_path)
+        DepthEstimator.from_folders(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="pose estimator"):
         PoseEstimator.from_folders(tmp_path, None)
@@ -281,7 +281,7 @@ def test_make_condition_dispatch(photo: PIL.Image.Image) -> None:
 
 def test_make_condition_with_tiny_estimators(tiny_folders: dict[str, Path], photo: PIL.Image.Image) -> None:
     estimators: dict[str, ConditionFn] = {
-        "depth": DepthEstimator.from_folder(tiny_folders["depth"]),
+        "depth": DepthEstimator.from_folders(tiny_folders["depth"]),
         "pose": PoseEstimator.from_folders(tiny_folders["pose"], tiny_folders["detector"]),
     }
     image = photo.resize((128, 96))

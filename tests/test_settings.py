@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from instantid.errors import InvalidParameter, SettingsError
+from instantid.errors import InvalidParameter, SettingsError, UserError
 from instantid.requests import GenerateRequest
 from instantid.settings import Settings
 
@@ -72,24 +72,33 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
         ({"identitynet_strength": 1.6}, "identitynet_strength"),
         ({"adapter_strength": -0.1}, "adapter_strength"),
         ({"width": 512, "height": 0}, "width/height"),
-        ({"width": 1344, "height": 1024}, "width"),
+        ({"width": 4160, "height": 1024}, "width"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**40}, "seed"),
         ({"style": "Cubism"}, "style"),
         ({"scheduler": "DDIM"}, "scheduler"),
         ({"controlnets": {"canny": 2.0}}, "controlnets[canny]"),
-        ({"face_images": []}, "face_image"),
+        ({"controlnets": {"lineart": 0.4}}, "controlnets"),
+        ({"enable_lcm": True, "num_steps": 60}, "num_steps"),
     ],
 )
 def test_request_validation_names_parameter_and_range(kw: dict, name: str) -> None:
     kw = {"face_images": ["x.png"], **kw}
     with pytest.raises(InvalidParameter) as info:
-        GenerateRequest(**kw).validated()
+        GenerateRequest(**kw)
     assert info.value.name == name and str(info.value).startswith(f"Invalid {name}=")
 
 
-def test_request_defaults_follow_lcm() -> None:
-    r = GenerateRequest(face_images=["x"]).validated()
-    assert (r.num_steps, r.guidance_scale) == (30, 5.0)
-    r = GenerateRequest(face_images=["x"], enable_lcm=True).validated()
-    assert (r.num_steps, r.guidance_scale) == (5, 1.5)
+def test_a_request_without_a_photo_says_what_to_do() -> None:
+    with pytest.raises(UserError, match="No face photo: add a photo of the person's face"):
+        GenerateRequest(face_images=[])
+
+
+def test_request_automatic_values_stay_open_for_the_engine() -> None:
+    """0 and None both mean "automatic": the engine fills them per mode and profile (LCM: 5 steps, 1.5)."""
+    for value in (None, 0):
+        r = GenerateRequest(face_images=["x"], num_steps=value, guidance_scale=value)
+        assert (r.num_steps, r.guidance_scale, r.seed) == (None, None, None)
+    assert GenerateRequest(face_images=["x"], seed=0).seed == 0, "seed 0 is a seed"
+    r = GenerateRequest(face_images=["x"], num_steps=8, guidance_scale=2, seed=5, controlnets=["canny"])
+    assert (r.num_steps, r.guidance_scale, r.seed, r.controlnets) == (8, 2.0, 5, {"canny": 0.4})

@@ -34,8 +34,7 @@ FACE = str(ROOT / "assets" / "astronaut.jpg")
 API_PARAMETERS = [
     "face_image", "prompt", "extra_face_images", "pose_image", "negative_prompt", "style", "num_images", "width",
     "height", "num_steps", "guidance_scale", "identitynet_strength", "adapter_strength", "controlnets",
-    "pose_strength", "canny_strength", "depth_strength", "scheduler", "enable_lcm", "seed", "randomize_seed",
-    "enhance_face_region",
+    "scheduler", "enable_lcm", "seed", "randomize_seed", "enhance_face_region",
 ]
 
 REPORT = {
@@ -60,11 +59,15 @@ REPORT = {
 def fake_generate(
     face_image, prompt, extra_face_images=None, pose_image=None, negative_prompt="", style="", num_images=1,
     width=0, height=0, num_steps=0, guidance_scale=0.0, identitynet_strength=0.8, adapter_strength=0.8,
-    controlnets=None, pose_strength=0.4, canny_strength=0.4, depth_strength=0.4, scheduler="", enable_lcm=False,
-    seed=42, randomize_seed=False, enhance_face_region=True,
+    controlnets=None, scheduler="", enable_lcm=False, seed=42, randomize_seed=False, enhance_face_region=True,
 ):
     image = Image.new("RGB", (64, 64))
-    return [(image, "fake")], seed, [0.5], image, {"total_ms": 1.0}
+    yield [(image, "fake")], seed, [0.5], image, {"total_ms": 1.0}
+
+
+def generate(*args: Any, **kwargs: Any) -> Any:
+    """api.generate's final outputs (it yields gr.skip() after each step first)."""
+    return list(api.generate(*args, **kwargs))[-1]
 
 
 def fake_status() -> dict[str, Any]:
@@ -91,6 +94,9 @@ class FakeEngine:
         self.loads += 1
         self.phase = "ready"
 
+    def check(self, request: GenerateRequest) -> None:
+        pass
+
     # The three stages, as the API calls them; the fake's job is the validated request itself.
     def prepare(self, request: GenerateRequest) -> GenerateRequest:
         self.requests.append(request)
@@ -98,7 +104,7 @@ class FakeEngine:
             raise self.error
         return request
 
-    def render_steps(self, job: GenerateRequest):
+    def render_steps(self, job: GenerateRequest, heartbeat_s: float | None = None):
         yield Step(1, 1)
         yield Rendered(images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(job.num_images)],
                        timings_ms={})
@@ -113,14 +119,14 @@ class FakeEngine:
         n = request.num_images
         return GenerateResult(
             images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(n)],
-            seed=request.seed,
+            seed=request.seed if request.seed is not None else 1234,  # the engine draws a missing seed
             similarities=[0.61] + [None] * (n - 1),
             keypoint_image=Image.new("RGB", (64, 64)),
             timings_ms={"total_ms": 12.345},
             width=64,
             height=64,
-            num_steps=request.num_steps,
-            guidance_scale=request.guidance_scale,
+            num_steps=request.num_steps or DEFAULT_STEPS,
+            guidance_scale=request.guidance_scale or DEFAULT_GUIDANCE,
             faces_found=1,
             profile="cpu",
             warnings=[],
@@ -131,7 +137,6 @@ class FakeEngine:
 def engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
     fake = FakeEngine()
     monkeypatch.setattr(api, "_engine", lambda: fake)
-    monkeypatch.setattr(api, "_settings_max_side", lambda: 1280)
     return fake
 
 
@@ -154,9 +159,6 @@ def test_named_endpoints_with_fakes() -> None:
 def test_real_api_functions_match_the_components() -> None:
     """The API names come from api.generate's signature; the components are listed in the same order."""
     assert list(inspect.signature(api.generate).parameters)[:-1] == API_PARAMETERS
-    assert list(inspect.signature(api.estimate_gpu_duration).parameters) == [
-        *API_PARAMETERS, "progress",
-    ], "spaces.GPU calls the duration function with the GPU function's arguments"
     demo = ui.build_demo(api.generate, api.status, settings=Settings(), examples=[[FACE, "a knight", "Mars"]])
     info = demo.get_api_info()["named_endpoints"]
     params = {p["parameter_name"]: p for p in info["/generate"]["parameters"]}
@@ -166,7 +168,7 @@ def test_real_api_functions_match_the_components() -> None:
     assert params["num_steps"]["parameter_default"] == 0
     assert params["guidance_scale"]["parameter_default"] == 0
     assert params["randomize_seed"]["parameter_default"] is False
-    assert params["controlnets"]["parameter_default"] == []
+    assert params["controlnets"]["parameter_default"] is None
     assert info["/generate"]["description"].startswith("Generate images of the person")
 
 
@@ -176,7 +178,7 @@ def test_cheap_steps_skip_the_queue_and_the_api() -> None:
     for dep in demo.fns.values():
         name = getattr(dep.fn, "__name__", None)
         by_fn.setdefault(name, []).append(dep)
-    for name in ("lcm_defaults", "next_seed"):
+    for name in ("lcm_defaults", "start_run"):
         (dep,) = by_fn[name]
         assert dep.queue is False
         assert dep.api_visibility == "private"
@@ -238,14 +240,13 @@ def test_status_rendering_survives_an_empty_report() -> None:
 
 
 def test_generate_builds_the_request(engine: FakeEngine) -> None:
-    gallery, seed, sims, keypoints, timings = api.generate(
-        FACE, "a knight", extra_face_images=[FACE, {"path": FACE}], controlnets=["canny"], canny_strength=0.7,
-        num_images=2, seed=7,
+    gallery, seed, sims, keypoints, timings = generate(
+        FACE, "a knight", extra_face_images=[FACE, {"path": FACE}], controlnets={"canny": 0.7}, num_images=2, seed=7,
     )
     (request,) = engine.requests
     assert request.face_images == [FACE, FACE, FACE]
     assert request.controlnets == {"canny": 0.7}
-    assert (request.num_steps, request.guidance_scale) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert (request.num_steps, request.guidance_scale) == (None, None), "automatic: the engine fills the defaults"
     assert seed == 7 and request.seed == 7
     assert len(gallery) == 2 and "seed 7" in gallery[0][1] and "0.61" in gallery[0][1]
     assert sims == [0.61, None]
@@ -254,35 +255,37 @@ def test_generate_builds_the_request(engine: FakeEngine) -> None:
 
 
 def test_generate_sentinels(engine: FakeEngine) -> None:
-    api.generate(FACE, "x", enable_lcm=True)
-    api.generate(FACE, "x", enable_lcm=True, num_steps=8, guidance_scale=2.0)
-    api.generate(FACE, "x", randomize_seed=True, seed=7)
-    lcm, explicit, randomized = engine.requests
-    assert (lcm.num_steps, lcm.guidance_scale) == (LCM_STEPS, LCM_GUIDANCE)
+    generate(FACE, "x", enable_lcm=True)
+    generate(FACE, "x", enable_lcm=True, num_steps=8, guidance_scale=2.0)
+    generate(FACE, "x", randomize_seed=True, seed=7)
+    generate(FACE, "x", controlnets=["pose", "depth"])
+    lcm, explicit, randomized, names = engine.requests
+    assert (lcm.num_steps, lcm.guidance_scale) == (None, None)
     assert (explicit.num_steps, explicit.guidance_scale) == (8, 2.0)
-    assert randomized.seed is not None and 0 <= randomized.seed <= MAX_SEED
+    assert randomized.seed is None, "the engine draws the seed (one place)"
+    assert names.controlnets == {"pose": 0.4, "depth": 0.4}
 
 
 def test_generate_turns_user_errors_into_gr_error(engine: FakeEngine) -> None:
     engine.error = NoFaceError("No face found in the face photo: use a photo where the face is visible.")
     with pytest.raises(gr.Error) as caught:
-        api.generate(FACE, "x")
+        generate(FACE, "x")
     assert caught.value.message == "No face found in the face photo: use a photo where the face is visible."
 
 
 def test_generate_validates_before_waiting(engine: FakeEngine) -> None:
     with pytest.raises(gr.Error) as caught:
-        api.generate(FACE, "x", width=100, height=128)
+        generate(FACE, "x", width=100, height=128)
     assert "width" in caught.value.message
     assert engine.requests == []
-    with pytest.raises(gr.Error, match="face photo is required"):
-        api.generate(None, "x")  # type: ignore[arg-type]
+    with pytest.raises(gr.Error, match="No face photo: add a photo of the person's face"):
+        generate(None, "x")  # type: ignore[arg-type]
 
 
 def test_generate_hides_unexpected_errors(engine: FakeEngine, caplog: pytest.LogCaptureFixture) -> None:
     engine.error = RuntimeError("CUDA kernel exploded at /secret/path.py line 3")
     with pytest.raises(gr.Error) as caught:
-        api.generate(FACE, "x")
+        generate(FACE, "x")
     assert caught.value.message == api.GENERIC_ERROR
     assert "secret" not in caught.value.message
     assert "CUDA kernel exploded" in caplog.text, "the traceback belongs in the server log"
@@ -290,7 +293,7 @@ def test_generate_hides_unexpected_errors(engine: FakeEngine, caplog: pytest.Log
 
 def test_generate_starts_a_load_that_nobody_started(engine: FakeEngine) -> None:
     engine.phase = "not loaded"
-    api.generate(FACE, "x")
+    generate(FACE, "x")
     assert engine.loads == 1 and len(engine.requests) == 1
 
 
@@ -300,7 +303,7 @@ def test_generate_passes_engine_progress_to_gradio(engine: FakeEngine) -> None:
     def progress(value, desc=None, unit="steps"):
         calls.append((value, desc))
 
-    api.generate(FACE, "x", progress=progress)
+    generate(FACE, "x", progress=progress)
     assert ((1, 1), "Denoising") in calls
 
 
@@ -312,23 +315,27 @@ def test_status_is_the_engine_report(engine: FakeEngine) -> None:
 
 
 def test_gpu_duration_is_monotonic_and_clamped() -> None:
-    est = api.estimate_gpu_duration
-    base = est(FACE, "x", num_steps=30, width=1024, height=1024)
+    def est(**kw: Any) -> int:
+        return api._gpu_duration(_job(**kw))
+
+    base = est()
     assert api.MIN_DURATION_S <= base <= api.MAX_DURATION_S
-    assert est(FACE, "x", num_steps=40, width=1024, height=1024) >= base
-    assert est(FACE, "x", num_steps=30, width=1280, height=1024) >= base
-    assert est(FACE, "x", num_steps=30, width=1024, height=1024, num_images=2) > base
-    assert est(FACE, "x", num_steps=30, width=1024, height=1024, controlnets=["pose", "depth"]) > base
-    steps = [est(FACE, "x", num_steps=n, width=1024, height=1024) for n in range(1, 101, 3)]
+    assert est(num_steps=40) >= base
+    assert est(width=1280) >= base
+    assert est(num_images=2) > base
+    assert est(controls={"pose": (0.4, None), "depth": (0.4, None)}) > base
+    steps = [est(num_steps=n) for n in range(1, 101, 3)]
     assert steps == sorted(steps)
-    sizes = [est(FACE, "x", num_steps=30, width=s, height=s) for s in range(64, 1281, 64)]
+    sizes = [est(width=s, height=s) for s in range(64, 1281, 64)]
     assert sizes == sorted(sizes)
-    images = [est(FACE, "x", num_steps=30, num_images=n) for n in range(1, 5)]
+    images = [est(num_images=n) for n in range(1, 5)]
     assert images == sorted(images)
-    assert est(FACE, "x", num_steps=1, width=64, height=64) == api.MIN_DURATION_S
-    assert est(FACE, "x", num_steps=100, num_images=4, controlnets=["pose", "canny", "depth"]) == api.MAX_DURATION_S
-    assert est(FACE, "x", enable_lcm=True) < est(FACE, "x"), "LCM's 5 steps cost less than 30"
-    assert est(FACE, "x", num_steps="many") == api.MAX_DURATION_S  # type: ignore[arg-type]
+    assert est(num_steps=1, width=64, height=64) == api.MIN_DURATION_S
+    three = {name: (0.4, None) for name in ("pose", "canny", "depth")}
+    assert est(num_steps=100, num_images=4, width=1280, height=1280, controls=three) == api.MAX_DURATION_S
+    assert est(enable_lcm=True, num_steps=5, guidance_scale=1.5) < base, "LCM's 5 steps cost less than 30"
+    assert api.duration_seconds(steps="many", images=1, width=0, height=0, guidance=5, extra_controls=0,
+                                lcm=False) == api.MAX_DURATION_S
 
 
 def _job(**kw: Any) -> Job:
@@ -336,15 +343,6 @@ def _job(**kw: Any) -> Job:
                   width=1024, height=1024, num_images=1, num_steps=30, guidance_scale=5.0, identitynet_strength=0.8,
                   adapter_strength=0.8, scheduler="EulerDiscreteScheduler", enable_lcm=False, seed=1, faces_found=1)
     return Job(**{**fields, **kw})
-
-
-def test_gpu_duration_of_the_gpu_function_matches() -> None:
-    """ZeroGPU sizes the call from the prepared job, the same model as the API's estimate."""
-    assert api._gpu_duration(_job()) == api.estimate_gpu_duration(FACE, "", num_steps=30, width=1024, height=1024)
-    two = _job(controls={"canny": (0.4, None), "depth": (0.4, None)}, num_images=2, enable_lcm=True, num_steps=5,
-               guidance_scale=1.5)
-    assert api._gpu_duration(two) == api.estimate_gpu_duration(
-        FACE, "", num_steps=5, width=1024, height=1024, num_images=2, controlnets=["canny", "depth"], enable_lcm=True)
 
 
 def test_gpu_duration_cap_holds_after_the_zerogpu_factor(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,7 +357,7 @@ def test_results_pickle() -> None:
     """ZeroGPU sends the request to its worker and the result back through pickle."""
     import pickle
 
-    request = GenerateRequest(face_images=[FACE], controlnets={"pose": 0.4}).validated()
+    request = GenerateRequest(face_images=[FACE], controlnets={"pose": 0.4}, seed=3)
     assert pickle.loads(pickle.dumps(request)) == request
     result = FakeEngine().generate(request)
     again = pickle.loads(pickle.dumps(result))
@@ -373,7 +371,7 @@ def test_gpu_stage_errors_cross_the_worker_with_their_message(engine: FakeEngine
     from instantid.errors import OutOfMemoryError
 
     def failing(exc: Exception):
-        def render_steps(job: Any):
+        def render_steps(job: Any, heartbeat_s: float | None = None):
             raise exc
             yield
 

@@ -67,7 +67,7 @@ def zerogpu(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Itera
     # One optional part broken on purpose: a damaged pose ControlNet must not stop start-up.
     cache = tmp / "hub"
     shutil.copytree(tiny_cache, cache)
-    for weights in (cache / "models--instantid-tiny--controlnet-openpose").rglob("*.safetensors"):
+    for weights in (cache / "models--instantid-tiny--controlnet-pose").rglob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     device = DeviceAPI()
     cgroup = tmp / "cgroup"
