@@ -43,6 +43,7 @@ from diffusers.models import MultiControlNetModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import InvalidParameter
+from .prompts import encode_prompts
 from .resampler import Resampler
 
 SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -297,16 +298,13 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         device = self._execution_device
         t0 = time.perf_counter()
 
-        (prompt_embeds, negative_embeds, pooled, negative_pooled) = self.encode_prompt(
-            prompt,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt,
-        )
+        # Any length, with emphasis, in 75-token blocks (prompts.py); diffusers only repeats these per image.
+        text = encode_prompts(self, prompt, negative_prompt, device)
         face, face_uncond = self.encode_face(face_embedding, device)
-        prompt_embeds = torch.cat([prompt_embeds, face.to(prompt_embeds.dtype)], dim=1)
-        negative_embeds = torch.cat([negative_embeds, face_uncond.to(negative_embeds.dtype)], dim=1)
+        prompt_embeds = torch.cat([text.prompt_embeds, face.to(text.prompt_embeds.dtype)], dim=1)
+        negative_embeds = torch.cat(
+            [text.negative_prompt_embeds, face_uncond.to(text.negative_prompt_embeds.dtype)], dim=1
+        )
         _sync(device)
         timings["encode_ms"] = (time.perf_counter() - t0) * 1000
 
@@ -335,8 +333,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 generator=generator,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
-                pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=negative_pooled,
+                pooled_prompt_embeds=text.pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=text.negative_pooled_prompt_embeds,
                 controlnet_conditioning_scale=scales,
                 cross_attention_kwargs={"ip_scale": float(adapter_strength), "ip_masks": ip_masks},
                 callback_on_step_end=callback_on_step_end,
