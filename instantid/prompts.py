@@ -18,9 +18,9 @@ A plain prompt of at most 75 tokens makes one block that is exactly diffusers' `
 (same ids, same padding, same encoder call), so its embeddings are unchanged to the bit.
 """
 
-# Block rule, weight formula and last-block pooled output re-derived from the official InstantID Space's
-# long-prompt encoder (pipeline_stable_diffusion_xl_instantid_full.py, itself after diffusers' community
-# lpw_stable_diffusion_xl); the emphasis syntax is AUTOMATIC1111's.
+# Block rule, weight formula and last-block pooled output re-derived from the encoder the official Space
+# runs (instantX-research/InstantID, pipeline_stable_diffusion_xl_instantid_full.py, after diffusers'
+# community lpw_stable_diffusion_xl); the emphasis syntax is AUTOMATIC1111's.
 
 from __future__ import annotations
 
