@@ -529,7 +529,7 @@ class Engine:
         sims = [face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im)) for im in rendered.images]
         timings = {**job.timings_ms, **rendered.timings_ms, "identity_check_ms": (time.perf_counter() - t0) * 1000}
         timings["total_ms"] = (time.time() - job.started) * 1000
-        warnings = list(job.warnings) + self._prompt_warnings(job.prompt, job.negative_prompt)
+        warnings = list(job.warnings)
         if rendered.interrupted:
             warnings.append("Generation was stopped early.")
         return GenerateResult(
@@ -546,20 +546,6 @@ class Engine:
             profile=self.profile.name,
             warnings=warnings,
         )
-
-    def _prompt_warnings(self, prompt: str, negative: str) -> list[str]:
-        tok = getattr(self.pipe, "tokenizer", None)
-        if tok is None:
-            return []
-        out = []
-        for name, text in (("prompt", prompt), ("negative prompt", negative)):
-            n = len(tok(text, truncation=False).input_ids)
-            if n > tok.model_max_length:
-                out.append(
-                    f"The {name} (with the style) is {n} tokens; the text encoders read only the first "
-                    f"{tok.model_max_length}, the rest is ignored."
-                )
-        return out
 
     def _extra_controls(self, job: Job) -> list[Any]:
         if not job.controls:

@@ -43,6 +43,7 @@ from diffusers.models import MultiControlNetModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .errors import InvalidParameter
+from .prompts import encode_prompts
 from .resampler import Resampler
 
 SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -108,12 +109,16 @@ def face_tokens(
 
 
 def mask_pyramid(mask: np.ndarray, latent_hw: tuple[int, int], levels: int = 4) -> dict[int, torch.Tensor]:
-    """Face mask resized to every UNet resolution, keyed by sequence length (h * w) for the processors."""
+    """Face mask sampled at every UNet resolution, keyed by sequence length (h * w) for the processors.
+
+    Nearest sampling, as the official Space's attention processor does: every attention cell is either in
+    the face box or out of it (bilinear gave the border cells fractions: 1-3% of cells differed).
+    """
     m = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     out: dict[int, torch.Tensor] = {}
     h, w = latent_hw
     for _ in range(levels):
-        out[h * w] = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False).reshape(1, h * w, 1)
+        out[h * w] = F.interpolate(m, size=(h, w), mode="nearest").reshape(1, h * w, 1)
         # UNet downsamplers are stride-2 convolutions with padding 1: sizes round up.
         h, w = math.ceil(h / 2), math.ceil(w / 2)
     return out
@@ -236,7 +241,9 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
 
             def resized(t: torch.Tensor) -> torch.Tensor:
                 key = (t.shape[-2], t.shape[-1], t.dtype, t.device)
-                if key not in cache:  # once per resolution per request, not once per step
+                # Bilinear here, as the official Space scales the IdentityNet residuals (only its IP-attention
+                # mask is nearest); once per resolution per request, not once per step.
+                if key not in cache:
                     cache[key] = F.interpolate(base, size=key[:2], mode="bilinear", align_corners=False).to(
                         t.device, t.dtype
                     )
@@ -297,16 +304,13 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         device = self._execution_device
         t0 = time.perf_counter()
 
-        (prompt_embeds, negative_embeds, pooled, negative_pooled) = self.encode_prompt(
-            prompt,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt,
-        )
+        # Any length, with emphasis, in 75-token blocks (prompts.py); diffusers only repeats these per image.
+        text = encode_prompts(self, prompt, negative_prompt, device)
         face, face_uncond = self.encode_face(face_embedding, device)
-        prompt_embeds = torch.cat([prompt_embeds, face.to(prompt_embeds.dtype)], dim=1)
-        negative_embeds = torch.cat([negative_embeds, face_uncond.to(negative_embeds.dtype)], dim=1)
+        prompt_embeds = torch.cat([text.prompt_embeds, face.to(text.prompt_embeds.dtype)], dim=1)
+        negative_embeds = torch.cat(
+            [text.negative_prompt_embeds, face_uncond.to(text.negative_prompt_embeds.dtype)], dim=1
+        )
         _sync(device)
         timings["encode_ms"] = (time.perf_counter() - t0) * 1000
 
@@ -335,8 +339,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 generator=generator,
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
-                pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=negative_pooled,
+                pooled_prompt_embeds=text.pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=text.negative_pooled_prompt_embeds,
                 controlnet_conditioning_scale=scales,
                 cross_attention_kwargs={"ip_scale": float(adapter_strength), "ip_masks": ip_masks},
                 callback_on_step_end=callback_on_step_end,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -78,3 +79,30 @@ def test_processor_math(unet) -> None:
     masks1 = {16: torch.ones(1, 16, 1)}
     torch.testing.assert_close(proc(attn, hidden, both, ip_scale=1.0, ip_masks=masks0), plain)
     torch.testing.assert_close(proc(attn, hidden, both, ip_scale=1.0, ip_masks=masks1), d1 + plain)
+
+
+@pytest.mark.parametrize("size", [(1024, 832), (1016, 760), (128, 128)])
+def test_face_mask_reaches_attention_by_nearest_sampling(size: tuple[int, int]) -> None:
+    """Every attention cell takes the pixel mask's value at floor(cell * pixels / cells): 0 or 1, no blend."""
+    from instantid.faces import face_mask
+    from instantid.pipeline import mask_pyramid
+
+    width, height = size
+    pixels = face_mask((width, height), (width * 0.31 + 0.4, height * 0.27 + 0.6, width * 0.69, height * 0.71))
+    pyramid = mask_pyramid(pixels, (height // 8, width // 8))
+    h, w = height // 8, width // 8
+    for _ in range(4):
+        rows = np.floor(np.arange(h) * (height / h)).astype(int)
+        cols = np.floor(np.arange(w) * (width / w)).astype(int)
+        expected = pixels[rows][:, cols]
+        got = pyramid[h * w].reshape(h, w).numpy()
+        assert np.array_equal(got, expected), (h, w)
+        assert set(np.unique(got)) <= {0.0, 1.0}
+        if height % 64 == 0 and width % 64 == 0:
+            # The official Space's own call: scale factor 1 / sqrt(pixels per cell), nearest.
+            ratio = (height * width / (h * w)) ** 0.5
+            ref = torch.nn.functional.interpolate(
+                torch.from_numpy(pixels)[None, None], scale_factor=1 / ratio, mode="nearest"
+            )
+            assert torch.equal(pyramid[h * w].reshape(1, 1, h, w), ref)
+        h, w = -(-h // 2), -(-w // 2)

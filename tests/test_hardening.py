@@ -264,7 +264,9 @@ PROMPTS = {
     "control_characters": ("a portrait\x00 of a \x1b[31mperson\x08\r\n in a garden", "control character"),
     "lone_surrogate": ("a portrait \ud800 of a person", "control character"),
     "unicode_and_emoji": ("портрет 👩🏽‍🚀 宇航员 فضاء ástronaut\u200b!", None),
-    "longer_than_77_tokens": (" ".join(["a very detailed portrait photo"] * 40), "77"),
+    # Read in full in 75-token blocks (prompts.py): nothing is cut, so nothing to warn about.
+    "longer_than_77_tokens": (" ".join(["a very detailed portrait photo"] * 40), None),
+    "unbalanced_emphasis": ("a (very detailed [portrait:1.3 photo)) of a person", None),
 }
 
 
