@@ -66,16 +66,16 @@ class ModelShape:
     @classmethod
     def tiny(cls, cross_attention_dim: int = 64, text_hidden: int = 32, **resampler: int) -> ModelShape:
         """The tiny preset (diffusers' fast-test sizes); other widths make other checkpoint sets for tests."""
-        text2 = cross_attention_dim - text_hidden
+        cross, text2 = cross_attention_dim, cross_attention_dim - text_hidden
+        clip = {"layers": 5, "heads": 4, "ff": 37, "vocab": 514}
         return cls(
-            _unet_config((32, 64), (2, 4), (1, 2), 1, cross_attention_dim, text2, time_embed=8, groups=16, size=32),
+            unet=_unet_config((32, 64), (2, 4), (1, 2), 1, cross, text2, time_embed=8, groups=16, size=32),
             # Four blocks: the real 8x downsampling, so real output sizes work.
-            _vae_config((8, 16, 16, 16), 1, groups=8, size=128, force_upcast=False),
-            (_clip_config(text_hidden, 5, 4, ff=37, vocab=514), _clip_config(text2, 5, 4, ff=37, vocab=514)),
+            vae=_vae_config((8, 16, 16, 16), 1, groups=8, size=128, force_upcast=False),
+            text_encoders=(_clip_config(text_hidden, **clip), _clip_config(text2, **clip)),
             # Four conditioning stages = 8x downsampling, matching the VAE.
-            {"conditioning_embedding_out_channels": (8, 8, 16, 16)},
-            {"dim": 64, "depth": 1, "heads": 1, "num_queries": 4, "ff_mult": 2, "output_dim": cross_attention_dim}
-            | resampler,
+            controlnet={"conditioning_embedding_out_channels": (8, 8, 16, 16)},
+            resampler=dict(dim=64, depth=1, heads=1, num_queries=4, ff_mult=2, output_dim=cross) | resampler,
         )
 
     @classmethod
@@ -84,18 +84,18 @@ class ModelShape:
         are SDXL's, so the files hold the real repos' keys and the loaders take the same code paths."""
         d = divisor
         te1, te2 = 768 // d, 1280 // d
+        cross = te1 + te2
         return cls(
-            _unet_config(
-                (320 // d, 640 // d, 1280 // d), (5, 10, 20), (1, 2, 10), 2, te1 + te2, te2,
+            unet=_unet_config(
+                (320 // d, 640 // d, 1280 // d), (5, 10, 20), (1, 2, 10), 2, cross, te2,
                 time_embed=256 // d, groups=32 // d, size=128,
             ),
-            _vae_config((128 // d, 256 // d, 512 // d, 512 // d), 2, groups=32 // d, size=1024, force_upcast=True),
+            vae=_vae_config((128 // d, 256 // d, 512 // d, 512 // d), 2, groups=32 // d, size=1024, force_upcast=True),
             # CLIP ViT-L's text tower (text_encoder) and OpenCLIP bigG's (text_encoder_2).
-            (_clip_config(te1, 12, 12, act="quick_gelu"), _clip_config(te2, 32, 20)),
-            {},
+            text_encoders=(_clip_config(te1, 12, 12, act="quick_gelu"), _clip_config(te2, 32, 20)),
+            controlnet={},
             # The released resampler: 1280 wide, depth 4, 20 heads of 64, 16 queries.
-            {"dim": 1280 // d, "depth": 4, "heads": max(1, 20 // d), "num_queries": 16, "ff_mult": 4}
-            | {"output_dim": te1 + te2},
+            resampler=dict(dim=1280 // d, depth=4, heads=max(1, 20 // d), num_queries=16, ff_mult=4, output_dim=cross),
         )
 
 
