@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import BENCHMARKS, run_benchmark
+from . import BENCHMARKS, SIZES, run_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("--quick", action="store_true", help="reduced sizes / fewer requests")
     p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
-    p.add_argument("--size", choices=("full", "quick", "micro"), help="load-memory: checkpoint width")
+    p.add_argument("--size", choices=SIZES, help="load-memory: checkpoint width")
     p.add_argument("--cache", type=Path, help="load-memory: the local Hugging Face cache to write and read")
     p.add_argument("--requests", type=int, help="overhead: how many timed requests")
     p.add_argument("--dry-run", action="store_true", help="gpu: CPU-sized run that proves the script")

@@ -22,7 +22,6 @@ around it runs). The figures are then not GPU figures; the row says so.
 from __future__ import annotations
 
 import gc
-import math
 import os
 import statistics
 import tempfile
@@ -171,68 +170,37 @@ def _dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def _build(plan: Plan) -> dict[str, Any]:
-    from .sdxl import SDXLSize, build_components
+def _build(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The SDXL ControlNet pipeline's parts and ip-adapter.bin's content, random, allocated on the device in
+    the plan's dtype from the start (nothing to download, no host copy)."""
+    from instantid.tiny import ModelShape, build_parts, ip_adapter_payload
 
-    return build_components(SDXLSize.named(plan.size), plan.device, _dtype(plan.dtype))
+    from . import SIZES
 
-
-_PIPELINE_PARTS = (
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "unet",
-    "controlnet",
-    "scheduler",
-)
+    shape = ModelShape.sdxl(SIZES[plan.size])
+    parts = build_parts(shape, plan.device, _dtype(plan.dtype))
+    return parts, ip_adapter_payload(shape, parts["unet"], _dtype(plan.dtype), plan.device)
 
 
-def _sdxl_controlnet_parts(parts: dict[str, Any]) -> dict[str, Any]:
-    """The components both pipelines share: the same UNet and ControlNet objects, so the comparison is fair."""
-    return {name: parts[name] for name in _PIPELINE_PARTS}
-
-
-def _instantid(parts: dict[str, Any], plan: Plan) -> Any:
+def _instantid(parts: dict[str, Any], payload: dict[str, Any], plan: Plan) -> Any:
+    """InstantID on the same UNet and ControlNet objects as the plain pipeline, so the comparison is fair."""
     from instantid.attention import install_ip_processors
     from instantid.pipeline import InstantIDPipeline
     from instantid.resampler import build_resampler
 
-    payload = parts["ip_adapter"]
     resampler = build_resampler(payload["image_proj"], source="bench", dtype=_dtype(plan.dtype), device=plan.device)
     install_ip_processors(parts["unet"], payload["ip_adapter"], resampler.config.num_queries, source="bench")
-    pipe = InstantIDPipeline(**_sdxl_controlnet_parts(parts), resampler=resampler)
+    pipe = InstantIDPipeline(**parts, resampler=resampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def _write_lcm_lora(unet: Any, plan: Plan, folder: Path) -> None:
-    """A random LoRA with lcm-lora-sdxl's layers and rank, saved the way diffusers saves LoRAs.
+    """A random LoRA with lcm-lora-sdxl's layers and rank, in fp16 as released; the engine loads it like the
+    real one (`InstantIDPipeline.load_lcm_lora`), after placement."""
+    from instantid.tiny import write_lora
 
-    The engine loads it like the real one (`InstantIDPipeline.load_lcm_lora`), after placement.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    gen = torch.Generator().manual_seed(0)
-    r = plan.lora_rank
-    sd: dict[str, torch.Tensor] = {}
-    for name, module in unet.named_modules():
-        if ".processor" in name or not any(name == t or name.endswith("." + t) for t in LCM_TARGETS):
-            continue
-        if isinstance(module, torch.nn.Linear):
-            a_shape, b_shape = (r, module.in_features), (module.out_features, r)
-        elif isinstance(module, torch.nn.Conv2d):
-            a_shape = (r, module.in_channels, *module.kernel_size)
-            b_shape = (module.out_channels, r, 1, 1)
-        else:
-            continue
-        fan_in = math.prod(a_shape[1:])
-        sd[f"unet.{name}.lora_A.weight"] = (torch.randn(a_shape, generator=gen) / fan_in**0.5).half()
-        sd[f"unet.{name}.lora_B.weight"] = (torch.randn(b_shape, generator=gen) * 1e-3).half()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(folder / LCM_WEIGHTS))
+    write_lora(folder, unet, LCM_TARGETS, plan.lora_rank, _dtype("float16"))
 
 
 def _profile(name: str, plan: Plan) -> Any:
@@ -417,16 +385,16 @@ def _resident_phase(plan: Plan, log: Any) -> list[dict[str, Any]]:
 
     from instantid.memory import apply_profile
 
-    parts = _build(plan)
+    parts, payload = _build(plan)
     inputs = _inputs(plan)
-    plain = StableDiffusionXLControlNetPipeline(**_sdxl_controlnet_parts(parts), add_watermarker=False)
+    plain = StableDiffusionXLControlNetPipeline(**parts, add_watermarker=False)
     plain.set_progress_bar_config(disable=True)
     plain.to(plan.device)
     label30, labellcm = _labels(plan)
     rows = [_plain_row(plain, plan, inputs, label30, plan.steps, 5.0)]
     log(f"  plain {label30}: {rows[-1]['seconds_per_image']} s")
 
-    pipe = _instantid(parts, plan)
+    pipe = _instantid(parts, payload, plan)
     apply_profile(pipe, _profile("large", plan))
     rows += _instantid_rows("large", pipe, plan, inputs, modes=("full",))
     log(f"  instantid {label30}: {rows[-1]['seconds_per_image']} s")
@@ -447,7 +415,7 @@ def _resident_phase(plan: Plan, log: Any) -> list[dict[str, Any]]:
     plain.set_adapters(["lcm"], adapter_weights=[1.0])
     rows.append(_plain_row(plain, plan, inputs, labellcm, plan.lcm_steps, 1.5))
     log(f"  plain {labellcm}: {rows[-1]['seconds_per_image']} s")
-    del plain, pipe, parts
+    del plain, pipe, parts, payload
     return rows
 
 
@@ -455,16 +423,11 @@ def _extra_controlnet_row(pipe: Any, parts: dict[str, Any], plan: Plan, inputs: 
     """InstantID with one extra SDXL ControlNet beside the IdentityNet: what ZeroGPU's duration model
     charges per extra control (the net is a second IdentityNet-shaped ControlNet, like the canny/depth ones).
     """
-    import torch
-    from diffusers import ControlNetModel
+    import copy
 
     from instantid.pipeline import ExtraControl
 
-    from .sdxl import _default, _reinit
-
-    with _default(torch.device(plan.device), _dtype(plan.dtype)):
-        net = _reinit(ControlNetModel.from_config(parts["controlnet"].config))
-    net.to(device=plan.device, dtype=_dtype(plan.dtype))
+    net = copy.deepcopy(parts["controlnet"])
     extra = (ExtraControl(name="canny", net=net, image=inputs["keypoint_image"], scale=0.4),)
     return _instantid_rows("large", pipe, plan, inputs, modes=("full",), extra_controls=extra)[0]
 
@@ -473,9 +436,7 @@ def _offload_phase(name: str, plan: Plan, log: Any) -> list[dict[str, Any]]:
     """Placed by `apply_profile`; the LCM-LoRA loaded afterwards, as the engine does on a first LCM request."""
     from instantid.memory import apply_profile
 
-    parts = _build(plan)
-    pipe = _instantid(parts, plan)
-    del parts
+    pipe = _instantid(*_build(plan), plan)
     with tempfile.TemporaryDirectory() as tmp:
         _write_lcm_lora(pipe.unet, plan, Path(tmp))
         if name == "small-fp8":

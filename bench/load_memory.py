@@ -1,8 +1,8 @@
 """load-memory: host RAM the engine needs to load the whole pipeline, against the official demo's way.
 
-Random SDXL-architecture checkpoints in the real repos' file layout are written once into a local
-Hugging Face cache (`write_checkpoints`); then two fresh subprocesses each import everything first,
-note their resident set, load, and report how far RSS rose (peak and end):
+Random SDXL-architecture checkpoints in the real repos' file layouts are written once into a local
+Hugging Face cache (`write_checkpoints`, with `instantid.tiny`'s builder); then fresh subprocesses each
+import everything first, note their resident set, load, and report how far RSS rose (peak and end):
 
 - `engine`: `instantid.loading.load_pipeline` with a GPU-class fp16 profile placed on the CPU (the
   `large` profile with device "cpu"), so the weights stay fp16 and host RAM is what is measured;
@@ -17,14 +17,19 @@ so a weight that is only mapped, not copied, is counted once, as it should be.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from . import SIZES
 
 DEFAULT_CACHE = Path.home() / ".cache" / "instantid" / "bench-hub"
 GOAL_RATIO = 1.10
@@ -35,13 +40,84 @@ def cache_dir() -> Path:
     return Path(os.environ.get("INSTANTID_BENCH_CACHE", str(DEFAULT_CACHE))).expanduser()
 
 
-def run(*, quick: bool = False, size: str | None = None, cache: Path | None = None, log=print) -> dict[str, Any]:
-    from .sdxl import SDXLSize, write_checkpoints
+def repo_ids(size: str) -> dict[str, str]:
+    return {
+        "base_model": f"instantid-bench/sdxl-{size}",
+        "base_model_fp16": f"instantid-bench/sdxl-fp16-{size}",
+        "instantid_repo": f"instantid-bench/InstantID-{size}",
+    }
 
-    spec = SDXLSize.named(size or ("quick" if quick else "full"))
+
+def write_checkpoints(cache: Path, size: str, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Publish random SDXL checkpoints of `size` into `cache`, once, in three real layouts: the base model as
+    stabilityai/stable-diffusion-xl-base-1.0 ships it (float32 files plus `.fp16` variants), the same weights
+    as fp16 data under the plain names (as some fine-tunes ship them; hard links, no extra disk), and
+    InstantX/InstantID (an fp16 IdentityNet under the plain name, a float32 ip-adapter.bin).
+
+    Returns the repo ids, the seconds spent writing (0 when everything was reused) and bytes on disk.
+    """
+    import torch
+
+    from instantid.hub import is_published
+    from instantid.tiny import ModelShape, build_parts, file_lock, publish, write_instantid, write_sdxl
+
+    shape = ModelShape.sdxl(SIZES[size])
+    parts = functools.cache(lambda: build_parts(shape, "meta"))  # written tensor by tensor, never in RAM
+    ids = repo_ids(size)
+    fp32_and_fp16 = {"": torch.float32, "fp16": torch.float16}
+    writers = (
+        ("base_model", "model_index.json", lambda d: write_sdxl(d, parts(), fp32_and_fp16)),
+        ("base_model_fp16", "model_index.json", lambda d: _link_fp16_only(_snapshot(cache, ids["base_model"]), d)),
+        ("instantid_repo", "ip-adapter.bin", lambda d: write_instantid(d, parts(), shape, torch.float16)),
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    wrote = False
+    with file_lock(cache / ".instantid-bench.lock"):
+        for key, marker, write in writers:
+            if not is_published(cache, ids[key], marker=marker):
+                log(f"writing {ids[key]} ({size} size) into {cache}")
+                publish(cache, ids[key], write, marker)
+                wrote = True
+    return {
+        **ids,
+        "write_seconds": round(time.perf_counter() - t0, 1) if wrote else 0.0,
+        "files_bytes": {k: _repo_bytes(cache, v) for k, v in ids.items()},
+    }
+
+
+def _link_fp16_only(base_snapshot: Path, folder: Path) -> None:
+    for src in base_snapshot.rglob("*"):
+        if not src.is_file() or (src.suffix == ".safetensors" and ".fp16." not in src.name):
+            continue
+        dst = folder / src.relative_to(base_snapshot)
+        dst = dst.with_name(dst.name.replace(".fp16.", "."))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src.resolve(), dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def _snapshot(cache: Path, repo_id: str) -> Path:
+    from instantid.hub import cached_snapshot
+
+    snapshot = cached_snapshot(cache, repo_id)
+    if snapshot is None:
+        raise FileNotFoundError(f"{repo_id} is not in the cache at {cache}")
+    return snapshot
+
+
+def _repo_bytes(cache: Path, repo_id: str) -> int:
+    snap = _snapshot(cache, repo_id)
+    return sum(p.stat().st_size for p in snap.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+def run(*, quick: bool = False, size: str | None = None, cache: Path | None = None, log=print) -> dict[str, Any]:
+    size = size or ("quick" if quick else "full")
     cache = cache or cache_dir()
     t0 = time.perf_counter()
-    info = write_checkpoints(cache, spec, log=log)
+    info = write_checkpoints(cache, size, log=log)
     results = {}
     for mode, base in (
         ("engine", info["base_model"]),
@@ -58,7 +134,7 @@ def run(*, quick: bool = False, size: str | None = None, cache: Path | None = No
     baseline_ratio = base["peak_rss_bytes"] / weights
     out = {
         "benchmark": "load-memory",
-        "size": spec.name,
+        "size": size,
         "weights_bytes": weights,
         "peak_rss_bytes": ours["peak_rss_bytes"],
         "baseline_peak_rss_bytes": base["peak_rss_bytes"],
@@ -88,8 +164,6 @@ def run(*, quick: bool = False, size: str | None = None, cache: Path | None = No
 
 def _files_read(cache: Path, base: str, repo: str, *, fp16: bool) -> list[Path]:
     """The weight files a loader reads: the engine the `.fp16` variants, the demo the plain names."""
-    from .sdxl import _snapshot
-
     files = [p for p in _snapshot(cache, base).rglob("*.safetensors") if (".fp16." in p.name) == fp16]
     return files + [p for p in _snapshot(cache, repo).rglob("*") if p.suffix in (".safetensors", ".bin")]
 

@@ -81,13 +81,10 @@ def _timed(timings: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
 def _resampler(dtype: Any) -> Any:
     """The released resampler shape (1280 wide, 4 layers, 20 heads, 16 queries, 2048 out), random, via the
     engine's own builder from an `image_proj` state dict."""
-    import torch
-
     from instantid.resampler import build_resampler
+    from instantid.tiny import ModelShape, resampler_state_dict
 
-    from .sdxl import SDXLSize, image_proj_state_dict
-
-    return build_resampler(image_proj_state_dict(SDXLSize.named("full"), torch.float32), source="bench", dtype=dtype)
+    return build_resampler(resampler_state_dict(**ModelShape.sdxl().resampler), source="bench", dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ offline and in tests. Their outputs are noise. Each is seeded and a few hundred 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -16,9 +15,7 @@ import torch
 _DEPTH_INPUT = 56  # a multiple of the 14 px DINOv2 patch
 _POSE_INPUT = (64, 48)  # height, width: the 4:3 aspect of the real VitPose input
 _DETECTOR_INPUT = 64
-
-_IMAGENET_MEAN = [0.485, 0.456, 0.406]
-_IMAGENET_STD = [0.229, 0.224, 0.225]
+_IMAGENET = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
 
 
 def save_tiny_depth_estimator(folder: Path) -> None:
@@ -27,38 +24,22 @@ def save_tiny_depth_estimator(folder: Path) -> None:
 
     torch.manual_seed(0)
     backbone = Dinov2Config(
-        image_size=_DEPTH_INPUT,
-        patch_size=14,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=2,
+        image_size=_DEPTH_INPUT, patch_size=14, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        mlp_ratio=2, reshape_hidden_states=False,
         out_indices=[1, 2],  # type: ignore[call-arg]  # consumed by the config's __post_init__
-        reshape_hidden_states=False,
     )
     config = DepthAnythingConfig(
-        backbone_config=backbone,
-        patch_size=14,
-        reassemble_hidden_size=16,
+        backbone_config=backbone, patch_size=14, reassemble_hidden_size=16, fusion_hidden_size=8,
         # One reassemble factor and one neck size per backbone feature taken.
-        reassemble_factors=[2, 1],
-        neck_hidden_sizes=[8, 16],
-        fusion_hidden_size=8,
-        head_hidden_size=8,
-        depth_estimation_type="relative",
+        reassemble_factors=[2, 1], neck_hidden_sizes=[8, 16],
+        head_hidden_size=8, depth_estimation_type="relative",
     )
-    model = DepthAnythingForDepthEstimation(config).eval()
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
     # Same settings as Depth-Anything-V2-Small-hf's processor, at a tiny size.
-    processor = DPTImageProcessorPil(
-        size={"height": _DEPTH_INPUT, "width": _DEPTH_INPUT},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        resample=3,
-        do_pad=False,
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
-    )
-    _save(model, processor, folder)
+    DPTImageProcessorPil(
+        size={"height": _DEPTH_INPUT, "width": _DEPTH_INPUT}, keep_aspect_ratio=True, ensure_multiple_of=14,
+        resample=3, do_pad=False, **_IMAGENET,
+    ).save_pretrained(folder)
 
 
 def save_tiny_pose_estimator(folder: Path) -> None:
@@ -67,28 +48,15 @@ def save_tiny_pose_estimator(folder: Path) -> None:
 
     torch.manual_seed(0)
     backbone = VitPoseBackboneConfig(
-        image_size=list(_POSE_INPUT),
-        patch_size=[16, 16],
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=2,
+        image_size=list(_POSE_INPUT), patch_size=[16, 16], hidden_size=16, num_hidden_layers=2,
+        num_attention_heads=2, mlp_ratio=2,
         out_indices=[2],  # type: ignore[call-arg]  # consumed by the config's __post_init__
     )
     # num_labels is a generic PreTrainedConfig argument: one heatmap per COCO keypoint.
-    config = VitPoseConfig(
-        backbone_config=backbone,
-        use_simple_decoder=True,
-        scale_factor=4,
-        num_labels=17,  # type: ignore[call-arg]
-    )
-    model = VitPoseForPoseEstimation(config).eval()
-    processor = VitPoseImageProcessorPil(
-        size={"height": _POSE_INPUT[0], "width": _POSE_INPUT[1]},
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
-    )
-    _save(model, processor, folder)
+    config = VitPoseConfig(backbone_config=backbone, use_simple_decoder=True, scale_factor=4, num_labels=17)  # type: ignore[call-arg]
+    VitPoseForPoseEstimation(config).save_pretrained(folder)
+    size = {"height": _POSE_INPUT[0], "width": _POSE_INPUT[1]}
+    VitPoseImageProcessorPil(size=size, **_IMAGENET).save_pretrained(folder)
 
 
 def save_tiny_person_detector(folder: Path) -> None:
@@ -97,43 +65,18 @@ def save_tiny_person_detector(folder: Path) -> None:
 
     torch.manual_seed(0)
     backbone = RTDetrResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[8, 8, 16, 16],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
+        embedding_size=8, hidden_sizes=[8, 8, 16, 16], depths=[1, 1, 1, 1], layer_type="basic",
         out_indices=[2, 3, 4],  # type: ignore[call-arg]  # consumed by the config's __post_init__
     )
     config = RTDetrConfig(
         backbone_config=backbone,
         # The encoder takes the three backbone stages named by out_indices.
-        encoder_in_channels=[8, 16, 16],
-        encoder_hidden_dim=8,
-        encoder_ffn_dim=32,
-        encoder_attention_heads=2,
-        d_model=16,
-        decoder_in_channels=[8, 8, 8],
-        decoder_ffn_dim=32,
-        decoder_layers=1,
-        decoder_attention_heads=2,
-        decoder_n_points=2,
-        num_queries=10,
-        num_denoising=0,
-        id2label={0: "person", 1: "object"},
-        label2id={"person": 0, "object": 1},
+        encoder_in_channels=[8, 16, 16], encoder_hidden_dim=8, encoder_ffn_dim=32, encoder_attention_heads=2,
+        d_model=16, decoder_in_channels=[8, 8, 8], decoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2,
+        decoder_n_points=2, num_queries=10, num_denoising=0,
+        id2label={0: "person", 1: "object"}, label2id={"person": 0, "object": 1},
     )
-    model = RTDetrForObjectDetection(config).eval()
+    RTDetrForObjectDetection(config).save_pretrained(folder)
     # As the real RT-DETR processor: plain resize and rescale, no normalisation.
-    processor = RTDetrImageProcessorPil(
-        size={"height": _DETECTOR_INPUT, "width": _DETECTOR_INPUT},
-        do_normalize=False,
-        do_pad=False,
-        resample=2,
-    )
-    _save(model, processor, folder)
-
-
-def _save(model: Any, processor: Any, folder: Path) -> None:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    size = {"height": _DETECTOR_INPUT, "width": _DETECTOR_INPUT}
+    RTDetrImageProcessorPil(size=size, do_normalize=False, do_pad=False, resample=2).save_pretrained(folder)

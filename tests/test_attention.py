@@ -9,12 +9,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from instantid.attention import IPAttnProcessor, SelfAttnProcessor, install_ip_processors
 from instantid.errors import CheckpointError
-from instantid.tiny import TinyShape, _unet, ip_adapter_state_dict
+from instantid.tiny import ModelShape, build_unet, ip_adapter_state_dict
 
 
 @pytest.fixture()
 def unet():
-    return _unet(TinyShape())
+    return build_unet(ModelShape.tiny())
 
 
 def test_weights_land_on_cross_attention_processors_by_position(unet) -> None:
@@ -43,15 +43,15 @@ def test_mismatched_checkpoints_are_refused(unet) -> None:
     bad_shape = dict(sd)
     bad_shape[first] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError, match=r"ckpt: .*has shape \(3, 3\)"):
-        install_ip_processors(_unet(TinyShape()), bad_shape, 4, source="ckpt")
+        install_ip_processors(build_unet(ModelShape.tiny()), bad_shape, 4, source="ckpt")
     missing = dict(sd)
     missing.pop(first)
     with pytest.raises(CheckpointError, match="no IP-adapter weights for attention layer"):
-        install_ip_processors(_unet(TinyShape()), missing, 4, source="ckpt")
+        install_ip_processors(build_unet(ModelShape.tiny()), missing, 4, source="ckpt")
     extra = dict(sd)
     extra["999.to_k_ip.weight"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="match no attention layer"):
-        install_ip_processors(_unet(TinyShape()), extra, 4, source="ckpt")
+        install_ip_processors(build_unet(ModelShape.tiny()), extra, 4, source="ckpt")
 
 
 def _cross_attention(unet):

@@ -46,9 +46,9 @@ def test_load_memory_micro(tmp_path: Path) -> None:
     assert out["weights_bytes"] > 0 and out["peak_rss_bytes"] > 0 and out["baseline_peak_rss_bytes"] > 0
     assert out["ratio"] == pytest.approx(out["peak_rss_bytes"] / out["weights_bytes"], rel=1e-2)
     # The real repos' layout: fp32 files beside .fp16 variants, the fp16-only twin shares the bytes.
-    from bench.sdxl import SDXLSize, _snapshot, repo_ids
+    from bench.load_memory import _snapshot, repo_ids
 
-    snap = _snapshot(cache, repo_ids(SDXLSize.named("micro"))["base_model"])
+    snap = _snapshot(cache, repo_ids("micro")["base_model"])
     names = {p.name for p in (snap / "unet").iterdir()}
     assert {"diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"} <= names
     assert out["write_seconds"] >= 0
@@ -59,13 +59,12 @@ def test_checkpoints_are_loadable_and_shaped_like_the_release(tmp_path: Path) ->
     import torch
     from safetensors import safe_open
 
-    from bench.sdxl import SDXLSize, _snapshot, write_checkpoints
+    from bench.load_memory import _snapshot, write_checkpoints
     from instantid.loading import load_ip_adapter_file
     from instantid.resampler import ResamplerConfig
 
-    size = SDXLSize.named("micro")
-    info = write_checkpoints(tmp_path, size)
-    again = write_checkpoints(tmp_path, size)
+    info = write_checkpoints(tmp_path, "micro")
+    again = write_checkpoints(tmp_path, "micro")
     assert again["write_seconds"] == 0.0  # reused, not rewritten
     base = _snapshot(tmp_path, info["base_model"])
     with (
@@ -77,7 +76,7 @@ def test_checkpoints_are_loadable_and_shaped_like_the_release(tmp_path: Path) ->
         assert torch.equal(f32.get_tensor(key).half(), f16.get_tensor(key))  # one set of weights, two dtypes
     proj, ip = load_ip_adapter_file(_snapshot(tmp_path, info["instantid_repo"]) / "ip-adapter.bin")
     cfg = ResamplerConfig.from_state_dict(proj)
-    assert (cfg.depth, cfg.num_queries, cfg.output_dim, cfg.ff_mult) == (4, 16, size.cross_attention_dim, 4)
+    assert (cfg.depth, cfg.num_queries, cfg.output_dim, cfg.ff_mult) == (4, 16, 2048 // 16, 4)
     assert proj["latents"].dtype == torch.float32  # as released
     assert len(ip) == 2 * 70  # SDXL's 70 cross-attention layers, to_k_ip and to_v_ip each
 
@@ -86,15 +85,15 @@ def test_full_size_shapes_match_sdxl() -> None:
     """Full size is real SDXL: the parameter counts of the released checkpoints."""
     import torch
 
-    from bench.sdxl import SDXLSize, ip_adapter_payload, meta_models
+    from instantid.tiny import ModelShape, build_parts, ip_adapter_payload
 
-    size = SDXLSize.named("full")
-    models = meta_models(size)
-    count = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    shape = ModelShape.sdxl()
+    parts = build_parts(shape, "meta")
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items() if isinstance(m, torch.nn.Module)}
     assert round(count["unet"] / 1e6) == 2567
     assert round(count["controlnet"] / 1e6) == 1251
     assert round(count["text_encoder_2"] / 1e6) == 695
-    payload = ip_adapter_payload(size, models["unet"], torch.float32, device="meta")
+    payload = ip_adapter_payload(shape, parts["unet"], device="meta")
     total = sum(t.numel() * 4 for part in payload.values() for t in part.values())
     assert 1.65e9 < total < 1.75e9  # ip-adapter.bin is 1.69 GB
 

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 
 from instantid.hub import publish_folder
-from instantid.tiny import TinyShape, _unet, build_instantid, build_sdxl
+from instantid.tiny import ModelShape, build_parts, write_instantid, write_sdxl
 
 
 def cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
@@ -101,18 +101,11 @@ def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args
 def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path: Path, tiny_env) -> None:
     """Offline with no preset set: checkpoints of other shapes, published under the user's repo ids, are loaded
     as they are (never swapped for the tiny preset)."""
-    shape = TinyShape(
-        cross_attention_dim=96,
-        text_hidden=48,
-        resampler_dim=128,
-        resampler_depth=2,
-        resampler_heads=2,
-        num_queries=8,
-        resampler_ff_mult=4,
-    )
+    shape = ModelShape.tiny(cross_attention_dim=96, text_hidden=48, dim=128, depth=2, heads=2, num_queries=8, ff_mult=4)
     cache = tmp_path / "hub"
-    build_sdxl(tmp_path / "sdxl", shape)
-    build_instantid(tmp_path / "iid", _unet(shape), shape)
+    parts = build_parts(shape)
+    write_sdxl(tmp_path / "sdxl", parts)
+    write_instantid(tmp_path / "iid", parts, shape)
     publish_folder(cache, "acme/my-sdxl", tmp_path / "sdxl")
     publish_folder(cache, "acme/my-instantid", tmp_path / "iid")
     env = {k: v for k, v in tiny_env.items() if not k.startswith("INSTANTID_")}

@@ -227,9 +227,10 @@ def test_weight_format_is_judged_by_the_diffusers_names(tmp_path: Path) -> None:
     from diffusers import ControlNetModel
 
     from instantid.loading import _from_pretrained
-    from instantid.tiny import TinyShape, _controlnet, _unet
+    from instantid.tiny import ModelShape, build_controlnet, build_unet
 
-    _controlnet(_unet(TinyShape()), seed=1).save_pretrained(tmp_path, safe_serialization=False)
+    shape = ModelShape.tiny()
+    build_controlnet(build_unet(shape), shape, seed=1).save_pretrained(tmp_path, safe_serialization=False)
     (tmp_path / "OpenPoseXL2.safetensors").write_bytes(b"not loaded")
     net = _from_pretrained(ControlNetModel, tmp_path, None, None)
     assert isinstance(net, ControlNetModel)

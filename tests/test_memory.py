@@ -461,68 +461,12 @@ def test_apply_profile_group_offload(low_cpu_mem_usage: bool | None) -> None:
     assert pipe.vae.calls == ["tiling", "slicing"] and pipe.vae.dtype == torch.bfloat16
 
 
-def _tiny_sdxl_controlnet_pipeline() -> object:
-    # Tiny configs in the style of diffusers' own fast tests; built from configs, nothing downloaded.
-    from diffusers import (
-        AutoencoderKL,
-        ControlNetModel,
-        EulerDiscreteScheduler,
-        StableDiffusionXLControlNetPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
-    )
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-    )
-    text_config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=5,
-        vocab_size=1000,
-        projection_dim=32,
-    )
-    return StableDiffusionXLControlNetPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(text_config),
-        text_encoder_2=CLIPTextModelWithProjection(text_config),
-        tokenizer=None,
-        tokenizer_2=None,
-        unet=unet,
-        controlnet=controlnet,
-        scheduler=EulerDiscreteScheduler(),
-    )
-
-
 def test_apply_cpu_profile_to_a_real_tiny_pipeline_without_touching_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    pipe = _tiny_sdxl_controlnet_pipeline()
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from instantid.tiny import ModelShape, build_parts
+
+    pipe = StableDiffusionXLControlNetPipeline(**build_parts(ModelShape.tiny()))
 
     def touched(*args: object, **kwargs: object) -> object:
         raise AssertionError("the cpu profile touched CUDA")
