@@ -12,7 +12,9 @@ read as a literal character, never an error. A weight w moves a token's embeddin
 towards (w < 1) the embedding of the end token closing its block: `end + (token - end) * w`; nothing
 is renormalised, and tokens of weight 1 keep their embedding bit for bit.
 
-The pooled embedding (SDXL's global text condition) is text_encoder_2's pooled output of the last block.
+The pooled embedding (SDXL's global text condition) is text_encoder_2's pooled output of the text's own
+last block. The official Space takes the last block of all: where the other text needed more blocks, that
+is an empty padding block, and a short prompt beside a long negative prompt lost its global condition.
 
 A plain prompt of at most 75 tokens makes one block that is exactly diffusers' `encode_prompt` input
 (same ids, same padding, same encoder call), so its embeddings are unchanged to the bit.
@@ -220,8 +222,9 @@ def _encode_text(
         hidden = apply_weights(hidden, weights, ends)
         per_encoder.append(hidden.reshape(1, -1, hidden.shape[-1]))
         if pooled is None and block_pooled is not None:
-            # The official Space keeps the pooled output of the last block (its loop overwrites it).
-            pooled = block_pooled[-1:]
+            # The last block holding this text's tokens (never a padding block added to match the other text).
+            own = blocks_needed(len(toks.ids), length - 2)
+            pooled = block_pooled[own - 1 : own]
     if pooled is None:
         raise ValueError("text_encoder_2 gave no pooled output: SDXL needs a CLIPTextModelWithProjection there.")
     return torch.concat(per_encoder, dim=-1), pooled

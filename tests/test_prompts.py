@@ -324,13 +324,13 @@ def test_real_clip_300_tokens_are_four_blocks(clip_parts) -> None:
     torch.testing.assert_close(e.prompt_embeds[:, :77], alone.prompt_embeds, rtol=0, atol=1e-6)
 
 
-def test_real_clip_pooled_output_is_the_last_blocks(clip_parts) -> None:
+def test_real_clip_pooled_output_is_the_texts_own_last_block(clip_parts) -> None:
     first = ("a photo of a cat, " * 12 + "a photo of").strip()  # exactly one block: 75 tokens
     assert len(weighted_tokens(clip_parts.tokenizer, first).ids) == 75
     e = encode_prompts(clip_parts.pipe, first + " a dog on a mat", "lowres, blurry", CPU)
-    last = encode_prompts(clip_parts.pipe, "a dog on a mat", "", CPU)
+    last = encode_prompts(clip_parts.pipe, "a dog on a mat", "lowres, blurry", CPU)
     assert e.prompt_embeds.shape[1] == 2 * 77
     torch.testing.assert_close(e.pooled_prompt_embeds, last.pooled_prompt_embeds, rtol=0, atol=1e-6)
     assert not torch.equal(e.pooled_prompt_embeds, encode_prompts(clip_parts.pipe, first, "", CPU).pooled_prompt_embeds)
-    # The short negative prompt gains an empty second block, so its pooled output is the empty text's.
+    # The short negative prompt gains an empty second block; its pooled output stays its own, as when alone.
     torch.testing.assert_close(e.negative_pooled_prompt_embeds, last.negative_pooled_prompt_embeds, rtol=0, atol=1e-6)
