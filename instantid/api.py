@@ -24,7 +24,7 @@ import gradio as gr
 import spaces
 
 from .errors import UserError
-from .requests import PARAMS, GenerateRequest, GenerateResult, Job, Param, Rendered, Step
+from .requests import PARAMS, GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +180,11 @@ def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
     items = []
     for index, image in enumerate(result.images):
         similarity = result.similarities[index] if index < len(result.similarities) else None
-        caption = f"seed {result.seed}"
+        caption = f"seed {image_seed(result.seed, index)}"
         if len(result.images) > 1:
             caption = f"#{index + 1}, {caption}"
-        if similarity is not None:
-            caption += f", identity similarity {similarity:.2f}"
+        # The identity check of the output: the same face found again, or not at all.
+        caption += "; no face found" if similarity is None else f"; identity {similarity:.2f}"
         items.append((image, caption))
     return items
 
@@ -218,7 +218,35 @@ def _docstring(summary: str, params: dict[str, Param], returns: str) -> str:
     return f"{summary}\n\n    Args:\n{args}\n\n    Returns:\n        {returns}\n"
 
 
-def _run(request: GenerateRequest, progress: Any) -> Iterator[Any]:
+class _Activity:
+    """What the generations of this process are doing, for the status report: "ready" alone said nothing
+    while one ran. On ZeroGPU too: the steps reach this process from the GPU worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[object, str] = {}
+
+    def set(self, key: object, doing: str) -> None:
+        with self._lock:
+            self._running[key] = doing
+
+    def clear(self, key: object) -> None:
+        with self._lock:
+            self._running.pop(key, None)
+
+    def summary(self) -> str:
+        with self._lock:
+            doings = list(self._running.values())
+        if not doings:
+            return "idle"
+        what = "generating" if len(doings) == 1 else f"{len(doings)} generations"
+        return f"{what} ({'; '.join(doings)})"
+
+
+ACTIVITY = _Activity()
+
+
+def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     """The three stages; yields `gr.skip()` after each denoising step, then the outputs.
 
     A generator so that Gradio's own cancel handling reaches it: when a client cancels or disconnects,
@@ -228,7 +256,9 @@ def _run(request: GenerateRequest, progress: Any) -> Iterator[Any]:
     engine = _engine()
     engine.check(request)  # the server's limits, before waiting for a model or a GPU
     _wait_for_models(engine, progress)
+    ACTIVITY.set(key, "preparing")
     job = engine.prepare(request)  # CPU, in this process: a photo without a face asks for no GPU time
+    ACTIVITY.set(key, "starting")
     progress(0.0, desc="Starting")
     steps = _render_on_gpu(job)
     try:
@@ -240,6 +270,7 @@ def _run(request: GenerateRequest, progress: Any) -> Iterator[Any]:
             yield gr.skip()
             if event is not None:
                 progress((event.done, event.total), desc="Denoising", unit="steps")
+                ACTIVITY.set(key, f"step {event.done} of {event.total}")
         else:
             raise RuntimeError("the GPU stage ended without a result")
     except GeneratorExit:
@@ -268,8 +299,9 @@ def generate(*args: Any, **kwargs: Any) -> Iterator[Any]:
     progress = values.pop("progress")
     if progress is None:  # a caller in Python may pass None: no tracker
         progress = gr.Progress()
+    key = object()
     try:
-        yield from _run(GenerateRequest.from_api(values), progress)
+        yield from _run(GenerateRequest.from_api(values), progress, key)
     except gr.Error:
         raise
     except UserError as exc:
@@ -277,6 +309,8 @@ def generate(*args: Any, **kwargs: Any) -> Iterator[Any]:
     except Exception:
         log.exception("generation failed")
         raise gr.Error(GENERIC_ERROR, print_exception=False) from None
+    finally:
+        ACTIVITY.clear(key)
 
 
 generate.__signature__ = _signature(PARAMS)  # type: ignore[attr-defined]
@@ -294,7 +328,9 @@ def status() -> dict[str, Any]:
         A JSON object with keys host, gpu (null without a GPU), components, profile and state.
     """
     try:
-        return _engine().report()
+        report = _engine().report()
+        report.setdefault("state", {})["activity"] = ACTIVITY.summary()
+        return report
     except Exception:
         log.exception("status report failed")
         raise gr.Error("The server could not produce its status report.", print_exception=False) from None

@@ -12,16 +12,16 @@ tiny preset, the tests and the benchmarks serve local checkpoints through the re
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import posixpath
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CheckpointError
-
-# (fraction 0..1 of this resolution, message) -> None
 
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model", "pytorch_lora_weights")
 
@@ -49,6 +49,30 @@ class RepoRef:
         return f"{kind}{self.repo_id}" + (f"/{self.subfolder}" if self.subfolder else "")
 
 
+# huggingface_hub retries a failed connection five times (about 25 s) on every call; one quick probe says
+# whether to call it at all. Remembered for a minute, so an outage at start-up does not outlive itself.
+PROBE_TIMEOUT_S = 5.0
+PROBE_MEMORY_S = 60.0
+_probe: tuple[float, str] = (-math.inf, "")  # (when, why unreachable: "" = reachable)
+
+
+def hub_unreachable() -> str:
+    """Why the Hub cannot be reached ("" when it can): one request, no retries, through huggingface_hub's
+    own HTTP session (so its proxy and endpoint settings apply)."""
+    global _probe
+    if time.monotonic() - _probe[0] > PROBE_MEMORY_S:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        try:
+            get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
+            why = ""
+        except Exception as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        _probe = (time.monotonic(), why)
+    return _probe[1]
+
+
 def _hub_error(repo: str, filename: str | None, exc: Exception, offline: bool) -> CheckpointError:
     from huggingface_hub import errors as hf_errors
 
@@ -60,13 +84,16 @@ def _hub_error(repo: str, filename: str | None, exc: Exception, offline: bool) -
     elif isinstance(exc, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)) or offline:
         hint = (
             "it is not in the local Hugging Face cache and the Hub cannot be reached"
-            + (" (HF_HUB_OFFLINE=1)" if offline else "")
+            + (" (HF_HUB_OFFLINE=1)" if offline else f" ({hub_unreachable() or 'no answer'})")
             + ": connect to the network once, or place the files in the cache (HF_HUB_CACHE)."
         )
     elif isinstance(exc, (hf_errors.EntryNotFoundError, hf_errors.RemoteEntryNotFoundError)):
         hint = "the repo has no such file: check that the repo id points to the right kind of checkpoint."
     else:
-        hint = f"{type(exc).__name__}: {exc}. Check the network and try again."
+        hint = (
+            f"the Hub cannot be reached ({type(exc).__name__}: {exc}) and it is not in the local cache: check "
+            "the network, or set HF_HUB_OFFLINE=1 to use only the local cache (HF_HUB_CACHE)."
+        )
     return CheckpointError(f"Could not get {what}: {hint}")
 
 
@@ -99,6 +126,8 @@ def list_files(repo: RepoRef, *, cache_dir: Path | None, offline: bool) -> list[
         from huggingface_hub import HfApi
 
         try:
+            if hub_unreachable():
+                raise ConnectionError(hub_unreachable())
             return list(HfApi().list_repo_files(repo.repo_id, repo_type=repo.repo_type))
         except Exception as exc:
             # Network trouble: fall back to what the cache holds, and only fail if that is nothing.
@@ -121,9 +150,11 @@ def fetch(repo: RepoRef, filename: str, *, cache_dir: Path | None, offline: bool
     from huggingface_hub import hf_hub_download
 
     try:
+        # Unreachable: straight to the cache, without the Hub's retries.
+        local = offline or bool(hub_unreachable())
         return Path(
             hf_hub_download(
-                repo.repo_id, filename, repo_type=repo.repo_type, cache_dir=cache_dir, local_files_only=offline
+                repo.repo_id, filename, repo_type=repo.repo_type, cache_dir=cache_dir, local_files_only=local
             )
         )
     except Exception as exc:

@@ -169,48 +169,48 @@ def checkpoint_entry(role: str, repo: Any, path: Path) -> dict[str, str]:
     return {"role": role, "repo": str(repo), "revision": revision, "weights": weights}
 
 
-def load_pipeline(
-    s: Settings,
-    profile: Profile,
-    progress: Callable[[float, str], None] | None = None,
-    record: Callable[[str, Any, Path], None] | None = None,
-) -> Any:
+Say = Callable[[float, str], None]
+
+
+def load_pipeline(s: Settings, profile: Profile, progress: Say | None = None, record: Record | None = None) -> Any:
     """Resolve and load every component, build the InstantID pipeline and place it per `profile`.
 
     `record(role, repo, path)` hears where each component came from (the status report lists them).
     """
-    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .attention import install_ip_processors
     from .pipeline import InstantIDPipeline
-    from .resampler import build_resampler
 
-    def say(fraction: float, message: str) -> None:
-        if progress is not None:
-            progress(fraction, message)
+    say = progress or (lambda fraction, message: None)
+    note = record or _ignore
+    parts = _load_base(s, profile, say, note)
+    parts["controlnet"], parts["resampler"] = _load_instantid(s, profile, parts["unet"], say, note)
+    pipe = InstantIDPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    say(0.9, f"placing models ({profile.name} profile)")
+    apply_profile(pipe, profile)
+    say(1.0, "ready")
+    return pipe
 
-    def note(role: str, repo: Any, path: Path) -> None:
-        if record is not None:
-            record(role, repo, path)
+
+def _load_base(s: Settings, profile: Profile, say: Say, note: Record) -> dict[str, Any]:
+    """The SDXL base model's parts: UNet, VAE, both text encoders and tokenizers, the scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     cache, offline = s.hub_cache, s.hub_offline
     dtype = torch_dtype(profile.dtype)
-    vae_dtype = torch_dtype(getattr(profile, "vae_dtype", profile.dtype))
-
     base = RepoRef.parse(s.base_model)
     say(0.1, f"listing {base}")
     files = list_files(base, cache_dir=cache, offline=offline)
     if "model_index.json" not in files:
         raise CheckpointError(f"'{base}' is not a diffusers SDXL repo (no model_index.json): set INSTANTID_BASE_MODEL.")
-    parts = {
+    models = {
         "unet": (UNet2DConditionModel, dtype),
-        "vae": (AutoencoderKL, vae_dtype),
+        "vae": (AutoencoderKL, torch_dtype(getattr(profile, "vae_dtype", profile.dtype))),
         "text_encoder": (CLIPTextModel, dtype),
         "text_encoder_2": (CLIPTextModelWithProjection, dtype),
     }
     loaded: dict[str, Any] = {}
-    for i, (name, (cls, dt)) in enumerate(parts.items()):
+    for i, (name, (cls, dt)) in enumerate(models.items()):
         say(0.15 + 0.12 * i, f"{base}: {name}")
         folder, variant = fetch_component(base, name, files=files, cache_dir=cache, offline=offline)
         loaded[name] = _from_pretrained(cls, folder, variant, dt).eval()
@@ -221,18 +221,23 @@ def load_pipeline(
     sched_folder, _ = fetch_component(base, "scheduler", files=files, cache_dir=cache, offline=offline)
     # Euler is the official Space's default; other schedulers are built from the same config per request.
     loaded["scheduler"] = EulerDiscreteScheduler.from_pretrained(str(sched_folder))
+    return loaded
 
+
+def _load_instantid(s: Settings, profile: Profile, unet: Any, say: Say, note: Record) -> tuple[Any, Any]:
+    """The IdentityNet and the resampler; the ip-adapter's attention weights go into `unet`."""
+    from diffusers import ControlNetModel
+
+    from .attention import install_ip_processors
+    from .resampler import build_resampler
+
+    cache, offline = s.hub_cache, s.hub_offline
     repo = RepoRef.parse(s.instantid_repo)
     say(0.65, f"{repo}: IdentityNet")
     id_files = list_files(repo, cache_dir=cache, offline=offline)
-    cn_folder, cn_variant = fetch_component(
-        repo,
-        "/".join(p for p in (repo.subfolder, "ControlNetModel") if p),
-        files=id_files,
-        cache_dir=cache,
-        offline=offline,
-    )
-    identitynet = _from_pretrained(ControlNetModel, cn_folder, cn_variant, dtype).eval()
+    subfolder = "/".join(p for p in (repo.subfolder, "ControlNetModel") if p)
+    cn_folder, cn_variant = fetch_component(repo, subfolder, files=id_files, cache_dir=cache, offline=offline)
+    identitynet = _from_pretrained(ControlNetModel, cn_folder, cn_variant, torch_dtype(profile.dtype)).eval()
     note("IdentityNet", repo, cn_folder)
 
     say(0.8, f"{repo}: ip-adapter")
@@ -242,31 +247,13 @@ def load_pipeline(
     image_proj, ip_weights = load_ip_adapter_file(ip_path)
     source = f"{repo}/{ip_name}"
     resampler = build_resampler(image_proj, source=f"{source}[image_proj]", dtype=resampler_dtype(profile))
-    unet = loaded["unet"]
     if resampler.config.output_dim != unet.config.cross_attention_dim:
         raise CheckpointError(
             f"{source}: the resampler makes {resampler.config.output_dim}-wide face tokens but the base model's "
             f"UNet attends over {unet.config.cross_attention_dim}: the ip-adapter does not match the base model."
         )
     install_ip_processors(unet, ip_weights, resampler.config.num_queries, source=f"{source}[ip_adapter]")
-    del image_proj, ip_weights
-
-    pipe = InstantIDPipeline(
-        vae=loaded["vae"],
-        text_encoder=loaded["text_encoder"],
-        text_encoder_2=loaded["text_encoder_2"],
-        tokenizer=loaded["tokenizer"],
-        tokenizer_2=loaded["tokenizer_2"],
-        unet=unet,
-        controlnet=identitynet,
-        scheduler=loaded["scheduler"],
-        resampler=resampler,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    say(0.9, f"placing models ({profile.name} profile)")
-    apply_profile(pipe, profile)
-    say(1.0, "ready")
-    return pipe
+    return identitynet, resampler
 
 
 BASE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")

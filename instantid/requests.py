@@ -59,6 +59,11 @@ def random_seed() -> int:
     return random.randint(0, MAX_SEED)
 
 
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a request: consecutive seeds, so each image can be made again alone."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
 def clean_text(text: str) -> str:
     """`text` without control characters (newline and tab stay) and without lone UTF-16 surrogates.
 

@@ -111,6 +111,8 @@ def format_load_state(report: Mapping[str, Any]) -> str:
         line += f" `{_bar(float(progress))}` {float(progress) * 100:.0f} %"
     if message:
         line += f" — {message}"
+    if phase == "ready" and state.get("activity"):
+        line += f"; {state['activity']}"
     startup = report.get("startup") or {}
     if startup.get("mode"):
         line += f"\n\n**Start-up:** {startup['mode']} ({startup.get('description', '')})"
@@ -422,8 +424,10 @@ def _wire_generate(demo: gr.Blocks, generate_fn: Callable[..., Any], c: dict[str
         start_run,
         [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
         [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"]],
-        **quiet,
-    ).then(generate_fn, inputs, outputs, api_name="generate", show_progress_on=[c["gallery"]])
+        # Queued, as only a queued event's error reaches the page (a seed of -5 used to fail silently), but
+        # with no concurrency limit: it never waits behind a running generation.
+        queue=True, concurrency_limit=None, api_visibility="private", show_progress="hidden",
+    ).success(generate_fn, inputs, outputs, api_name="generate", show_progress_on=[c["gallery"]])
 
 
 def _status_tab() -> dict[str, Any]:

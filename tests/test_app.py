@@ -6,6 +6,7 @@ the HTTP request to the pipeline and back runs, offline, in seconds per request 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -101,7 +102,9 @@ def test_randomize_seed_and_several_images(client: Client) -> None:
     )
     assert 0 <= seed <= 2**31 - 1
     assert len(gallery) == 2 and len(similarities) == 2
-    assert all(f"seed {seed}" in item["caption"] for item in gallery)
+    # Consecutive seeds, each image's own in its caption, with its identity check.
+    assert [item["caption"].split(";")[0] for item in gallery] == [f"#1, seed {seed}", f"#2, seed {seed + 1}"]
+    assert all("no face found" in item["caption"] or "identity " in item["caption"] for item in gallery)
 
 
 def test_status(client: Client) -> None:
@@ -111,6 +114,8 @@ def test_status(client: Client) -> None:
     assert report["gpu"] is None or "name" in report["gpu"] or "error" in report["gpu"]
     assert report["profile"]["name"] and report["profile"]["reason"]
     assert report["state"]["phase"] in ("not loaded", "loading", "ready", "error")
+    # The tiny preset says what it really does, not the cpu profile's real-model figures.
+    assert "Tiny preset" in report["profile"]["description"] and "warning" not in report["profile"]
 
 
 def test_no_face_is_a_client_error(client: Client, photos: dict[str, Path]) -> None:
@@ -165,8 +170,10 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
     elapsed = time.monotonic() - t0
     assert not job.done(), "status should have answered while the generation was still running"
     assert report["state"]["phase"] == "ready"
+    assert re.fullmatch(r"generating \(step \d+ of 80\)", report["state"]["activity"]), report["state"]
     assert elapsed < 10
     job.result()
+    assert other.predict(api_name="/status")["state"]["activity"] == "idle"
 
 
 def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:

@@ -123,3 +123,20 @@ def test_example_fills_the_inputs_and_is_generated_once(page) -> None:
     expect(page.locator("#gallery img").first).to_be_visible(timeout=120_000)
     page.get_by_text("Advanced settings").click()
     expect(page.locator("#seed input")).to_have_value("42", timeout=10_000)
+
+
+def test_a_bad_seed_typed_in_the_page_gets_its_message(page) -> None:
+    """A seed of -5 used to do nothing (a 500 in the console); the page must say what is wrong."""
+    expect = sync_api.expect
+    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
+    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    page.get_by_text("Advanced settings").click()
+    page.get_by_label("Randomize seed").first.uncheck()
+    seed = page.locator("#seed input")
+    seed.fill("-5")
+    seed.press("Tab")
+    page.locator("#generate-button").click()
+    expect(page.get_by_text(re.compile(r"Invalid seed=-5: must be an integer in 0\.\.2147483647"))).to_be_visible(
+        timeout=30_000
+    )
+    expect(page.locator("#gallery img")).to_have_count(0)

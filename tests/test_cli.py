@@ -143,3 +143,19 @@ def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path
     env["INSTANTID_REPO"] = "acme/not-there"
     r = cli(env, "generate", "--face", str(photos["astronaut"]), "--out", str(out), "--steps", "2")
     assert r.returncode == 2 and "acme/not-there" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_without_the_hub_and_without_hf_hub_offline_it_says_so_at_once(tiny_env, photos, tmp_path: Path) -> None:
+    """No Hub and no HF_HUB_OFFLINE=1: one quick probe, not huggingface_hub's five retries (about 25 s), and a
+    message that names the variable."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the Hub "cannot be reached"
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in tiny_env.items() if k not in ("HF_HUB_OFFLINE", "INSTANTID_PRESET")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    r = cli(env, "generate", "--face", str(photos["astronaut"]), "--out", str(tmp_path / "o.png"))
+    assert r.returncode == 2, r.stderr
+    assert "the Hub cannot be reached" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr, r.stderr
+    assert "Retrying" not in r.stderr, "huggingface_hub's retries ran"

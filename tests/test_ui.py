@@ -178,10 +178,11 @@ def test_cheap_steps_skip_the_queue_and_the_api() -> None:
     for dep in demo.fns.values():
         name = getattr(dep.fn, "__name__", None)
         by_fn.setdefault(name, []).append(dep)
-    for name in ("lcm_defaults", "start_run"):
-        (dep,) = by_fn[name]
-        assert dep.queue is False
-        assert dep.api_visibility == "private"
+    (dep,) = by_fn["lcm_defaults"]
+    assert dep.queue is False and dep.api_visibility == "private"
+    # The step before a generation is queued (only then does its error reach the page) but never waits.
+    (dep,) = by_fn["start_run"]
+    assert dep.queue is not False and dep.concurrency_limit is None and dep.api_visibility == "private"
     (gen,) = by_fn["fake_generate"]
     assert gen.api_name == "generate" and gen.queue is not False
     (status,) = by_fn["status"]
@@ -223,6 +224,11 @@ def test_status_rendering() -> None:
     assert "only attached during a generation" in memory
 
 
+def test_status_says_what_a_ready_server_is_doing() -> None:
+    busy = {**REPORT, "state": {"phase": "ready", "message": "ready in 3.0 s", "activity": "generating (step 3 of 30)"}}
+    assert "ready in 3.0 s; generating (step 3 of 30)" in ui.format_load_state(busy)
+
+
 def test_status_samples_are_capped() -> None:
     samples: list = []
     for i in range(ui.MAX_SAMPLES + 10):
@@ -248,7 +254,7 @@ def test_generate_builds_the_request(engine: FakeEngine) -> None:
     assert request.controlnets == {"canny": 0.7}
     assert (request.num_steps, request.guidance_scale) == (None, None), "automatic: the engine fills the defaults"
     assert seed == 7 and request.seed == 7
-    assert len(gallery) == 2 and "seed 7" in gallery[0][1] and "0.61" in gallery[0][1]
+    assert [caption for _, caption in gallery] == ["#1, seed 7; identity 0.61", "#2, seed 8; no face found"]
     assert sims == [0.61, None]
     assert isinstance(keypoints, Image.Image)
     assert timings == {"total_ms": 12.3}
