@@ -490,3 +490,44 @@ def test_detector_is_never_given_a_shape_it_cannot_letterbox(analyzer, shape):
     assert analyzer.detect(strip, with_embedding=False, det_size=160) == []
     with pytest.raises(NoFaceError):
         analyzer.embed_largest(strip)
+
+
+# --- antelopev2-sized models (random weights, exported at test time) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def full_size_dir(tmp_path_factory) -> Path:
+    """SCRFD-10G and IResNet-100 with random weights, exported once per session (15-25 s on 2 cores)."""
+    pytest.importorskip("onnx", reason="exporting the full-size face models needs the onnx package")
+    pytest.importorskip("torch", reason="the full-size face models are built in torch")
+    _vectron_dir()  # the exported detector answers with the wheel's SCRFD-500M
+    from bench.face_models import full_size_face_models
+
+    try:
+        return full_size_face_models(tmp_path_factory.mktemp("full-size-faces"))
+    except (ImportError, RuntimeError) as exc:  # an exporter that is missing or refuses this torch
+        pytest.skip(f"ONNX export tooling is missing or failed: {exc}")
+
+
+def test_full_size_face_models_route_as_antelopev2(full_size_dir, astronaut, tmp_path):
+    """The exported files load through our analyzer as detector and recognizer with antelopev2's shapes."""
+    from bench.face_models import DETECTOR, RECOGNIZER
+
+    assert find_face_models(full_size_dir) == (full_size_dir / DETECTOR, full_size_dir / RECOGNIZER)
+    # insightface routes by inputs and outputs, so do we when the names say nothing.
+    for name, neutral in ((DETECTOR, "a.onnx"), (RECOGNIZER, "b.onnx")):
+        (tmp_path / neutral).symlink_to(full_size_dir / name)
+    assert find_face_models(tmp_path) == (tmp_path / "a.onnx", tmp_path / "b.onnx")
+    analyzer = FaceAnalyzer(full_size_dir, det_size=640)
+    det, rec = analyzer._det, analyzer._rec
+    assert det.taskname == "detection" and det.use_kps and det.fmc == 3 and det._num_anchors == 2
+    assert rec.taskname == "recognition" and rec.input_size == (112, 112)
+    outputs = det.session.run(None, {det.input_name: np.zeros((1, 3, 640, 640), np.float32)})
+    anchors = [80 * 80 * 2, 40 * 40 * 2, 20 * 20 * 2]
+    assert [o.shape for o in outputs] == [(n, c) for c in (1, 4, 10) for n in anchors]
+    assert rec.get_feat(np.zeros((112, 112, 3), np.uint8)).shape == (1, 512)
+    # glintr100.onnx is 261 MB and scrfd_10g_bnkps.onnx 17 MB (this one also holds the 2.5 MB stand-in).
+    assert 255e6 < (full_size_dir / RECOGNIZER).stat().st_size < 265e6
+    assert 15e6 < (full_size_dir / DETECTOR).stat().st_size < 22e6
+    face, count = analyzer.embed_largest(astronaut)  # the stand-in's answers: a real face is found
+    assert count == 1 and 150 < face.bbox[0] < 200 and face.embedding.shape == (512,)
