@@ -2,7 +2,7 @@
 
 antelopev2, which production uses, is SCRFD-10G with keypoints (`scrfd_10g_bnkps.onnx`) and glintr100
 (ArcFace IResNet-100, `glintr100.onnx`). Neither ships here, and the wheel's SCRFD-500M and MobileFaceNet
-need 20x and 25x less arithmetic, so CPU timings with them understate production. This module builds
+need 20x and 27x less arithmetic, so CPU timings with them understate production. This module builds
 torch modules of the real architectures (re-derived from the papers' and configs' published numbers; no
 code taken from insightface), gives them random weights from a fixed seed, and exports them to ONNX with
 the layout insightface routes by: a detector with 9 outputs (scores, boxes, keypoints at strides 8/16/32,
