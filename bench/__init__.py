@@ -79,7 +79,13 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
     if name == "overhead":
         from . import overhead
 
-        return overhead.run(quick=quick, requests=options.get("requests"), log=log)
+        return overhead.run(
+            quick=quick,
+            requests=options.get("requests"),
+            face_models=options.get("face_models"),
+            rounds=options.get("rounds"),
+            log=log,
+        )
     if name == "gpu":
         from . import gpu
 
@@ -180,6 +186,14 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
             f"**median {result['median_ms']} ms**, p90 {result['p90_ms']} ms over {result['requests']} requests "
             f"(stage medians, ms: {stages}; det_size {result['det_size']}, resampler {result['resampler_dtype']})"
         )
+        if result.get("face_models", "").startswith("antelopev2"):
+            figures = "antelopev2-sized face models: " + figures
+        if result.get("ratio_vs_baseline") is not None:
+            rounds = ", ".join(str(r) for r in result.get("round_ratios", []))
+            figures += f"; **{result['ratio_vs_baseline']} x baseline** (rounds: {rounds})"
+        cpu, base_cpu = result.get("info_median_ms", {}).get("cpu_ms"), result.get("baseline_info_median_ms", {})
+        if cpu is not None and base_cpu.get("cpu_ms"):
+            figures += f"; process CPU time {cpu} ms vs {base_cpu['cpu_ms']} ms ({cpu / base_cpu['cpu_ms']:.3f} x)"
         if result.get("what_ifs"):
             figures += "; what-ifs, cumulative: " + "; ".join(
                 f"{w['name']} {w['median_ms']} ms" for w in result["what_ifs"]

@@ -2,6 +2,7 @@
 
 python -m bench load-memory --size micro --cache /tmp/hub   # sizes: full (default), quick, micro
 python -m bench overhead --requests 40
+python -m bench overhead --face-models full                  # antelopev2-sized face models (random weights)
 python -m bench gpu --dry-run                                # the CPU-sized form of the GPU script
 """
 
@@ -22,9 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=SIZES, help="load-memory: checkpoint width")
     p.add_argument("--cache", type=Path, help="load-memory: the local Hugging Face cache to write and read")
     p.add_argument("--requests", type=int, help="overhead: how many timed requests")
+    p.add_argument("--rounds", type=int, help="overhead: variants take turns this many times (default 3 with full)")
+    p.add_argument("--face-models", choices=("standin", "full"), help="overhead: the wheel's or antelopev2-sized")
     p.add_argument("--dry-run", action="store_true", help="gpu: CPU-sized run that proves the script")
     args = p.parse_args(argv)
-    options = {"size": args.size, "cache": args.cache, "requests": args.requests, "dry_run": args.dry_run or None}
+    options = {
+        "size": args.size,
+        "cache": args.cache,
+        "requests": args.requests,
+        "face_models": args.face_models,
+        "rounds": args.rounds,
+        "dry_run": args.dry_run or None,
+    }
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     return run_benchmark(args.name, quick=args.quick, record=args.record, command=command, **options)
 

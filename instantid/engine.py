@@ -534,7 +534,11 @@ class Engine:
         """The CPU stage after the GPU: identity similarity of each image, warnings, timings."""
         t0 = time.perf_counter()
         analyzer = self.faces()
-        sims = [face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im)) for im in rendered.images]
+        sims = [
+            # The keypoint image says where each image's face was drawn: looked for there first.
+            face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im), job.keypoint_image)
+            for im in rendered.images
+        ]
         timings = {**job.timings_ms, **rendered.timings_ms, "identity_check_ms": (time.perf_counter() - t0) * 1000}
         timings["total_ms"] = (time.time() - job.started) * 1000
         warnings = list(job.warnings)

@@ -11,6 +11,7 @@ No torch here: the command line's `faces` sub-command and the UI's face preview 
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import warnings
@@ -46,6 +47,10 @@ KPS_LIMB_DIM = 0.6
 # back to the full det_size when the largest face spans fewer than COARSE_MIN_FACE detector pixels.
 COARSE_DET_SIZE = 320
 COARSE_MIN_FACE = 48
+# A face found too small is looked at again in a crop around it, at the detector size that shows it this
+# many pixels wide: the recognizer's own input size, so the keypoints are as precise as its crop needs.
+FACE_SCALE_PX = 112
+FACE_CROP_FACTOR = 2.0  # crop side / face side: the face fills half the crop, as in a portrait photo
 _LIMB_DIM_LUT = (np.arange(256, dtype=np.float64) * KPS_LIMB_DIM).astype(np.uint8)
 KPS_RADIUS = 10
 
@@ -180,6 +185,25 @@ def find_face_models(folder: str | Path) -> tuple[Path, Path]:
 # --- the analyzer --------------------------------------------------------------------------------
 
 
+def usable_cpus() -> int:
+    """CPUs this process can really use: its affinity, capped by a cgroup v2 CPU quota if there is one.
+
+    A container limited by quota (as Spaces and most Kubernetes pods are) still sees every host CPU in
+    os.cpu_count() and in its affinity; a thread pool sized to those is throttled, not faster.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity is the limit
+    return max(1, count)
+
+
 def _session_options() -> Any:
     import onnxruntime as ort
 
@@ -187,6 +211,9 @@ def _session_options() -> Any:
     # onnxruntime's worker threads spin between runs by default; on a small shared CPU that spinning
     # steals the cores torch needs next (measured: bench overhead, ~35 ms per request on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # onnxruntime sizes its pool by the host's physical cores, blind to a container's CPU quota.
+    options.intra_op_num_threads = usable_cpus()
+    options.inter_op_num_threads = 1  # the graphs run sequentially: a second pool would only idle
     return options
 
 
@@ -197,6 +224,57 @@ def _letterboxed(hw: tuple[int, int], input_size: tuple[int, int]) -> tuple[int,
     if im_ratio > float(input_size[1]) / input_size[0]:
         return int(input_size[1] / im_ratio), input_size[1]
     return input_size[0], int(input_size[0] * im_ratio)
+
+
+def _detector_input(hw: tuple[int, int], det_size: int) -> tuple[int, int]:
+    """(width, height) of the detector input for an image of `hw` (height, width) at `det_size`.
+
+    `det_size` on the long side, as in insightface's square letterbox, but the short side only as long
+    as the image needs (rounded up to SCRFD's stride of 32): the square's padding was computed too, a
+    third of a landscape photo's detection. The scale, and so every box, is the square's.
+    """
+    height, width = hw
+    short = min(det_size, max(32, math.ceil(det_size * min(height, width) / max(height, width) / 32) * 32))
+    return (det_size, short) if width >= height else (short, det_size)
+
+
+def _shrunk(bgr: np.ndarray) -> np.ndarray:
+    """`bgr` with its long side at most DETECTION_MAX_SIDE: the detector letterboxes to det_size anyway,
+    and shrinking a 50 MP photo first (with area averaging, no aliasing) is much cheaper."""
+    height, width = bgr.shape[:2]
+    if max(height, width) <= DETECTION_MAX_SIDE:
+        return bgr
+    scale = DETECTION_MAX_SIDE / max(height, width)
+    return cv2.resize(bgr, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+
+
+def _placed(
+    boxes: np.ndarray,
+    kps: np.ndarray,
+    image_hw: tuple[int, ...],
+    scale: tuple[float, float],
+    shift: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Detections mapped into the image (x * scale + shift per axis), clipped to it, largest box first."""
+    height, width = image_hw[:2]
+    for axis in (0, 1):
+        boxes[:, [axis, axis + 2]] = boxes[:, [axis, axis + 2]] * scale[axis] + shift[axis]
+        kps[:, :, axis] = kps[:, :, axis] * scale[axis] + shift[axis]
+    # Clip boxes to the image: the padded pass (and a crop's edge) can place them partly outside.
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+    order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
+    return boxes[order], kps[order]
+
+
+def _crop_around(box: Sequence[float], hw: tuple[int, ...], factor: float) -> tuple[int, int, int, int]:
+    """(x1, y1, x2, y2): a square `factor` times the box's long side, centred on it, kept inside the image."""
+    height, width = hw[:2]
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    side = max(x2 - x1, y2 - y1) * factor
+    left = max(0.0, min((x1 + x2 - side) / 2, width - side))
+    top = max(0.0, min((y1 + y2 - side) / 2, height - side))
+    return int(left), int(top), min(width, math.ceil(left + side)), min(height, math.ceil(top + side))
 
 
 def _to_bgr(image: Any) -> np.ndarray:
@@ -232,7 +310,14 @@ class FaceAnalyzer:
         self.providers = tuple(providers)
         # SCRFD's feature strides go up to 32; other sizes misalign its anchor grid.
         self.det_size = max(32, int(det_size) // 32 * 32)
-        self._det = get_model(str(self.detector_path), providers=list(self.providers), sess_options=_session_options())
+        # One dynamic-shape session for every input size: insightface would otherwise build (and keep) a
+        # session per size, and the detector's input follows each photo's shape. Measured: same speed.
+        self._det = get_model(
+            str(self.detector_path),
+            providers=list(self.providers),
+            sess_options=_session_options(),
+            static_shape_sessions=False,
+        )
         self._rec = get_model(
             str(self.recognizer_path), providers=list(self.providers), sess_options=_session_options()
         )
@@ -257,7 +342,7 @@ class FaceAnalyzer:
         )
 
     def _run_detector(self, bgr: np.ndarray, det_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        size = None if det_size is None else (det_size, det_size)
+        size = _detector_input(bgr.shape[:2], det_size or self.det_size)
         # insightface 2.1 may run several input sizes (or a model's fixed one) for one call.
         resolve = getattr(self._det, "_resolve_input_sizes", lambda s: [s or self._det.input_size])
         if any(min(_letterboxed(bgr.shape[:2], tuple(s))) < 1 for s in resolve(size)):
@@ -269,35 +354,34 @@ class FaceAnalyzer:
         return np.asarray(boxes, np.float32).reshape(-1, 5), np.asarray(kps, np.float32).reshape(-1, 5, 2)
 
     def _detect_boxes(self, bgr: np.ndarray, det_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        height, width = bgr.shape[:2]
-        scale = 1.0
-        small = bgr
-        if max(height, width) > DETECTION_MAX_SIDE:
-            # The detector letterboxes to det_size anyway; shrinking a 50 MP photo first is much cheaper.
-            scale = DETECTION_MAX_SIDE / max(height, width)
-            size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            small = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        small = _shrunk(bgr)
         boxes, kps = self._run_detector(small, det_size)
+        offset = 0
         if len(boxes) == 0:
             # SCRFD misses faces that fill the whole frame (tight crops, passport photos); a border
             # gives it the context it was trained with. Costs a second pass only when the first failed.
-            pad = max(small.shape[:2]) // 4
-            padded = cv2.copyMakeBorder(small, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+            offset = max(small.shape[:2]) // 4
+            padded = cv2.copyMakeBorder(small, *(offset,) * 4, cv2.BORDER_CONSTANT, value=(0, 0, 0))
             boxes, kps = self._run_detector(padded, det_size)
-            boxes[:, :4] -= pad
-            kps -= pad
-        sx = width / small.shape[1]
-        sy = height / small.shape[0]
-        boxes[:, [0, 2]] *= sx
-        boxes[:, [1, 3]] *= sy
-        kps[:, :, 0] *= sx
-        kps[:, :, 1] *= sy
-        # Clip boxes to the image: the padded pass can place them partly outside.
-        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
-        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        order = np.argsort(-area, kind="stable")
-        return boxes[order], kps[order]
+        sx, sy = bgr.shape[1] / small.shape[1], bgr.shape[0] / small.shape[0]
+        return _placed(boxes, kps, bgr.shape[:2], (sx, sy), (-offset * sx, -offset * sy))
+
+    def _detect_at_face_scale(
+        self, bgr: np.ndarray, face_box: Sequence[float], max_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Faces in a crop around `face_box`, detected at the size that shows that face FACE_SCALE_PX wide.
+
+        Detection cost grows with the detector's input area, not the photo's: a small face in a large photo
+        needs a large input to be seen whole-frame, and only a small one when the crop is its own context.
+        """
+        side = max(float(face_box[2]) - float(face_box[0]), float(face_box[3]) - float(face_box[1]))
+        x1, y1, x2, y2 = _crop_around(face_box, bgr.shape[:2], FACE_CROP_FACTOR)
+        if side < 1 or x2 - x1 < 2 or y2 - y1 < 2:
+            return np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)
+        size = min(max_size, max(64, math.ceil(FACE_SCALE_PX * max(x2 - x1, y2 - y1) / side / 32) * 32))
+        crop = np.ascontiguousarray(bgr[y1:y2, x1:x2])
+        boxes, kps = self._run_detector(crop, size)
+        return _placed(boxes, kps, bgr.shape[:2], (1.0, 1.0), (x1, y1))
 
     def _embed(self, bgr: np.ndarray, kps: np.ndarray) -> np.ndarray:
         from insightface.utils import face_align
@@ -338,26 +422,52 @@ class FaceAnalyzer:
                 faces.append(Face((x1, y1, x2, y2), kps[i].copy(), score, embedding))
         return faces
 
+    def largest_face(
+        self, image: np.ndarray | Image.Image, *, near: Sequence[float] | None = None, det_size: int | None = None
+    ) -> Face | None:
+        """The largest face with its embedding, or None; looked for around `near` (a box) first if given.
+
+        With `near`, a crop around that box is searched at the face's own scale (see
+        `_detect_at_face_scale`, capped at `det_size`); the whole image at `det_size` only if it holds none.
+        """
+        bgr = _to_bgr(image)
+        size = max(32, int(det_size or self.det_size) // 32 * 32)
+        with self._lock:
+            boxes, kps = self._detect_at_face_scale(bgr, near, size) if near is not None else ((), ())
+            if len(boxes) == 0:
+                boxes, kps = self._detect_boxes(bgr, size)
+            if len(boxes) == 0:
+                return None
+            embedding = self._embed(bgr, kps[0])
+        x1, y1, x2, y2, score = (float(v) for v in boxes[0])
+        return Face((x1, y1, x2, y2), kps[0].copy(), score, embedding)
+
     def _detect_boxes_coarse_first(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes for the request path: a quick pass at `COARSE_DET_SIZE`, the full size only when needed.
+        """Boxes for the request path: a quick pass at `COARSE_DET_SIZE`, then only what the face needs.
 
         A face photo for InstantID is a portrait: its face is found at a quarter of the detector's pixels,
-        with keypoints as good as at full size. The full `det_size` runs when the quick pass finds no face
-        or a face too small in detector pixels for precise keypoints (a full-body shot, a group photo).
+        with keypoints as good as at full size. When the largest face is too small there for precise
+        keypoints (a full-body shot, a group photo), it is detected again in a crop around it, at its own
+        scale, instead of the whole photo at full size: on insightface's t1 group photo a 256 x 256 input
+        instead of 640 x 448, with the face seen at 112 px instead of 70. The full `det_size` pass runs
+        only when the quick pass finds no face at all.
         """
         if self.det_size <= COARSE_DET_SIZE:
             return self._detect_boxes(bgr)
-        boxes, kps = self._run_detector(bgr, COARSE_DET_SIZE) if max(bgr.shape[:2]) <= DETECTION_MAX_SIDE else ((), ())
-        if len(boxes):
-            order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
-            boxes, kps = boxes[order], kps[order]
-            width_in_detector = (boxes[0, 2] - boxes[0, 0]) * COARSE_DET_SIZE / max(bgr.shape[:2])
-            if width_in_detector >= COARSE_MIN_FACE:
-                height, width = bgr.shape[:2]
-                boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
-                boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
-                return boxes, kps
-        return self._detect_boxes(bgr)
+        small = _shrunk(bgr)
+        boxes, kps = self._run_detector(small, COARSE_DET_SIZE)
+        if len(boxes) == 0:
+            return self._detect_boxes(bgr)
+        sx, sy = bgr.shape[1] / small.shape[1], bgr.shape[0] / small.shape[0]
+        boxes, kps = _placed(boxes, kps, bgr.shape[:2], (sx, sy), (0.0, 0.0))
+        if (boxes[0, 2] - boxes[0, 0]) * COARSE_DET_SIZE / max(bgr.shape[:2]) >= COARSE_MIN_FACE:
+            return boxes, kps
+        near, near_kps = self._detect_at_face_scale(bgr, boxes[0], self.det_size)
+        if len(near) == 0:
+            return self._detect_boxes(bgr)
+        # The largest face's sharper detection replaces its coarse one; the others only count.
+        boxes[0], kps[0] = near[0], near_kps[0]
+        return boxes, kps
 
     def embed_largest(self, image: np.ndarray | Image.Image, *, what: str = "face photo") -> tuple[Face, int]:
         """The largest face with its embedding, and how many faces the photo holds.
@@ -391,12 +501,39 @@ class FaceAnalyzer:
 IDENTITY_DET_SIZE = 320
 
 
-def identity_similarity(analyzer: FaceAnalyzer, reference: np.ndarray, image: np.ndarray | Image.Image) -> float | None:
-    """Cosine between `reference` and the largest face in a generated image; None when it has no face."""
-    found = analyzer.detect(image, with_embedding=True, only_largest=True, det_size=IDENTITY_DET_SIZE)
-    if not found or found[0].embedding is None:
+def identity_similarity(
+    analyzer: FaceAnalyzer,
+    reference: np.ndarray,
+    image: np.ndarray | Image.Image,
+    keypoint_image: Image.Image | None = None,
+) -> float | None:
+    """Cosine between `reference` and the largest face in a generated image; None when it has no face.
+
+    With the `keypoint_image` the image was generated from, the face is looked for where it was drawn,
+    at its own scale (one small detection); the whole image is searched only if it is not there.
+    """
+    rgb = _as_rgb_array(image)
+    near = drawn_face_box(keypoint_image, (rgb.shape[1], rgb.shape[0])) if keypoint_image is not None else None
+    face = analyzer.largest_face(rgb, near=near, det_size=IDENTITY_DET_SIZE)
+    if face is None or face.embedding is None:
         return None
-    return round(cosine_similarity(reference, found[0].embedding), 4)
+    return round(cosine_similarity(reference, face.embedding), 4)
+
+
+def drawn_face_box(keypoint_image: Image.Image, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
+    """Where the face generated from `keypoint_image` should be, in an image of `size` (width, height).
+
+    The IdentityNet draws the face on the keypoints: eyes to mouth corners span about half a face, so
+    the face is about twice the drawing (points and their circles) around its centre. None when the
+    drawing is empty.
+    """
+    gray = cv2.cvtColor(np.asarray(keypoint_image.convert("RGB")), cv2.COLOR_RGB2GRAY)
+    x, y, w, h = cv2.boundingRect(gray)  # the box of every non-black pixel
+    if w == 0 or h == 0:
+        return None
+    sx, sy = size[0] / gray.shape[1], size[1] / gray.shape[0]
+    cx, cy, side = (x + w / 2) * sx, (y + h / 2) * sy, 2 * max(w * sx, h * sy)
+    return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
 
 
 def average_embedding(embeddings: Sequence[np.ndarray]) -> np.ndarray:

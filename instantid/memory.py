@@ -139,120 +139,88 @@ class Profile:
     """Where the models live and the defaults that fit there. Memory figures are estimates."""
 
     name: str
-    device: str  # "cuda" | "cpu"
-    dtype: str  # UNet / ControlNet / text encoders: "float16" | "bfloat16" | "float32"
-    # SDXL's VAE overflows in float16; bfloat16 has float32's range. `choose_profile` resolves it per GPU.
-    vae_dtype: str
-    offload: str  # "none" | "model" | "group"
-    vae_tiling: bool
-    vae_slicing: bool
-    default_short_side: int
-    max_images: int
-    default_steps: int | None  # None: the request's own default
     description: str
     expected_vram: str
     expected_host_ram: str
     # Peak host RAM this profile needs (estimate); below it `choose_profile` adds a warning to the reason.
     host_ram_gib: float
+    device: str = "cuda"  # "cuda" | "cpu"
+    dtype: str = "float16"  # UNet / ControlNet / text encoders: "float16" | "bfloat16" | "float32"
+    # SDXL's VAE overflows in float16; bfloat16 has float32's range. `choose_profile` resolves it per GPU.
+    vae_dtype: str = "float32"
+    offload: str = "none"  # "none" | "model" | "group"
+    vae_tiling: bool = False
+    # Decoding four 1024 px images at once needs more VRAM than the UNet; one at a time costs nothing.
+    vae_slicing: bool = True
+    default_short_side: int = 1024
+    max_images: int = 4
+    default_steps: int | None = None  # None: the request's own default
     warning: str | None = None
-
 
 
 # Weight sizes behind the estimates (fp16): UNet 4.8 GiB, IdentityNet 2.3 GiB, text encoders 1.5 GiB,
 # IP-adapter + resampler 0.8 GiB, VAE 0.2 GiB: about 9.6 GiB in all, twice that in float32.
 # The checkpoints are fp16, so UNet and ControlNet stay fp16 even where bf16 is available.
+_RESIDENT_VRAM = "13.1 GB allocated for one 1024 px image (measured on an H200), plus about 2.5 GB per extra ControlNet"
 PROFILES: dict[str, Profile] = {
-    "zerogpu": Profile(
-        name="zerogpu",
-        device="cuda",
-        dtype="float16",
-        vae_dtype="bfloat16",
-        offload="none",
-        vae_tiling=False,
-        vae_slicing=True,
-        default_short_side=1024,
-        max_images=4,
-        default_steps=None,
-        description="ZeroGPU: every model, the extras included, sits on the GPU in float16 from start-up, as "
-        "ZeroGPU requires; each generation borrows half an H200.",
-        expected_vram="13.1 GB allocated for one 1024 px image (measured on an H200), plus about 2.5 GB per "
-        "extra SDXL ControlNet, all resident",
-        expected_host_ram="about 12 GB while loading (estimate)",
-        host_ram_gib=12,
-    ),
-    "large": Profile(
-        name="large",
-        device="cuda",
-        dtype="float16",
-        vae_dtype="float32",
-        offload="none",
-        vae_tiling=False,
-        # Decoding four 1024 px images at once needs more VRAM than the UNet; one at a time costs nothing.
-        vae_slicing=True,
-        default_short_side=1024,
-        max_images=4,
-        default_steps=None,
-        description="GPUs with 19 GiB or more (A10G, L4, A100, RTX 3090/4090): everything stays on the GPU in "
-        "float16; fastest.",
-        expected_vram="13.1 GB allocated for one 1024 px image (measured on an H200), plus about 2.5 GB per "
-        "extra ControlNet",
-        expected_host_ram="about 12 GB while loading (estimate)",
-        host_ram_gib=12,
-    ),
-    "medium": Profile(
-        name="medium",
-        device="cuda",
-        dtype="float16",
-        vae_dtype="float32",
-        offload="model",
-        vae_tiling=True,
-        vae_slicing=True,
-        default_short_side=1024,
-        # Two images already mean a UNet batch of four with guidance: about what a T4 holds beside the weights.
-        max_images=2,
-        default_steps=None,
-        description="GPUs with 11 to 19 GiB (T4 16 GB, 12 and 16 GB cards): each model moves to the GPU only "
-        "while it runs (model offload) and the IdentityNet stays there; VAE tiling and slicing.",
-        expected_vram="9.9 GB reserved (9.5 GB allocated) for one 1024 px image (measured on an H200), plus about "
-        "2.5 GB per extra ControlNet",
-        expected_host_ram="about 11 GB (estimate): the offloaded weights live in host RAM",
-        host_ram_gib=11,
-    ),
-    "small": Profile(
-        name="small",
-        device="cuda",
-        dtype="float16",
-        vae_dtype="float32",
-        offload="group",
-        vae_tiling=True,
-        vae_slicing=True,
-        default_short_side=1024,
-        max_images=2,
-        default_steps=None,
-        description="GPUs under 11 GiB (8 GB class): the UNet, ControlNet and text encoders stream to the GPU "
-        "layer by layer with CUDA streams (group offload); VAE tiling and slicing; slower.",
-        expected_vram="5.7 GB reserved (2.9 GB allocated) for one 1024 px image (measured on an H200)",
-        expected_host_ram="about 13 GB (estimate): all weights live in (pinned) host RAM",
-        host_ram_gib=13,
-    ),
-    "cpu": Profile(
-        name="cpu",
-        device="cpu",
-        dtype="float32",
-        vae_dtype="float32",
-        offload="none",
-        vae_tiling=False,
-        vae_slicing=True,
-        default_short_side=512,
-        max_images=2,
-        default_steps=20,
-        description="No CUDA GPU: float32 on the CPU at 512 px, 20 steps, at most 2 images; very slow.",
-        expected_vram="none (CPU only)",
-        expected_host_ram="about 22 GB (estimate): float32 weights",
-        host_ram_gib=22,
-        warning="Running on the CPU: one 512 px image takes many minutes and needs about 22 GB of RAM "
-        "(estimate). Duplicate this Space to GPU hardware for real use.",
-    ),
+    p.name: p
+    for p in (
+        Profile(
+            "zerogpu",
+            "ZeroGPU: every model, the extras included, sits on the GPU in float16 from start-up, as ZeroGPU "
+            "requires; each generation borrows half an H200.",
+            _RESIDENT_VRAM + ", all resident",
+            "about 12 GB while loading (estimate)",
+            host_ram_gib=12,
+            vae_dtype="bfloat16",
+        ),
+        Profile(
+            "large",
+            "GPUs with 19 GiB or more (A10G, L4, A100, RTX 3090/4090): everything stays on the GPU in float16; "
+            "fastest.",
+            _RESIDENT_VRAM,
+            "about 12 GB while loading (estimate)",
+            host_ram_gib=12,
+        ),
+        Profile(
+            "medium",
+            "GPUs with 11 to 19 GiB (T4 16 GB, 12 and 16 GB cards): each model moves to the GPU only while it "
+            "runs (model offload) and the IdentityNet stays there; VAE tiling and slicing.",
+            "9.9 GB reserved (9.5 GB allocated) for one 1024 px image (measured on an H200), plus about 2.5 GB per "
+            "extra ControlNet",
+            "about 11 GB (estimate): the offloaded weights live in host RAM",
+            host_ram_gib=11,
+            offload="model",
+            vae_tiling=True,
+            # Two images already mean a UNet batch of four with guidance: about what a T4 holds beside the weights.
+            max_images=2,
+        ),
+        Profile(
+            "small",
+            "GPUs under 11 GiB (8 GB class): the UNet, ControlNet and text encoders stream to the GPU layer by "
+            "layer with CUDA streams (group offload); VAE tiling and slicing; slower.",
+            "5.7 GB reserved (2.9 GB allocated) for one 1024 px image (measured on an H200)",
+            "about 13 GB (estimate): all weights live in (pinned) host RAM",
+            host_ram_gib=13,
+            offload="group",
+            vae_tiling=True,
+            max_images=2,
+        ),
+        Profile(
+            "cpu",
+            "No CUDA GPU: float32 on the CPU at 512 px, 20 steps, at most 2 images; very slow.",
+            "none (CPU only)",
+            "about 22 GB (estimate): float32 weights",
+            host_ram_gib=22,
+            device="cpu",
+            dtype="float32",
+            default_short_side=512,
+            max_images=2,
+            default_steps=20,
+            warning="Running on the CPU: one 512 px image takes many minutes and needs about 22 GB of RAM "
+            "(estimate). Duplicate this Space to GPU hardware for real use.",
+        ),
+    )
 }
 
 # The order the engine steps down after a CUDA out-of-memory error.

@@ -98,6 +98,19 @@ def test_full_size_shapes_match_sdxl() -> None:
     assert 1.65e9 < total < 1.75e9  # ip-adapter.bin is 1.69 GB
 
 
+def test_face_model_architectures_have_antelopev2_sizes() -> None:
+    """SCRFD-10G: about 10 GMACs at VGA (the paper's convention); IResNet-100: glintr100's 65.2 M parameters."""
+    import torch
+
+    from bench.face_models import iresnet100, macs, scrfd_10g
+
+    with torch.device("meta"):  # shapes only: nothing is computed
+        detector, recognizer = scrfd_10g(), iresnet100()
+    assert 9.5e9 < macs(detector, (1, 3, 480, 640)) < 10.5e9
+    assert 65.0e6 < sum(p.numel() for p in recognizer.parameters()) < 65.4e6
+    assert 11.9e9 < macs(recognizer, (1, 3, 112, 112)) < 12.3e9
+
+
 def test_overhead_three_requests() -> None:
     from bench import overhead
 
