@@ -181,11 +181,21 @@ def _load_error(what: str, folder: Path, exc: Exception) -> CheckpointError:
     )
 
 
-def _check_folder(what: str, folder: str | Path) -> Path:
+def _load_model(what: str, folder: str | Path, model_class: Any, device: Any, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A transformers model (in eval mode, on `device`) and its image processor from a local folder."""
+    from transformers import AutoImageProcessor
+
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"The {what} folder {path} has no config.json; it must be a transformers checkpoint.")
-    return path
+    try:
+        model = model_class.from_pretrained(path, dtype=dtype)
+        # backend="pil": the default backend wants torchvision, which we do not ship; the PIL one behaves the
+        # same (VitPose's crops its boxes with scipy) and asking for it explicitly avoids the fallback warning.
+        processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _load_error(what, path, exc) from exc
+    return model.to(device).eval(), processor
 
 
 # --- canny ---------------------------------------------------------------------------------------------
@@ -253,17 +263,9 @@ class DepthEstimator:
     ) -> DepthEstimator:
         """Load model and image processor from a local checkpoint folder."""
         # Imported here so that importing this module (for canny alone) stays cheap.
-        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+        from transformers import AutoModelForDepthEstimation
 
-        folder = _check_folder("depth estimator", path)
-        try:
-            model: Any = AutoModelForDepthEstimation.from_pretrained(folder, dtype=dtype)
-            # backend="pil": the default backend wants torchvision, which we do not ship; asking for the PIL
-            # one explicitly avoids the fallback warning and behaves the same with or without torchvision.
-            processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise _load_error("depth estimator", folder, exc) from exc
-        model.to(device).eval()
+        model, processor = _load_model("depth estimator", path, AutoModelForDepthEstimation, device, dtype)
         return cls(model, processor, device, dtype)
 
     @property
@@ -341,26 +343,15 @@ class PoseEstimator:
 
         `options` go to the constructor (`detection_threshold`, `keypoint_threshold`, `max_people`).
         """
-        from transformers import AutoImageProcessor, AutoModelForObjectDetection, VitPoseForPoseEstimation
+        from transformers import AutoModelForObjectDetection, VitPoseForPoseEstimation
 
-        pose_folder = _check_folder("pose estimator", pose_path)
-        try:
-            pose_model: Any = VitPoseForPoseEstimation.from_pretrained(pose_folder, dtype=dtype)
-            # The PIL VitPose processor does its box crop with scipy; no torchvision needed.
-            pose_processor = AutoImageProcessor.from_pretrained(pose_folder, backend="pil")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise _load_error("pose estimator", pose_folder, exc) from exc
-        pose_model.to(device).eval()
+        pose_model, pose_processor = _load_model("pose estimator", pose_path, VitPoseForPoseEstimation, device, dtype)
         detector: Any = None
         detector_processor: Any = None
         if detector_path is not None:
-            det_folder = _check_folder("person detector", detector_path)
-            try:
-                detector = AutoModelForObjectDetection.from_pretrained(det_folder, dtype=dtype)
-                detector_processor = AutoImageProcessor.from_pretrained(det_folder, backend="pil")
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise _load_error("person detector", det_folder, exc) from exc
-            detector.to(device).eval()
+            detector, detector_processor = _load_model(
+                "person detector", detector_path, AutoModelForObjectDetection, device, dtype
+            )
         return cls(pose_model, pose_processor, detector, detector_processor, device, dtype, **options)
 
     @property

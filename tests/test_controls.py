@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -96,9 +95,7 @@ def test_tiny_depth_estimator_output(
     estimator = DepthEstimator.from_folders(tiny_folders["depth"])
     image = photo.resize(size)
     first = estimator(image)
-    start = time.perf_counter()
     out = estimator(image)
-    assert time.perf_counter() - start < 1.0
     assert out.mode == "RGB" and out.size == size
     a = np.asarray(out)
     assert a.min() == 0 and a.max() == 255
@@ -207,10 +204,7 @@ def test_tiny_pose_estimator_output(
 ) -> None:
     estimator = PoseEstimator.from_folders(tiny_folders["pose"], tiny_folders["detector"])
     image = photo.resize(size)
-    estimator(image)
-    start = time.perf_counter()
     out = estimator(image)
-    assert time.perf_counter() - start < 1.0
     assert out.mode == "RGB" and out.size == size
     for person in estimator.keypoints(image):
         assert person.shape == (17, 3)
