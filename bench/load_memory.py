@@ -208,7 +208,10 @@ class RSSWatch:
         self._proc = psutil.Process()
         self.start = self.now()
         self.peak = self.start
-        self.marks: list[tuple[str, int]] = []
+        # (label, RSS growth, anonymous growth): the split tells a second copy in RAM (anonymous) from
+        # file pages that are only mapped (memory-mapped weights, counted in RSS once read).
+        self.marks: list[tuple[str, int, int]] = []
+        self._anon0 = _rss_anon()
         self._stop = threading.Event()
         self._interval = interval
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -238,14 +241,23 @@ class RSSWatch:
     def mark(self, label: str) -> None:
         rss = self.now()
         self.peak = max(self.peak, rss)
-        self.marks.append((label, rss - self.start))
+        self.marks.append((label, rss - self.start, _rss_anon() - self._anon0))
+
+
+def _rss_anon() -> int:
+    """RssAnon: the part of RSS that is anonymous memory (Linux), 0 where unknown."""
+    return _status_kib("RssAnon:")
 
 
 def _hwm() -> int:
     """VmHWM: the kernel's exact peak RSS of this process (Linux), 0 where unknown."""
+    return _status_kib("VmHWM:")
+
+
+def _status_kib(field: str) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -387,7 +399,7 @@ def child_main(mode: str, cache: str, base: str, repo: str) -> dict[str, Any]:
         "peak_rss_bytes": watch.peak - watch.start,
         "end_rss_bytes": watch.now() - watch.start,
         "load_seconds": round(seconds, 2),
-        "stages": [[label, delta] for label, delta in watch.marks],
+        "stages": [[label, delta, anon] for label, delta, anon in watch.marks],
     }
 
 
