@@ -75,7 +75,13 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
     if name == "load-memory":
         from . import load_memory
 
-        return load_memory.run(quick=quick, size=options.get("size"), cache=options.get("cache"), log=log)
+        return load_memory.run(
+            quick=quick,
+            size=options.get("size"),
+            cache=options.get("cache"),
+            all_parts=bool(options.get("all_parts")),
+            log=log,
+        )
     if name == "overhead":
         from . import overhead
 
@@ -174,6 +180,12 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
             f"load {result['baseline_load_seconds']} s; same demo on an fp16-only repo: ratio "
             f"{result['baseline_fp16_files_ratio']}, load {result['baseline_fp16_files_load_seconds']} s"
         )
+        if result.get("all_parts"):
+            a = result["all_parts"]
+            figures += (
+                f"; all parts (`Engine.load_all`, {a['profile']}): weights {_gb(a['weights_bytes'])}, "
+                f"**peak RSS growth {_gb(a['peak_rss_bytes'])}** (ratio {a['ratio']}), load {a['load_seconds']} s"
+            )
     elif name == "overhead":
         stages = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["stages_median_ms"].items())
         figures = (

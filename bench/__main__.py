@@ -1,6 +1,7 @@
 """`python -m bench NAME`: the same benchmarks as `python -m instantid bench`, with the extra knobs.
 
 python -m bench load-memory --size micro --cache /tmp/hub   # sizes: full (default), quick, micro
+python -m bench load-memory --all-parts                      # + Engine.load_all with every optional part
 python -m bench overhead --requests 40
 python -m bench gpu --dry-run                                # the CPU-sized form of the GPU script
 """
@@ -21,10 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
     p.add_argument("--size", choices=SIZES, help="load-memory: checkpoint width")
     p.add_argument("--cache", type=Path, help="load-memory: the local Hugging Face cache to write and read")
+    p.add_argument("--all-parts", action="store_true", help="load-memory: also the start-up with every part")
     p.add_argument("--requests", type=int, help="overhead: how many timed requests")
     p.add_argument("--dry-run", action="store_true", help="gpu: CPU-sized run that proves the script")
     args = p.parse_args(argv)
-    options = {"size": args.size, "cache": args.cache, "requests": args.requests, "dry_run": args.dry_run or None}
+    options = {
+        "size": args.size,
+        "cache": args.cache,
+        "all_parts": args.all_parts or None,
+        "requests": args.requests,
+        "dry_run": args.dry_run or None,
+    }
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
     return run_benchmark(args.name, quick=args.quick, record=args.record, command=command, **options)
 

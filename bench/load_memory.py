@@ -32,8 +32,7 @@ from typing import Any
 from . import SIZES
 
 DEFAULT_CACHE = Path.home() / ".cache" / "instantid" / "bench-hub"
-GOAL_RATIO = 1.10
-GOAL_VS_BASELINE = 0.7
+GOAL_RATIO = 1.05  # issue #10: peak RSS <= 1.05 x the weights, and below the demo's on both repo layouts
 
 
 def cache_dir() -> Path:
@@ -113,7 +112,11 @@ def _repo_bytes(cache: Path, repo_id: str) -> int:
     return sum(p.stat().st_size for p in snap.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin"))
 
 
-def run(*, quick: bool = False, size: str | None = None, cache: Path | None = None, log=print) -> dict[str, Any]:
+def run(
+    *, quick: bool = False, size: str | None = None, cache: Path | None = None, all_parts: bool = False, log=print
+) -> dict[str, Any]:
+    """The base pipeline's load against the demo's; with `all_parts` also the resident start-up with every
+    optional part (bench/all_parts.py), in the same run."""
     size = size or ("quick" if quick else "full")
     cache = cache or cache_dir()
     t0 = time.perf_counter()
@@ -153,13 +156,33 @@ def run(*, quick: bool = False, size: str | None = None, cache: Path | None = No
         "files_bytes": info["files_bytes"],
         "write_seconds": info["write_seconds"],
         "profile": ours["profile"],
-        "goal": f"ratio <= {GOAL_RATIO} and <= {GOAL_VS_BASELINE} x baseline_ratio",
-        "goal_met": ratio <= GOAL_RATIO and ratio <= GOAL_VS_BASELINE * baseline_ratio,
+        "goal": f"ratio <= {GOAL_RATIO} and below the demo's ratio on both repo layouts",
+        "goal_met": ratio <= GOAL_RATIO and ratio < baseline_ratio and ratio < base16["peak_rss_bytes"] / weights,
         "stages": ours["stages"],
         "baseline_stages": base["stages"],
-        "seconds": round(time.perf_counter() - t0, 1),
     }
+    if all_parts:
+        out["all_parts"] = _all_parts(cache, size, info, log)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _all_parts(cache: Path, size: str, info: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    from . import all_parts
+
+    t0 = time.perf_counter()
+    all_parts.write_extras(cache, size, log=log)
+    wrote = round(time.perf_counter() - t0, 1)
+    log("loading in a fresh process: Engine.load_all with every optional part")
+    res = all_parts.run_child(cache, {k: info[k] for k in ("base_model", "instantid_repo")}, size)
+    return {
+        **res,
+        "ratio": round(res["peak_rss_bytes"] / res["weights_bytes"], 3),
+        "goal": f"peak RSS <= {all_parts.GOAL_BYTES / 1e9:g} GB at full size",
+        # The goal is about the real models: smaller sizes only prove the path (None: not judged).
+        "goal_met": res["peak_rss_bytes"] <= all_parts.GOAL_BYTES if size == "full" else None,
+        "write_seconds": wrote,
+    }
 
 
 def _files_read(cache: Path, base: str, repo: str, *, fp16: bool) -> list[Path]:
