@@ -122,9 +122,21 @@ def machine() -> str:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    out = f"{cpus} CPU ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    out = f"{cpus} CPU ({model}{_bf16_flags()}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
     gpu = _gpu_name()
     return out + (f", {gpu}" if gpu else ", no GPU")
+
+
+def _bf16_flags() -> str:
+    """The CPU's bf16 instruction flags (AVX512-BF16, AMX-BF16): they decide the resampler's dtype on a CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                found = [f for f in ("avx512_bf16", "amx_bf16") if f in line.split()]
+                return "; " + (" ".join(found) if found else "no bf16 flags")
+    except OSError:
+        pass
+    return ""
 
 
 def _gpu_name() -> str | None:
@@ -184,7 +196,10 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
             a = result["all_parts"]
             figures += (
                 f"; all parts (`Engine.load_all`, {a['profile']}): weights {_gb(a['weights_bytes'])}, "
-                f"**peak RSS growth {_gb(a['peak_rss_bytes'])}** (ratio {a['ratio']}), load {a['load_seconds']} s"
+                f"**peak RSS growth {_gb(a['peak_rss_bytes'])}** (ratio {a['ratio']}"
+                + (", a lower bound: file pages reclaimed" if a.get("peak_is_lower_bound") else "")
+                + f"; {_gb(a.get('mem_available_at_start_bytes'))} available at start), load {a['load_seconds']} s, "
+                f"15 GB goal {'met' if a.get('goal_met') else 'missed' if a.get('goal_met') is False else 'not judged'}"
             )
     elif name == "overhead":
         stages = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["stages_median_ms"].items())

@@ -206,6 +206,7 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
 
     import insightface  # noqa: F401
     import onnxruntime  # noqa: F401
+    import psutil
     import transformers  # noqa: F401
 
     import instantid.controls  # noqa: F401
@@ -216,6 +217,8 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
 
     _imports()
     gc.collect()
+    # What the machine could still give: on a shared machine the kernel reclaims file pages beyond it.
+    available = int(psutil.virtual_memory().available)
 
     class MarkedEngine(Engine):
         """The engine, with each progress message also marking RSS (the per-stage trace)."""
@@ -240,6 +243,7 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
         watch.mark("every weight paged in")
     parts = {n: int(component_info(n, m)["bytes"]) for n, m in modules.items()}
     return {
+        "mem_available_at_start_bytes": available,
         "profile": engine.profile.name,
         "weights_bytes": sum(parts.values()),
         "parts_bytes": parts,

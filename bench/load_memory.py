@@ -175,12 +175,16 @@ def _all_parts(cache: Path, size: str, info: dict[str, Any], log: Callable[[str]
     wrote = round(time.perf_counter() - t0, 1)
     log("loading in a fresh process: Engine.load_all with every optional part")
     res = all_parts.run_child(cache, {k: info[k] for k in ("base_model", "instantid_repo")}, size)
+    # Every weight must be resident after start-up, so the weights are a floor. A peak below them means the
+    # kernel dropped clean file pages for lack of free RAM (other processes): the peak is then a lower bound.
+    need = max(res["peak_rss_bytes"], res["weights_bytes"])
     return {
         **res,
         "ratio": round(res["peak_rss_bytes"] / res["weights_bytes"], 3),
-        "goal": f"peak RSS <= {all_parts.GOAL_BYTES / 1e9:g} GB at full size",
+        "peak_is_lower_bound": res["peak_rss_bytes"] < res["weights_bytes"],
+        "goal": f"max(peak RSS, weights) <= {all_parts.GOAL_BYTES / 1e9:g} GB at full size",
         # The goal is about the real models: smaller sizes only prove the path (None: not judged).
-        "goal_met": res["peak_rss_bytes"] <= all_parts.GOAL_BYTES if size == "full" else None,
+        "goal_met": need <= all_parts.GOAL_BYTES if size == "full" else None,
         "write_seconds": wrote,
     }
 
