@@ -75,7 +75,13 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
     if name == "load-memory":
         from . import load_memory
 
-        return load_memory.run(quick=quick, size=options.get("size"), cache=options.get("cache"), log=log)
+        return load_memory.run(
+            quick=quick,
+            size=options.get("size"),
+            cache=options.get("cache"),
+            all_parts=bool(options.get("all_parts")),
+            log=log,
+        )
     if name == "overhead":
         from . import overhead
 
@@ -122,9 +128,21 @@ def machine() -> str:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    out = f"{cpus} CPU ({model}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    out = f"{cpus} CPU ({model}{_bf16_flags()}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
     gpu = _gpu_name()
     return out + (f", {gpu}" if gpu else ", no GPU")
+
+
+def _bf16_flags() -> str:
+    """The CPU's bf16 instruction flags (AVX512-BF16, AMX-BF16): they decide the resampler's dtype on a CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                found = [f for f in ("avx512_bf16", "amx_bf16") if f in line.split()]
+                return "; " + (" ".join(found) if found else "no bf16 flags")
+    except OSError:
+        pass
+    return ""
 
 
 def _gpu_name() -> str | None:
@@ -180,6 +198,15 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
             f"load {result['baseline_load_seconds']} s; same demo on an fp16-only repo: ratio "
             f"{result['baseline_fp16_files_ratio']}, load {result['baseline_fp16_files_load_seconds']} s"
         )
+        if result.get("all_parts"):
+            a = result["all_parts"]
+            figures += (
+                f"; all parts (`Engine.load_all`, {a['profile']}): weights {_gb(a['weights_bytes'])}, "
+                f"**peak RSS growth {_gb(a['peak_rss_bytes'])}** (ratio {a['ratio']}"
+                + (", a lower bound: file pages reclaimed" if a.get("peak_is_lower_bound") else "")
+                + f"; {_gb(a.get('mem_available_at_start_bytes'))} available at start), load {a['load_seconds']} s, "
+                f"15 GB goal {'met' if a.get('goal_met') else 'missed' if a.get('goal_met') is False else 'not judged'}"
+            )
     elif name == "overhead":
         stages = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["stages_median_ms"].items())
         figures = (

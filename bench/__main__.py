@@ -1,6 +1,7 @@
 """`python -m bench NAME`: the same benchmarks as `python -m instantid bench`, with the extra knobs.
 
 python -m bench load-memory --size micro --cache /tmp/hub   # sizes: full (default), quick, micro
+python -m bench load-memory --all-parts                      # + Engine.load_all with every optional part
 python -m bench overhead --requests 40
 python -m bench overhead --face-models full                  # antelopev2-sized face models (random weights)
 python -m bench gpu --dry-run                                # the CPU-sized form of the GPU script
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
     p.add_argument("--size", choices=SIZES, help="load-memory: checkpoint width")
     p.add_argument("--cache", type=Path, help="load-memory: the local Hugging Face cache to write and read")
+    p.add_argument("--all-parts", action="store_true", help="load-memory: also the start-up with every part")
     p.add_argument("--requests", type=int, help="overhead: how many timed requests")
     p.add_argument("--rounds", type=int, help="overhead: variants take turns this many times (default 3 with full)")
     p.add_argument("--face-models", choices=("standin", "full"), help="overhead: the wheel's or antelopev2-sized")
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {
         "size": args.size,
         "cache": args.cache,
+        "all_parts": args.all_parts or None,
         "requests": args.requests,
         "face_models": args.face_models,
         "rounds": args.rounds,

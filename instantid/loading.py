@@ -130,10 +130,18 @@ def _snapshot(spec: str, s: Settings) -> Path:
     return folder
 
 
-def load_ip_adapter_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(image_proj, ip_adapter) state dicts from `ip-adapter.bin` (weights only) or a safetensors file."""
+def load_ip_adapter_file(
+    path: Path, dtypes: tuple[Any, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(image_proj, ip_adapter) state dicts from `ip-adapter.bin` (weights only) or a safetensors file.
+
+    With `dtypes` (image_proj's, ip_adapter's) every tensor is read into that dtype one at a time, in
+    memory of its own: nothing is left pointing into the file, and each float32 source's pages leave RAM
+    as soon as its copy exists, so the float32 file is never held beside the cast weights.
+    """
     import torch
 
+    mapped = False
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -148,13 +156,58 @@ def load_ip_adapter_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         try:
             # weights_only: a pickle from the Hub must not be able to run code. mmap: no second copy in RAM.
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            mapped = True
         except RuntimeError:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"{path.name} could not be read safely ({type(exc).__name__}: {exc}).") from exc
     if not isinstance(sd, dict) or "image_proj" not in sd or "ip_adapter" not in sd:
         raise CheckpointError(f"{path.name} is not an InstantID ip-adapter: expected 'image_proj' and 'ip_adapter'.")
-    return sd["image_proj"], sd["ip_adapter"]
+    if dtypes is None:
+        return sd["image_proj"], sd["ip_adapter"]
+    image_proj, ip_adapter = sd.pop("image_proj"), sd.pop("ip_adapter")
+    del sd
+    return _read_owned(image_proj, dtypes[0], mapped), _read_owned(ip_adapter, dtypes[1], mapped)
+
+
+def _read_owned(state: dict[str, Any], dtype: Any, mapped: bool) -> dict[str, Any]:
+    """`state`'s tensors copied into `dtype` (floating point ones) in their own memory, emptying `state`.
+
+    A module adopting a tensor that still points into the memory-mapped pickle would keep the whole
+    mapping alive, and with it every page of the file already read (1.4 GB of float32 IP layers when the
+    resampler stays float32, on CPUs without bf16).
+    """
+    out: dict[str, Any] = {}
+    for key in list(state):
+        src = state.pop(key)
+        out[key] = src.to(dtype=dtype, copy=True) if src.is_floating_point() else src.clone()
+        if mapped:
+            _drop_file_pages(src)
+        del src
+    return out
+
+
+def _drop_file_pages(tensor: Any) -> None:
+    """Unmap the file pages under a tensor read with `torch.load(mmap=True)` (a private, never-written
+    mapping: the kernel re-reads them from the file if touched again). Only whole pages inside the
+    tensor's bytes, so a neighbour sharing a page keeps it. Best effort: Linux and macOS only."""
+    import ctypes
+    import mmap
+
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    if not tensor.is_contiguous():
+        return  # its bytes are not one range
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def checkpoint_entry(role: str, repo: Any, path: Path) -> dict[str, str]:
@@ -244,7 +297,8 @@ def _load_instantid(s: Settings, profile: Profile, unet: Any, say: Say, note: Re
     ip_name = ip_adapter_file(repo, id_files)
     ip_path = fetch(repo, ip_name, cache_dir=cache, offline=offline)
     note("ip-adapter", repo, ip_path)
-    image_proj, ip_weights = load_ip_adapter_file(ip_path)
+    # Read straight into the dtypes they run in: the file is float32, the cast copies are the only ones kept.
+    image_proj, ip_weights = load_ip_adapter_file(ip_path, (resampler_dtype(profile), unet.dtype))
     source = f"{repo}/{ip_name}"
     resampler = build_resampler(image_proj, source=f"{source}[image_proj]", dtype=resampler_dtype(profile))
     if resampler.config.output_dim != unet.config.cross_attention_dim:

@@ -170,8 +170,8 @@ PROFILES: dict[str, Profile] = {
             "ZeroGPU: every model, the extras included, sits on the GPU in float16 from start-up, as ZeroGPU "
             "requires; each generation borrows half an H200.",
             _RESIDENT_VRAM + ", all resident",
-            "about 12 GB while loading (estimate)",
-            host_ram_gib=12,
+            "about 17 GB: 16.9 GB of weights with every optional part (measured, bench load-memory --all-parts)",
+            host_ram_gib=16,
             vae_dtype="bfloat16",
         ),
         Profile(

@@ -186,3 +186,28 @@ def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 
     assert run_benchmark("nope") == 2
     assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_load_memory_all_parts_micro(tmp_path: Path) -> None:
+    """`--all-parts`: Engine.load_all loads every optional part from the bench's repos, all in fp16, and the
+    figures add up (the micro size keeps it to seconds; the base loaders are the test above's)."""
+    from bench import all_parts
+    from bench.load_memory import _snapshot, write_checkpoints
+
+    info = write_checkpoints(tmp_path, "micro")
+    ids = all_parts.write_extras(tmp_path, "micro")
+    # The real repos' formats: openpose float32 only (with a single-file checkpoint beside it), canny with fp16.
+    pose = {p.name for p in _snapshot(tmp_path, ids["pose"]).iterdir()}
+    assert {"diffusion_pytorch_model.safetensors", "OpenPoseXL2.safetensors"} <= pose
+    assert "diffusion_pytorch_model.fp16.safetensors" in {p.name for p in _snapshot(tmp_path, ids["canny"]).iterdir()}
+    out = all_parts.run_child(tmp_path, {k: info[k] for k in ("base_model", "instantid_repo")}, "micro")
+    loaded = set(out["parts_loaded"])
+    assert {"LCM-LoRA", "pose ControlNet", "canny ControlNet", "depth ControlNet"} <= loaded
+    assert {"pose estimator", "depth estimator"} <= loaded
+    parts = out["parts_bytes"]
+    # Read in fp16 from a float32 file and from an fp16 variant alike; the small depth ControlNet is smaller.
+    assert parts["controlnet_pose"] == parts["controlnet_canny"] == parts["controlnet"]
+    assert 0 < parts["controlnet_depth"] < parts["controlnet_pose"]
+    assert out["weights_bytes"] == sum(parts.values())
+    assert out["stages"][-1][0] == "every weight paged in"
+    assert out["peak_rss_bytes"] >= out["stages"][-1][1] > 0

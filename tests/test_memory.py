@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -482,3 +483,27 @@ def test_apply_cpu_profile_to_a_real_tiny_pipeline_without_touching_cuda(monkeyp
     assert {c["device"] for c in components} == {"cpu"}  # type: ignore[attr-defined]
     assert {c["dtype"] for c in components} == {"float32"}  # type: ignore[attr-defined]
     assert "scheduler" not in [c["name"] for c in components]  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("profile_name", ["cpu", "large"])
+def test_loaded_pipeline_keeps_nothing_of_the_ip_adapter_file(tiny_settings, profile_name: str) -> None:
+    """The resampler and IP layers own their memory: no tensor points into the memory-mapped float32
+    `ip-adapter.bin`, which would keep every page of it already read resident beside the cast copies."""
+    import gc
+    from dataclasses import replace
+
+    from instantid.loading import load_pipeline
+    from instantid.memory import PROFILES
+    from instantid.tiny import ensure_tiny_checkpoints
+
+    ensure_tiny_checkpoints(tiny_settings)
+    # Placed on the CPU either way: what is checked is what stays mapped in host memory.
+    profile = replace(PROFILES[profile_name], device="cpu", vae_dtype="bfloat16")
+    pipe = load_pipeline(tiny_settings, profile)
+    gc.collect()
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if "ip-adapter.bin" in line]
+    assert not mapped, mapped
+    unet_dtype = pipe.unet.dtype
+    procs = [p for p in pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+    assert procs and all(p.to_k_ip.weight.dtype == unet_dtype for p in procs)
