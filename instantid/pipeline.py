@@ -35,6 +35,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -124,10 +126,13 @@ def mask_pyramid(mask: np.ndarray, latent_hw: tuple[int, int], levels: int = 4) 
     return out
 
 
-class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
-    """SDXL ControlNet pipeline with InstantID's identity conditioning.
+class InstantIDMixin:
+    """InstantID on top of one of diffusers' SDXL ControlNet pipelines (text-to-image, img2img, inpaint).
 
-    `controlnet` is the IdentityNet (always net 0); extra ControlNets are passed per call.
+    Everything InstantID adds lives here, once: the face tokens, the ControlNet hooks, the IP-attention
+    masks, schedulers and LCM. The denoising loop is the diffusers pipeline's own, reached through
+    `super().__call__`, with the condition images under the name that pipeline gives them
+    (`_control_arg`). `controlnet` is the IdentityNet (always net 0); extra ControlNets are passed per call.
     """
 
     # The ControlNet runs every step beside the UNet: keeping it out of the offload chain avoids a
@@ -135,6 +140,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->resampler->unet->vae"
     _exclude_from_cpu_offload = ["controlnet"]
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "resampler"]
+    # The keyword under which the diffusers pipeline takes the ControlNet condition images.
+    _control_arg = "image"
 
     def __init__(
         self,
@@ -150,8 +157,11 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         force_zeros_for_empty_prompt: bool = True,
         feature_extractor: Any = None,
         image_encoder: Any = None,
+        requires_aesthetics_score: bool = False,
     ) -> None:
-        super().__init__(
+        # Only diffusers' img2img and inpaint pipelines take (and record) this; SDXL base models leave it off.
+        options = {"requires_aesthetics_score": requires_aesthetics_score} if self._control_arg != "image" else {}
+        super().__init__(  # type: ignore[call-arg]
             vae=vae,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
@@ -164,6 +174,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             add_watermarker=False,
             feature_extractor=feature_extractor,
             image_encoder=image_encoder,
+            **options,
         )
         self.register_modules(resampler=resampler)
         self._scheduler_config = dict(scheduler.config)
@@ -290,10 +301,11 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         output_type: str = "pil",
         **kwargs: Any,
     ) -> InstantIDOutput:
-        """Generate images of the identity in `face_embedding`, posed by `keypoint_image`.
+        """Images of the identity in `face_embedding`, posed by `keypoint_image`.
 
         `face_mask` (height x width, 0..1) limits the identity conditioning to the face region
-        ("enhance face region"); `extra_controls` adds pose/canny/depth ControlNets for this call.
+        ("enhance face region"); `extra_controls` adds pose/canny/depth ControlNets for this call. The
+        img2img and inpaint variants take their own arguments (`image`, `mask_image`, `strength`) in `kwargs`.
         """
         for name, value in (("identitynet_strength", identitynet_strength), ("adapter_strength", adapter_strength)):
             if not 0.0 <= float(value) <= 1.5:
@@ -329,8 +341,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
 
         t1 = time.perf_counter()
         with self._controlnet_hooks(extra_controls, face_mask):
-            out = super().__call__(
-                image=images,
+            out = super().__call__(  # type: ignore[misc]
+                **{self._control_arg: images},
                 height=height,
                 width=width,
                 num_inference_steps=num_inference_steps,
@@ -379,3 +391,43 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         latents = latents.to(self._execution_device)
         decoded = vae.decode(latents, return_dict=False)[0]
         return self.image_processor.postprocess(decoded.float(), output_type=output_type)
+
+
+class InstantIDPipeline(InstantIDMixin, StableDiffusionXLControlNetPipeline):
+    """Text to image with InstantID (the Generate mode)."""
+
+
+class InstantIDImg2ImgPipeline(InstantIDMixin, StableDiffusionXLControlNetImg2ImgPipeline):
+    """A source photo (`image`) noised by `strength` and redrawn with InstantID (the Restyle mode)."""
+
+    _control_arg = "control_image"
+
+
+class InstantIDInpaintPipeline(InstantIDMixin, StableDiffusionXLControlNetInpaintPipeline):
+    """The white region of `mask_image` in `image` redrawn with InstantID (the Face swap mode). With the base
+    model's 4-channel UNet, diffusers keeps the latents outside the mask on the photo's at every step."""
+
+    _control_arg = "control_image"
+
+
+def share_pipeline(base: InstantIDMixin, cls: type[InstantIDMixin]) -> Any:
+    """A `cls` pipeline on `base`'s very modules (no second copy of any weight), placed as `base` is.
+
+    Accelerate's offload hooks sit on the modules themselves; the pipeline object only remembers where
+    it offloads to, so that is copied over too (diffusers' `_execution_device` and the hook release read it).
+    """
+    pipe = cls(**base.components)  # type: ignore[arg-type]
+    # The scheduler it was handed is whichever `base` used last (LCM's, perhaps): keep the base model's config.
+    for attr in ("_offload_device", "_offload_gpu_id", "_all_hooks", "_scheduler_config", "_scheduler_name"):
+        if hasattr(base, attr):
+            setattr(pipe, attr, getattr(base, attr))
+    return pipe
+
+
+def mode_pipelines(base: InstantIDPipeline) -> dict[str, Any]:
+    """The pipeline of each mode (generate, restyle, swap), all on `base`'s modules."""
+    return {
+        "generate": base,
+        "restyle": share_pipeline(base, InstantIDImg2ImgPipeline),
+        "swap": share_pipeline(base, InstantIDInpaintPipeline),
+    }
