@@ -104,7 +104,7 @@ class Engine:
         self._state = LoadState()
         self._thread: threading.Thread | None = None
         self.pipe: Any = None
-        self.pipes: dict[str, Any] = {}  # mode -> its pipeline, all sharing `pipe`'s modules
+        self.pipes: dict[str, Any] = {}  # restyle, swap -> its pipeline, on `pipe`'s modules
         self.face_analyzer: face_lib.FaceAnalyzer | None = None
         self._extra_nets: dict[str, Any] = {}
         self._estimators: dict[str, Any] = {}
@@ -655,7 +655,7 @@ class Engine:
     def _run_pipeline(self, job: Job, extras: list[Any], progress: ProgressFn | None) -> Any:
         import torch
 
-        pipe = self.pipes.get(job.mode) or self.pipe
+        pipe = self.pipe if job.mode == "generate" else self.pipes[job.mode]
         if job.enable_lcm:
             self._lcm()
             pipe.use_lcm(True)

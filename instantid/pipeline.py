@@ -277,6 +277,35 @@ class InstantIDMixin:
             if swapped:
                 self.controlnet = identitynet
 
+    @contextlib.contextmanager
+    def _encode_in_vae_dtype(self) -> Iterator[None]:
+        """For one call, the photo reaches the VAE encoder in the VAE's own dtype, and the VAE keeps it.
+
+        diffusers' img2img and inpaint pipelines encode the photo in the UNet's dtype, and for a VAE flagged
+        `force_upcast` cast the VAE to fp32 and then to the UNet's dtype. Our profiles give the VAE its own
+        dtype (bf16 or fp32 beside an fp16 UNet, as fp16 overflows in SDXL's VAE): the first fails ("Input
+        type (Half) and bias type (BFloat16)"), the second would leave the VAE in fp16. Only an fp16 VAE
+        keeps diffusers' upcast.
+        """
+        vae = self.vae
+        if self._control_arg == "image":  # text to image: nothing is encoded
+            yield
+            return
+        upcast = bool(getattr(vae.config, "force_upcast", False))
+        own = vae.dtype
+
+        def cast(module: torch.nn.Module, args: tuple) -> tuple:
+            return (args[0].to(next(module.parameters()).dtype), *args[1:])
+
+        handle = vae.encoder.register_forward_pre_hook(cast)
+        if own != torch.float16:
+            vae.register_to_config(force_upcast=False)
+        try:
+            yield
+        finally:
+            handle.remove()
+            vae.register_to_config(force_upcast=upcast)
+
     # --- the call --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -315,24 +344,11 @@ class InstantIDMixin:
         timings: dict[str, float] = {}
         device = self._execution_device
         t0 = time.perf_counter()
-
-        # Any length, with emphasis, in 75-token blocks (prompts.py); diffusers only repeats these per image.
-        text = encode_prompts(self, prompt, negative_prompt, device)
-        face, face_uncond = self.encode_face(face_embedding, device)
-        prompt_embeds = torch.cat([text.prompt_embeds, face.to(text.prompt_embeds.dtype)], dim=1)
-        negative_embeds = torch.cat(
-            [text.negative_prompt_embeds, face_uncond.to(text.negative_prompt_embeds.dtype)], dim=1
-        )
+        text, prompt_embeds, negative_embeds = self._embeds(prompt, negative_prompt, face_embedding, device)
         _sync(device)
         timings["encode_ms"] = (time.perf_counter() - t0) * 1000
 
-        ip_masks = None
-        if face_mask is not None:
-            if face_mask.shape != (height, width):
-                raise InvalidParameter("face_mask", face_mask.shape, f"must be {(height, width)}")
-            latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-            ip_masks = {k: v.to(device) for k, v in mask_pyramid(face_mask, latent_hw).items()}
-
+        ip_masks = self._ip_masks(face_mask, height, width, device)
         images: list[PIL.Image.Image] | PIL.Image.Image = keypoint_image
         scales: list[float] | float = float(identitynet_strength)
         if extra_controls:
@@ -340,7 +356,7 @@ class InstantIDMixin:
             scales = [float(identitynet_strength), *[float(e.scale) for e in extra_controls]]
 
         t1 = time.perf_counter()
-        with self._controlnet_hooks(extra_controls, face_mask):
+        with self._controlnet_hooks(extra_controls, face_mask), self._encode_in_vae_dtype():
             out = super().__call__(  # type: ignore[misc]
                 **{self._control_arg: images},
                 height=height,
@@ -371,6 +387,31 @@ class InstantIDMixin:
         timings["decode_ms"] = (time.perf_counter() - t2) * 1000
         self.maybe_free_model_hooks()
         return InstantIDOutput(images=result, timings_ms=timings, interrupted=interrupted)
+
+    def _embeds(
+        self, prompt: str, negative_prompt: str, face_embedding: np.ndarray | torch.Tensor, device: torch.device
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The text encoders' output, and the (conditional, unconditional) embeddings with the face tokens after
+        the text tokens, where the IP-attention processors look for them."""
+        # Any length, with emphasis, in 75-token blocks (prompts.py); diffusers only repeats these per image.
+        text = encode_prompts(self, prompt, negative_prompt, device)
+        face, face_uncond = self.encode_face(face_embedding, device)
+        prompt_embeds = torch.cat([text.prompt_embeds, face.to(text.prompt_embeds.dtype)], dim=1)
+        negative_embeds = torch.cat(
+            [text.negative_prompt_embeds, face_uncond.to(text.negative_prompt_embeds.dtype)], dim=1
+        )
+        return text, prompt_embeds, negative_embeds
+
+    def _ip_masks(
+        self, face_mask: np.ndarray | None, height: int, width: int, device: torch.device
+    ) -> dict[int, torch.Tensor] | None:
+        """The face mask at every UNet resolution, for the IP-attention processors (None: no mask)."""
+        if face_mask is None:
+            return None
+        if face_mask.shape != (height, width):
+            raise InvalidParameter("face_mask", face_mask.shape, f"must be {(height, width)}")
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return {k: v.to(device) for k, v in mask_pyramid(face_mask, latent_hw).items()}
 
     @torch.no_grad()
     def decode_latents_to_images(self, latents: torch.Tensor, output_type: str = "pil") -> list[Any]:
@@ -425,9 +466,8 @@ def share_pipeline(base: InstantIDMixin, cls: type[InstantIDMixin]) -> Any:
 
 
 def mode_pipelines(base: InstantIDPipeline) -> dict[str, Any]:
-    """The pipeline of each mode (generate, restyle, swap), all on `base`'s modules."""
+    """The pipelines of the modes other than generate (which is `base` itself), on `base`'s modules."""
     return {
-        "generate": base,
         "restyle": share_pipeline(base, InstantIDImg2ImgPipeline),
         "swap": share_pipeline(base, InstantIDInpaintPipeline),
     }

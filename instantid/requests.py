@@ -211,8 +211,9 @@ PARAMS: dict[str, Param] = {
         Param("adapter_strength", default=DEFAULT_STRENGTH, help="Face adapter strength, 0 to 1.5; higher keeps "
               "the identity closer, the prompt less.", label="Adapter strength (identity detail)", **_STRENGTH),
         Param("controlnets", "controls", None, f"Extra ControlNets ({', '.join(CONTROLNET_NAMES)}) fed from the "
-              f"pose photo (or the face photo), each with its strength, 0 to 1.5 ({DEFAULT_CONTROLNET_STRENGTH} when "
-              "not given): in the API a mapping such as {\"pose\": 0.4} or a list of names.",
+              f"pose photo (or the face photo; restyle: the source photo), each with its strength, 0 to 1.5 "
+              f"({DEFAULT_CONTROLNET_STRENGTH} when not given): in the API a mapping such as {{\"pose\": 0.4}} or a "
+              "list of names.",
               "Extra ControlNets (from the pose photo, or the face photo)", flag="--controlnet", modes=_NOT_SWAP),
         Param("scheduler", "choice", DEFAULT_SCHEDULER, 'Sampler, e.g. "EulerDiscreteScheduler" or '
               '"DPMSolverMultistepScheduler-Karras".', "Scheduler", choices=SCHEDULERS),
@@ -257,11 +258,6 @@ class GenerateRequest:
     """
 
     face_images: Sequence[ImageInput]
-    mode: str = "generate"  # one of MODES
-    source_image: ImageInput | None = None  # restyle: the photo to redraw
-    strength: float = DEFAULT_RESTYLE_STRENGTH  # restyle: how far from the source
-    target_image: ImageInput | None = None  # swap: the photo whose face is replaced
-    face_index: int = 0  # swap: 0 = the target's largest face
     prompt: str = ""
     negative_prompt: str = ""
     pose_image: ImageInput | None = None
@@ -278,6 +274,11 @@ class GenerateRequest:
     enable_lcm: bool = False
     seed: int | None = None  # None = random; the result says which seed was used
     enhance_face_region: bool = True
+    mode: str = "generate"  # one of MODES
+    source_image: ImageInput | None = None  # restyle: the photo to redraw
+    strength: float = DEFAULT_RESTYLE_STRENGTH  # restyle: how far from the source
+    target_image: ImageInput | None = None  # swap: the photo whose face is replaced
+    face_index: int = 0  # swap: 0 = the target's largest face
     # What the checks adjusted, for the result's warnings (control characters removed from a prompt).
     notes: tuple[str, ...] = field(default=(), init=False, compare=False)
 

@@ -214,13 +214,16 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
 
 
 def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
-    """GRADIO_MCP_SERVER=1 serves both endpoints as MCP tools, with their documented parameters."""
+    """GRADIO_MCP_SERVER=1 serves every endpoint as an MCP tool, with its documented parameters."""
     app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")
     try:
         schema = httpx.get(f"{app.url}gradio_api/mcp/schema", timeout=10).json()
     finally:
         app.stop()
     tools = {tool["name"]: tool for tool in schema}
-    assert {"generate", "status"} <= set(tools)
+    assert {"generate", "restyle", "swap", "status"} <= set(tools)
     params = tools["generate"]["inputSchema"]["properties"]
     assert {"face_image", "prompt", "num_steps", "enable_lcm", "seed"} <= set(params)
+    assert {"face_image", "source_image", "strength"} <= set(tools["restyle"]["inputSchema"]["properties"])
+    assert {"face_image", "target_image", "face_index"} <= set(tools["swap"]["inputSchema"]["properties"])
+    assert "face_index" in tools["swap"]["description"] or "face_index" in str(tools["swap"]["inputSchema"])

@@ -439,3 +439,21 @@ def test_a_swap_job_pickles_without_its_target(tiny_engine, photos) -> None:
     assert sent.mask_image.size == sent.init_image.size == (sent.width, sent.height)
     rendered = tiny_engine.render(sent)
     assert np.array_equal(pixels(tiny_engine.finish(job, rendered)), pixels(swap(tiny_engine, photos, seed=3)))
+
+
+def test_restyle_and_swap_encode_in_the_vae_s_own_dtype(tiny_settings, photos) -> None:
+    """The profiles give the VAE its own dtype (bf16 beside an fp16 UNet on ZeroGPU): the photo diffusers
+    encodes must reach it in that dtype, and the VAE must keep it, flagged force_upcast or not."""
+    import torch
+
+    from instantid.engine import Engine
+
+    engine = Engine(tiny_settings)
+    engine.ensure_loaded()
+    vae = engine.pipe.vae
+    vae.to(torch.bfloat16)
+    for upcast in (False, True):
+        vae.register_to_config(force_upcast=upcast)
+        assert restyle(engine, photos, num_steps=2, strength=1.0).images
+        assert swap(engine, photos).images
+        assert vae.dtype == torch.bfloat16 and vae.config.force_upcast is upcast
