@@ -52,7 +52,9 @@ def mcp_enabled() -> bool:
     return True
 
 
-demo = build_demo(api.generate, api.status, settings=settings, examples=examples())
+demo = build_demo(
+    api.generate, api.status, settings=settings, examples=examples(), restyle_fn=api.restyle, swap_fn=api.swap
+)
 demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 
 if is_zerogpu():

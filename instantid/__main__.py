@@ -1,4 +1,4 @@
-"""Command line: `python -m instantid generate | faces | status | preload | bench`.
+"""Command line: `python -m instantid generate | restyle | swap | faces | status | preload | bench`.
 
 User errors (no face, bad value, missing checkpoint) exit with status 2 and one line on stderr; no
 traceback. Anything else is a bug and keeps its traceback.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .requests import DEFAULT_CONTROLNET_STRENGTH, PARAMS, GenerateRequest
+from .requests import DEFAULT_CONTROLNET_STRENGTH, MODES, GenerateRequest, params_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,10 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m instantid", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate images of the person in --face")
-    _add_request_flags(g)
-    g.add_argument("--out", required=True, type=Path, help="output PNG; with --num-images N, _1.._N are added")
-    g.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    helps = {
+        "generate": "generate images of the person in --face",
+        "restyle": "redraw --source under the prompt and style with the identity of --face",
+        "swap": "replace a face of --target (--face-index, 0 = the largest) by the person in --face",
+    }
+    for mode in MODES:
+        g = sub.add_parser(mode, help=helps[mode])
+        _add_request_flags(g, mode)
+        g.add_argument("--out", required=True, type=Path, help="output PNG; with --num-images N, _1.._N are added")
+        g.add_argument("--json", action="store_true", help="print the result summary as JSON")
 
     f = sub.add_parser("faces", help="list the faces found in a photo as JSON, largest first")
     f.add_argument("path", type=Path)
@@ -50,9 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_request_flags(g: argparse.ArgumentParser) -> None:
-    """One flag per request parameter, made from its declaration (`instantid.requests.PARAMS`)."""
-    for p in PARAMS.values():
+def _add_request_flags(g: argparse.ArgumentParser, mode: str) -> None:
+    """One flag per parameter of `mode`, made from its declaration (`instantid.requests.params_for`)."""
+    for p in params_for(mode).values():
         if p.flag is None:
             continue
         flag = p.flag or "--" + p.name.replace("_", "-")
@@ -71,7 +77,9 @@ def _add_request_flags(g: argparse.ArgumentParser) -> None:
                            type=_control, help=help_text + " Repeat for more than one.")
         else:
             kind = {"image": Path, "integer": int, "number": float}.get(p.kind, str)
-            g.add_argument(flag, dest=p.name, type=kind, default=p.default, help=help_text)
+            # The photo a mode cannot do without (restyle's source, swap's target) is a required flag.
+            needed = p.required and p.kind == "image"
+            g.add_argument(flag, dest=p.name, type=kind, default=p.default, required=needed, help=help_text)
 
 
 def _control(spec: str) -> tuple[str, float]:
@@ -110,17 +118,25 @@ def _check_out(out: Path) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    """`generate`, `restyle` or `swap` (args.command): one request, its images written to --out."""
     from .engine import get_engine
 
+    mode = args.command
+    params = params_for(mode)
+    photos = [name for name, p in params.items() if p.kind == "image"]  # face_image is a list: --face repeats
     # Every path is checked before a model loads: a bad --out must not cost a whole generation.
-    for path in [*args.face_image, *([args.pose_image] if args.pose_image else [])]:
+    for path in [*args.face_image, *[getattr(args, n) for n in photos if n != "face_image" and getattr(args, n)]]:
         _check_input(path)
     _check_out(args.out)
-    values = {name: getattr(args, name) for name in PARAMS if hasattr(args, name)}
+    values = {name: getattr(args, name) for name in params if hasattr(args, name)}
     faces = [str(path) for path in values.pop("face_image")]
-    values.update(face_image=faces[0], extra_face_images=faces[1:], controlnets=dict(values["controlnets"]))
-    values["pose_image"] = str(values["pose_image"]) if values["pose_image"] else None
-    request = GenerateRequest.from_api(values)
+    values.update(face_image=faces[0], extra_face_images=faces[1:])
+    if "controlnets" in values:
+        values["controlnets"] = dict(values["controlnets"])
+    for name in photos:
+        if name != "face_image":
+            values[name] = str(values[name]) if values[name] else None
+    request = GenerateRequest.from_api(values, mode)
     result = get_engine().generate(request)
     paths = []
     for i, image in enumerate(result.images):
@@ -170,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("INSTANTID_LOG_LEVEL", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "generate":
+        if args.command in MODES:
             return _generate(args)
         if args.command == "faces":
             from .engine import get_engine

@@ -1,8 +1,9 @@
 """The functions the Gradio app exposes: the UI buttons, `gradio_client` and MCP all call these.
 
 Their signatures and docstrings are the public API documentation (Gradio reads the parameter names
-from the signature and the descriptions from the `Args:` sections); `generate`'s are made from the
-declaration of the request's parameters (`instantid.requests.PARAMS`), as are the page's controls.
+from the signature and the descriptions from the `Args:` sections). `generate`, `restyle` and `swap` are
+made by one factory (`_endpoint`) from the declaration of the request's parameters
+(`instantid.requests.params_for(mode)`), as are the page's controls.
 
 No torch here: the engine is imported on first use. A request runs in three stages: the engine's
 `prepare` (CPU: validation, decoding, faces, condition images) and `finish` (CPU: identity check) run
@@ -17,14 +18,14 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
 import spaces
 
 from .errors import UserError
-from .requests import PARAMS, GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed
+from .requests import GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed, params_for
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,10 @@ def _duration_factor() -> float:
 
 def _gpu_duration(job: Job) -> int:
     # ZeroGPU calls the duration function with the GPU function's own arguments: the prepared job knows
-    # the real output size, steps and controls.
+    # the real output size, steps and controls. A restyle runs only steps x strength of its steps; a swap's
+    # size is the working size of its crop, not of the target photo.
     return duration_seconds(
-        steps=job.num_steps,
+        steps=job.denoising_steps,
         images=job.num_images,
         width=job.width,
         height=job.height,
@@ -291,34 +293,51 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     yield _gallery(result), int(result.seed), list(result.similarities), result.keypoint_image, timings
 
 
-def generate(*args: Any, **kwargs: Any) -> Iterator[Any]:
-    # Signature and docstring are made from `PARAMS` below.
-    bound = generate.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
-    bound.apply_defaults()
-    values = dict(bound.arguments)
-    progress = values.pop("progress")
-    if progress is None:  # a caller in Python may pass None: no tracker
-        progress = gr.Progress()
-    key = object()
-    try:
-        yield from _run(GenerateRequest.from_api(values), progress, key)
-    except gr.Error:
-        raise
-    except UserError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
-    except Exception:
-        log.exception("generation failed")
-        raise gr.Error(GENERIC_ERROR, print_exception=False) from None
-    finally:
-        ACTIVITY.clear(key)
+SUMMARIES = {
+    "generate": "Generate images of the person in a face photo, in the scene the prompt describes (InstantID on "
+    "SDXL).",
+    "restyle": "Restyle a photo: redraw source_image under the prompt and style with the identity of the person in "
+    "face_image (InstantID on SDXL img2img); strength says how far from the source.",
+    "swap": "Face swap: replace a face of target_image (face_index, 0 = the largest) by the person in face_image "
+    "(InstantID on SDXL inpainting); every pixel away from that face keeps the target's value.",
+}
 
 
-generate.__signature__ = _signature(PARAMS)  # type: ignore[attr-defined]
-generate.__doc__ = _docstring(
-    "Generate images of the person in a face photo, in the scene the prompt describes (InstantID on SDXL).",
-    PARAMS,
-    OUTPUTS_DOC,
-)
+def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
+    """The API function of one mode: its signature and docstring are made from `params_for(mode)`, and it
+    runs the same three stages as every other mode (`_run`)."""
+    params = params_for(mode)
+
+    def endpoint(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        bound = endpoint.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        progress = values.pop("progress")
+        if progress is None:  # a caller in Python may pass None: no tracker
+            progress = gr.Progress()
+        key = object()
+        try:
+            yield from _run(GenerateRequest.from_api(values, mode), progress, key)
+        except gr.Error:
+            raise
+        except UserError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception:
+            log.exception("%s failed", mode)
+            raise gr.Error(GENERIC_ERROR, print_exception=False) from None
+        finally:
+            ACTIVITY.clear(key)
+
+    # Gradio and MCP name the tool after the function and read its parameters from the signature.
+    endpoint.__name__ = endpoint.__qualname__ = mode
+    endpoint.__signature__ = _signature(params)  # type: ignore[attr-defined]
+    endpoint.__doc__ = _docstring(SUMMARIES[mode], params, OUTPUTS_DOC)
+    return endpoint
+
+
+generate = _endpoint("generate")
+restyle = _endpoint("restyle")
+swap = _endpoint("swap")
 
 
 def status() -> dict[str, Any]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL.Image
 
 from . import faces as face_lib
 from .errors import BusyError, CheckpointError, InvalidParameter, OutOfMemoryError, UserError
@@ -49,6 +50,7 @@ from .requests import (
     GenerateRequest,
     GenerateResult,
     Job,
+    Paste,
     Rendered,
     Step,
     image_seed,
@@ -103,6 +105,7 @@ class Engine:
         self._state = LoadState()
         self._thread: threading.Thread | None = None
         self.pipe: Any = None
+        self.pipes: dict[str, Any] = {}  # restyle, swap -> its pipeline, on `pipe`'s modules
         self.face_analyzer: face_lib.FaceAnalyzer | None = None
         self._extra_nets: dict[str, Any] = {}
         self._estimators: dict[str, Any] = {}
@@ -260,7 +263,15 @@ class Engine:
         self.face_analyzer = self._load_faces()
         self._state.loaded.append("face models")
         self.pipe = load_pipeline(s, self.profile, self._progress, record=self._record)
+        self._share_modes()
         self._state.loaded.extend(["base model", "IdentityNet", "ip-adapter"])
+
+    def _share_modes(self) -> None:
+        """The restyle and swap pipelines, made here with the rest (never inside a GPU call): diffusers'
+        img2img and inpaint pipelines on the very modules of `self.pipe`, so no weight is held twice."""
+        from .pipeline import mode_pipelines
+
+        self.pipes = mode_pipelines(self.pipe)
 
     def _load_faces(self) -> face_lib.FaceAnalyzer:
         return load_face_analyzer(self.settings, self._record)
@@ -338,11 +349,14 @@ class Engine:
 
     def _prepare(self, req: GenerateRequest) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
-        s = self.settings
         self.check(req)
         lcm = req.enable_lcm
         steps = req.num_steps or (LCM_STEPS if lcm else self.profile.default_steps or DEFAULT_STEPS)
         guidance = req.guidance_scale or (LCM_GUIDANCE if lcm else DEFAULT_GUIDANCE)
+        strength = req.strength if req.mode == "restyle" else 1.0
+        if min(int(steps * strength), steps) < 1:
+            # diffusers would run no step at all and fail; say what works instead.
+            raise InvalidParameter("strength", strength, f"runs no step of {steps}: use at least {1 / steps:.2f}")
         num_images = min(req.num_images, self.profile.max_images)
         timings: dict[str, float] = {}
         warnings = list(req.notes)
@@ -350,56 +364,11 @@ class Engine:
             warnings.append(f"This hardware ({self.profile.name} profile) makes at most {num_images} images.")
 
         t0 = time.perf_counter()
-        analyzer = self.faces()
-        embeddings = []
-        ref_img = ref_face = None
-        faces_found = 0
-        for i, src in enumerate(req.face_images):
-            what = "face photo" if i == 0 else f"extra face photo {i}"
-            img, w = load_image(src, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what=what)
-            warnings += w
-            face, count = analyzer.embed_largest(image_to_array(img), what=what)
-            if count > 1:
-                warnings.append(f"Found {count} faces in the {what}; using the largest.")
-            embeddings.append(face.embedding)
-            if i == 0:
-                # Only the first photo's pixels are used again: up to 8 extra 50-megapixel photos must not
-                # all stay decoded at once (150 MB each), only their embeddings.
-                ref_img, ref_face, faces_found = img, face, count
-            del img
-        embedding = face_lib.average_embedding(embeddings)
-        pose_img, pose_face = ref_img, ref_face
-        if req.pose_image is not None:
-            pose_img, w = load_image(
-                req.pose_image, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what="pose photo"
-            )
-            warnings += w
-            pose_faces = analyzer.detect(image_to_array(pose_img), with_embedding=False)
-            if not pose_faces:
-                raise face_lib.NoFaceError(
-                    "No face found in the pose photo: use a pose photo where the face is visible, or leave it empty."
-                )
-            pose_face = pose_faces[0]
+        embedding, ref_img, ref_face, faces_found = self._identity(req, warnings)
         timings["faces_ms"] = (time.perf_counter() - t0) * 1000
-
         t1 = time.perf_counter()
-        src_w, src_h = pose_img.size
-        if req.width:
-            width, height = req.width, req.height
-        else:
-            short = TINY_SHORT_SIDE if s.preset == "tiny" else self.profile.default_short_side
-            width, height = face_lib.output_size(src_w, src_h, short_side=short, max_side=s.max_output_side)
-        scale, ox, oy = face_lib.layout((src_w, src_h), (width, height), pose_face.bbox)
-        kps = face_lib.scale_kps(pose_face.kps, scale, scale) + np.array([ox, oy], dtype=np.float32)
-        keypoint_image = face_lib.draw_keypoints((width, height), kps)
-        x1, y1, x2, y2 = pose_face.bbox
-        mask = (
-            face_lib.face_mask((width, height), (x1 * scale + ox, y1 * scale + oy, x2 * scale + ox, y2 * scale + oy))
-            if req.enhance_face_region
-            else None
-        )
-        crop = (-ox / scale, -oy / scale, (width - ox) / scale, (height - oy) / scale)
-        controls = self._prepare_controls(req, pose_img, (width, height), crop)
+        scene = {"generate": self._generate_scene, "restyle": self._restyle_scene, "swap": self._swap_scene}
+        canvas = scene[req.mode](req, ref_img, ref_face, warnings)
         timings["conditions_ms"] = (time.perf_counter() - t1) * 1000
 
         prompt = req.prompt.strip()
@@ -411,11 +380,6 @@ class Engine:
             prompt=prompt,
             negative_prompt=negative,
             embedding=embedding,
-            keypoint_image=keypoint_image,
-            face_mask=mask,
-            controls=controls,
-            width=width,
-            height=height,
             num_images=num_images,
             num_steps=steps,
             guidance_scale=guidance,
@@ -428,7 +392,126 @@ class Engine:
             warnings=warnings,
             timings_ms=timings,
             started=started,
+            mode=req.mode,
+            strength=strength,
+            **canvas,
         )
+
+    def _decode(self, source: Any, what: str, warnings: list[str]) -> Any:
+        s = self.settings
+        image, w = load_image(source, max_bytes=s.max_upload_bytes, max_pixels=s.max_upload_pixels, what=what)
+        warnings += w
+        return image
+
+    def _identity(self, req: GenerateRequest, warnings: list[str]) -> tuple[np.ndarray, Any, face_lib.Face, int]:
+        """The averaged identity embedding, the first face photo, its largest face and how many it holds."""
+        analyzer = self.faces()
+        embeddings = []
+        ref_img = ref_face = None
+        faces_found = 0
+        for i, src in enumerate(req.face_images):
+            what = "face photo" if i == 0 else f"extra face photo {i}"
+            img = self._decode(src, what, warnings)
+            face, count = analyzer.embed_largest(image_to_array(img), what=what)
+            if count > 1:
+                warnings.append(f"Found {count} faces in the {what}; using the largest.")
+            embeddings.append(face.embedding)
+            if i == 0:
+                # Only the first photo's pixels are used again: up to 8 extra 50-megapixel photos must not
+                # all stay decoded at once (150 MB each), only their embeddings.
+                ref_img, ref_face, faces_found = img, face, count
+            del img
+        assert ref_face is not None  # GenerateRequest holds at least one face photo
+        return face_lib.average_embedding(embeddings), ref_img, ref_face, faces_found
+
+    def _size(self, req: GenerateRequest, image: Any) -> tuple[int, int]:
+        """The output size: the request's, or from `image` (short side from the profile, long side capped)."""
+        if req.width:
+            return req.width, req.height
+        short = TINY_SHORT_SIDE if self.settings.preset == "tiny" else self.profile.default_short_side
+        return face_lib.output_size(*image.size, short_side=short, max_side=self.settings.max_output_side)
+
+    def _face_on_canvas(
+        self, req: GenerateRequest, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
+    ) -> tuple[Any, np.ndarray | None, tuple[float, float, float, float]]:
+        """The keypoint image and face mask of `face` laid out on a `size` canvas, and the crop of its photo
+        (x1, y1, x2, y2, photo pixels) that the canvas shows."""
+        width, height = size
+        scale, ox, oy = face_lib.layout(image_size, size, face.bbox)
+        kps = face_lib.scale_kps(face.kps, scale, scale) + np.array([ox, oy], dtype=np.float32)
+        x1, y1, x2, y2 = face.bbox
+        box = (x1 * scale + ox, y1 * scale + oy, x2 * scale + ox, y2 * scale + oy)
+        mask = face_lib.face_mask(size, box) if req.enhance_face_region else None
+        crop = (-ox / scale, -oy / scale, (width - ox) / scale, (height - oy) / scale)
+        return face_lib.draw_keypoints(size, kps), mask, crop
+
+    def _generate_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+        """Generate: the face layout (and extra ControlNets) from the pose photo, or else the face photo."""
+        pose_img, pose_face = ref_img, ref_face
+        if req.pose_image is not None:
+            pose_img = self._decode(req.pose_image, "pose photo", warnings)
+            pose_faces = self.faces().detect(image_to_array(pose_img), with_embedding=False)
+            if not pose_faces:
+                raise face_lib.NoFaceError(
+                    "No face found in the pose photo: use a pose photo where the face is visible, or leave it empty."
+                )
+            pose_face = pose_faces[0]
+        size = self._size(req, pose_img)
+        keypoint_image, mask, crop = self._face_on_canvas(req, pose_img.size, pose_face, size)
+        controls = self._prepare_controls(req, pose_img, size, crop)
+        return {"keypoint_image": keypoint_image, "face_mask": mask, "controls": controls,
+                "width": size[0], "height": size[1]}
+
+    def _restyle_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+        """Restyle: the source photo at the output size; the face layout from its largest face, or from the
+        face photo's when the source has none."""
+        source = self._decode(req.source_image, "photo to restyle", warnings)
+        size = self._size(req, source)
+        found = self.faces().detect(image_to_array(source), with_embedding=False)
+        if found:
+            keypoint_image, mask, crop = self._face_on_canvas(req, source.size, found[0], size)
+        else:
+            warnings.append("No face in the photo to restyle: the face is placed as in the face photo.")
+            keypoint_image, mask, _ = self._face_on_canvas(req, ref_img.size, ref_face, size)
+            whole = (0.0, 0.0, float(source.width), float(source.height))
+            scale, ox, oy = face_lib.layout(source.size, size, whole)  # centred: no face to centre on
+            crop = (-ox / scale, -oy / scale, (size[0] - ox) / scale, (size[1] - oy) / scale)
+        return {"keypoint_image": keypoint_image, "face_mask": mask, "width": size[0], "height": size[1],
+                "controls": self._prepare_controls(req, source, size, crop),
+                "init_image": source.convert("RGB").resize(size, box=crop)}
+
+    def _swap_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+        """Face swap: a crop around the chosen face of the target, at the working size, with the region to redraw
+        and where it goes back."""
+        target = self._decode(req.target_image, "photo to swap a face into", warnings).convert("RGB")
+        found = self.faces().detect(image_to_array(target), with_embedding=False)
+        if not found:
+            raise face_lib.NoFaceError(
+                "No face found in the photo to swap a face into: use a photo where the face is visible."
+            )
+        if req.face_index >= len(found):
+            fix = f"the photo has {len(found)} face(s): use 0..{len(found) - 1} (0 = the largest)"
+            raise InvalidParameter("face_index", req.face_index, fix)
+        face = found[req.face_index]
+        box = face_lib.swap_crop(target.size, face.bbox)
+        crop_size = (box[2] - box[0], box[3] - box[1])
+        short = TINY_SHORT_SIDE if self.settings.preset == "tiny" else self.profile.default_short_side
+        size = face_lib.output_size(*crop_size, short_side=short, max_side=self.settings.max_output_side)
+        sx, sy = size[0] / crop_size[0], size[1] / crop_size[1]
+        origin = np.array([box[0], box[1]], dtype=np.float32)
+        kps = face_lib.scale_kps(face.kps - origin, sx, sy)
+        x1, y1, x2, y2 = (float(v) for v in face.bbox)
+        in_crop = (x1 - box[0], y1 - box[1], x2 - box[0], y2 - box[1])
+        in_work = (in_crop[0] * sx, in_crop[1] * sy, in_crop[2] * sx, in_crop[3] * sy)
+        redraw = face_lib.swap_region(size, in_work, feather=False)
+        return {
+            "keypoint_image": face_lib.draw_keypoints(size, kps),
+            "face_mask": face_lib.face_mask(size, in_work) if req.enhance_face_region else None,
+            "controls": {}, "width": size[0], "height": size[1],
+            "init_image": target.resize(size, box=box),
+            "mask_image": PIL.Image.fromarray((redraw * 255).astype(np.uint8), mode="L"),
+            "paste": Paste(target=target, box=box, region=face_lib.swap_region(crop_size, in_crop)),
+        }
 
     def check(self, req: GenerateRequest) -> None:
         """Refuse, before any GPU time, what this server cannot run: a size over its limit, or parts that did
@@ -533,25 +616,32 @@ class Engine:
     def finish(self, job: Job, rendered: Rendered) -> GenerateResult:
         """The CPU stage after the GPU: identity similarity of each image, warnings, timings."""
         t0 = time.perf_counter()
+        images = list(rendered.images)
+        if job.paste is not None:  # swap: each redrawn crop back into the target, through the feathered mask
+            images = [face_lib.paste_face(job.paste.target, im, job.paste.box, job.paste.region) for im in images]
+        timings_paste = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
         analyzer = self.faces()
-        sims = [
-            # The keypoint image says where each image's face was drawn: looked for there first.
-            face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im), job.keypoint_image)
-            for im in rendered.images
-        ]
+        # Where each image's face was drawn (the keypoint image, at the output's size) is looked at first; a
+        # swap's keypoints are the crop's, not the pasted image's.
+        drawn = job.keypoint_image if job.paste is None else None
+        sims = [face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im), drawn) for im in images]
         timings = {**job.timings_ms, **rendered.timings_ms, "identity_check_ms": (time.perf_counter() - t0) * 1000}
+        if job.paste is not None:
+            timings["paste_ms"] = timings_paste
         timings["total_ms"] = (time.time() - job.started) * 1000
         warnings = list(job.warnings)
         if rendered.interrupted:
             warnings.append("Generation was stopped early.")
         return GenerateResult(
-            images=rendered.images,
+            images=images,
             seed=job.seed,
             similarities=sims,
             keypoint_image=job.keypoint_image,
             timings_ms={k: round(v, 1) for k, v in timings.items()},
-            width=job.width,
-            height=job.height,
+            # A swap's images are the whole target photo, not the working size of its crop.
+            width=images[0].width if job.paste is not None and images else job.width,
+            height=images[0].height if job.paste is not None and images else job.height,
             num_steps=job.num_steps,
             guidance_scale=job.guidance_scale,
             faces_found=job.faces_found,
@@ -576,7 +666,7 @@ class Engine:
     def _run_pipeline(self, job: Job, extras: list[Any], progress: ProgressFn | None) -> Any:
         import torch
 
-        pipe = self.pipe
+        pipe = self.pipe if job.mode == "generate" else self.pipes[job.mode]
         if job.enable_lcm:
             self._lcm()
             pipe.use_lcm(True)
@@ -584,7 +674,13 @@ class Engine:
         else:
             pipe.use_lcm(False)
             pipe.set_scheduler(job.scheduler)
-        steps = job.num_steps
+        steps = job.denoising_steps
+        # What only restyle (img2img) and swap (inpaint) take; diffusers' own names.
+        mode_args: dict[str, Any] = {}
+        if job.mode != "generate":
+            mode_args = {"image": job.init_image, "strength": job.strength}
+        if job.mode == "swap":
+            mode_args["mask_image"] = job.mask_image
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if progress is not None:
@@ -606,11 +702,12 @@ class Engine:
                 face_mask=job.face_mask,
                 height=job.height,
                 width=job.width,
-                num_inference_steps=steps,
+                num_inference_steps=job.num_steps,
                 guidance_scale=job.guidance_scale,
                 num_images_per_prompt=job.num_images,
                 generator=generator,
                 callback_on_step_end=on_step,
+                **mode_args,
             )
 
         try:
@@ -650,6 +747,7 @@ class Engine:
         if nxt is None:
             return False
         apply_profile(self.pipe, nxt)
+        self._share_modes()  # the other modes' pipelines take the new placement's offload state
         for name, net in list(self._extra_nets.items()):
             self._extra_nets[name] = place_like_profile(net, nxt)
         self.profile = nxt

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import CheckpointError, NoFaceError
+from .errors import CheckpointError, ImageError, NoFaceError
 
 DETECTION_MAX_SIDE = 1536
 MIN_FACE_WIDTH = 32
@@ -657,3 +657,71 @@ def output_size(
     w_out = max(multiple, int(w + 1e-6) // multiple * multiple)
     h_out = max(multiple, int(h + 1e-6) // multiple * multiple)
     return w_out, h_out
+
+
+# --- face swap geometry ---------------------------------------------------------------------------
+# The swap redraws a crop around one face at the model's working size and pastes it back. The crop
+# holds the face with room around it (SWAP_PADDING face sizes on each side) so that the model sees the
+# head in context; the repainted region is the face box grown by SWAP_GROW, softened over SWAP_FEATHER
+# face sizes. GROW + 3 x FEATHER (a Gaussian's reach) stays well inside PADDING, so the softened edge
+# never reaches the crop's border and every pixel outside it keeps the target's value.
+SWAP_PADDING = 0.6
+SWAP_GROW = 0.15
+SWAP_FEATHER = 0.05
+# More of the face box than this outside the photo, and the crop would have to leave the image.
+MAX_FACE_OUTSIDE = 0.1
+
+
+def swap_crop(size: tuple[int, int], bbox: Sequence[float]) -> tuple[int, int, int, int]:
+    """The crop box (x1, y1, x2, y2, whole pixels, inside the photo) around the face in `bbox`.
+
+    A square of the face's larger side plus padding, moved (not cut) to stay inside the photo, and cut
+    only where the photo is smaller than the square. A face box that lies partly outside the photo (a
+    face cut by the photo's edge) is refused: the crop could not hold it.
+    """
+    width, height = int(size[0]), int(size[1])
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    inside_w = max(0.0, min(x2, width) - max(x1, 0.0))
+    inside_h = max(0.0, min(y2, height) - max(y1, 0.0))
+    area = max(1e-6, (x2 - x1) * (y2 - y1))
+    if 1 - inside_w * inside_h / area > MAX_FACE_OUTSIDE:
+        raise ImageError(
+            "The face to replace is cut by the edge of the target photo, so the area around it would leave the "
+            "image: use a photo with the whole face inside it, or pick another face (face_index)."
+        )
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * SWAP_PADDING)
+    cw, ch = min(side, width), min(side, height)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    left = min(max(cx - cw / 2, 0.0), width - cw)
+    top = min(max(cy - ch / 2, 0.0), height - ch)
+    return round(left), round(top), round(left + cw), round(top + ch)
+
+
+def swap_region(size: tuple[int, int], bbox: Sequence[float], *, feather: bool = True) -> np.ndarray:
+    """A float32 (height, width) mask of the region a swap repaints: the face box grown by SWAP_GROW,
+    softened over SWAP_FEATHER face sizes (`feather`), or hard-edged and covering the softened edge too
+    (for the inpainting, which must redraw every pixel the paste will take)."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    face = max(x2 - x1, y2 - y1, 1.0)
+    sigma = SWAP_FEATHER * face
+    grow = SWAP_GROW * face + (0 if feather else 3 * sigma + 1)
+    mask = face_mask(size, (x1 - grow, y1 - grow, x2 + grow, y2 + grow))
+    if not feather:
+        return mask
+    # A kernel of 3 sigma each side: beyond it the Gaussian is cut to exactly 0, so the region is bounded.
+    radius = max(1, math.ceil(3 * sigma))
+    return cv2.GaussianBlur(mask, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_CONSTANT)
+
+
+def paste_face(target: Image.Image, drawn: Image.Image, box: Sequence[int], region: np.ndarray) -> Image.Image:
+    """`target` with `drawn` (the redrawn crop) scaled back into `box` and blended in through `region`
+    (the crop's feathered mask). Where `region` is 0, the target's own pixels are kept exactly."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    base = np.asarray(target.convert("RGB"))
+    out = base.copy()
+    patch = np.asarray(drawn.convert("RGB").resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), dtype=np.float32)
+    weight = region[..., None]
+    old = base[y1:y2, x1:x2].astype(np.float32)
+    blended = np.clip(np.rint(old * (1 - weight) + patch * weight), 0, 255).astype(np.uint8)
+    out[y1:y2, x1:x2] = np.where(weight > 0, blended, base[y1:y2, x1:x2])
+    return Image.fromarray(out)

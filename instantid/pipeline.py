@@ -35,6 +35,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -124,10 +126,13 @@ def mask_pyramid(mask: np.ndarray, latent_hw: tuple[int, int], levels: int = 4) 
     return out
 
 
-class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
-    """SDXL ControlNet pipeline with InstantID's identity conditioning.
+class InstantIDMixin:
+    """InstantID on top of one of diffusers' SDXL ControlNet pipelines (text-to-image, img2img, inpaint).
 
-    `controlnet` is the IdentityNet (always net 0); extra ControlNets are passed per call.
+    Everything InstantID adds lives here, once: the face tokens, the ControlNet hooks, the IP-attention
+    masks, schedulers and LCM. The denoising loop is the diffusers pipeline's own, reached through
+    `super().__call__`, with the condition images under the name that pipeline gives them
+    (`_control_arg`). `controlnet` is the IdentityNet (always net 0); extra ControlNets are passed per call.
     """
 
     # The ControlNet runs every step beside the UNet: keeping it out of the offload chain avoids a
@@ -135,6 +140,8 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->resampler->unet->vae"
     _exclude_from_cpu_offload = ["controlnet"]
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "resampler"]
+    # The keyword under which the diffusers pipeline takes the ControlNet condition images.
+    _control_arg = "image"
 
     def __init__(
         self,
@@ -150,8 +157,11 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         force_zeros_for_empty_prompt: bool = True,
         feature_extractor: Any = None,
         image_encoder: Any = None,
+        requires_aesthetics_score: bool = False,
     ) -> None:
-        super().__init__(
+        # Only diffusers' img2img and inpaint pipelines take (and record) this; SDXL base models leave it off.
+        options = {"requires_aesthetics_score": requires_aesthetics_score} if self._control_arg != "image" else {}
+        super().__init__(  # type: ignore[call-arg]
             vae=vae,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
@@ -164,6 +174,7 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             add_watermarker=False,
             feature_extractor=feature_extractor,
             image_encoder=image_encoder,
+            **options,
         )
         self.register_modules(resampler=resampler)
         self._scheduler_config = dict(scheduler.config)
@@ -266,6 +277,35 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             if swapped:
                 self.controlnet = identitynet
 
+    @contextlib.contextmanager
+    def _encode_in_vae_dtype(self) -> Iterator[None]:
+        """For one call, the photo reaches the VAE encoder in the VAE's own dtype, and the VAE keeps it.
+
+        diffusers' img2img and inpaint pipelines encode the photo in the UNet's dtype, and for a VAE flagged
+        `force_upcast` cast the VAE to fp32 and then to the UNet's dtype. Our profiles give the VAE its own
+        dtype (bf16 or fp32 beside an fp16 UNet, as fp16 overflows in SDXL's VAE): the first fails ("Input
+        type (Half) and bias type (BFloat16)"), the second would leave the VAE in fp16. Only an fp16 VAE
+        keeps diffusers' upcast.
+        """
+        vae = self.vae
+        if self._control_arg == "image":  # text to image: nothing is encoded
+            yield
+            return
+        upcast = bool(getattr(vae.config, "force_upcast", False))
+        own = vae.dtype
+
+        def cast(module: torch.nn.Module, args: tuple) -> tuple:
+            return (args[0].to(next(module.parameters()).dtype), *args[1:])
+
+        handle = vae.encoder.register_forward_pre_hook(cast)
+        if own != torch.float16:
+            vae.register_to_config(force_upcast=False)
+        try:
+            yield
+        finally:
+            handle.remove()
+            vae.register_to_config(force_upcast=upcast)
+
     # --- the call --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -290,10 +330,11 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         output_type: str = "pil",
         **kwargs: Any,
     ) -> InstantIDOutput:
-        """Generate images of the identity in `face_embedding`, posed by `keypoint_image`.
+        """Images of the identity in `face_embedding`, posed by `keypoint_image`.
 
         `face_mask` (height x width, 0..1) limits the identity conditioning to the face region
-        ("enhance face region"); `extra_controls` adds pose/canny/depth ControlNets for this call.
+        ("enhance face region"); `extra_controls` adds pose/canny/depth ControlNets for this call. The
+        img2img and inpaint variants take their own arguments (`image`, `mask_image`, `strength`) in `kwargs`.
         """
         for name, value in (("identitynet_strength", identitynet_strength), ("adapter_strength", adapter_strength)):
             if not 0.0 <= float(value) <= 1.5:
@@ -303,24 +344,11 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         timings: dict[str, float] = {}
         device = self._execution_device
         t0 = time.perf_counter()
-
-        # Any length, with emphasis, in 75-token blocks (prompts.py); diffusers only repeats these per image.
-        text = encode_prompts(self, prompt, negative_prompt, device)
-        face, face_uncond = self.encode_face(face_embedding, device)
-        prompt_embeds = torch.cat([text.prompt_embeds, face.to(text.prompt_embeds.dtype)], dim=1)
-        negative_embeds = torch.cat(
-            [text.negative_prompt_embeds, face_uncond.to(text.negative_prompt_embeds.dtype)], dim=1
-        )
+        text, prompt_embeds, negative_embeds = self._embeds(prompt, negative_prompt, face_embedding, device)
         _sync(device)
         timings["encode_ms"] = (time.perf_counter() - t0) * 1000
 
-        ip_masks = None
-        if face_mask is not None:
-            if face_mask.shape != (height, width):
-                raise InvalidParameter("face_mask", face_mask.shape, f"must be {(height, width)}")
-            latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-            ip_masks = {k: v.to(device) for k, v in mask_pyramid(face_mask, latent_hw).items()}
-
+        ip_masks = self._ip_masks(face_mask, height, width, device)
         images: list[PIL.Image.Image] | PIL.Image.Image = keypoint_image
         scales: list[float] | float = float(identitynet_strength)
         if extra_controls:
@@ -328,9 +356,9 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
             scales = [float(identitynet_strength), *[float(e.scale) for e in extra_controls]]
 
         t1 = time.perf_counter()
-        with self._controlnet_hooks(extra_controls, face_mask):
-            out = super().__call__(
-                image=images,
+        with self._controlnet_hooks(extra_controls, face_mask), self._encode_in_vae_dtype():
+            out = super().__call__(  # type: ignore[misc]
+                **{self._control_arg: images},
                 height=height,
                 width=width,
                 num_inference_steps=num_inference_steps,
@@ -360,6 +388,31 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         self.maybe_free_model_hooks()
         return InstantIDOutput(images=result, timings_ms=timings, interrupted=interrupted)
 
+    def _embeds(
+        self, prompt: str, negative_prompt: str, face_embedding: np.ndarray | torch.Tensor, device: torch.device
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """The text encoders' output, and the (conditional, unconditional) embeddings with the face tokens after
+        the text tokens, where the IP-attention processors look for them."""
+        # Any length, with emphasis, in 75-token blocks (prompts.py); diffusers only repeats these per image.
+        text = encode_prompts(self, prompt, negative_prompt, device)
+        face, face_uncond = self.encode_face(face_embedding, device)
+        prompt_embeds = torch.cat([text.prompt_embeds, face.to(text.prompt_embeds.dtype)], dim=1)
+        negative_embeds = torch.cat(
+            [text.negative_prompt_embeds, face_uncond.to(text.negative_prompt_embeds.dtype)], dim=1
+        )
+        return text, prompt_embeds, negative_embeds
+
+    def _ip_masks(
+        self, face_mask: np.ndarray | None, height: int, width: int, device: torch.device
+    ) -> dict[int, torch.Tensor] | None:
+        """The face mask at every UNet resolution, for the IP-attention processors (None: no mask)."""
+        if face_mask is None:
+            return None
+        if face_mask.shape != (height, width):
+            raise InvalidParameter("face_mask", face_mask.shape, f"must be {(height, width)}")
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return {k: v.to(device) for k, v in mask_pyramid(face_mask, latent_hw).items()}
+
     @torch.no_grad()
     def decode_latents_to_images(self, latents: torch.Tensor, output_type: str = "pil") -> list[Any]:
         """VAE decode in the VAE's own dtype (bf16 or fp32: SDXL's VAE overflows in fp16)."""
@@ -379,3 +432,42 @@ class InstantIDPipeline(StableDiffusionXLControlNetPipeline):
         latents = latents.to(self._execution_device)
         decoded = vae.decode(latents, return_dict=False)[0]
         return self.image_processor.postprocess(decoded.float(), output_type=output_type)
+
+
+class InstantIDPipeline(InstantIDMixin, StableDiffusionXLControlNetPipeline):
+    """Text to image with InstantID (the Generate mode)."""
+
+
+class InstantIDImg2ImgPipeline(InstantIDMixin, StableDiffusionXLControlNetImg2ImgPipeline):
+    """A source photo (`image`) noised by `strength` and redrawn with InstantID (the Restyle mode)."""
+
+    _control_arg = "control_image"
+
+
+class InstantIDInpaintPipeline(InstantIDMixin, StableDiffusionXLControlNetInpaintPipeline):
+    """The white region of `mask_image` in `image` redrawn with InstantID (the Face swap mode). With the base
+    model's 4-channel UNet, diffusers keeps the latents outside the mask on the photo's at every step."""
+
+    _control_arg = "control_image"
+
+
+def share_pipeline(base: InstantIDMixin, cls: type[InstantIDMixin]) -> Any:
+    """A `cls` pipeline on `base`'s very modules (no second copy of any weight), placed as `base` is.
+
+    Accelerate's offload hooks sit on the modules themselves; the pipeline object only remembers where
+    it offloads to, so that is copied over too (diffusers' `_execution_device` and the hook release read it).
+    """
+    pipe = cls(**base.components)  # type: ignore[arg-type]
+    # The scheduler it was handed is whichever `base` used last (LCM's, perhaps): keep the base model's config.
+    for attr in ("_offload_device", "_offload_gpu_id", "_all_hooks", "_scheduler_config", "_scheduler_name"):
+        if hasattr(base, attr):
+            setattr(pipe, attr, getattr(base, attr))
+    return pipe
+
+
+def mode_pipelines(base: InstantIDPipeline) -> dict[str, Any]:
+    """The pipelines of the modes other than generate (which is `base` itself), on `base`'s modules."""
+    return {
+        "restyle": share_pipeline(base, InstantIDImg2ImgPipeline),
+        "swap": share_pipeline(base, InstantIDInpaintPipeline),
+    }

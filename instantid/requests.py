@@ -29,6 +29,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_STRENGTH = 1.5
 # The largest output side a server may allow (INSTANTID_MAX_OUTPUT_SIDE; its default is 1280).
 MAX_SIDE = 4096
+# Face numbers a swap may ask for (0 = the largest); a photo holds rarely more, the detector finds few more.
+MAX_FACE_INDEX = 99
 
 # Same names as the official InstantID Space, plus Euler ancestral; "-Karras" / "-SDE" are variants.
 SCHEDULERS: tuple[str, ...] = (
@@ -53,6 +55,10 @@ LCM_GUIDANCE = 1.5
 DEFAULT_STRENGTH = 0.8
 DEFAULT_CONTROLNET_STRENGTH = 0.4
 DEFAULT_PROMPT = "a portrait photo of a person, high quality, detailed face"
+DEFAULT_RESTYLE_STRENGTH = 0.8
+
+# The three things a request can ask for; each is an API endpoint, a command and a choice on the page.
+MODES: tuple[str, ...] = ("generate", "restyle", "swap")
 
 
 def random_seed() -> int:
@@ -130,6 +136,7 @@ class Param:
     info: str = ""  # the hint under the page's control
     section: str = "advanced"  # where the page shows it: main | photos | advanced
     required: bool = False  # the API signature gives it no default
+    modes: tuple[str, ...] = MODES  # the endpoints (and commands) that take it
 
     def check(self, value: Any) -> Any:
         """`value` as sent, checked strictly (nothing converted that a caller did not mean); the clean value."""
@@ -157,6 +164,7 @@ class Param:
 
 _STRENGTH: dict[str, Any] = {"kind": "number", "lo": 0, "hi": MAX_STRENGTH, "step": 0.05}
 _SIDE: dict[str, Any] = {"kind": "integer", "default": 0, "lo": 0, "hi": MAX_SIDE, "step": 64, "info": "0 = automatic"}
+_NOT_SWAP = ("generate", "restyle")
 _AUTO_STEPS = f"{DEFAULT_STEPS}, or {LCM_STEPS} with LCM"
 _AUTO_GUIDANCE = f"{DEFAULT_GUIDANCE:g}, or {LCM_GUIDANCE:g} with LCM"
 
@@ -166,22 +174,36 @@ PARAMS: dict[str, Param] = {
     for p in (
         Param("face_image", "image", None, "Photo of the person's face; with several faces the largest is used.",
               "Face photo", flag="--face", section="main", required=True),
+        Param("source_image", "image", None, "Photo to restyle: it is noised and redrawn under the prompt and style "
+              "with the identity of face_image; its face (if any) gives the face layout.", "Photo to restyle",
+              flag="--source", section="main", required=True, modes=("restyle",)),
+        Param("target_image", "image", None, "Photo whose face is replaced by the identity of face_image; every pixel "
+              "away from that face is kept.", "Photo to swap a face into", flag="--target", section="main",
+              required=True, modes=("swap",)),
         Param("prompt", "text", "", 'What to draw, e.g. "a woman as an astronaut, cinematic light"; empty gives a '
               "plain portrait.", "Prompt", section="main", required=True),
         Param("extra_face_images", "images", None, "More photos of the same person (optional); their identity "
               "embeddings are averaged.", "More photos of the same person (optional, averaged)", flag=None,
               section="photos"),
         Param("pose_image", "image", None, "Optional photo whose face position (and pose, depth or edges, see "
-              "controlnets) is followed.", "Pose photo (optional)", flag="--pose", section="photos"),
+              "controlnets) is followed.", "Pose photo (optional)", flag="--pose", section="photos",
+              modes=("generate",)),
         Param("negative_prompt", "text", "", "What to avoid in the image.", "Negative prompt", section="main"),
         Param("style", "choice", NO_STYLE, f'Style template applied to the prompt; "{NO_STYLE}" uses the prompt '
               "as written.", "Style", choices=STYLE_NAMES, section="main"),
         Param("num_images", "integer", 1, f"How many images to make (1 to {MAX_IMAGES}), from consecutive seeds.",
               "Number of images", lo=1, hi=MAX_IMAGES, step=1, section="main"),
         Param("width", help="Output width in pixels, a multiple of 64; 0 sizes the output from the photo (short "
-              "side 1024).", label="Width", **_SIDE),
+              "side 1024).", label="Width", modes=_NOT_SWAP, **_SIDE),
         Param("height", help="Output height in pixels, a multiple of 64; 0 sizes it from the photo. Set both or "
-              "neither.", label="Height", **_SIDE),
+              "neither.", label="Height", modes=_NOT_SWAP, **_SIDE),
+        Param("strength", "number", DEFAULT_RESTYLE_STRENGTH, "How far the result may move from the source photo, 0 to "
+              "1: low keeps its colours and shapes, 1 redraws it entirely (only the steps x strength last denoising "
+              "steps run).", "Restyle strength", lo=0, hi=1, step=0.05, flag="--strength", section="main",
+              modes=("restyle",)),
+        Param("face_index", "integer", 0, "Which face of the target photo to replace: 0 is the largest, 1 the next, "
+              "and so on (the order `python -m instantid faces` lists them in).", "Face to replace (0 = largest)",
+              lo=0, hi=MAX_FACE_INDEX, step=1, flag="--face-index", section="main", modes=("swap",)),
         Param("num_steps", "integer", 0, f"Denoising steps, 1 to {MAX_STEPS} (1 to {MAX_LCM_STEPS} with LCM); 0 "
               f"means the mode default ({_AUTO_STEPS}).", "Steps", lo=0, hi=MAX_STEPS, step=1, flag="--steps",
               info=f"0 = automatic ({_AUTO_STEPS})"),
@@ -194,9 +216,10 @@ PARAMS: dict[str, Param] = {
         Param("adapter_strength", default=DEFAULT_STRENGTH, help="Face adapter strength, 0 to 1.5; higher keeps "
               "the identity closer, the prompt less.", label="Adapter strength (identity detail)", **_STRENGTH),
         Param("controlnets", "controls", None, f"Extra ControlNets ({', '.join(CONTROLNET_NAMES)}) fed from the "
-              f"pose photo (or the face photo), each with its strength, 0 to 1.5 ({DEFAULT_CONTROLNET_STRENGTH} when "
-              "not given): in the API a mapping such as {\"pose\": 0.4} or a list of names.",
-              "Extra ControlNets (from the pose photo, or the face photo)", flag="--controlnet"),
+              f"pose photo (or the face photo; restyle: the source photo), each with its strength, 0 to 1.5 "
+              f"({DEFAULT_CONTROLNET_STRENGTH} when not given): in the API a mapping such as {{\"pose\": 0.4}} or a "
+              "list of names.",
+              "Extra ControlNets (from the pose photo, or the face photo)", flag="--controlnet", modes=_NOT_SWAP),
         Param("scheduler", "choice", DEFAULT_SCHEDULER, 'Sampler, e.g. "EulerDiscreteScheduler" or '
               '"DPMSolverMultistepScheduler-Karras".', "Scheduler", choices=SCHEDULERS),
         Param("enable_lcm", "boolean", False, "Fast mode with the LCM LoRA: few steps and low guidance, lower "
@@ -208,8 +231,26 @@ PARAMS: dict[str, Param] = {
               "leaving the rest to the prompt.", "Enhance face region"),
     )
 }
+
+
+def params_for(mode: str) -> dict[str, Param]:
+    """The parameters the `mode` endpoint (and command) takes, in the API's order."""
+    if mode not in MODES:
+        raise InvalidParameter("mode", mode, f"choose one of {', '.join(MODES)}")
+    return {name: p for name, p in PARAMS.items() if mode in p.modes}
+
+
 # Request fields where None means "automatic": the mode's default steps and guidance (0 too), a random seed.
 AUTOMATIC = ("num_steps", "guidance_scale", "seed")
+
+
+def _unset(value: Any, default: Any) -> bool:
+    """`value` is the parameter's default, or empty (photos may be arrays: never compared with ==)."""
+    if value is None or value is default or (isinstance(value, (str, Mapping)) and not value):
+        return True
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return isinstance(value, (numbers.Real, str)) and type(value) is not bool and value == default
 
 
 @dataclass(frozen=True)
@@ -238,6 +279,11 @@ class GenerateRequest:
     enable_lcm: bool = False
     seed: int | None = None  # None = random; the result says which seed was used
     enhance_face_region: bool = True
+    mode: str = "generate"  # one of MODES
+    source_image: ImageInput | None = None  # restyle: the photo to redraw
+    strength: float = DEFAULT_RESTYLE_STRENGTH  # restyle: how far from the source
+    target_image: ImageInput | None = None  # swap: the photo whose face is replaced
+    face_index: int = 0  # swap: 0 = the target's largest face
     # What the checks adjusted, for the result's warnings (control characters removed from a prompt).
     notes: tuple[str, ...] = field(default=(), init=False, compare=False)
 
@@ -250,6 +296,7 @@ class GenerateRequest:
         if len(faces) > 8:
             raise InvalidParameter("extra_face_images", len(faces), "use at most 8 photos in all")
         object.__setattr__(self, "face_images", list(faces))
+        self._check_mode()
         notes = []
         for f in fields(self):
             value = checked = getattr(self, f.name)
@@ -269,24 +316,42 @@ class GenerateRequest:
             limit = f"use 1..{MAX_LCM_STEPS} with LCM fast mode (its scheduler's limit), or switch LCM off"
             raise InvalidParameter("num_steps", self.num_steps, limit)
 
+    def _check_mode(self) -> None:
+        """The mode's own photo is there, and no other mode's parameter was changed from its default."""
+        params = params_for(self.mode)
+        own = {"restyle": ("source_image", "a photo to restyle"),
+               "swap": ("target_image", "a photo to swap a face into")}
+        if self.mode in own:
+            name, what = own[self.mode]
+            if _unset(getattr(self, name), None):
+                raise UserError(f"No {what.split(' ', 1)[1]}: add {what} (API: {name}).")
+        for f in fields(self):
+            if f.name in PARAMS and f.name not in params and not _unset(getattr(self, f.name), PARAMS[f.name].default):
+                modes = ", ".join(PARAMS[f.name].modes)
+                raise InvalidParameter(f.name, getattr(self, f.name), f"is not used by {self.mode} (only by {modes})")
+
     @classmethod
-    def from_api(cls, values: Mapping[str, Any]) -> GenerateRequest:
-        """The request that the API's flat parameters (`PARAMS`, by name) describe; missing ones take defaults.
+    def from_api(cls, values: Mapping[str, Any], mode: str = "generate") -> GenerateRequest:
+        """The request that the `mode` endpoint's flat parameters (`params_for(mode)`, by name) describe; missing
+        ones take defaults.
 
         None stands for the default of any parameter but a boolean, as gradio_client may send it.
         """
-        unknown = set(values) - set(PARAMS)
+        params = params_for(mode)
+        unknown = set(values) - set(params)
         if unknown:
-            raise InvalidParameter(sorted(unknown)[0], values[sorted(unknown)[0]], f"use {', '.join(PARAMS)}")
-        given = {}
-        for name, param in PARAMS.items():
+            raise InvalidParameter(sorted(unknown)[0], values[sorted(unknown)[0]], f"use {', '.join(params)}")
+        given: dict[str, Any] = {"mode": mode}
+        for name, param in params.items():
             value = values.get(name, param.default)
             given[name] = param.default if value is None and param.kind != "boolean" else value
         extras = PARAMS["extra_face_images"].check(given["extra_face_images"]) or []
         faces = [given["face_image"], *[x.get("path") if isinstance(x, dict) else x for x in extras]]
         kwargs = {name: value for name, value in given.items() if name in {f.name for f in fields(cls)}}
         kwargs["face_images"] = [face for face in faces if face]
-        kwargs["pose_image"] = given["pose_image"] or None
+        for name in ("pose_image", "source_image", "target_image"):
+            if name in given:
+                kwargs[name] = given[name] or None
         if PARAMS["randomize_seed"].check(given["randomize_seed"]) or ("seed" in values and values["seed"] is None):
             kwargs["seed"] = None
         return cls(**kwargs)
@@ -317,8 +382,22 @@ class GenerateResult:
 
 
 @dataclass
+class Paste:
+    """Where a face swap's redrawn crop goes back: the target photo, the crop box in it (x1, y1, x2, y2)
+    and the feathered mask over the crop (float32, crop height x width, 0..1)."""
+
+    target: Any
+    box: tuple[int, int, int, int]
+    region: Any
+
+
+@dataclass
 class Job:
-    """A prepared request: everything the GPU stage needs, with the inputs already decoded and measured."""
+    """A prepared request: everything the GPU stage needs, with the inputs already decoded and measured.
+
+    Restyle and swap add the photo the pipeline starts from (`init_image`, at the output size), swap the
+    region it redraws (`mask_image`, white = redraw) and where the result goes back (`paste`).
+    """
 
     prompt: str
     negative_prompt: str
@@ -342,6 +421,22 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     started: float = 0.0  # time.time() when prepare began: finish reports the request's total from it
+    mode: str = "generate"
+    init_image: Any = None  # PIL image (restyle, swap)
+    mask_image: Any = None  # PIL "L" image (swap)
+    strength: float = 1.0  # the share of the schedule that runs (restyle); 1 = all of it
+    paste: Paste | None = None  # swap; finish's alone, never sent to the GPU stage (see __getstate__)
+
+    @property
+    def denoising_steps(self) -> int:
+        """The steps the pipeline really runs: img2img skips the first (1 - strength) of the schedule, as
+        diffusers computes it."""
+        return min(int(self.num_steps * self.strength), self.num_steps)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The GPU stage never reads `paste`, and its target photo can be tens of megapixels: ZeroGPU would
+        # pickle it into the worker for nothing.
+        return {**self.__dict__, "paste": None}
 
 
 @dataclass(frozen=True)

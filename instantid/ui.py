@@ -1,4 +1,4 @@
-"""Gradio builders: the Generate tab and the Status tab.
+"""Gradio builders: the Generate tab (with its three modes: Generate, Restyle, Face swap) and the Status tab.
 
 `build_demo` receives the functions it wires up (the real ones live in `instantid.api`; tests pass
 fakes), so nothing here imports torch or the engine. The generate function's parameters must be in
@@ -23,8 +23,10 @@ from .requests import (
     LCM_STEPS,
     MAX_SEED,
     MAX_STRENGTH,
+    MODES,
     PARAMS,
     Param,
+    params_for,
     random_seed,
 )
 from .settings import CONTROL_TYPES, Settings
@@ -39,7 +41,9 @@ INTRO = """
 Upload a photo with a face, describe the picture you want, and press **Generate**. The person's identity
 comes from the photo ([InstantID](https://github.com/instantX-research/InstantID) on SDXL); the rest comes
 from the prompt and the style. Optional: more photos of the same person (averaged), and a pose photo whose
-face position (and body pose, edges or depth, with the extra ControlNets) the result follows.
+face position (and body pose, edges or depth, with the extra ControlNets) the result follows. Two more modes:
+**Restyle** redraws a photo of your choice with the person's identity, **Face swap** puts the person's face
+into another photo (and leaves the rest of it as it was).
 Use it from code with `gradio_client` (see "Use via API" at the bottom of the page).
 """
 
@@ -71,7 +75,28 @@ def start_run(seed: float | None, randomize: bool, chosen: list[str] | None, *st
     ({name: strength} from the ticked boxes and their sliders), and the previous run's results cleared (so
     an error never leaves them on screen as if they were this run's)."""
     mapping = {name: float(s) for name, s in zip(CONTROL_TYPES, strengths, strict=True) if name in (chosen or [])}
-    return next_seed(seed, randomize), mapping, None, None, None, None
+    return next_seed(seed, randomize), mapping, None, None, None, None, None
+
+
+def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
+    """Which mode-dependent controls the page shows in `mode`: that mode's own parameters (of those the
+    offered modes do not all share), its button, the ControlNet choices where it takes them, the before/after."""
+    own = [p for p in offered_params(modes).values() if set(modes) - set(p.modes)]
+    # The `controlnets` mapping itself is a hidden input: its page face is the boxes and sliders ("controls").
+    shown = {p.name: mode in p.modes for p in own if p.label and p.kind != "controls"}
+    shown.update({f"{m}_btn": m == mode for m in modes})
+    shown["controls"] = mode in PARAMS["controlnets"].modes
+    shown["before_after"] = mode == "swap"
+    return shown
+
+
+def before_after(target: str | None, gallery: Sequence[Any] | None) -> tuple[str, str] | None:
+    """Face swap's before/after: the target photo and the first result (a gallery item is (path, caption))."""
+    if not target or not gallery:
+        return None
+    first = gallery[0]
+    image = first[0] if isinstance(first, (list, tuple)) else first.get("image", first)
+    return target, image if isinstance(image, str) else getattr(image, "path", image)
 
 
 # --- status rendering (pure functions of the engine's report) --------------------------------------
@@ -245,16 +270,21 @@ TINY_BANNER = (
 # What the page adds to a parameter's declared control (placeholders, sizes, element ids for the browser test).
 PAGE_OPTIONS: dict[str, dict[str, Any]] = {
     "face_image": {"height": 360, "elem_id": "face-image"},
+    "source_image": {"elem_id": "source-image"},
+    "target_image": {"elem_id": "target-image"},
     "prompt": {"placeholder": "e.g. a woman as an astronaut on Mars, cinematic light", "lines": 2, "elem_id": "prompt"},
     "negative_prompt": {"placeholder": "what to avoid (optional)"},
     "seed": {"elem_id": "seed"},
 }
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
+MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap"}
+MODE_BUTTONS = {"generate": "Generate", "restyle": "Restyle", "swap": "Swap face"}
 
 
-def make_control(p: Param, settings: Settings) -> Any:
-    """The page's control for a declared parameter; one with no label is an API-only hidden input."""
-    options = {"label": p.label or p.name, "visible": bool(p.label), **PAGE_OPTIONS.get(p.name, {})}
+def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
+    """The page's control for a declared parameter; one with no label is an API-only hidden input, and one
+    of another mode than the page's first starts hidden (`mode_visibility` shows it)."""
+    options = {"label": p.label or p.name, "visible": bool(p.label) and visible, **PAGE_OPTIONS.get(p.name, {})}
     if p.info:
         options["info"] = p.info
     if p.kind == "image":
@@ -288,23 +318,33 @@ def _controlnet_inputs(p: Param) -> tuple[Any, list[Any]]:
     return chosen, strengths
 
 
-def _generate_tab(settings: Settings) -> dict[str, Any]:
+def offered_params(modes: Sequence[str]) -> dict[str, Param]:
+    """Every parameter of the offered modes, each once, in the API's order (one control serves all its modes)."""
+    return {name: p for name, p in PARAMS.items() if any(mode in p.modes for mode in modes)}
+
+
+def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
     """The Generate tab's components by name: every parameter's input, the page-only controls, the outputs."""
     c: dict[str, Any] = {}
-    sections = {name: [p for p in PARAMS.values() if p.section == name] for name in ("main", "photos", "advanced")}
+    params = offered_params(modes)
+    sections = {name: [p for p in params.values() if p.section == name] for name in ("main", "photos", "advanced")}
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
+            c["mode"] = gr.Radio([MODE_LABELS[m] for m in modes], value=MODE_LABELS[modes[0]], label="Mode",
+                                 visible=len(modes) > 1, elem_id="mode")
             for p in sections["main"]:
-                c[p.name] = make_control(p, settings)
-            c["generate_btn"] = gr.Button("Generate", variant="primary", elem_id="generate-button")
+                c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
+            for mode in modes:
+                c[f"{mode}_btn"] = gr.Button(MODE_BUTTONS[mode], variant="primary", visible=mode == modes[0],
+                                             elem_id=f"{mode}-button")
             with gr.Accordion("More photos and a pose reference", open=False):
                 for p in sections["photos"]:
-                    c[p.name] = make_control(p, settings)
+                    c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
             with gr.Accordion("Advanced settings", open=False):
                 for p in sections["advanced"]:
                     if p.kind == "controls":
                         c["chosen_controls"], c["control_strengths"] = _controlnet_inputs(p)
-                    c[p.name] = make_control(p, settings)
+                    c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
                     if p.name == "seed":
                         # The page draws its random seed in `start_run`, so it shows before the result; the
                         # API's randomize_seed input (hidden) stays off for the page.
@@ -314,6 +354,9 @@ def _generate_tab(settings: Settings) -> dict[str, Any]:
                 label="Results", format="png", columns=2, height=520, object_fit="contain",
                 buttons=["download", "fullscreen"], interactive=False, elem_id="gallery",
             )
+            # Face swap's before/after, filled by a page-only step from the target photo and the first result.
+            c["before_after"] = gr.ImageSlider(label="Before / after", type="filepath", interactive=False,
+                                               visible=False, elem_id="before-after")
             with gr.Row():
                 c["similarities"] = gr.JSON(label="Identity similarity", height=120)
                 c["timings"] = gr.JSON(label="Timings (ms)", height=120)
@@ -331,28 +374,34 @@ def build_demo(
     *,
     settings: Settings,
     examples: list[list[Any]] | None = None,
+    restyle_fn: Callable[..., Any] | None = None,
+    swap_fn: Callable[..., Any] | None = None,
 ) -> gr.Blocks:
     """Build the Blocks app.
 
-    generate_fn: takes the inputs declared in `instantid.requests.PARAMS` (same order, same names as
-      `instantid.api.generate`, plus an optional `progress=gr.Progress()`), yields `gr.skip()` while it works
-      and then (gallery, seed, similarities, keypoint image, timings); raises gr.Error for user-facing problems.
+    generate_fn, restyle_fn, swap_fn: each takes the inputs `instantid.requests.params_for(mode)` declares
+      (same order, same names as `instantid.api.generate` / `restyle` / `swap`, plus an optional
+      `progress=gr.Progress()`), yields `gr.skip()` while it works and then (gallery, seed, similarities,
+      keypoint image, timings); raises gr.Error for user-facing problems. A mode without its function is
+      not offered (nor its endpoint).
     status_fn: returns the engine's JSON-ready report.
     examples: rows of [face photo path, prompt, style].
     """
+    fns = {"generate": generate_fn, "restyle": restyle_fn, "swap": swap_fn}
+    modes = [mode for mode in MODES if fns[mode] is not None]
     with gr.Blocks(title="InstantID", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="intro")
         if settings.preset == "tiny":
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate") as generate_tab:
-                c = _generate_tab(settings)
+                c = _generate_tab(settings, modes)
                 outputs = [c["gallery"], c["seed_used"], c["similarities"], c["keypoints"], c["timings"]]
                 if examples:
                     _examples(generate_fn, examples, [c["face_image"], c["prompt"], c["style"]], outputs)
             with gr.Tab("Status", id="status") as status_tab:
                 s = _status_tab()
-        _wire_generate(demo, generate_fn, c, outputs)
+        _wire_generate(demo, {mode: fns[mode] for mode in modes}, c, outputs)
         _wire_status(status_fn, s, status_tab, generate_tab)
     return demo
 
@@ -411,23 +460,58 @@ def _examples(generate_fn: Callable[..., Any], examples: list[list[Any]], inputs
     )
 
 
-def _wire_generate(demo: gr.Blocks, generate_fn: Callable[..., Any], c: dict[str, Any], outputs: list[Any]) -> None:
-    inputs = [c[name] for name in PARAMS]
-    for param, component in zip(PARAMS.values(), inputs, strict=True):
-        guard_input(component, param)
+def _wire_generate(
+    demo: gr.Blocks, fns: Mapping[str, Callable[..., Any]], c: dict[str, Any], outputs: list[Any]
+) -> None:
+    modes = list(fns)
+    for name, param in offered_params(modes).items():
+        guard_input(c[name], param)
     # The defaults the page shows; the components themselves hold 0 so API callers get "automatic".
     demo.load(None, None, [c["num_steps"], c["guidance_scale"]], js=f"() => [{DEFAULT_STEPS}, {DEFAULT_GUIDANCE}]")
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     c["enable_lcm"].change(lcm_defaults, [c["enable_lcm"]], [c["num_steps"], c["guidance_scale"]], **quiet)
-    gr.on(
-        [c["generate_btn"].click, c["prompt"].submit],
-        start_run,
-        [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
-        [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"]],
-        # Queued, as only a queued event's error reaches the page (a seed of -5 used to fail silently), but
-        # with no concurrency limit: it never waits behind a running generation.
-        queue=True, concurrency_limit=None, api_visibility="private", show_progress="hidden",
-    ).success(generate_fn, inputs, outputs, api_name="generate", show_progress_on=[c["gallery"]])
+    if len(modes) > 1:
+        _wire_mode_choice(c, modes, quiet)
+    cleared = [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"],
+               c["before_after"]]
+    for mode, fn in fns.items():
+        # Enter in the prompt runs the mode on show; with one mode, its button's event takes it directly.
+        triggers = [c[f"{mode}_btn"].click, *([c["prompt"].submit] if len(modes) == 1 else [])]
+        event = gr.on(
+            triggers, start_run, [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
+            cleared,
+            # Queued, as only a queued event's error reaches the page (a seed of -5 used to fail silently),
+            # but with no concurrency limit: it never waits behind a running generation.
+            queue=True, concurrency_limit=None, api_visibility="private", show_progress="hidden",
+        ).success(fn, [c[name] for name in params_for(mode)], outputs, api_name=mode, show_progress_on=[c["gallery"]])
+        if mode == "swap":
+            event.success(before_after, [c["target_image"], c["gallery"]], [c["before_after"]], **quiet)
+
+
+# Enter in the prompt clicks the button on show (only the chosen mode's button is).
+SUBMIT_JS = """() => {
+  for (const mode of ["generate", "restyle", "swap"]) {
+    const button = document.getElementById(mode + "-button");
+    if (button && button.offsetParent !== null) { button.click(); return; }
+  }
+}"""
+
+
+def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]) -> None:
+    """The mode choice shows only that mode's inputs, in a cheap step outside the queue."""
+    names = list(visible_in(modes[0], modes))
+    targets = [c[n] for n in names if n != "controls"]
+    if "controls" in names:
+        targets += [c["chosen_controls"], *c["control_strengths"]]
+    by_label = {MODE_LABELS[m]: m for m in modes}
+
+    def show_mode(label: str) -> list[Any]:
+        shown = visible_in(by_label.get(label, modes[0]), modes)
+        updates = [gr.update(visible=shown[n]) for n in names if n != "controls"]
+        return updates + [gr.update(visible=shown["controls"])] * (len(targets) - len(updates))
+
+    c["mode"].change(show_mode, [c["mode"]], targets, **quiet)
+    c["prompt"].submit(None, None, None, js=SUBMIT_JS, **quiet)
 
 
 def _status_tab() -> dict[str, Any]:

@@ -48,11 +48,55 @@ def pixels(path: str) -> np.ndarray:
 
 def test_api_signature(client: Client) -> None:
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert set(info) == {"/generate", "/status"}
+    assert set(info) == {"/generate", "/restyle", "/swap", "/status"}
     params = [p["parameter_name"] for p in info["/generate"]["parameters"]]
     assert params[:2] == ["face_image", "prompt"] and "randomize_seed" in params and "controlnets" in params
     required = [p["parameter_name"] for p in info["/generate"]["parameters"] if not p["parameter_has_default"]]
     assert required == ["face_image", "prompt"]
+
+
+def test_restyle_and_swap_signatures(client: Client) -> None:
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for endpoint, own in (("/restyle", ["source_image", "strength"]), ("/swap", ["target_image", "face_index"])):
+        params = {p["parameter_name"]: p for p in info[endpoint]["parameters"]}
+        required = [name for name, p in params.items() if not p["parameter_has_default"]]
+        assert required == ["face_image", own[0], "prompt"] and own[1] in params
+        assert "pose_image" not in params
+    assert "width" not in [p["parameter_name"] for p in info["/swap"]["parameters"]]
+
+
+def test_swap_round_trip_keeps_the_target_outside_the_face(client: Client, photos: dict[str, Path]) -> None:
+    def run(seed: int) -> np.ndarray:
+        gallery, used, _, keypoints, timings = client.predict(
+            handle_file(str(FACE)), handle_file(str(photos["group"])), "a portrait", face_index=1, seed=seed,
+            api_name="/swap", **FAST,
+        )
+        assert used == seed and "paste_ms" in timings
+        return pixels(gallery[0]["image"])
+
+    target = pixels(str(photos["group"]))
+    first = run(5)
+    assert first.shape == target.shape  # the whole target photo, in a lossless PNG
+    changed = np.any(first != target, axis=-1)
+    assert 0 < changed.mean() < 0.05, changed.mean()  # one face of six, redrawn; nothing else
+    assert np.array_equal(first, run(5))
+    with pytest.raises(AppError, match="No face found in the photo to swap a face into"):
+        client.predict(handle_file(str(FACE)), handle_file(str(photos["noface"])), "x", api_name="/swap", **FAST)
+    with pytest.raises(AppError, match="face_index=9"):
+        client.predict(handle_file(str(FACE)), handle_file(str(photos["group"])), "x", face_index=9,
+                       api_name="/swap", **FAST)
+
+
+def test_restyle_round_trip(client: Client, photos: dict[str, Path]) -> None:
+    gallery, seed, similarities, keypoints, _ = client.predict(
+        handle_file(str(FACE)), handle_file(str(photos["hanks"])), "an oil painting", strength=0.5, seed=9,
+        api_name="/restyle", **FAST,
+    )
+    assert seed == 9 and len(gallery) == 1 and len(similarities) == 1
+    assert pixels(gallery[0]["image"]).shape == pixels(keypoints).shape
+    with pytest.raises(AppError, match="strength=2"):
+        client.predict(handle_file(str(FACE)), handle_file(str(photos["hanks"])), "x", strength=2,
+                       api_name="/restyle", **FAST)
 
 
 def test_generate_with_only_face_and_prompt(client: Client) -> None:
@@ -177,13 +221,16 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
 
 
 def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
-    """GRADIO_MCP_SERVER=1 serves both endpoints as MCP tools, with their documented parameters."""
+    """GRADIO_MCP_SERVER=1 serves every endpoint as an MCP tool, with its documented parameters."""
     app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")
     try:
         schema = httpx.get(f"{app.url}gradio_api/mcp/schema", timeout=10).json()
     finally:
         app.stop()
     tools = {tool["name"]: tool for tool in schema}
-    assert {"generate", "status"} <= set(tools)
+    assert {"generate", "restyle", "swap", "status"} <= set(tools)
     params = tools["generate"]["inputSchema"]["properties"]
     assert {"face_image", "prompt", "num_steps", "enable_lcm", "seed"} <= set(params)
+    assert {"face_image", "source_image", "strength"} <= set(tools["restyle"]["inputSchema"]["properties"])
+    assert {"face_image", "target_image", "face_index"} <= set(tools["swap"]["inputSchema"]["properties"])
+    assert "face_index" in tools["swap"]["description"] or "face_index" in str(tools["swap"]["inputSchema"])

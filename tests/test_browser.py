@@ -140,3 +140,28 @@ def test_a_bad_seed_typed_in_the_page_gets_its_message(page) -> None:
         timeout=30_000
     )
     expect(page.locator("#gallery img")).to_have_count(0)
+
+
+def test_face_swap_in_a_real_browser(page) -> None:
+    """The mode choice shows the swap's inputs only; the swap fills the gallery and the before/after view."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect = sync_api.expect
+    target = ROOT / "assets" / "astronaut.jpg"
+    expect(page.locator("#target-image")).to_be_hidden()
+    page.get_by_label("Face swap").check()
+    expect(page.locator("#target-image")).to_be_visible(timeout=10_000)
+    expect(page.locator("#generate-button")).to_be_hidden()
+    expect(page.locator("#source-image")).to_be_hidden()
+
+    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
+    page.locator("#target-image input[type=file]").set_input_files(str(target))
+    expect(page.locator("#target-image img").first).to_be_visible(timeout=30_000)
+    page.get_by_text("Advanced settings").click()
+    steps = page.get_by_role("spinbutton", name="Steps")
+    steps.fill("2")
+    steps.press("Enter")
+
+    page.locator("#swap-button").click()
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=120_000)
+    expect(page.locator("#before-after img").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-swap.png"), full_page=True)

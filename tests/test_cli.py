@@ -51,6 +51,43 @@ def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:
             assert im.format == "PNG" and im.size == tuple(summary["size"])
 
 
+def test_restyle_and_swap_round_trips(tiny_env, photos, tmp_path: Path) -> None:
+    common = ["--face", str(photos["astronaut"]), "--steps", "2", "--seed", "5", "--json"]
+    r = cli(tiny_env, "restyle", *common, "--source", str(photos["hanks"]), "--strength", "0.5",
+            "--out", str(tmp_path / "restyled.png"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    with PIL.Image.open(summary["images"][0]) as im:
+        assert im.format == "PNG" and im.size == tuple(summary["size"])
+    r = cli(tiny_env, "swap", *common, "--target", str(photos["group"]), "--face-index", "2",
+            "--out", str(tmp_path / "swapped.png"))
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    with PIL.Image.open(summary["images"][0]) as im, PIL.Image.open(photos["group"]) as target:
+        assert im.size == target.size == tuple(summary["size"])  # the whole target photo comes back
+    assert summary["faces_found"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["swap", "--target", "{noface}"], "No face found in the photo to swap a face into"),
+        (["swap", "--target", "{group}", "--face-index", "6"], "face_index=6: the photo has 6 face(s)"),
+        (["swap", "--target", "{missing}"], "no such file"),
+        (["swap"], "--target"),
+        (["swap", "--target", "{group}", "--width", "128"], "unrecognized arguments: --width"),
+        (["restyle", "--source", "{hanks}", "--strength", "1.5"], "strength=1.5"),
+        (["restyle"], "--source"),
+    ],
+)
+def test_restyle_and_swap_errors_exit_2(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:
+    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg")}
+    argv = [a.format(**names) for a in args] + ["--face", str(photos["astronaut"]), "--out", str(tmp_path / "o.png")]
+    r = cli(tiny_env, *argv, "--steps", "2")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
 def test_faces_lists_largest_first(tiny_env, photos) -> None:
     r = cli(tiny_env, "faces", str(photos["group"]))
     assert r.returncode == 0, r.stderr

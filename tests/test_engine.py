@@ -299,3 +299,170 @@ def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
     from instantid.requests import SCHEDULERS
 
     assert set(SCHEDULER_FACTORIES) == {*SCHEDULERS, "LCMScheduler"}
+
+
+# --- restyle (img2img) and face swap (inpaint) --------------------------------------------------------
+
+
+def decoded(path) -> np.ndarray:
+    from instantid.images import load_image
+
+    image, _ = load_image(path, max_bytes=10**8, max_pixels=10**8)
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def swap(engine, photos, **kw):
+    kw.setdefault("face_images", [photos["astronaut"]])
+    kw.setdefault("target_image", photos["group"])
+    kw.setdefault("num_steps", 2)
+    kw.setdefault("seed", 7)
+    return engine.generate(GenerateRequest(mode="swap", **kw))
+
+
+def restyle(engine, photos, **kw):
+    kw.setdefault("face_images", [photos["astronaut"]])
+    kw.setdefault("source_image", photos["hanks"])
+    kw.setdefault("num_steps", 10)
+    kw.setdefault("seed", 7)
+    return engine.generate(GenerateRequest(mode="restyle", **kw))
+
+
+def test_swap_keeps_every_pixel_outside_the_feathered_region(tiny_engine, photos) -> None:
+    from instantid import faces
+
+    target = decoded(photos["group"])
+    result = swap(tiny_engine, photos, face_index=1)
+    out = pixels(result)[0]
+    assert out.shape == target.shape and (result.width, result.height) == (target.shape[1], target.shape[0])
+    # The region, as the engine derives it: the target's second-largest face, its crop and feathered mask.
+    face = tiny_engine.analyze(photos["group"])[1]
+    x1, y1, x2, y2 = faces.swap_crop((target.shape[1], target.shape[0]), face.bbox)
+    local = face.bbox - np.array([x1, y1, x1, y1])
+    region = np.zeros(target.shape[:2], dtype=np.float32)
+    region[y1:y2, x1:x2] = faces.swap_region((x2 - x1, y2 - y1), local)
+    assert np.array_equal(out[region == 0], target[region == 0])
+    core = region == 1.0  # inside the face: the tiny models paint noise, nothing like the photo
+    assert core.sum() > 100 and np.abs(out[core] - target[core]).mean() > 10
+
+
+def test_swap_identity_seed_and_face_choice(tiny_engine, photos) -> None:
+    base = pixels(swap(tiny_engine, photos))
+    assert np.array_equal(base, pixels(swap(tiny_engine, photos)))  # same seed, same pixels
+    other = pixels(swap(tiny_engine, photos, face_images=[photos["hanks"]]))
+    changed = np.any(base != other, axis=-1)
+    # Another identity redraws the face region, and only there: the rest is the target's in both.
+    assert changed.any() and np.array_equal(base[~changed], other[~changed])
+    largest, second = base, pixels(swap(tiny_engine, photos, face_index=1))
+    moved = np.argwhere(np.any(largest != second, axis=-1))
+    assert len(moved) > 0
+
+
+def test_swap_refusals(tiny_engine, photos) -> None:
+    with pytest.raises(NoFaceError, match="No face found in the photo to swap a face into"):
+        swap(tiny_engine, photos, target_image=photos["noface"])
+    with pytest.raises(InvalidParameter, match=r"face_index=6: the photo has 6 face\(s\): use 0..5"):
+        swap(tiny_engine, photos, face_index=6)
+    with pytest.raises(InvalidParameter, match="face_index"):
+        swap(tiny_engine, photos, face_index=-1)
+    from instantid.errors import UserError
+
+    with pytest.raises(UserError, match="photo to swap a face into"):
+        GenerateRequest(face_images=[photos["astronaut"]], mode="swap")
+    with pytest.raises(InvalidParameter, match="width=128: is not used by swap"):
+        swap(tiny_engine, photos, width=128, height=128)
+
+
+def test_a_face_cut_by_the_edge_is_refused_not_cropped_outside() -> None:
+    from instantid.errors import ImageError
+    from instantid.faces import swap_crop
+
+    # A crop near an edge moves inside the photo; where the photo is smaller than it, it is cut to the photo.
+    assert swap_crop((1000, 800), (10, 700, 110, 790)) == (0, 580, 220, 800)
+    assert swap_crop((150, 150), (50, 50, 100, 100)) == (20, 20, 130, 130)  # centred on the face
+    assert swap_crop((100, 100), (20, 20, 80, 80)) == (0, 0, 100, 100)
+    with pytest.raises(ImageError, match="cut by the edge"):
+        swap_crop((1000, 800), (-40, 100, 60, 200))
+
+
+def test_restyle_strength_is_how_far_from_the_source(tiny_engine, photos) -> None:
+    """Measured in latent space: the tiny preset's random VAE does not give back the photo it encodes, so
+    pixels cannot show closeness; the latents the denoising ends on can, against the source's own latents."""
+    import torch
+
+    pipe = tiny_engine.pipes["restyle"]
+
+    def distance(strength: float) -> float:
+        job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="restyle",
+                                                  source_image=photos["hanks"], num_steps=10, strength=strength))
+        assert job.init_image.size == (job.width, job.height) and job.denoising_steps == int(10 * strength)
+        last: dict[str, torch.Tensor] = {}
+
+        def keep(p, i, t, kw):
+            last["latents"] = kw["latents"]
+            return {}
+
+        pipe(job.prompt, job.negative_prompt, face_embedding=job.embedding, keypoint_image=job.keypoint_image,
+             height=job.height, width=job.width, num_inference_steps=10, image=job.init_image, strength=strength,
+             generator=torch.Generator().manual_seed(7), callback_on_step_end=keep)
+        with torch.no_grad():
+            x = pipe.image_processor.preprocess(job.init_image).to(pipe.vae.dtype)
+            source = pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
+        return float((last["latents"] - source).abs().mean())
+
+    near, middle, far = distance(0.1), distance(0.5), distance(1.0)
+    assert near < middle < far and far > 10 * near, (near, middle, far)
+    low = restyle(tiny_engine, photos, strength=0.1)
+    assert np.array_equal(pixels(low), pixels(restyle(tiny_engine, photos, strength=0.1)))  # same seed
+    assert not np.array_equal(pixels(low), pixels(restyle(tiny_engine, photos, strength=0.1, seed=8)))
+
+
+def test_restyle_face_layout_from_the_source_or_else_the_identity(tiny_engine, photos) -> None:
+    own = restyle(tiny_engine, photos, num_steps=2)
+    assert not any("No face in the photo to restyle" in w for w in own.warnings)
+    faceless = restyle(tiny_engine, photos, source_image=photos["noface"], num_steps=2)
+    assert any("No face in the photo to restyle" in w for w in faceless.warnings)
+    assert faceless.images[0].size == (128, 128)  # the face-free photo is square
+    with pytest.raises(InvalidParameter, match="strength=0.05: runs no step of 10"):
+        restyle(tiny_engine, photos, strength=0.05)
+
+
+def test_mode_pipelines_share_the_modules_and_the_memory(tiny_engine) -> None:
+    base = tiny_engine.pipe
+    for mode in ("restyle", "swap"):
+        pipe = tiny_engine.pipes[mode]
+        assert pipe is not base
+        for name in ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "resampler"):
+            assert getattr(pipe, name) is getattr(base, name)
+    names = [c["name"] for c in tiny_engine.report()["components"]]
+    assert len(names) == len(set(names))  # counted once: the report walks the one set of modules
+
+
+def test_a_swap_job_pickles_without_its_target(tiny_engine, photos) -> None:
+    """ZeroGPU pickles the job into its worker: the target photo stays in the main process, where finish uses it."""
+    import pickle
+
+    job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="swap",
+                                              target_image=photos["group"], num_steps=2, seed=3))
+    sent = pickle.loads(pickle.dumps(job))
+    assert sent.paste is None and job.paste is not None
+    assert sent.mask_image.size == sent.init_image.size == (sent.width, sent.height)
+    rendered = tiny_engine.render(sent)
+    assert np.array_equal(pixels(tiny_engine.finish(job, rendered)), pixels(swap(tiny_engine, photos, seed=3)))
+
+
+def test_restyle_and_swap_encode_in_the_vae_s_own_dtype(tiny_settings, photos) -> None:
+    """The profiles give the VAE its own dtype (bf16 beside an fp16 UNet on ZeroGPU): the photo diffusers
+    encodes must reach it in that dtype, and the VAE must keep it, flagged force_upcast or not."""
+    import torch
+
+    from instantid.engine import Engine
+
+    engine = Engine(tiny_settings)
+    engine.ensure_loaded()
+    vae = engine.pipe.vae
+    vae.to(torch.bfloat16)
+    for upcast in (False, True):
+        vae.register_to_config(force_upcast=upcast)
+        assert restyle(engine, photos, num_steps=2, strength=1.0).images
+        assert swap(engine, photos).images
+        assert vae.dtype == torch.bfloat16 and vae.config.force_upcast is upcast

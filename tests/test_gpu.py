@@ -51,3 +51,21 @@ def test_resident_start_up_on_a_real_gpu(tiny_settings, photos) -> None:
     assert len(result.images) == 1 and torch.cuda.max_memory_allocated() > 0
     names = {c["name"] for c in engine.report()["components"]}
     assert {"lcm_lora", "controlnet_depth", "controlnet_pose", "depth_model"} <= names
+
+
+@pytest.mark.parametrize("profile_name", ["large", "medium", "small"])
+def test_restyle_and_swap_on_every_profile(tiny_settings, photos, profile_name: str) -> None:
+    """The img2img and inpaint pipelines share the base pipeline's modules and its placement (offload hooks
+    included): each mode runs, twice the same, between generations, on every GPU profile."""
+    from instantid.engine import Engine
+
+    engine = Engine(dataclasses.replace(tiny_settings, memory_profile=profile_name))
+    face = [photos["astronaut"]]
+    requests = [
+        GenerateRequest(face_images=face, mode="restyle", source_image=photos["hanks"], num_steps=4, seed=1),
+        GenerateRequest(face_images=face, mode="swap", target_image=photos["group"], num_steps=2, seed=1),
+        GenerateRequest(face_images=face, num_steps=2, seed=1),
+    ]
+    first = [np.asarray(engine.generate(r).images[0]) for r in requests]
+    again = [np.asarray(engine.generate(r).images[0]) for r in requests]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))

@@ -344,6 +344,14 @@ def test_gpu_duration_is_monotonic_and_clamped() -> None:
                                 lcm=False) == api.MAX_DURATION_S
 
 
+def test_gpu_duration_counts_the_steps_a_restyle_runs() -> None:
+    """img2img runs steps x strength of its steps; a swap is sized by its crop's working size (the job's)."""
+    full = api._gpu_duration(_job(num_steps=100, width=1280, height=1280))
+    assert api._gpu_duration(_job(num_steps=100, width=1280, height=1280, mode="restyle", strength=1.0)) == full
+    assert api._gpu_duration(_job(num_steps=100, width=1280, height=1280, mode="restyle", strength=0.3)) < full
+    assert _job(num_steps=30, strength=0.5).denoising_steps == 15
+
+
 def _job(**kw: Any) -> Job:
     fields = dict(prompt="x", negative_prompt="", embedding=None, keypoint_image=None, face_mask=None, controls={},
                   width=1024, height=1024, num_images=1, num_steps=30, guidance_scale=5.0, identitynet_strength=0.8,
@@ -402,3 +410,57 @@ def test_invalid_parameter_message_is_a_sentence() -> None:
     # The UI shows these verbatim: they must name the argument and say what is allowed.
     message = str(InvalidParameter("width", 100, "use 0 (automatic) or a multiple of 64 up to 1280"))
     assert message.startswith("Invalid width=100") and message.endswith(".")
+
+
+# --- modes: Generate, Restyle, Face swap --------------------------------------------------------------
+
+
+def _demo_with_modes() -> gr.Blocks:
+    return ui.build_demo(api.generate, api.status, settings=Settings(), restyle_fn=api.restyle, swap_fn=api.swap)
+
+
+def test_each_mode_is_its_named_endpoint_with_its_own_parameters() -> None:
+    from instantid.requests import params_for
+
+    info = _demo_with_modes().get_api_info()["named_endpoints"]
+    assert set(info) == {"/generate", "/restyle", "/swap", "/status"}, "the mode choice stays out of the API"
+    for mode in ("generate", "restyle", "swap"):
+        names = [p["parameter_name"] for p in info[f"/{mode}"]["parameters"]]
+        assert names == list(params_for(mode)) == list(inspect.signature(getattr(api, mode)).parameters)[:-1]
+    assert info["/swap"]["description"].startswith("Face swap")
+    assert "face_index" in api.swap.__doc__ and "strength:" in api.restyle.__doc__
+
+
+def test_the_mode_choice_shows_only_that_mode_s_inputs() -> None:
+    modes = ["generate", "restyle", "swap"]
+    swap, restyle, generate = (ui.visible_in(m, modes) for m in ("swap", "restyle", "generate"))
+    assert swap["target_image"] and swap["face_index"] and swap["before_after"] and swap["swap_btn"]
+    assert not any(swap[n] for n in ("source_image", "strength", "pose_image", "width", "controls", "generate_btn"))
+    assert restyle["source_image"] and restyle["strength"] and restyle["width"] and restyle["controls"]
+    assert not any(restyle[n] for n in ("target_image", "pose_image", "before_after"))
+    assert generate["pose_image"] and not generate["source_image"] and not generate["target_image"]
+    assert "face_image" not in swap and "prompt" not in swap, "inputs every mode takes never hide"
+
+
+def test_mode_steps_are_cheap_and_every_input_is_guarded() -> None:
+    demo = _demo_with_modes()
+    by_fn: dict[str, list[Any]] = {}
+    for dep in demo.fns.values():
+        by_fn.setdefault(getattr(dep.fn, "__name__", None), []).append(dep)
+    for name in ("show_mode", "before_after"):
+        (dep,) = by_fn[name]
+        assert dep.queue is False and dep.api_visibility == "private"
+    assert len(by_fn["start_run"]) == 3
+    # Every input of every mode checks what is sent before Gradio converts it (guard_input's wrapper).
+    for name in ("generate", "restyle", "swap"):
+        (dep,) = by_fn[name]
+        for block in dep.inputs:
+            assert block.preprocess.__qualname__.startswith("guard_input"), (name, block.label)
+        # ...and no input is an output of a mode's event (an output rebuilt per session loses the guard).
+        assert not {id(b) for b in dep.inputs} & {id(b) for b in dep.outputs}
+
+
+def test_before_after_pairs_the_target_with_the_first_result() -> None:
+    assert ui.before_after("/t.png", [("/r1.png", "seed 1"), ("/r2.png", None)]) == ("/t.png", "/r1.png")
+    assert ui.before_after("/t.png", [{"image": "/r1.png", "caption": None}]) == ("/t.png", "/r1.png")
+    assert ui.before_after(None, [("/r1.png", "")]) is None and ui.before_after("/t.png", []) is None

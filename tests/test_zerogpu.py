@@ -147,6 +147,35 @@ def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, di
     assert "denoise_ms" in timings, "the denoising ran in the worker and its timings came back"
 
 
+def test_swap_and_restyle_run_in_the_worker_and_a_faceless_target_costs_nothing(
+    zerogpu: tuple[App, DeviceAPI, dict], photos
+) -> None:
+    """The swap's job crosses into the worker without its target photo; the paste-back runs in the main process."""
+    import numpy as np
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    app, device, _ = zerogpu
+    client = Client(app.url, verbose=False)
+    before = len(device.calls)
+    face, target = handle_file(str(photos["astronaut"])), handle_file(str(photos["group"]))
+    gallery, _, _, _, timings = client.predict(face, target, "a portrait", num_steps=2, seed=3, api_name="/swap")
+    calls = device.calls[before:]
+    assert [path for path, _ in calls] == ["/schedule", "/allow", "/release"], calls
+    assert calls[2][1]["fail"] == "false" and "denoise_ms" in timings and "paste_ms" in timings
+    with Image.open(gallery[0]["image"]) as out, Image.open(photos["group"]) as original:
+        changed = np.any(np.asarray(out.convert("RGB")) != np.asarray(original.convert("RGB")), axis=-1)
+    assert 0 < changed.mean() < 0.05
+    gallery, *_ = client.predict(face, handle_file(str(photos["hanks"])), "a painting", strength=0.5, num_steps=2,
+                                 api_name="/restyle")
+    assert Path(gallery[0]["image"]).is_file()
+    before = device.paths().count("/schedule")
+    with pytest.raises(AppError, match="No face found in the photo to swap a face into"):
+        client.predict(face, handle_file(str(photos["noface"])), "x", api_name="/swap")
+    assert device.paths().count("/schedule") == before
+
+
 def test_errors_in_the_worker_reach_the_visitor(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     """An out-of-range value is refused before scheduling; an error inside the worker keeps its message."""
     from gradio_client import Client, handle_file
