@@ -710,7 +710,9 @@ def swap_region(size: tuple[int, int], bbox: Sequence[float], *, feather: bool =
         return mask
     # A kernel of 3 sigma each side: beyond it the Gaussian is cut to exactly 0, so the region is bounded.
     radius = max(1, math.ceil(3 * sigma))
-    return cv2.GaussianBlur(mask, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_CONSTANT)
+    soft = cv2.GaussianBlur(mask, (2 * radius + 1, 2 * radius + 1), sigma, borderType=cv2.BORDER_CONSTANT)
+    # The kernel's float32 sum falls a hair short of 1: inside the face the drawn pixels replace the target's.
+    return np.where(soft > 1 - 1e-5, np.float32(1), soft)
 
 
 def paste_face(target: Image.Image, drawn: Image.Image, box: Sequence[int], region: np.ndarray) -> Image.Image:
