@@ -475,7 +475,7 @@ def _wire_generate(
     cleared = [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"],
                c["before_after"]]
     for mode, fn in fns.items():
-        # Enter in the prompt runs the mode on show; with one mode, its button's event takes it directly.
+        # With one mode, Enter in the prompt runs it too; with several, only the buttons say which mode runs.
         triggers = [c[f"{mode}_btn"].click, *([c["prompt"].submit] if len(modes) == 1 else [])]
         event = gr.on(
             triggers, start_run, [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
@@ -486,15 +486,6 @@ def _wire_generate(
         ).success(fn, [c[name] for name in params_for(mode)], outputs, api_name=mode, show_progress_on=[c["gallery"]])
         if mode == "swap":
             event.success(before_after, [c["target_image"], c["gallery"]], [c["before_after"]], **quiet)
-
-
-# Enter in the prompt clicks the button on show (only the chosen mode's button is).
-SUBMIT_JS = """() => {
-  for (const mode of ["generate", "restyle", "swap"]) {
-    const button = document.getElementById(mode + "-button");
-    if (button && button.offsetParent !== null) { button.click(); return; }
-  }
-}"""
 
 
 def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]) -> None:
@@ -511,7 +502,6 @@ def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]
         return updates + [gr.update(visible=shown["controls"])] * (len(targets) - len(updates))
 
     c["mode"].change(show_mode, [c["mode"]], targets, **quiet)
-    c["prompt"].submit(None, None, None, js=SUBMIT_JS, **quiet)
 
 
 def _status_tab() -> dict[str, Any]:
