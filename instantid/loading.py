@@ -188,7 +188,7 @@ def _read_owned(state: dict[str, Any], dtype: Any, mapped: bool) -> dict[str, An
 
 
 def _drop_file_pages(tensor: Any) -> None:
-    """Unmap the file pages under a tensor read with `torch.load(mmap=True)` (a private, never-written
+    """Unmap the file pages under a tensor read through a memory map (`mmap=True`) (a private, never-written
     mapping: the kernel re-reads them from the file if touched again). Only whole pages inside the
     tensor's bytes, so a neighbour sharing a page keeps it. Best effort: Linux and macOS only."""
     import ctypes
