@@ -101,6 +101,8 @@ def test_generate_and_status_in_a_real_browser(page) -> None:
     image = page.locator("#gallery img").first
     expect(image).to_be_visible(timeout=120_000)
     expect(seed).to_have_value("777")
+    # Similarity in the caption, the timings as one line (the raw JSON stays in the API).
+    expect(page.locator("#run-summary")).to_contain_text(re.compile(r"Done in [\d.]+ (ms|s): faces"), timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-generate.png"), full_page=True)
 
     page.get_by_role("tab", name="Status").click()

@@ -229,6 +229,14 @@ def test_status_says_what_a_ready_server_is_doing() -> None:
     assert "ready in 3.0 s; generating (step 3 of 30)" in ui.format_load_state(busy)
 
 
+def test_timings_read_as_one_line() -> None:
+    timings = {"total_ms": 4210.4, "denoise_ms": 3812.0, "faces_ms": 31.2, "decode_ms": 201.0, "new_stage_ms": 5.0}
+    assert ui.timings_line(timings) == "Done in 4.2 s: faces 31 ms · denoising 3.8 s · decoding 201 ms · new stage 5 ms"
+    assert ui.timings_line({}) == "" and ui.timings_line(None) == ""
+    # The step before a run clears every output of the last one, the summary line included.
+    assert ui.start_run(7, False, ["canny"], 0.5, 0.6, 0.7)[1:] == ({"canny": 0.6}, None, None, None, None, None, "")
+
+
 def test_status_samples_are_capped() -> None:
     samples: list = []
     for i in range(ui.MAX_SAMPLES + 10):
