@@ -248,10 +248,7 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
         "weights_bytes": sum(parts.values()),
         "parts_bytes": parts,
         "parts_loaded": list(engine.state["loaded"]),
-        "peak_rss_bytes": watch.peak - watch.start,
-        "end_rss_bytes": watch.now() - watch.start,
-        "load_seconds": round(seconds, 2),
-        "stages": [[label, delta, anon] for label, delta, anon in watch.marks],
+        **watch.result(seconds),
     }
 
 

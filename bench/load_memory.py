@@ -270,6 +270,15 @@ class RSSWatch:
         self.peak = max(self.peak, rss)
         self.marks.append((label, rss - self.start, _rss_anon() - self._anon0))
 
+    def result(self, seconds: float) -> dict[str, Any]:
+        """What every load measure reports: peak and end RSS growth, load time, the marked stages."""
+        return {
+            "peak_rss_bytes": self.peak - self.start,
+            "end_rss_bytes": self.now() - self.start,
+            "load_seconds": round(seconds, 2),
+            "stages": [[label, delta, anon] for label, delta, anon in self.marks],
+        }
+
 
 def _rss_anon() -> int:
     """RssAnon: the part of RSS that is anonymous memory (Linux), 0 where unknown."""
@@ -423,10 +432,7 @@ def child_main(mode: str, cache: str, base: str, repo: str) -> dict[str, Any]:
         "mode": mode,
         "profile": profile,
         "weights_bytes": _module_bytes(modules),
-        "peak_rss_bytes": watch.peak - watch.start,
-        "end_rss_bytes": watch.now() - watch.start,
-        "load_seconds": round(seconds, 2),
-        "stages": [[label, delta, anon] for label, delta, anon in watch.marks],
+        **watch.result(seconds),
     }
 
 
