@@ -14,7 +14,6 @@ memory figures only when CUDA is already initialised (which happens inside a GPU
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections import Counter
@@ -24,8 +23,6 @@ from typing import Any
 
 from .errors import SettingsError
 from .settings import MEMORY_PROFILES
-
-logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 

@@ -6,11 +6,6 @@ from dataclasses import dataclass
 
 NO_STYLE = "(No style)"
 
-DEFAULT_NEGATIVE = (
-    "lowres, low quality, worst quality, blurry, deformed, disfigured, extra fingers, bad anatomy, "
-    "watermark, text, signature, nsfw, nudity"
-)
-
 
 @dataclass(frozen=True)
 class Style:
