@@ -12,6 +12,7 @@ import spaces  # noqa: I001, F401 - import order matters here
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -24,22 +25,40 @@ ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
 CSS_PATH = ASSETS / "style.css"
 
-EXAMPLE_PROMPTS = [
-    ("a portrait of a woman as an astronaut on Mars, helmet under her arm, golden hour", "Mars"),
-    ("a woman reading in a rainy café at night, neon reflections", "Neon"),
-    ("a detective in a trench coat under a street lamp", "Film Noir"),
-    ("a woman in a garden, spring flowers", "Watercolor"),
-]
+# Public-domain photos (assets/LICENSES.md): one face each, and the two of them in one photo.
+ASTRONAUT, HOPPER, PAIR = (str(ASSETS / name) for name in ("astronaut.jpg", "grace_hopper.jpg", "two_people.jpg"))
+EXAMPLES: dict[str, list[dict[str, Any]]] = {
+    "generate": [
+        {"face_image": ASTRONAUT, "prompt": "a portrait of a woman as an astronaut on Mars, helmet under her arm, "
+         "golden hour", "style": "Mars"},
+        {"face_image": ASTRONAUT, "prompt": "a woman reading in a rainy café at night, neon reflections",
+         "style": "Neon"},
+        {"face_image": HOPPER, "prompt": "a detective in a trench coat under a street lamp", "style": "Film Noir"},
+        # Two people in the photo: the larger face (Grace Hopper's) gives the identity.
+        {"face_image": PAIR, "prompt": "a woman in a garden, spring flowers", "style": "Watercolor"},
+    ],
+    "restyle": [
+        {"face_image": HOPPER, "source_image": ASTRONAUT, "prompt": "a portrait of an astronaut",
+         "style": "Watercolor"},
+    ],
+    "swap": [
+        # Face numbers go largest first: 1 is the astronaut in the two-person photo, 0 Grace Hopper.
+        {"face_image": HOPPER, "target_image": PAIR, "face_index": 1, "prompt": "a smiling woman"},
+        {"face_image": ASTRONAUT, "target_image": PAIR, "face_index": 0, "prompt": "an elderly officer"},
+    ],
+}
 
 log = logging.getLogger("instantid.app")
 settings = get_settings()
 
 
-def examples() -> list[list[str]]:
-    face = ASSETS / "astronaut.jpg"
-    if not face.is_file():
-        return []
-    return [[str(face), prompt, style] for prompt, style in EXAMPLE_PROMPTS]
+def examples() -> dict[str, list[dict[str, Any]]]:
+    """Each mode's examples whose photos are all present (a trimmed copy of the Space may lack assets/)."""
+    def present(row: dict[str, Any]) -> bool:
+        return all(Path(v).is_file() for k, v in row.items() if k.endswith("_image"))
+
+    shown = {mode: [row for row in rows if present(row)] for mode, rows in EXAMPLES.items()}
+    return {mode: rows for mode, rows in shown.items() if rows}
 
 
 def mcp_enabled() -> bool:

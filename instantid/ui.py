@@ -7,6 +7,7 @@ the order of `generate_inputs` below: Gradio names the API parameters after the 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -109,6 +110,7 @@ def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
     shown.update({f"{m}_btn": m == mode for m in modes})
     shown["controls"] = mode in PARAMS["controlnets"].modes
     shown["before_after"] = mode == "swap"
+    shown.update({f"{m}_examples": m == mode for m in modes})
     return shown
 
 
@@ -294,13 +296,19 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
     "face_image": {"height": 360, "elem_id": "face-image"},
     "source_image": {"elem_id": "source-image"},
     "target_image": {"elem_id": "target-image"},
-    "prompt": {"placeholder": "e.g. a woman as an astronaut on Mars, cinematic light", "lines": 2, "elem_id": "prompt"},
+    "prompt": {"placeholder": "e.g. a woman as an astronaut on Mars, cinematic light", "lines": 2, "elem_id": "prompt",
+               "info": "Shift+Enter runs it; Enter starts a new line"},
     "negative_prompt": {"placeholder": "what to avoid (optional)"},
     "seed": {"elem_id": "seed"},
 }
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
 MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap"}
 MODE_BUTTONS = {"generate": "Generate", "restyle": "Restyle", "swap": "Swap face"}
+# Presses the first of the buttons (element ids) that is shown; a hidden one has no offsetParent.
+PRESS_SHOWN_BUTTON_JS = """() => {
+    const shown = BUTTONS.map((id) => document.getElementById(id)).find((b) => b && b.offsetParent !== null);
+    if (shown) shown.click();
+}"""
 
 
 def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
@@ -397,7 +405,7 @@ def build_demo(
     status_fn: Callable[[], Mapping[str, Any]],
     *,
     settings: Settings,
-    examples: list[list[Any]] | None = None,
+    examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     restyle_fn: Callable[..., Any] | None = None,
     swap_fn: Callable[..., Any] | None = None,
 ) -> gr.Blocks:
@@ -409,7 +417,9 @@ def build_demo(
       keypoint image, timings); raises gr.Error for user-facing problems. A mode without its function is
       not offered (nor its endpoint).
     status_fn: returns the engine's JSON-ready report.
-    examples: rows of [face photo path, prompt, style].
+    examples: per mode, rows of that mode's inputs by parameter name (every row of a mode names the same
+      ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,
+      "face_index": 1, "prompt": text}]}. Each mode's examples show with that mode only.
     """
     fns = {"generate": generate_fn, "restyle": restyle_fn, "swap": swap_fn}
     modes = [mode for mode in MODES if fns[mode] is not None]
@@ -421,8 +431,11 @@ def build_demo(
             with gr.Tab("Generate", id="generate") as generate_tab:
                 c = _generate_tab(settings, modes)
                 outputs = [c["gallery"], c["seed_used"], c["similarities"], c["keypoints"], c["timings"]]
-                if examples:
-                    _examples(generate_fn, examples, [c["face_image"], c["prompt"], c["style"]], outputs)
+                for mode in modes:
+                    # A column per mode even without examples: the mode choice shows and hides it by name.
+                    with gr.Column(visible=mode == modes[0]) as c[f"{mode}_examples"]:
+                        if examples and examples.get(mode):
+                            _examples(mode, fns[mode], examples[mode], c, outputs)
             with gr.Tab("Status", id="status") as status_tab:
                 s = _status_tab()
         _wire_generate(demo, {mode: fns[mode] for mode in modes}, c, outputs)
@@ -465,22 +478,40 @@ def _wire_status(status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], 
     generate_tab.select(lambda: gr.Timer(active=False), None, s["timer"], **quiet)
 
 
-def _examples(generate_fn: Callable[..., Any], examples: list[list[Any]], inputs: list[Any], outputs: list[Any]):
-    def run_example(face: str, prompt_text: str, style_name: str) -> Any:
+def _examples(
+    mode: str, fn: Callable[..., Any], rows: Sequence[Mapping[str, Any]], c: dict[str, Any], outputs: list[Any]
+) -> None:
+    names = list(rows[0])
+    if unknown := [n for n in names if n not in params_for(mode)]:
+        raise ValueError(f"{mode} examples name {unknown}: not parameters of {mode}")
+    if any(list(row) != names for row in rows):
+        raise ValueError(f"every {mode} example must name the same inputs, in the same order: {names}")
+    # Shown like a run from the button: the summary line, and for a swap the before/after view.
+    shown = [*outputs, c["summary"], *([c["before_after"]] if mode == "swap" else [])]
+
+    def run_example(*values: Any) -> Any:
         # Every other input keeps its default, so a cached example stays valid.
-        yield from generate_fn(face, prompt_text, style=style_name)
+        given = dict(zip(names, values, strict=True))
+        for item in fn(**given):
+            if not isinstance(item, (tuple, list)):  # gr.skip() while it works
+                yield item
+                continue
+            result = [*item, timings_line(item[4])]
+            if mode == "swap":
+                result.append(before_after(given["target_image"], item[0]))
+            yield result
 
     gr.Examples(
-        examples=examples,
-        inputs=inputs,
-        outputs=outputs,
+        examples=[list(row.values()) for row in rows],
+        inputs=[c[name] for name in names],
+        outputs=shown,
         fn=run_example,
         # Lazily: each example is generated on its first click, then served from the cache; eager caching
         # would spend a full SDXL generation per example at start-up.
         cache_examples=True,
         cache_mode="lazy",
         api_visibility="private",
-        label="Examples (click one: generated once, then served from the cache)",
+        label=f"{MODE_LABELS[mode]} examples (click one: generated once, then served from the cache)",
     )
 
 
@@ -499,10 +530,8 @@ def _wire_generate(
     cleared = [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"],
                c["before_after"], c["summary"]]
     for mode, fn in fns.items():
-        # With one mode, Enter in the prompt runs it too; with several, only the buttons say which mode runs.
-        triggers = [c[f"{mode}_btn"].click, *([c["prompt"].submit] if len(modes) == 1 else [])]
-        event = gr.on(
-            triggers, start_run, [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
+        event = c[f"{mode}_btn"].click(
+            start_run, [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
             cleared,
             # Queued, as only a queued event's error reaches the page (a seed of -5 used to fail silently),
             # but with no concurrency limit: it never waits behind a running generation.
@@ -511,6 +540,10 @@ def _wire_generate(
         event.success(timings_line, [c["timings"]], [c["summary"]], **quiet)
         if mode == "swap":
             event.success(before_after, [c["target_image"], c["gallery"]], [c["before_after"]], **quiet)
+    # The prompt box has two lines, so Gradio submits it on Shift+Enter (Enter starts a new line). It runs
+    # the mode shown by pressing that mode's button in the page: one path, the button's, for every run.
+    buttons = json.dumps([f"{mode}-button" for mode in modes])
+    c["prompt"].submit(None, None, None, js=PRESS_SHOWN_BUTTON_JS.replace("BUTTONS", buttons), **quiet)
 
 
 def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]) -> None:

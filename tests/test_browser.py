@@ -145,7 +145,8 @@ def test_a_bad_seed_typed_in_the_page_gets_its_message(page) -> None:
 
 
 def test_face_swap_in_a_real_browser(page) -> None:
-    """The mode choice shows the swap's inputs only; the swap fills the gallery and the before/after view."""
+    """The mode choice shows the swap's inputs and examples only; Shift+Enter in the prompt runs the mode shown
+    (the prompt box has two lines, so Enter alone starts a new line); the swap fills the before/after view."""
     ARTIFACTS.mkdir(exist_ok=True)
     expect = sync_api.expect
     target = ROOT / "assets" / "astronaut.jpg"
@@ -154,6 +155,8 @@ def test_face_swap_in_a_real_browser(page) -> None:
     expect(page.locator("#target-image")).to_be_visible(timeout=10_000)
     expect(page.locator("#generate-button")).to_be_hidden()
     expect(page.locator("#source-image")).to_be_hidden()
+    expect(page.get_by_text("Face swap examples")).to_be_visible()
+    expect(page.get_by_text("Generate examples")).to_be_hidden()
 
     page.locator("#face-image input[type=file]").set_input_files(str(FACE))
     page.locator("#target-image input[type=file]").set_input_files(str(target))
@@ -163,7 +166,9 @@ def test_face_swap_in_a_real_browser(page) -> None:
     steps.fill("2")
     steps.press("Enter")
 
-    page.locator("#swap-button").click()
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("a smiling woman")
+    prompt.press("Shift+Enter")
     expect(page.locator("#gallery img").first).to_be_visible(timeout=120_000)
     expect(page.locator("#before-after img").first).to_be_visible(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-swap.png"), full_page=True)

@@ -172,6 +172,21 @@ def test_group_photo_largest_first(analyzer, group):
     assert max(sims) < 0.6
 
 
+def test_the_shipped_example_photos_hold_the_faces_the_examples_name(analyzer):
+    """app.py's examples swap face 1 (the astronaut) and face 0 (Grace Hopper) of assets/two_people.jpg."""
+    assets = Path(__file__).resolve().parents[1] / "assets"
+
+    def faces_in(name: str) -> list:
+        return analyzer.detect(np.asarray(Image.open(assets / name).convert("RGB")))
+
+    (astronaut,), (hopper,) = faces_in("astronaut.jpg"), faces_in("grace_hopper.jpg")
+    first, second = faces_in("two_people.jpg")
+    assert first.bbox[0] > 384 > second.bbox[2], "face 0 is the right-hand portrait, face 1 the left-hand one"
+    assert cosine_similarity(first.embedding, hopper.embedding) > 0.8
+    assert cosine_similarity(second.embedding, astronaut.embedding) > 0.8
+    assert cosine_similarity(hopper.embedding, astronaut.embedding) < 0.3, "two different people"
+
+
 def test_detect_options(analyzer, group):
     every = analyzer.detect(group, with_embedding=False)
     assert len(every) == 6 and all(f.embedding is None for f in every)

@@ -159,7 +159,8 @@ def test_named_endpoints_with_fakes() -> None:
 def test_real_api_functions_match_the_components() -> None:
     """The API names come from api.generate's signature; the components are listed in the same order."""
     assert list(inspect.signature(api.generate).parameters)[:-1] == API_PARAMETERS
-    demo = ui.build_demo(api.generate, api.status, settings=Settings(), examples=[[FACE, "a knight", "Mars"]])
+    example = {"face_image": FACE, "prompt": "a knight", "style": "Mars"}
+    demo = ui.build_demo(api.generate, api.status, settings=Settings(), examples={"generate": [example]})
     info = demo.get_api_info()["named_endpoints"]
     params = {p["parameter_name"]: p for p in info["/generate"]["parameters"]}
     assert not params["face_image"]["parameter_has_default"]
@@ -448,6 +449,40 @@ def test_the_mode_choice_shows_only_that_mode_s_inputs() -> None:
     assert not any(restyle[n] for n in ("target_image", "pose_image", "before_after"))
     assert generate["pose_image"] and not generate["source_image"] and not generate["target_image"]
     assert "face_image" not in swap and "prompt" not in swap, "inputs every mode takes never hide"
+
+
+def test_each_mode_shows_its_own_examples() -> None:
+    examples = {
+        "generate": [{"face_image": FACE, "prompt": "a knight", "style": "Mars"}],
+        "swap": [{"face_image": FACE, "target_image": FACE, "face_index": 0, "prompt": "a knight"}],
+    }
+    demo = ui.build_demo(api.generate, api.status, settings=Settings(), examples=examples, restyle_fn=api.restyle,
+                         swap_fn=api.swap)
+    datasets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
+    assert sorted(d.label for d in datasets) == [
+        "Face swap examples (click one: generated once, then served from the cache)",
+        "Generate examples (click one: generated once, then served from the cache)",
+    ]
+    swap = ui.visible_in("swap", ["generate", "restyle", "swap"])
+    assert swap["swap_examples"] and not swap["generate_examples"] and not swap["restyle_examples"]
+    # The swap example fills the swap's own inputs and shows a run's summary and before/after too.
+    (swap_set,) = [d for d in datasets if d.label.startswith("Face swap")]
+    assert [c.label for c in swap_set._components] == [
+        "Face photo", "Photo to swap a face into", "Face to replace (0 = largest)", "Prompt",
+    ]
+    assert set(demo.get_api_info()["named_endpoints"]) == {"/generate", "/restyle", "/swap", "/status"}
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"face_image": FACE, "pose": FACE}], r"name \['pose'\]: not parameters of generate"),
+        ([{"face_image": FACE, "prompt": "a"}, {"prompt": "b", "face_image": FACE}], "must name the same inputs"),
+    ],
+)
+def test_examples_that_name_other_inputs_are_refused(rows: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ui.build_demo(api.generate, api.status, settings=Settings(), examples={"generate": rows})
 
 
 def test_mode_steps_are_cheap_and_every_input_is_guarded() -> None:
