@@ -222,8 +222,11 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
         if cpu is not None and base_cpu.get("cpu_ms"):
             figures += f"; process CPU time {cpu} ms vs {base_cpu['cpu_ms']} ms ({cpu / base_cpu['cpu_ms']:.3f} x)"
         if result.get("what_ifs"):
-            figures += "; what-ifs, cumulative: " + "; ".join(
-                f"{w['name']} {w['median_ms']} ms" for w in result["what_ifs"]
+            figures += "; what-ifs: " + "; ".join(
+                f"{w['name']} {w['median_ms']} ms ({w['ratio_vs_baseline']} x baseline"
+                + (f", tokens {w['resampler_error']} from float32's" if "resampler_error" in w else "")
+                + ")"
+                for w in result["what_ifs"]
             )
         if result.get("loadavg"):
             figures += f"; load average {result['loadavg'][0]} -> {result['loadavg'][1]}"

@@ -5,7 +5,8 @@ photos with real face models (insightface's SCRFD-500M and MobileFaceNet from th
 wheel), with GPU-sized (1024 px) outputs:
 
 1. prepare: `Engine.prepare` on the uploaded file's bytes: validation, decoding, face detection and one
-   recognition, keypoint image and face mask, and handing the decode's memory back;
+   recognition, keypoint image and face mask, and handing the decode's memory back (every photo is new to
+   the engine: its photo cache is emptied before each request, except in the "same photo again" what-if);
 2. resampler: `instantid.pipeline.face_tokens` with the released resampler shape (1280 wide, 4 layers,
    20 heads, 16 queries, 2048 out) in the cpu profile's dtype: the first thing the render stage does,
    on the CPU only where there is no GPU (on a GPU it is GPU time);
@@ -94,11 +95,32 @@ def _timed(timings: dict[str, float], key: str, fn: Callable[[], Any]) -> Any:
 
 def _resampler(dtype: Any) -> Any:
     """The released resampler shape (1280 wide, 4 layers, 20 heads, 16 queries, 2048 out), random, via the
-    engine's own builder from an `image_proj` state dict."""
+    engine's own builder from an `image_proj` state dict; `torch.qint8`: float32 with its linear layers
+    quantised dynamically to int8 (a what-if for CPUs without bf16)."""
+    import torch
+
     from instantid.resampler import build_resampler
     from instantid.tiny import ModelShape, resampler_state_dict
 
-    return build_resampler(resampler_state_dict(**ModelShape.sdxl().resampler), source="bench", dtype=dtype)
+    state = resampler_state_dict(**ModelShape.sdxl().resampler)
+    if dtype != torch.qint8:
+        return build_resampler(state, source="bench", dtype=dtype)
+    from torch.ao.quantization import quantize_dynamic
+
+    model = build_resampler(state, source="bench", dtype=torch.float32).eval()
+    return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def _tokens_error(resampler: Any) -> float:
+    """Relative distance of `resampler`'s face tokens from float32's, on one seeded raw-ArcFace-scale
+    embedding (per-dimension spread about 1): what a faster dtype costs in fidelity."""
+    import torch
+
+    emb = torch.randn(1, 1, 512, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        exact = _resampler(torch.float32)(emb)
+        tokens = resampler(emb.to(resampler.dtype)).float()
+    return round(float((tokens - exact).norm() / exact.norm()), 4)
 
 
 @dataclass(frozen=True)
@@ -110,6 +132,9 @@ class Variant:
     det_size: int | None = None  # None: the settings' default (INSTANTID_FACE_DET_SIZE)
     resampler_dtype: str | None = None  # None: the cpu profile's dtype (this machine has no GPU)
     face_models: str = "standin"  # standin: the wheel's small models; full: antelopev2-sized (random)
+    # False: every request's photo is new to the engine (its photo cache is emptied before each request);
+    # True: each photo was analysed before, as when a visitor generates again with the same photo.
+    same_photo: bool = False
     note: str = ""
 
 
@@ -118,7 +143,13 @@ BASELINE = Variant("baseline", kind="baseline", note="the official demo's face p
 # What-if: the one remaining knob is a setting. Spin-free onnxruntime sessions, the cached
 # unconditional tokens and the bf16 resampler on CPUs with native bf16 were what-ifs here once and are
 # now in the product (BENCHMARKS.md keeps their history).
-WHAT_IFS = (Variant("det_size=320", det_size=320, note="INSTANTID_FACE_DET_SIZE=320 (a setting)"),)
+WHAT_IFS = (
+    Variant("det_size=320", det_size=320, note="INSTANTID_FACE_DET_SIZE=320 (a setting)"),
+    Variant("same photo again", same_photo=True, note="each photo analysed before: answered from the photo cache"),
+    # The resampler on a CPU without bf16 (the product's choice there) and a faster, approximate option.
+    Variant("resampler float32", resampler_dtype="float32", note="as on a CPU without native bf16"),
+    Variant("resampler int8", resampler_dtype="qint8", note="linear layers quantised dynamically (not in the product)"),
+)
 
 
 def run(
@@ -145,10 +176,10 @@ def run(
         full_size_face_models(log=log)  # built once here, so no child pays for the export
     rounds = max(1, min(n, rounds or (3 if models == "full" else 1)))
     variants = [ENGINE, BASELINE]
-    # The what-if is a detection-size setting measured with the stand-ins; with full-size models the
-    # request path no longer runs a full-size detection for a photo with a face, so it adds only time.
-    if what_ifs if what_ifs is not None else not quick and models == "standin":
-        variants += list(WHAT_IFS)
+    # The detection-size what-if is measured with the stand-ins only: with full-size models the request
+    # path no longer runs a full-size detection for a photo with a face, so it would add only time.
+    if what_ifs if what_ifs is not None else not quick:
+        variants += [v for v in WHAT_IFS if models == "standin" or v.same_photo]
     variants = [replace(v, face_models=models) for v in variants]
     load_before = _loadavg()
     children: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
@@ -171,7 +202,8 @@ def run(
 
 def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [row for run in runs for row in run["rows"]]
-    meta = {k: v for k, v in runs[-1].items() if k in ("det_size", "resampler_dtype", "torch_threads")}
+    kept = ("det_size", "resampler_dtype", "resampler_error", "torch_threads")
+    meta = {k: v for k, v in runs[-1].items() if k in kept}
     return {**_stats(rows), **meta}
 
 
@@ -201,6 +233,8 @@ def _summary(results: dict[str, dict[str, Any]], variants: list[Variant], n: int
                 "name": v.name,
                 "note": v.note,
                 **{k: results[v.name][k] for k in ("median_ms", "p90_ms", "stages_median_ms")},
+                "ratio_vs_baseline": round(results[v.name]["median_ms"] / base["median_ms"], 3),
+                **({"resampler_error": results[v.name]["resampler_error"]} if v.resampler_dtype else {}),
             }
             for v in variants[2:]
         ],
@@ -269,6 +303,8 @@ def child_main(variant: Variant, n: int, start: int = 0) -> dict[str, Any]:
             uncond_cache: dict = {}  # per model, as the pipeline keeps it
 
             def request(name: str, data: bytes) -> dict[str, float]:
+                if not variant.same_photo:
+                    engine.faces().clear_cache()
                 t: dict[str, float] = {}
                 job = _timed(t, "prepare_ms", lambda: engine.prepare(GenerateRequest(face_images=[data])))
                 _timed(t, "resampler_ms", lambda: face_tokens(resampler, job.embedding, cpu, uncond_cache))
@@ -290,6 +326,8 @@ def child_main(variant: Variant, n: int, start: int = 0) -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
         }
     )
+    if variant.resampler_dtype:
+        result["resampler_error"] = _tokens_error(_resampler(dtype))
     return result
 
 

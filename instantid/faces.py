@@ -10,13 +10,15 @@ No torch here: the command line's `faces` sub-command and the UI's face preview 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,9 @@ COARSE_MIN_FACE = 48
 # many pixels wide: the recognizer's own input size, so the keypoints are as precise as its crop needs.
 FACE_SCALE_PX = 112
 FACE_CROP_FACTOR = 2.0  # crop side / face side: the face fills half the crop, as in a portrait photo
+# The request path's analyses of the last photos, by their pixels: "generate again" with the same photo (a
+# new prompt, seed or mode) costs no detection and no recognition (a ResNet-100 pass, ~120 ms on 2 cores).
+PHOTO_CACHE_SIZE = 16
 _LIMB_DIM_LUT = (np.arange(256, dtype=np.float64) * KPS_LIMB_DIM).astype(np.uint8)
 KPS_RADIUS = 10
 
@@ -100,6 +105,11 @@ class Face:
     @property
     def area(self) -> float:
         return max(0.0, self.width) * max(0.0, self.height)
+
+    def copy(self) -> Face:
+        """A copy whose arrays the caller may change."""
+        embedding = None if self.embedding is None else self.embedding.copy()
+        return replace(self, kps=self.kps.copy(), embedding=embedding)
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types for the command line and the API (no embedding: it is 512 numbers of noise)."""
@@ -334,6 +344,14 @@ class FaceAnalyzer:
         self._det.prepare(0, input_size=(self.det_size, self.det_size), det_thresh=det_thresh)
         self._rec.prepare(0)
         self._lock = threading.RLock()
+        # Keyed by a digest of the pixels, never the file name: equal keys mean equal photos. The entries are
+        # embeddings (2 KB each), reachable only by sending the same photo again.
+        self._photos: OrderedDict[tuple[tuple[int, ...], bytes], tuple[Face, int]] = OrderedDict()
+
+    def clear_cache(self) -> None:
+        """Forget the analysed photos (`embed_largest` analyses the next ones afresh)."""
+        with self._lock:
+            self._photos.clear()
 
     def __repr__(self) -> str:
         return (
@@ -472,10 +490,17 @@ class FaceAnalyzer:
     def embed_largest(self, image: np.ndarray | Image.Image, *, what: str = "face photo") -> tuple[Face, int]:
         """The largest face with its embedding, and how many faces the photo holds.
 
-        Raises `NoFaceError` when there is no face, or when the largest one is too small to identify.
+        Raises `NoFaceError` when there is no face, or when the largest one is too small to identify. The
+        last `PHOTO_CACHE_SIZE` photos' answers are kept: the same pixels again are not analysed again.
         """
         bgr = _to_bgr(image)
+        # blake2b reads ~1 GB/s: 3 ms for a 1024 px photo, against 150 ms and more to analyse it.
+        key = (bgr.shape, hashlib.blake2b(memoryview(np.ascontiguousarray(bgr)), digest_size=32).digest())
         with self._lock:
+            if key in self._photos:
+                self._photos.move_to_end(key)
+                face, count = self._photos[key]
+                return face.copy(), count
             boxes, kps = self._detect_boxes_coarse_first(bgr)
             if len(boxes) == 0:
                 raise NoFaceError(
@@ -490,7 +515,11 @@ class FaceAnalyzer:
                     f"face is at least {MIN_FACE_WIDTH} pixels wide, or crop closer to it."
                 )
             embedding = self._embed(bgr, kps[0])
-        return Face((x1, y1, x2, y2), kps[0].copy(), score, embedding), len(boxes)
+            face = Face((x1, y1, x2, y2), kps[0].copy(), score, embedding)
+            self._photos[key] = face.copy(), len(boxes)
+            if len(self._photos) > PHOTO_CACHE_SIZE:
+                self._photos.popitem(last=False)
+        return face, len(boxes)
 
 
 # --- embeddings ----------------------------------------------------------------------------------

@@ -175,16 +175,18 @@ def test_invalid_value_is_a_client_error(client: Client) -> None:
 
 
 def test_progress_is_reported(client: Client) -> None:
-    job = client.submit(handle_file(str(FACE)), "a portrait", api_name="/generate", num_steps=6)
+    # Polled, so enough tiny steps that some land between two polls: with 6 (about 60 ms in all) one full-suite
+    # run saw none, the whole loop falling between two looks.
+    job = client.submit(handle_file(str(FACE)), "a portrait", api_name="/generate", num_steps=24)
     seen = []
     while not job.done():
         update = job.status()
         if update.progress_data:
             seen.append(update.progress_data[-1])
-        time.sleep(0.02)
+        time.sleep(0.005)
     job.result()
     steps = [(p.index, p.length) for p in seen if p.desc == "Denoising"]
-    assert steps and all(total == 6 for _, total in steps)
+    assert steps and all(total == 24 for _, total in steps)
 
 
 def test_four_concurrent_clients(app: tuple[str, Path]) -> None:

@@ -127,11 +127,24 @@ def test_overhead_what_if_path_runs_in_process() -> None:
     from instantid.loading import resampler_dtype
     from instantid.memory import PROFILES
 
-    out = overhead.child_main(overhead.WHAT_IFS[-1], 1)
+    out = overhead.child_main(overhead.WHAT_IFS[0], 1)
     # bfloat16 where the CPU has native bf16 matmuls, float32 elsewhere (an AMD EPYC without it failed here).
     expected = str(resampler_dtype(PROFILES["cpu"])).removeprefix("torch.")
     assert out["det_size"] == 320 and out["resampler_dtype"] == expected
     assert set(out["stages_median_ms"]) == set(overhead.STAGES)
+
+
+def test_resampler_what_ifs_report_their_distance_from_float32() -> None:
+    import torch
+
+    from bench import overhead
+
+    names = {v.name: v for v in overhead.WHAT_IFS}
+    assert names["resampler int8"].resampler_dtype == "qint8" and names["same photo again"].same_photo
+    assert overhead._tokens_error(overhead._resampler(torch.float32)) == 0.0
+    bf16 = overhead._tokens_error(overhead._resampler(torch.bfloat16))
+    int8 = overhead._tokens_error(overhead._resampler(torch.qint8))
+    assert 0.0 < bf16 < 0.02 and bf16 < int8 < 0.1
 
 
 def test_gpu_dry_run_through_the_cli() -> None:

@@ -219,6 +219,39 @@ def test_same_photo_same_embedding(analyzer, astronaut, astronaut_face):
     assert cosine_similarity(again.embedding, astronaut_face.embedding) > 0.999
 
 
+def test_the_same_photo_again_is_not_analysed_again(model_dir, astronaut, hanks, monkeypatch):
+    analyzer = FaceAnalyzer(model_dir)
+    embedded: list[int] = []
+    embed = analyzer._embed
+    monkeypatch.setattr(analyzer, "_embed", lambda bgr, kps: embedded.append(1) or embed(bgr, kps))
+
+    first, count = analyzer.embed_largest(astronaut)
+    first.embedding[:] = 0  # the caller's copy: the cache keeps its own
+    again, again_count = analyzer.embed_largest(astronaut.copy())
+    assert (len(embedded), again_count, count) == (1, 1, 1), "same pixels: answered from the cache"
+    fresh, _ = FaceAnalyzer(model_dir).embed_largest(astronaut)
+    np.testing.assert_array_equal(again.embedding, fresh.embedding)
+    np.testing.assert_array_equal(again.kps, fresh.kps)
+    assert again.bbox == fresh.bbox
+
+    changed = astronaut.copy()
+    changed[0, 0] ^= 1  # one pixel: another photo
+    analyzer.embed_largest(changed)
+    assert len(embedded) == 2
+
+    # Least recently used first out: after PHOTO_CACHE_SIZE other photos the astronaut is analysed again.
+    for i in range(faces_module.PHOTO_CACHE_SIZE):
+        other = hanks.copy()
+        other[0, 0] = i
+        analyzer.embed_largest(other)
+    embedded.clear()
+    analyzer.embed_largest(astronaut)
+    assert len(embedded) == 1
+    analyzer.clear_cache()
+    analyzer.embed_largest(astronaut)
+    assert len(embedded) == 2
+
+
 def test_identity_ordering(analyzer, astronaut, hanks, astronaut_face):
     flipped, _ = analyzer.embed_largest(np.ascontiguousarray(astronaut[:, ::-1]))
     other, _ = analyzer.embed_largest(hanks)
@@ -538,6 +571,7 @@ def test_a_small_face_is_refined_at_its_own_scale(analyzer, group, monkeypatch):
         return run(bgr, det_size)
 
     monkeypatch.setattr(analyzer, "_run_detector", spy)
+    analyzer.clear_cache()  # an earlier test's answer for t1 would skip the detector
     face, count = analyzer.embed_largest(group)
     assert count == 6 and seen[0] == (group.shape[:2], 320) and len(seen) == 2
     crop, size = seen[1]

@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpcore
+import httpx
 import psutil
 import pytest
 from gradio_client import Client, handle_file
@@ -85,21 +87,35 @@ def test_concurrent_clients_every_request_answered(busy_app: apprunner.App, phot
     lock = threading.Lock()
     start = threading.Barrier(CLIENTS)
 
+    transport_retries: list[str] = []
+
     def user(i: int) -> None:
         client = Client(busy_app.url, verbose=False)
         start.wait(timeout=60)
         for j in range(REQUESTS_EACH):
             seed = 1000 * i + j
-            try:
-                job = client.submit(handle_file(face), f"portrait {i}-{j}", num_steps=1, seed=seed,
-                                    api_name="/generate")
-                gallery, used_seed, *_ = job.result(timeout=REQUEST_TIMEOUT_S)
-                valid = used_seed == seed and len(gallery) == 1 and Path(gallery[0]["image"]).is_file()
-                outcome: tuple[str, Any] = ("ok", valid)
-            except QueueError as exc:
-                outcome = ("queue full", str(exc))
-            except Exception as exc:  # anything else is reported by the assertions below
-                outcome = ("error", f"{type(exc).__name__}: {exc}")
+            for attempt in range(2):
+                try:
+                    job = client.submit(handle_file(face), f"portrait {i}-{j}", num_steps=1, seed=seed,
+                                        api_name="/generate")
+                    gallery, used_seed, *_ = job.result(timeout=REQUEST_TIMEOUT_S)
+                    valid = used_seed == seed and len(gallery) == 1 and Path(gallery[0]["image"]).is_file()
+                    outcome: tuple[str, Any] = ("ok", valid)
+                except QueueError as exc:
+                    outcome = ("queue full", str(exc))
+                except (httpx.RemoteProtocolError, httpcore.RemoteProtocolError) as exc:
+                    # Seen once in a full-suite run (2026-11-27): the server closed a loopback connection
+                    # before a response body ("received 0 bytes, expected 403"), not reproduced in 9 reruns,
+                    # under load or not. A connection-level fault below the app: asked again once, and at
+                    # most one such retry per run is tolerated (asserted below).
+                    outcome = ("error", f"{type(exc).__name__}: {exc}")
+                    with lock:
+                        transport_retries.append(str(exc))
+                    if attempt == 0:
+                        continue
+                except Exception as exc:  # anything else is reported by the assertions below
+                    outcome = ("error", f"{type(exc).__name__}: {exc}")
+                break
             with lock:
                 outcomes[(i, j)] = outcome
 
@@ -121,6 +137,7 @@ def test_concurrent_clients_every_request_answered(busy_app: apprunner.App, phot
     assert len(outcomes) == CLIENTS * REQUESTS_EACH, "every request gets an answer"
     errors = [v for kind, v in outcomes.values() if kind == "error"]
     assert not errors, errors
+    assert len(transport_retries) <= 1, transport_retries
     assert all(ok for kind, ok in outcomes.values() if kind == "ok"), "each result is the one its client asked for"
     assert all("Queue is full" in msg for kind, msg in outcomes.values() if kind == "queue full")
     # The queue holds 4 and one request runs: the first five of the burst are always served.
