@@ -80,6 +80,7 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
             size=options.get("size"),
             cache=options.get("cache"),
             all_parts=bool(options.get("all_parts")),
+            cpu_profile=bool(options.get("cpu_profile")),
             log=log,
         )
     if name == "overhead":
@@ -206,6 +207,11 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
                 + (", a lower bound: file pages reclaimed" if a.get("peak_is_lower_bound") else "")
                 + f"; {_gb(a.get('mem_available_at_start_bytes'))} available at start), load {a['load_seconds']} s, "
                 f"15 GB goal {'met' if a.get('goal_met') else 'missed' if a.get('goal_met') is False else 'not judged'}"
+            )
+        for mode, c in result.get("cpu_profile", {}).items():
+            figures += (
+                f"; `{mode}` profile: weights {_gb(c['weights_bytes'])}, peak RSS growth {_gb(c['peak_rss_bytes'])}, "
+                f"**ratio {c['ratio']}** (anonymous at the end {_gb(c['end_anon_bytes'])}), load {c['load_seconds']} s"
             )
     elif name == "overhead":
         stages = ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in result["stages_median_ms"].items())

@@ -2,6 +2,7 @@
 
 python -m bench load-memory --size micro --cache /tmp/hub   # sizes: full (default), quick, micro
 python -m bench load-memory --all-parts                      # + Engine.load_all with every optional part
+python -m bench load-memory --cpu-profile                    # + the cpu profile's loads (bf16; float32 when small)
 python -m bench overhead --requests 40
 python -m bench overhead --face-models full                  # antelopev2-sized face models (random weights)
 python -m bench gpu --dry-run                                # the CPU-sized form of the GPU script
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=SIZES, help="load-memory: checkpoint width")
     p.add_argument("--cache", type=Path, help="load-memory: the local Hugging Face cache to write and read")
     p.add_argument("--all-parts", action="store_true", help="load-memory: also the start-up with every part")
+    p.add_argument("--cpu-profile", action="store_true", help="load-memory: also the cpu profile's loads")
     p.add_argument("--requests", type=int, help="overhead: how many timed requests")
     p.add_argument("--rounds", type=int, help="overhead: variants take turns this many times (default 3 with full)")
     p.add_argument("--face-models", choices=("standin", "full"), help="overhead: the wheel's or antelopev2-sized")
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "cache": args.cache,
         "all_parts": args.all_parts or None,
+        "cpu_profile": args.cpu_profile or None,
         "requests": args.requests,
         "face_models": args.face_models,
         "rounds": args.rounds,

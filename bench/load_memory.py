@@ -6,6 +6,9 @@ import everything first, note their resident set, load, and report how far RSS r
 
 - `engine`: `instantid.loading.load_pipeline` with a GPU-class fp16 profile placed on the CPU (the
   `large` profile with device "cpu"), so the weights stay fp16 and host RAM is what is measured;
+- with `cpu_profile`, also the `cpu` profile's own load, as a machine without a GPU runs it: bfloat16
+  below 22 GiB of RAM (HF's free CPU basic), and float32 above (quick and micro sizes only: at full size
+  its 20.6 GB does not fit beside this machine's other work);
 - `baseline`: the official demo's sequence: `ControlNetModel.from_pretrained(..., float16)`,
   `StableDiffusionXLControlNetPipeline.from_pretrained(..., controlnet=..., float16)`, then
   `ip-adapter.bin` read with `torch.load` twice (once for the resampler, once for the IP layers), each
@@ -113,10 +116,16 @@ def _repo_bytes(cache: Path, repo_id: str) -> int:
 
 
 def run(
-    *, quick: bool = False, size: str | None = None, cache: Path | None = None, all_parts: bool = False, log=print
+    *,
+    quick: bool = False,
+    size: str | None = None,
+    cache: Path | None = None,
+    all_parts: bool = False,
+    cpu_profile: bool = False,
+    log=print,
 ) -> dict[str, Any]:
     """The base pipeline's load against the demo's; with `all_parts` also the resident start-up with every
-    optional part (bench/all_parts.py), in the same run."""
+    optional part (bench/all_parts.py), and with `cpu_profile` the `cpu` profile's loads, in the same run."""
     size = size or ("quick" if quick else "full")
     cache = cache or cache_dir()
     t0 = time.perf_counter()
@@ -163,6 +172,21 @@ def run(
     }
     if all_parts:
         out["all_parts"] = _all_parts(cache, size, info, log)
+    if cpu_profile:
+        out["cpu_profile"] = {}
+        for mode in ("cpu-bf16", "cpu-float32") if size != "full" else ("cpu-bf16",):
+            _prewarm(_files_read(cache, info["base_model"], info["instantid_repo"], fp16=True))
+            log(f"loading in a fresh process: {mode} ({info['base_model']})")
+            got = _child(mode, cache, info["base_model"], info["instantid_repo"])
+            out["cpu_profile"][mode] = {
+                "weights_bytes": got["weights_bytes"],
+                "peak_rss_bytes": got["peak_rss_bytes"],
+                "ratio": round(got["peak_rss_bytes"] / got["weights_bytes"], 3),
+                # RSS counts the fp16 file pages being cast, which the kernel can reclaim; anonymous memory
+                # (the cast copies and everything else) is what a container's limit must hold.
+                "end_anon_bytes": got["stages"][-1][2],
+                "load_seconds": got["load_seconds"],
+            }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -328,11 +352,13 @@ def _module_bytes(modules: dict[str, Any]) -> int:
     return sum(int(component_info(n, m)["bytes"]) for n, m in modules.items() if m is not None)
 
 
-def _load_engine(cache: str, base: str, repo: str, watch: RSSWatch) -> tuple[dict[str, Any], str]:
+def _load_engine(
+    cache: str, base: str, repo: str, watch: RSSWatch, profile_name: str = "large-on-cpu"
+) -> tuple[dict[str, Any], str]:
     from dataclasses import replace
 
     from instantid.loading import load_pipeline
-    from instantid.memory import PROFILES
+    from instantid.memory import CPU_BF16, PROFILES
     from instantid.settings import Settings
 
     settings = Settings.from_env(
@@ -346,7 +372,11 @@ def _load_engine(cache: str, base: str, repo: str, watch: RSSWatch) -> tuple[dic
     )
     # A GPU-class profile (fp16 weights, bf16 VAE as on Ampere and newer), placed on the CPU: what is
     # measured is host RAM, which is what runs out while loading (Colab) and what offload profiles keep.
-    profile = replace(PROFILES["large"], name="large-on-cpu", device="cpu", vae_dtype="bfloat16")
+    profile = {
+        "large-on-cpu": replace(PROFILES["large"], name="large-on-cpu", device="cpu", vae_dtype="bfloat16"),
+        "cpu-bf16": replace(CPU_BF16, name="cpu-bf16"),
+        "cpu-float32": replace(PROFILES["cpu"], name="cpu-float32"),
+    }[profile_name]
     pipe = load_pipeline(settings, profile, lambda f, m: watch.mark(m))
     names = ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "resampler")
     return {n: getattr(pipe, n) for n in names}, profile.name
@@ -418,7 +448,8 @@ def child_main(mode: str, cache: str, base: str, repo: str) -> dict[str, Any]:
 
     _imports()
     gc.collect()
-    loader = {"engine": _load_engine, "baseline": _load_baseline}[mode]
+    loaders = {"engine": _load_engine, "baseline": _load_baseline}
+    loader = loaders.get(mode) or functools.partial(_load_engine, profile_name=mode)
     with RSSWatch() as watch:
         t0 = time.perf_counter()
         modules, profile = loader(cache, base, repo, watch)

@@ -98,7 +98,9 @@ class Engine:
     def __init__(self, settings: Settings | None = None, hardware: Hardware | None = None) -> None:
         self.settings = settings or get_settings()
         self.hardware = hardware or probe_hardware()
-        self.profile, self.profile_reason = choose_profile(self.hardware, self.settings.memory_profile)
+        self.profile, self.profile_reason = choose_profile(
+            self.hardware, self.settings.memory_profile, real_models=self.settings.preset != "tiny"
+        )
         self._load_lock = threading.Lock()
         self._gen_lock = threading.Lock()
         self._extras_lock = threading.Lock()

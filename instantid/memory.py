@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import SettingsError
@@ -68,15 +69,10 @@ class Hardware:
 
 def probe_hardware(env: Mapping[str, str] | None = None) -> Hardware:
     """Probe GPU 0, host RAM and CPUs. Never raises: a broken driver reads as "no CUDA" with a note."""
-    import psutil
 
-    vm = psutil.virtual_memory()
-    host = {
-        "host_total_bytes": int(vm.total),
-        "host_available_bytes": int(vm.available),
-        "cpu_count": _cpu_count(),
-    }
-    notes: list[str] = []
+    total, available, limited = host_ram()
+    notes: list[str] = [f"container memory limit {total / GIB:.1f} GiB (cgroup)"] if limited else []
+    host = {"host_total_bytes": total, "host_available_bytes": available, "cpu_count": _cpu_count()}
 
     if is_zerogpu(env):
         name, total = ZEROGPU_NOMINAL_NAME, ZEROGPU_NOMINAL_BYTES
@@ -117,6 +113,42 @@ def probe_hardware(env: Mapping[str, str] | None = None) -> Hardware:
     except Exception as exc:  # a broken driver must not stop the app from starting on CPU
         notes.append(f"CUDA probe failed, using the CPU: {type(exc).__name__}: {exc}")
     return Hardware(cuda=False, gpu_name=None, gpu_total_bytes=0, bf16=False, zerogpu=False, notes=tuple(notes), **host)
+
+
+def host_ram() -> tuple[int, int, bool]:
+    """Host RAM total and available in bytes as this process may use it, and whether a container limit
+    (its cgroup) set them: a Space is a container, and psutil reports the host machine's RAM."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    total, available = int(vm.total), int(vm.available)
+    limit, used = container_memory()
+    if limit is None or limit >= total:
+        return total, available, False
+    return limit, min(available, max(0, limit - (used or 0))), True
+
+
+# cgroup v1 writes "no limit" as a page-rounded 2**63; anything this large is no limit.
+_NO_LIMIT = 2**60
+
+
+def container_memory(root: Path = Path("/sys/fs/cgroup")) -> tuple[int | None, int | None]:
+    """This container's memory limit and current use in bytes from its cgroup (v2, else v1); None where there
+    is no limit or no cgroup to read."""
+    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes",
+                                                                      "memory/memory.usage_in_bytes")):
+        try:
+            raw = (root / limit_file).read_text().strip()
+        except OSError:
+            continue
+        if not raw.isdigit() or int(raw) >= _NO_LIMIT:  # v2 writes "max"
+            return None, None
+        try:
+            used: int | None = int((root / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            used = None
+        return int(raw), used
+    return None, None
 
 
 def _cpu_count() -> int:
@@ -220,6 +252,21 @@ PROFILES: dict[str, Profile] = {
     )
 }
 
+# The `cpu` profile where float32 does not fit (HF's free "CPU basic" has 16 GB): bfloat16 halves the weights.
+# Slower than float32 on CPUs without native bf16 matmuls, but it loads instead of dying mid-load, the very
+# failure this project exists to prevent.
+CPU_BF16 = replace(
+    PROFILES["cpu"],
+    description="No CUDA GPU and under 22 GiB of RAM: bfloat16 on the CPU at 512 px, 20 steps, at most 2 images; "
+    "very slow.",
+    expected_host_ram="about 12 GB (estimate): bfloat16 weights (10.3 GB)",
+    host_ram_gib=12,
+    dtype="bfloat16",
+    vae_dtype="bfloat16",
+    warning="Running on the CPU in bfloat16 (this machine has too little RAM for float32): one 512 px image "
+    "takes many minutes. Duplicate this Space to GPU hardware for real use.",
+)
+
 # The order the engine steps down after a CUDA out-of-memory error.
 _LEANER = {"large": "medium", "medium": "small"}
 
@@ -233,10 +280,12 @@ def leaner_profile(profile: Profile) -> Profile | None:
     return None if nxt is None else replace(PROFILES[nxt], vae_dtype=profile.vae_dtype)
 
 
-def choose_profile(hw: Hardware, override: str = "auto") -> tuple[Profile, str]:
+def choose_profile(hw: Hardware, override: str = "auto", *, real_models: bool = True) -> tuple[Profile, str]:
     """Pick the profile for `hw` (or honour `override`) and a sentence saying why.
 
-    A GPU profile asked for on a machine without CUDA falls back to `cpu` rather than failing at load.
+    A GPU profile asked for on a machine without CUDA falls back to `cpu` rather than failing at load. The
+    `cpu` profile takes bfloat16 where the host RAM is short of float32's need. `real_models=False` (the tiny
+    preset) skips every host-RAM rule: its models weigh megabytes.
     """
     override = (override or "auto").strip().lower()
     if override not in MEMORY_PROFILES:
@@ -267,8 +316,16 @@ def choose_profile(hw: Hardware, override: str = "auto") -> tuple[Profile, str]:
     profile = PROFILES[name]
     if profile.device == "cuda":
         profile = replace(profile, vae_dtype="bfloat16" if hw.bf16 else "float32")
+    short = real_models and 0 < hw.host_total_bytes < profile.host_ram_gib * GIB
+    if short and profile.name == "cpu":
+        reason += (
+            f"; {hw.host_total_bytes / GIB:.1f} GiB of host RAM is below the about {profile.host_ram_gib:g} GiB "
+            f"float32 needs -> bfloat16 weights"
+        )
+        profile = CPU_BF16
+        short = hw.host_total_bytes < profile.host_ram_gib * GIB
     # Host RAM is what ran out on Colab while loading; say so up front instead of dying mid-load.
-    if 0 < hw.host_total_bytes < profile.host_ram_gib * GIB:
+    if short:
         reason += (
             f"; warning: {hw.host_total_bytes / GIB:.1f} GiB of host RAM is below the "
             f"about {profile.host_ram_gib:g} GiB this profile needs (estimate)"
@@ -388,7 +445,7 @@ def host_memory() -> dict[str, object]:
     """Host RAM in bytes: machine total/available and this process's resident set and its peak."""
     import psutil
 
-    vm = psutil.virtual_memory()
+    total, available, _ = host_ram()
     rss = psutil.Process().memory_info().rss
     peak: int | None
     try:
@@ -402,11 +459,11 @@ def host_memory() -> dict[str, object]:
     except (ImportError, OSError):  # no `resource` on Windows
         peak = None
     return {
-        "total": int(vm.total),
-        "available": int(vm.available),
+        "total": total,
+        "available": available,
         "process_rss": int(rss),
         "process_rss_peak": peak,
-        "used_percent": float(vm.percent),
+        "used_percent": round(100.0 * (total - available) / total, 1) if total else 0.0,
     }
 
 
@@ -590,9 +647,7 @@ def apply_profile(pipe: Any, profile: Profile, *, low_cpu_mem_usage: bool | None
 
 def _pinning_is_tight(modules: list[Any]) -> bool:
     """Pinning up front briefly holds a second copy of the streamed weights in host RAM."""
-    import psutil
-
     needed = 0
     for module in modules:
         needed += sum(p.numel() * p.element_size() for p in module.parameters())
-    return psutil.virtual_memory().available < needed + 2 * GIB
+    return host_ram()[1] < needed + 2 * GIB

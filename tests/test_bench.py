@@ -27,8 +27,17 @@ def _last_json(cmd: list[str], timeout: int = 400) -> dict:
 
 
 def test_load_memory_micro(tmp_path: Path) -> None:
+    from bench import summary
+
     cache = tmp_path / "hub"
-    out = _last_json([sys.executable, "-m", "bench", "load-memory", "--size", "micro", "--cache", str(cache)])
+    out = _last_json(
+        [sys.executable, "-m", "bench", "load-memory", "--size", "micro", "--cache", str(cache), "--cpu-profile"]
+    )
+    # The cpu profile's own loads: bfloat16 holds the fp16 weights' bytes, float32 twice them.
+    bf16, fp32 = out["cpu_profile"]["cpu-bf16"], out["cpu_profile"]["cpu-float32"]
+    assert bf16["weights_bytes"] == pytest.approx(out["weights_bytes"], rel=0.02)
+    assert fp32["weights_bytes"] == pytest.approx(2 * out["weights_bytes"], rel=0.05)
+    assert bf16["end_anon_bytes"] > 0 and bf16["ratio"] > 0 and "`cpu-bf16` profile" in summary(out)[0]
     for key in (
         "weights_bytes",
         "peak_rss_bytes",

@@ -197,6 +197,26 @@ def test_two_concurrent_first_requests_load_once(tiny_settings, photos, monkeypa
     assert np.array_equal(pixels(results[0]), pixels(results[1]))
 
 
+def test_a_cpu_machine_short_of_ram_loads_and_runs_in_bfloat16(tiny_settings, photos) -> None:
+    """16 GiB and no GPU (HF's free CPU basic): the real-model path chooses bfloat16 and every mode runs."""
+    from dataclasses import replace
+
+    from instantid.engine import Engine
+    from instantid.memory import GIB, probe_hardware
+
+    cpu_basic = replace(probe_hardware(), cuda=False, zerogpu=False, host_total_bytes=16 * GIB)
+    # The tiny checkpoints served as real ones: the host-RAM rules apply as to real models.
+    engine = Engine(replace(tiny_settings, preset="real"), hardware=cpu_basic)
+    assert engine.profile.dtype == "bfloat16" and "-> bfloat16 weights" in engine.profile_reason
+    face, target = str(photos["astronaut"]), str(photos["group"])
+    for mode, extra in (("generate", {}), ("restyle", {"source_image": face}), ("swap", {"target_image": target})):
+        result = engine.generate(GenerateRequest(face_images=[face], prompt="a portrait", num_steps=2, mode=mode,
+                                                 **extra))
+        assert len(result.images) == 1 and np.asarray(result.images[0]).std() > 0, mode
+    dtypes = {c["name"]: c["dtype"] for c in engine.report()["components"]}
+    assert {dtypes[n] for n in ("unet", "identitynet", "vae", "text_encoder", "text_encoder_2")} == {"bfloat16"}
+
+
 def test_report_is_json_ready(tiny_engine) -> None:
     import json
 

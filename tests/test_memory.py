@@ -20,6 +20,7 @@ from instantid.memory import (
     apply_profile,
     choose_profile,
     component_info,
+    container_memory,
     format_bytes,
     gpu_memory,
     leaner_profile,
@@ -112,6 +113,50 @@ def test_low_host_ram_is_warned_in_the_reason() -> None:
     assert profile.name == "medium"
     assert "warning" in reason and "8.0 GiB of host RAM" in reason and "11 GiB" in reason
     assert "warning" not in choose_profile(T4)[1]
+
+
+def test_a_cpu_machine_short_of_float32_ram_gets_bfloat16() -> None:
+    """HF's free CPU basic (16 GB) cannot hold float32's 20.6 GB of weights: bfloat16 instead of dying mid-load."""
+    cpu_basic = hw(None, 0, host_gib=16)
+    profile, reason = choose_profile(cpu_basic)
+    assert (profile.name, profile.dtype, profile.vae_dtype, profile.device) == ("cpu", "bfloat16", "bfloat16", "cpu")
+    assert reason == "auto: no CUDA GPU found -> cpu; 16.0 GiB of host RAM is below the about 22 GiB float32 needs " \
+        "-> bfloat16 weights"
+    assert "warning" not in reason and "bfloat16" in profile.warning
+    # Even less RAM: still bfloat16, and the usual warning against its own need.
+    assert "warning: 8.0 GiB of host RAM is below the about 12 GiB" in choose_profile(hw(None, 0, host_gib=8))[1]
+    # Enough RAM, or the tiny preset (its models weigh megabytes): float32 as before, no RAM rule at all.
+    assert choose_profile(hw(None, 0, host_gib=32))[0].dtype == "float32"
+    tiny, tiny_reason = choose_profile(hw(None, 0, host_gib=8), real_models=False)
+    assert tiny.dtype == "float32" and tiny_reason == "auto: no CUDA GPU found -> cpu"
+    # A GPU profile with little host RAM keeps its placement and only warns.
+    assert choose_profile(hw("Tesla T4", 14.7, host_gib=8))[0].dtype == "float16"
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "17179869184\n", "memory.current": "1073741824\n"}, (16 * GIB, GIB)),
+        ({"memory.max": "max\n", "memory.current": "1073741824\n"}, (None, None)),
+        ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, (None, None)),  # cgroup v1: no limit
+        ({"memory/memory.limit_in_bytes": "17179869184", "memory/memory.usage_in_bytes": "42"}, (16 * GIB, 42)),
+        ({"memory.max": "17179869184"}, (16 * GIB, None)),
+        ({}, (None, None)),
+    ],
+)
+def test_container_memory_limit_from_the_cgroup(tmp_path: Path, files: dict[str, str], expected: tuple) -> None:
+    """A Space is a container: psutil reports the host's RAM, the cgroup the container's limit."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert container_memory(tmp_path) == expected
+
+
+def test_probed_host_ram_is_the_container_s_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "container_memory", lambda: (2 * GIB, GIB))
+    found = probe_hardware({})
+    assert found.host_total_bytes == 2 * GIB and found.host_available_bytes <= GIB
+    assert "container memory limit 2.0 GiB (cgroup)" in found.notes
 
 
 def test_profile_table_is_consistent() -> None:
