@@ -144,9 +144,9 @@ class Variant:
 
 ENGINE = Variant("engine", note="the product as configured: INSTANTID_FACE_DET_SIZE default, cpu profile dtype")
 BASELINE = Variant("baseline", kind="baseline", note="the official demo's face path (FaceAnalysis.get, every model)")
-# What-if: the one remaining knob is a setting. Spin-free onnxruntime sessions, the cached
-# unconditional tokens and the bf16 resampler on CPUs with native bf16 were what-ifs here once and are
-# now in the product (BENCHMARKS.md keeps their history).
+# What-ifs: a detection-size setting, a photo the engine has analysed before, and the resampler's options on
+# CPUs without bf16. Spin-free onnxruntime sessions, the cached unconditional tokens and the bf16 resampler
+# on CPUs with native bf16 were what-ifs here once and are now in the product (BENCHMARKS.md keeps their history).
 WHAT_IFS = (
     Variant("det_size=320", det_size=320, note="INSTANTID_FACE_DET_SIZE=320 (a setting)"),
     Variant("same photo again", same_photo=True, note="each photo analysed before: answered from the photo cache"),

@@ -69,10 +69,9 @@ class Hardware:
 
 def probe_hardware(env: Mapping[str, str] | None = None) -> Hardware:
     """Probe GPU 0, host RAM and CPUs. Never raises: a broken driver reads as "no CUDA" with a note."""
-
-    total, available, limited = host_ram()
-    notes: list[str] = [f"container memory limit {total / GIB:.1f} GiB (cgroup)"] if limited else []
-    host = {"host_total_bytes": total, "host_available_bytes": available, "cpu_count": _cpu_count()}
+    ram_total, ram_available, limited = host_ram()
+    notes: list[str] = [f"container memory limit {ram_total / GIB:.1f} GiB (cgroup)"] if limited else []
+    host = {"host_total_bytes": ram_total, "host_available_bytes": ram_available, "cpu_count": _cpu_count()}
 
     if is_zerogpu(env):
         name, total = ZEROGPU_NOMINAL_NAME, ZEROGPU_NOMINAL_BYTES

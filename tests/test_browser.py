@@ -172,3 +172,13 @@ def test_face_swap_in_a_real_browser(page) -> None:
     expect(page.locator("#gallery img").first).to_be_visible(timeout=120_000)
     expect(page.locator("#before-after img").first).to_be_visible(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-swap.png"), full_page=True)
+
+    # A swap example (two people in one photo, face 0 replaced) fills the swap's inputs and shows its result
+    # with the run's summary line, generated on this first click.
+    shown = {name: page.locator(f"#{name} img").first.get_attribute("src") for name in ("gallery", "before-after")}
+    page.get_by_text("an elderly officer").click()
+    expect(page.locator("#prompt textarea")).to_have_value("an elderly officer", timeout=30_000)
+    expect(page.get_by_role("spinbutton", name="Face to replace (0 = largest)")).to_have_value("0")
+    for name, src in shown.items():
+        expect(page.locator(f"#{name} img").first).not_to_have_attribute("src", src or "", timeout=120_000)
+    expect(page.locator("#run-summary")).to_contain_text("paste")
