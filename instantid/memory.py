@@ -258,7 +258,7 @@ CPU_BF16 = replace(
     PROFILES["cpu"],
     description="No CUDA GPU and under 22 GiB of RAM: bfloat16 on the CPU at 512 px, 20 steps, at most 2 images; "
     "very slow.",
-    expected_host_ram="about 12 GB (estimate): bfloat16 weights (10.3 GB)",
+    expected_host_ram="about 11.5 GB at load: 10.3 GB of bfloat16 weights (measured, bench load-memory --cpu-profile)",
     host_ram_gib=12,
     dtype="bfloat16",
     vae_dtype="bfloat16",
