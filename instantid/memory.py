@@ -315,16 +315,18 @@ def choose_profile(hw: Hardware, override: str = "auto", *, real_models: bool = 
     profile = PROFILES[name]
     if profile.device == "cuda":
         profile = replace(profile, vae_dtype="bfloat16" if hw.bf16 else "float32")
-    short = real_models and 0 < hw.host_total_bytes < profile.host_ram_gib * GIB
-    if short and profile.name == "cpu":
+
+    def short_for(p: Profile) -> bool:
+        return real_models and 0 < hw.host_total_bytes < p.host_ram_gib * GIB
+
+    if profile.name == "cpu" and short_for(profile):
         reason += (
             f"; {hw.host_total_bytes / GIB:.1f} GiB of host RAM is below the about {profile.host_ram_gib:g} GiB "
             f"float32 needs -> bfloat16 weights"
         )
         profile = CPU_BF16
-        short = hw.host_total_bytes < profile.host_ram_gib * GIB
     # Host RAM is what ran out on Colab while loading; say so up front instead of dying mid-load.
-    if short:
+    if short_for(profile):
         reason += (
             f"; warning: {hw.host_total_bytes / GIB:.1f} GiB of host RAM is below the "
             f"about {profile.host_ram_gib:g} GiB this profile needs (estimate)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 
@@ -331,20 +332,21 @@ def decoded(path) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def swap(engine, photos, **kw):
-    kw.setdefault("face_images", [photos["astronaut"]])
-    kw.setdefault("target_image", photos["group"])
-    kw.setdefault("num_steps", 2)
-    kw.setdefault("seed", 7)
-    return engine.generate(GenerateRequest(mode="swap", **kw))
+# Each mode's own photo input, the photo these tests give it, and their default steps.
+MODE_DEFAULTS = {"swap": ("target_image", "group", 2), "restyle": ("source_image", "hanks", 10)}
 
 
-def restyle(engine, photos, **kw):
+def in_mode(mode, engine, photos, **kw):
+    field, photo, steps = MODE_DEFAULTS[mode]
     kw.setdefault("face_images", [photos["astronaut"]])
-    kw.setdefault("source_image", photos["hanks"])
-    kw.setdefault("num_steps", 10)
+    kw.setdefault(field, photos[photo])
+    kw.setdefault("num_steps", steps)
     kw.setdefault("seed", 7)
-    return engine.generate(GenerateRequest(mode="restyle", **kw))
+    return engine.generate(GenerateRequest(mode=mode, **kw))
+
+
+swap = functools.partial(in_mode, "swap")
+restyle = functools.partial(in_mode, "restyle")
 
 
 def test_swap_keeps_every_pixel_outside_the_feathered_region(tiny_engine, photos) -> None:
