@@ -67,6 +67,13 @@ ProgressFn = Callable[[int, int], None]
 TINY_SHORT_SIDE = 128  # the tiny preset's noise images need no more; keeps CPU requests instant
 
 
+def _shown_crop(placement: tuple[float, float, float], size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The part of a photo (x1, y1, x2, y2, photo pixels) that a `size` canvas shows under `face_lib.layout`'s
+    placement (scale, x offset, y offset)."""
+    scale, ox, oy = placement
+    return (-ox / scale, -oy / scale, (size[0] - ox) / scale, (size[1] - oy) / scale)
+
+
 class RenderCancelled(Exception):
     """Raised inside the pipeline's step callback when the consumer of `render_steps` stopped listening."""
 
@@ -427,25 +434,25 @@ class Engine:
         return face_lib.average_embedding(embeddings), ref_img, ref_face, faces_found
 
     def _size(self, req: GenerateRequest, image: Any) -> tuple[int, int]:
-        """The output size: the request's, or from `image` (short side from the profile, long side capped)."""
-        if req.width:
-            return req.width, req.height
+        """The output size: the request's, or from `image`."""
+        return (req.width, req.height) if req.width else self._auto_size(image.size)
+
+    def _auto_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The working size for a picture of `size`: short side from the profile, long side capped."""
         short = TINY_SHORT_SIDE if self.settings.preset == "tiny" else self.profile.default_short_side
-        return face_lib.output_size(*image.size, short_side=short, max_side=self.settings.max_output_side)
+        return face_lib.output_size(*size, short_side=short, max_side=self.settings.max_output_side)
 
     def _face_on_canvas(
         self, req: GenerateRequest, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
     ) -> tuple[Any, np.ndarray | None, tuple[float, float, float, float]]:
         """The keypoint image and face mask of `face` laid out on a `size` canvas, and the crop of its photo
         (x1, y1, x2, y2, photo pixels) that the canvas shows."""
-        width, height = size
         scale, ox, oy = face_lib.layout(image_size, size, face.bbox)
         kps = face_lib.scale_kps(face.kps, scale, scale) + np.array([ox, oy], dtype=np.float32)
         x1, y1, x2, y2 = face.bbox
         box = (x1 * scale + ox, y1 * scale + oy, x2 * scale + ox, y2 * scale + oy)
         mask = face_lib.face_mask(size, box) if req.enhance_face_region else None
-        crop = (-ox / scale, -oy / scale, (width - ox) / scale, (height - oy) / scale)
-        return face_lib.draw_keypoints(size, kps), mask, crop
+        return face_lib.draw_keypoints(size, kps), mask, _shown_crop((scale, ox, oy), size)
 
     def _generate_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
         """Generate: the face layout (and extra ControlNets) from the pose photo, or else the face photo."""
@@ -476,8 +483,7 @@ class Engine:
             warnings.append("No face in the photo to restyle: the face is placed as in the face photo.")
             keypoint_image, mask, _ = self._face_on_canvas(req, ref_img.size, ref_face, size)
             whole = (0.0, 0.0, float(source.width), float(source.height))
-            scale, ox, oy = face_lib.layout(source.size, size, whole)  # centred: no face to centre on
-            crop = (-ox / scale, -oy / scale, (size[0] - ox) / scale, (size[1] - oy) / scale)
+            crop = _shown_crop(face_lib.layout(source.size, size, whole), size)  # centred: no face to centre on
         return {"keypoint_image": keypoint_image, "face_mask": mask, "width": size[0], "height": size[1],
                 "controls": self._prepare_controls(req, source, size, crop),
                 "init_image": source.convert("RGB").resize(size, box=crop)}
@@ -497,8 +503,7 @@ class Engine:
         face = found[req.face_index]
         box = face_lib.swap_crop(target.size, face.bbox)
         crop_size = (box[2] - box[0], box[3] - box[1])
-        short = TINY_SHORT_SIDE if self.settings.preset == "tiny" else self.profile.default_short_side
-        size = face_lib.output_size(*crop_size, short_side=short, max_side=self.settings.max_output_side)
+        size = self._auto_size(crop_size)
         sx, sy = size[0] / crop_size[0], size[1] / crop_size[1]
         origin = np.array([box[0], box[1]], dtype=np.float32)
         kps = face_lib.scale_kps(face.kps - origin, sx, sy)
