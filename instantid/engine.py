@@ -1,7 +1,7 @@
 """The one shared model holder: thread-safe loading and a request in three stages.
 
-Everything that owns memory lives here: the pipeline, the face models, the extra ControlNets, LCM-LoRA
-and the condition estimators. Two start-up modes:
+Everything that owns memory lives here: the pipeline, the face models, the extra ControlNets, the speeds'
+LoRAs (and LCM's) and the condition estimators. Two start-up modes:
 
 - resident (ZeroGPU): `load_all()` in the main thread before launch loads everything a request can
   need, placed on "cuda", so that `spaces` packs it; nothing is ever loaded inside a GPU call;
@@ -36,17 +36,16 @@ from .loading import (
     load_estimator,
     load_extra_controlnet,
     load_face_analyzer,
-    load_lcm,
     load_pipeline,
+    load_speed_lora,
     place_like_profile,
 )
+from .loras import LoraSwitch
 from .memory import Hardware, apply_profile, choose_profile, memory_report, probe_hardware
 from .requests import (
-    DEFAULT_GUIDANCE,
     DEFAULT_PROMPT,
-    DEFAULT_STEPS,
-    LCM_GUIDANCE,
-    LCM_STEPS,
+    DEFAULT_SCHEDULER,
+    SPEEDS,
     GenerateRequest,
     GenerateResult,
     Job,
@@ -115,12 +114,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.pipe: Any = None
         self.pipes: dict[str, Any] = {}  # restyle, swap -> its pipeline, on `pipe`'s modules
+        self.loras: LoraSwitch | None = None  # the speeds' LoRAs on the shared UNet (loras.py)
         self.face_analyzer: face_lib.FaceAnalyzer | None = None
         self._extra_nets: dict[str, Any] = {}
         self._estimators: dict[str, Any] = {}
         # True once `load_all` ran: every part is resident and nothing may load on a request's path.
         self.resident = False
-        # Optional parts ("lcm", "pose", "canny", "depth") that failed to load at start-up -> the reason.
+        # Optional parts (a speed's LoRA: "fast", "turbo", "lcm"; an extra ControlNet: "pose", "canny",
+        # "depth") that failed to load at start-up -> the reason.
         self.unavailable: dict[str, str] = {}
         # What was loaded from where: role, repo, revision, weight file (the status report shows it).
         self.checkpoints: list[dict[str, str]] = []
@@ -143,10 +144,15 @@ class Engine:
         if pipe is not None:
             for name in ("unet", "controlnet", "text_encoder", "text_encoder_2", "vae", "resampler"):
                 components[name if name != "controlnet" else "identitynet"] = getattr(pipe, name, None)
-            if getattr(pipe, "has_lcm", False):
-                # The LoRA's layers live inside the UNet: listed apart, counted once.
+        loras = self.loras
+        if pipe is not None and loras is not None and loras.names:
+            if loras.mode == "adapter":
+                # The adapters' layers live inside the UNet: listed apart, counted once.
                 components["unet"] = (pipe.unet, lambda n: "lora_" not in n)
-                components["lcm_lora"] = (pipe.unet, lambda n: "lora_" in n)
+                components["speed_loras"] = (pipe.unet, lambda n: "lora_" in n)
+            else:
+                for name, tensors in loras.tensors().items():
+                    components[f"{name}_lora" if name in SPEEDS else name] = _held_module(tensors)
         for name, net in list(self._extra_nets.items()):
             components[f"controlnet_{name}"] = net
         for name, est in list(self._estimators.items()):
@@ -215,7 +221,9 @@ class Engine:
         except Exception:  # recorded in the state; the page still comes up and says why
             log.exception("start-up load failed")
             return
-        parts: list[tuple[str, str, Callable[[], Any]]] = [("lcm", "LCM-LoRA", self._lcm)]
+        parts: list[tuple[str, str, Callable[[], Any]]] = [
+            (name, LORA_LABELS[name], lambda name=name: self._lora(name)) for name in LORA_LABELS
+        ]
         for name, kind in CONTROL_TYPES.items():
             if name in self.settings.controlnets:
                 parts.append((name, f"{name} ControlNet", lambda name=name: self._extra_controlnet(name)))
@@ -272,6 +280,7 @@ class Engine:
         self.face_analyzer = self._load_faces()
         self._state.loaded.append("face models")
         self.pipe = load_pipeline(s, self.profile, self._progress, record=self._record)
+        self.loras = LoraSwitch(self.pipe, self.profile.lora_mode)
         self._share_modes()
         self._state.loaded.extend(["base model", "IdentityNet", "ip-adapter"])
 
@@ -312,10 +321,13 @@ class Engine:
                 self._estimators[name] = load_estimator(self.settings, name, device, self._record)
             return self._estimators[name]
 
-    def _lcm(self) -> None:
+    def _lora(self, name: str) -> LoraSwitch:
+        """The LoRA switch with speed `name`'s LoRA loaded (on first use, or by `load_all`)."""
         with self._extras_lock:
-            if not self.pipe.has_lcm:
-                load_lcm(self.pipe, self.settings, self._record)
+            assert self.loras is not None, "the base models load first"
+            if name not in self.loras.names:
+                load_speed_lora(self.loras, self.settings, name, self._record)
+            return self.loras
 
     def _record(self, role: str, repo: Any, path: Path) -> None:
         self.checkpoints = [c for c in self.checkpoints if c["role"] != role] + [checkpoint_entry(role, repo, path)]
@@ -359,16 +371,17 @@ class Engine:
     def _prepare(self, req: GenerateRequest) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         self.check(req)
-        lcm = req.enable_lcm
-        steps = req.num_steps or (LCM_STEPS if lcm else self.profile.default_steps or DEFAULT_STEPS)
-        guidance = req.guidance_scale or (LCM_GUIDANCE if lcm else DEFAULT_GUIDANCE)
+        speed = req.sampling
+        # The cpu profile's fewer steps are for the base sampler; a LoRA is distilled for its own count.
+        steps = req.num_steps or ((speed.lora is None and self.profile.default_steps) or speed.steps)
+        guidance = req.guidance_scale or speed.guidance
         strength = req.strength if req.mode == "restyle" else 1.0
         if min(int(steps * strength), steps) < 1:
             # diffusers would run no step at all and fail; say what works instead.
             raise InvalidParameter("strength", strength, f"runs no step of {steps}: use at least {1 / steps:.2f}")
         num_images = min(req.num_images, self.profile.max_images)
         timings: dict[str, float] = {}
-        warnings = list(req.notes)
+        warnings = list(req.notes) + _speed_warnings(req, guidance)
         if num_images < req.num_images:
             warnings.append(f"This hardware ({self.profile.name} profile) makes at most {num_images} images.")
 
@@ -394,8 +407,8 @@ class Engine:
             guidance_scale=guidance,
             identitynet_strength=req.identitynet_strength,
             adapter_strength=req.adapter_strength,
-            scheduler=req.scheduler,
-            enable_lcm=req.enable_lcm,
+            scheduler=speed.scheduler or req.scheduler,
+            speed=speed.name,
             seed=req.seed if req.seed is not None else random_seed(),
             faces_found=faces_found,
             warnings=warnings,
@@ -532,13 +545,18 @@ class Engine:
                 f"The models did not load when the server started ({self._state.error}); "
                 "the Space must be restarted, ask its owner."
             )
-        asked = [*req.controlnets, *(["lcm"] if req.enable_lcm else [])]
-        for name in asked:
+        speed = req.sampling.name
+        for name in [*req.controlnets, speed]:
             reason = self.unavailable.get(name)
-            if reason is not None:
-                what = "LCM fast mode" if name == "lcm" else f"The {name} ControlNet"
-                fix = "switch LCM off" if name == "lcm" else f"untick '{name}' in the extra ControlNets"
-                raise CheckpointError(f"{what} is not available on this server ({reason}): {fix}.")
+            if reason is None:
+                continue
+            if name in CONTROL_TYPES:
+                what, fix = f"The {name} ControlNet", f"untick '{name}' in the extra ControlNets"
+            elif name == "lcm":
+                what, fix = "LCM fast mode", "switch LCM off, or choose speed fast or turbo"
+            else:
+                what, fix = f"Speed {name}", "choose speed quality"
+            raise CheckpointError(f"{what} is not available on this server ({reason}): {fix}.")
 
     def _prepare_controls(
         self, req: GenerateRequest, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
@@ -674,13 +692,12 @@ class Engine:
         import torch
 
         pipe = self.pipe if job.mode == "generate" else self.pipes[job.mode]
-        if job.enable_lcm:
-            self._lcm()
-            pipe.use_lcm(True)
-            pipe.set_scheduler("LCMScheduler")
-        else:
-            pipe.use_lcm(False)
-            pipe.set_scheduler(job.scheduler)
+        lora = SPEEDS[job.speed].lora
+        # The switch and the pipelines share one UNet: folding a speed's LoRA in serves every mode.
+        loras = self._lora(job.speed) if lora is not None else self.loras
+        assert loras is not None
+        loras.use(job.speed if lora is not None else None)
+        pipe.set_scheduler(job.scheduler)
         steps = job.denoising_steps
         # What only restyle (img2img) and swap (inpaint) take; diffusers' own names.
         mode_args: dict[str, Any] = {}
@@ -727,7 +744,7 @@ class Engine:
         if not self._make_leaner():
             raise OutOfMemoryError(
                 f"The GPU ran out of memory ({self.profile.name} profile, no leaner one to fall back to): "
-                "use fewer images, a smaller size, or LCM fast mode."
+                "use fewer images, a smaller size, or speed turbo."
             )
         try:
             return call()
@@ -753,13 +770,46 @@ class Engine:
         nxt = leaner_profile(self.profile)
         if nxt is None:
             return False
+        assert self.loras is not None
+        self.loras.use(None)  # base weights back before the placement changes
         apply_profile(self.pipe, nxt)
+        if nxt.lora_mode != self.loras.mode:
+            # The LoRAs load again on first use, in the new profile's way (their files are in the cache).
+            self.loras = LoraSwitch(self.pipe, nxt.lora_mode)
         self._share_modes()  # the other modes' pipelines take the new placement's offload state
         for name, net in list(self._extra_nets.items()):
             self._extra_nets[name] = place_like_profile(net, nxt)
         self.profile = nxt
         self.profile_reason += f"; switched to {nxt.name} after running out of GPU memory"
         return True
+
+
+# Each speed LoRA as the status report and start-up name it.
+LORA_LABELS = {"fast": "fast LoRA", "turbo": "turbo LoRA", "lcm": "LCM-LoRA"}
+
+
+def _speed_warnings(req: GenerateRequest, guidance: float) -> list[str]:
+    """What a request asks that its speed ignores: a LoRA speed's own sampler, no guidance's negative prompt."""
+    speed = req.sampling
+    out = []
+    if speed.scheduler is not None and req.scheduler != DEFAULT_SCHEDULER:
+        out.append(f"Speed {speed.name} uses its own sampler ({speed.scheduler}); the scheduler choice applies to "
+                   "speed quality only.")
+    if guidance <= 1 and req.negative_prompt.strip():
+        out.append("Guidance is off (speed turbo, or a guidance scale of 1 or less): the negative prompt has no "
+                   "effect.")
+    return out
+
+
+def _held_module(tensors: list[Any]) -> Any:
+    """Tensors the engine holds outside any model (a fused LoRA's factors) as a module, so that the memory
+    report lists them like the models (device, dtype, size); no copy is made."""
+    import torch
+
+    held = torch.nn.Module()
+    for i, t in enumerate(tensors):
+        held.register_buffer(f"t{i}", t, persistent=False)
+    return held
 
 
 _engine: Engine | None = None

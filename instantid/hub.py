@@ -197,7 +197,12 @@ def component_files(files: list[str], folder: str) -> list[str]:
 
 
 def lora_file(repo: RepoRef, files: list[str]) -> str:
-    """The LoRA weights at a repo's root: diffusers' own file name when present."""
+    """The LoRA weights a reference names (`org/name/file.safetensors`, for repos that hold several), or the
+    one at a repo's root: diffusers' own file name when present."""
+    if repo.subfolder.endswith(".safetensors"):
+        if repo.subfolder not in files:
+            raise CheckpointError(f"'{repo.repo_id}' holds no file '{repo.subfolder}'.")
+        return repo.subfolder
     names = [f for f in files if f.endswith(".safetensors") and "/" not in f]
     if not names:
         raise CheckpointError(f"'{repo}' holds no LoRA .safetensors file at its root.")

@@ -66,14 +66,18 @@ def load_estimator(s: Settings, name: str, device: str, record: Record = _ignore
     return getattr(controls, kind.estimator).from_folders(*folders, device=device)
 
 
-def load_lcm(pipe: Any, s: Settings, record: Record = _ignore) -> None:
-    """LCM-LoRA into the pipeline's UNet as the "lcm" adapter, switched off until a request asks for it."""
-    repo = RepoRef.parse(s.lcm_lora)
+def load_speed_lora(loras: Any, s: Settings, name: str, record: Record = _ignore) -> None:
+    """The LoRA of speed `name` (`requests.SPEEDS`: fast, turbo, lcm) into the engine's `LoraSwitch`, off."""
+    from .requests import SPEEDS
+
+    field_name = SPEEDS[name].lora
+    assert field_name is not None, f"speed {name} runs on the base weights"
+    repo = RepoRef.parse(getattr(s, field_name))
     files = list_files(repo, cache_dir=s.hub_cache, offline=s.hub_offline)
-    name = lora_file(repo, files)
-    path = fetch(repo, name, cache_dir=s.hub_cache, offline=s.hub_offline)
-    pipe.load_lcm_lora(str(path.parent), weight_name=name)
-    record("LCM-LoRA", repo, path)
+    file = lora_file(repo, files)
+    path = fetch(repo, file, cache_dir=s.hub_cache, offline=s.hub_offline)
+    loras.load(name, str(path.parent), path.name, source=f"{repo.repo_id}/{file}")
+    record(f"{name} LoRA", repo, path)
 
 
 def resampler_dtype(profile: Profile) -> Any:
@@ -333,7 +337,8 @@ def loader_files(s: Settings) -> dict[tuple[str, str], list[str]]:
         *component_files(files, "/".join(p for p in (repo.subfolder, "ControlNetModel") if p)),
         ip_adapter_file(repo, files),
     ])
-    add(s.lcm_lora, lambda repo, files: [lora_file(repo, files)])
+    for spec in (s.lcm_lora, s.fast_lora, s.turbo_lora):
+        add(spec, lambda repo, files: [lora_file(repo, files)])
     estimators = [getattr(s, f) for c in CONTROL_TYPES.values() for f in c.estimator_fields]
     for spec in [*s.controlnets.values(), *estimators]:
         add(spec, component(lambda repo: repo.subfolder))

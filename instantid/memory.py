@@ -183,6 +183,10 @@ class Profile:
     default_short_side: int = 1024
     max_images: int = 4
     default_steps: int | None = None  # None: the request's own default
+    # How the speeds' LoRAs apply (loras.py): "fused" into the weights, with the touched layers' originals kept
+    # beside them (no per-step cost; the memory of those layers once more), or "adapter": peft's layers
+    # switched on and off (no copy; their matmuls every step), where host RAM has no room for the copy.
+    lora_mode: str = "fused"
     warning: str | None = None
 
 
@@ -219,6 +223,7 @@ PROFILES: dict[str, Profile] = {
             "about 11 GB (estimate): the offloaded weights live in host RAM",
             host_ram_gib=11,
             offload="model",
+            lora_mode="adapter",
             vae_tiling=True,
             # Two images already mean a UNet batch of four with guidance: about what a T4 holds beside the weights.
             max_images=2,
@@ -231,6 +236,7 @@ PROFILES: dict[str, Profile] = {
             "about 13 GB (estimate): all weights live in (pinned) host RAM",
             host_ram_gib=13,
             offload="group",
+            lora_mode="adapter",
             vae_tiling=True,
             max_images=2,
         ),

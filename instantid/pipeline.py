@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    DDIMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -61,9 +62,11 @@ SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
     ),
     "UniPCMultistepScheduler": (UniPCMultistepScheduler, {}),
     "LCMScheduler": (LCMScheduler, {}),
+    # The few-step LoRAs' samplers (requests.SPEEDS), as their model cards prescribe: trailing timesteps, so
+    # that the first of a few steps starts from pure noise.
+    "DDIMScheduler-trailing": (DDIMScheduler, {"timestep_spacing": "trailing"}),
+    "EulerDiscreteScheduler-trailing": (EulerDiscreteScheduler, {"timestep_spacing": "trailing"}),
 }
-
-LCM_ADAPTER = "lcm"
 
 
 @dataclass
@@ -130,7 +133,7 @@ class InstantIDMixin:
     """InstantID on top of one of diffusers' SDXL ControlNet pipelines (text-to-image, img2img, inpaint).
 
     Everything InstantID adds lives here, once: the face tokens, the ControlNet hooks, the IP-attention
-    masks, schedulers and LCM. The denoising loop is the diffusers pipeline's own, reached through
+    masks and schedulers. The denoising loop is the diffusers pipeline's own, reached through
     `super().__call__`, with the condition images under the name that pipeline gives them
     (`_control_arg`). `controlnet` is the IdentityNet (always net 0); extra ControlNets are passed per call.
     """
@@ -191,25 +194,6 @@ class InstantIDMixin:
         cls, extra = SCHEDULER_FACTORIES[name]
         self.scheduler = cls.from_config(self._scheduler_config, **extra)
         self._scheduler_name = name
-
-    @property
-    def has_lcm(self) -> bool:
-        peft_config = getattr(self.unet, "peft_config", None) or {}
-        return LCM_ADAPTER in peft_config
-
-    def load_lcm_lora(self, folder: str, weight_name: str = "pytorch_lora_weights.safetensors") -> None:
-        self.load_lora_weights(folder, weight_name=weight_name, adapter_name=LCM_ADAPTER)
-        self.disable_lora()
-
-    def use_lcm(self, enabled: bool) -> None:
-        """LCM-LoRA on (LCM scheduler, adapter active) or off; the caller loads it first."""
-        if enabled:
-            if not self.has_lcm:
-                raise RuntimeError("LCM-LoRA is not loaded; call load_lcm_lora first.")
-            self.enable_lora()
-            self.set_adapters([LCM_ADAPTER], adapter_weights=[1.0])
-        elif self.has_lcm:
-            self.disable_lora()
 
     # --- face tokens ---------------------------------------------------------------------------
 

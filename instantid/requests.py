@@ -57,6 +57,42 @@ DEFAULT_CONTROLNET_STRENGTH = 0.4
 DEFAULT_PROMPT = "a portrait photo of a person, high quality, detailed face"
 DEFAULT_RESTYLE_STRENGTH = 0.8
 
+
+@dataclass(frozen=True)
+class Speed:
+    """One way to sample: the LoRA it folds into the UNet and the settings that LoRA's model card prescribes.
+
+    `steps` and `guidance` are the automatic values (a request's 0); `scheduler` overrides the request's own
+    (None: the request's). The LoRA is named by the `Settings` field holding its Hub reference.
+    """
+
+    name: str
+    lora: str | None  # a Settings field (its checkpoint), or None: the base weights
+    steps: int
+    guidance: float  # 1 or less: guidance off
+    scheduler: str | None
+    summary: str
+
+
+# The speeds a visitor chooses from, and LCM (`enable_lcm`, kept for callers of the earlier API). Sampler
+# settings from the LoRAs' model cards: Hyper-SDXL's 8-step CFG LoRA (ByteDance/Hyper-SD: guidance 5 to 8,
+# DDIM with trailing timesteps) keeps guidance, so the negative prompt still works; SDXL-Lightning's 4-step
+# LoRA (ByteDance/SDXL-Lightning: Euler, trailing timesteps, no guidance) is the fastest that the PuLID paper
+# (section 4.2) reports InstantID to work well with. Both are openrail++.
+SPEEDS: dict[str, Speed] = {
+    s.name: s
+    for s in (
+        Speed("quality", None, DEFAULT_STEPS, DEFAULT_GUIDANCE, None, "30 steps with guidance, any scheduler"),
+        Speed("fast", "fast_lora", 8, 5.0, "DDIMScheduler-trailing",
+              "8 steps with guidance (Hyper-SDXL 8-step CFG LoRA)"),
+        Speed("turbo", "turbo_lora", 4, 1.0, "EulerDiscreteScheduler-trailing",
+              "4 steps without guidance (SDXL-Lightning 4-step LoRA)"),
+        Speed("lcm", "lcm_lora", LCM_STEPS, LCM_GUIDANCE, "LCMScheduler", "LCM-LoRA: 5 steps, guidance 1.5"),
+    )
+}
+SPEED_CHOICES: tuple[str, ...] = ("quality", "fast", "turbo")
+DEFAULT_SPEED = "quality"
+
 # The three things a request can ask for; each is an API endpoint, a command and a choice on the page.
 MODES: tuple[str, ...] = ("generate", "restyle", "swap")
 
@@ -165,8 +201,8 @@ class Param:
 _STRENGTH: dict[str, Any] = {"kind": "number", "lo": 0, "hi": MAX_STRENGTH, "step": 0.05}
 _SIDE: dict[str, Any] = {"kind": "integer", "default": 0, "lo": 0, "hi": MAX_SIDE, "step": 64, "info": "0 = automatic"}
 _NOT_SWAP = ("generate", "restyle")
-_AUTO_STEPS = f"{DEFAULT_STEPS}, or {LCM_STEPS} with LCM"
-_AUTO_GUIDANCE = f"{DEFAULT_GUIDANCE:g}, or {LCM_GUIDANCE:g} with LCM"
+_AUTO_STEPS = ", ".join(f"{s.steps} {s.name}" for s in SPEEDS.values())
+_AUTO_GUIDANCE = ", ".join(f"{s.guidance:g} {s.name}" if s.guidance > 1 else f"off {s.name}" for s in SPEEDS.values())
 
 # Every parameter of a generation, in the API's order.
 PARAMS: dict[str, Param] = {
@@ -205,9 +241,9 @@ PARAMS: dict[str, Param] = {
               "and so on (the order `python -m instantid faces` lists them in).", "Face to replace (0 = largest)",
               lo=0, hi=MAX_FACE_INDEX, step=1, flag="--face-index", section="main", modes=("swap",)),
         Param("num_steps", "integer", 0, f"Denoising steps, 1 to {MAX_STEPS} (1 to {MAX_LCM_STEPS} with LCM); 0 "
-              f"means the mode default ({_AUTO_STEPS}).", "Steps", lo=0, hi=MAX_STEPS, step=1, flag="--steps",
+              f"means the speed's own ({_AUTO_STEPS}).", "Steps", lo=0, hi=MAX_STEPS, step=1, flag="--steps",
               info=f"0 = automatic ({_AUTO_STEPS})"),
-        Param("guidance_scale", "number", 0.0, f"Guidance scale up to 20; 0 means the mode default ({_AUTO_GUIDANCE});"
+        Param("guidance_scale", "number", 0.0, f"Guidance scale up to 20; 0 means the speed's own ({_AUTO_GUIDANCE});"
               " 1 or less is off.", "Guidance scale", lo=0, hi=20, step=0.1, flag="--guidance",
               info=f"0 = automatic ({_AUTO_GUIDANCE}); 1 or less turns guidance off"),
         Param("identitynet_strength", default=DEFAULT_STRENGTH, help="IdentityNet (face ControlNet) strength, 0 "
@@ -222,8 +258,14 @@ PARAMS: dict[str, Param] = {
               "Extra ControlNets (from the pose photo, or the face photo)", flag="--controlnet", modes=_NOT_SWAP),
         Param("scheduler", "choice", DEFAULT_SCHEDULER, 'Sampler, e.g. "EulerDiscreteScheduler" or '
               '"DPMSolverMultistepScheduler-Karras".', "Scheduler", choices=SCHEDULERS),
-        Param("enable_lcm", "boolean", False, "Fast mode with the LCM LoRA: few steps and low guidance, lower "
-              "quality.", "LCM fast mode", flag="--lcm", info="few steps, lower quality"),
+        Param("speed", "choice", DEFAULT_SPEED, "quality: 30 steps with guidance, any scheduler; fast: 8 steps "
+              "with guidance (Hyper-SDXL 8-step LoRA, about a quarter of the time); turbo: 4 steps without guidance "
+              "(SDXL-Lightning 4-step LoRA, about a tenth; the negative prompt has no effect). fast and turbo use "
+              "their own sampler.", "Speed", choices=SPEED_CHOICES, section="main",
+              info="quality: 30 steps; fast: 8 steps; turbo: 4 steps, no negative prompt"),
+        Param("enable_lcm", "boolean", False, "The earlier fast mode, with the LCM LoRA (5 steps, guidance 1.5); "
+              "speed fast or turbo gives better images in the same time.", "LCM fast mode", flag="--lcm",
+              info="few steps, lower quality; prefer Speed"),
         Param("seed", "integer", 42, f"Random seed, 0 to {MAX_SEED}; the same seed and settings give the same "
               "images.", "Seed", lo=0, hi=MAX_SEED, step=1),
         Param("randomize_seed", "boolean", False, "Ignore seed and pick a random one (the seed used is returned)."),
@@ -277,6 +319,7 @@ class GenerateRequest:
     controlnets: Mapping[str, float] = field(default_factory=dict)
     scheduler: str = DEFAULT_SCHEDULER
     enable_lcm: bool = False
+    speed: str = DEFAULT_SPEED
     seed: int | None = None  # None = random; the result says which seed was used
     enhance_face_region: bool = True
     mode: str = "generate"  # one of MODES
@@ -312,9 +355,17 @@ class GenerateRequest:
         object.__setattr__(self, "notes", tuple(notes))
         if (self.width == 0) != (self.height == 0):
             raise InvalidParameter("width/height", (self.width, self.height), "set both or neither (0 = automatic)")
+        if self.enable_lcm and self.speed != DEFAULT_SPEED:
+            raise InvalidParameter("speed", self.speed, "LCM fast mode is a speed of its own: switch LCM off, or use "
+                                   f"speed {DEFAULT_SPEED}")
         if self.enable_lcm and (self.num_steps or 0) > MAX_LCM_STEPS:
             limit = f"use 1..{MAX_LCM_STEPS} with LCM fast mode (its scheduler's limit), or switch LCM off"
             raise InvalidParameter("num_steps", self.num_steps, limit)
+
+    @property
+    def sampling(self) -> Speed:
+        """How this request samples: its speed, or LCM."""
+        return SPEEDS["lcm" if self.enable_lcm else self.speed]
 
     def _check_mode(self) -> None:
         """The mode's own photo is there, and no other mode's parameter was changed from its default."""
@@ -414,8 +465,8 @@ class Job:
     guidance_scale: float
     identitynet_strength: float
     adapter_strength: float
-    scheduler: str
-    enable_lcm: bool
+    scheduler: str  # the sampler that runs: the speed's own, or the request's
+    speed: str  # a SPEEDS name: which LoRA (if any) the UNet runs with
     seed: int
     faces_found: int
     warnings: list[str] = field(default_factory=list)

@@ -61,6 +61,8 @@ CONTROLNET_NAMES = tuple(CONTROL_TYPES)
 TINY_BASE_MODEL = "instantid-tiny/sdxl"
 TINY_INSTANTID_REPO = "instantid-tiny/InstantID"
 TINY_LCM_LORA = "instantid-tiny/lcm-lora-sdxl"
+TINY_FAST_LORA = "instantid-tiny/fast-lora-sdxl"
+TINY_TURBO_LORA = "instantid-tiny/turbo-lora-sdxl/sdxl_lightning_4step_lora.safetensors"
 TINY_CONTROLNETS = {name: c.tiny_checkpoint for name, c in CONTROL_TYPES.items()}
 
 
@@ -109,6 +111,9 @@ class Settings:
     # A local folder holding a detector and a recognizer ONNX file, or `[space:]org/name[/subfolder]`.
     face_models: str = "space:InstantX/InstantID/models/antelopev2"
     lcm_lora: str = "latent-consistency/lcm-lora-sdxl"
+    # The `speed` choice's LoRAs (requests.SPEEDS): a repo and, where it holds several, the file.
+    fast_lora: str = "ByteDance/Hyper-SD/Hyper-SDXL-8steps-CFG-lora.safetensors"
+    turbo_lora: str = "ByteDance/SDXL-Lightning/sdxl_lightning_4step_lora.safetensors"
     controlnets: Mapping[str, str] = field(
         default_factory=lambda: {name: c.checkpoint for name, c in CONTROL_TYPES.items()}
     )
@@ -162,6 +167,8 @@ class Settings:
             instantid_repo=env.get("INSTANTID_REPO", defaults.instantid_repo).strip() or defaults.instantid_repo,
             face_models=env.get("INSTANTID_FACE_MODELS", defaults.face_models).strip() or defaults.face_models,
             lcm_lora=env.get("INSTANTID_LCM_LORA", defaults.lcm_lora).strip() or defaults.lcm_lora,
+            fast_lora=env.get("INSTANTID_FAST_LORA", defaults.fast_lora).strip() or defaults.fast_lora,
+            turbo_lora=env.get("INSTANTID_TURBO_LORA", defaults.turbo_lora).strip() or defaults.turbo_lora,
             controlnets=controlnets,
             **{
                 f: (env.get(f"INSTANTID_{f.upper()}") or getattr(defaults, f)).strip()
@@ -208,6 +215,8 @@ class Settings:
             base_model=TINY_BASE_MODEL,
             instantid_repo=TINY_INSTANTID_REPO,
             lcm_lora=TINY_LCM_LORA,
+            fast_lora=TINY_FAST_LORA,
+            turbo_lora=TINY_TURBO_LORA,
             controlnets=dict(TINY_CONTROLNETS),
             **{f: tiny_estimator_repo(f) for c in CONTROL_TYPES.values() for f in c.estimator_fields},
             face_models=self.face_models if keep_face_models else str(self.tiny_cache / "face-models"),

@@ -26,13 +26,15 @@ from typing import Any
 import torch
 
 from . import tiny_controls
-from .hub import is_published, publish_folder
+from .hub import RepoRef, is_published, publish_folder
 from .settings import (
     CONTROL_TYPES,
     TINY_BASE_MODEL,
     TINY_CONTROLNETS,
+    TINY_FAST_LORA,
     TINY_INSTANTID_REPO,
     TINY_LCM_LORA,
+    TINY_TURBO_LORA,
     Settings,
     tiny_estimator_repo,
 )
@@ -330,6 +332,9 @@ def write_lora(
     targets: Collection[str] = ("to_q", "to_k", "to_v", "to_out.0"),
     rank: int = 4,
     dtype: torch.dtype = torch.float32,
+    *,
+    seed: int = 20,
+    file_name: str = LORA_WEIGHTS,
 ) -> None:
     """A random LoRA on `unet`'s `targets` (Linear and Conv2d layers) in diffusers' LoRA file format.
 
@@ -338,7 +343,7 @@ def write_lora(
     """
     from safetensors.torch import save_file
 
-    torch.manual_seed(20)
+    torch.manual_seed(seed)
     state = {}
     for name, module in unet.named_modules():
         if not any(name == t or name.endswith("." + t) for t in targets):
@@ -353,7 +358,13 @@ def write_lora(
             weight = torch.nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
             state[f"unet.{name}.lora_{ab}.weight"] = weight.to(dtype)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / LORA_WEIGHTS), metadata={"format": "pt"})
+    save_file(state, str(folder / file_name), metadata={"format": "pt"})
+
+
+def _write_loras(folder: Path, unet: Any, name: str) -> None:
+    """A repo holding two LoRAs: `name` (on the attention and feed-forward layers) and a 2-step sibling."""
+    write_lora(folder, unet, ("to_q", "to_k", "to_v", "to_out.0", "ff.net.2"), seed=22, file_name=name)
+    write_lora(folder, unet, seed=23, file_name=name.replace("4step", "2step"))
 
 
 def copy_face_models(folder: Path) -> None:
@@ -400,6 +411,12 @@ def ensure_tiny_checkpoints(settings: Settings) -> None:
         publish(cache, TINY_BASE_MODEL, lambda d: write_sdxl(d, parts()), "model_index.json")
         publish(cache, TINY_INSTANTID_REPO, lambda d: write_instantid(d, parts(), shape), "ip-adapter.bin")
         publish(cache, TINY_LCM_LORA, lambda d: write_lora(d, parts()["unet"]), LORA_WEIGHTS)
+        # The speeds' LoRAs: fast at the root, turbo as one named file of a repo holding two (as the real
+        # ByteDance repos hold one per step count), so the `org/name/file` reference is exercised offline.
+        fast_targets = ("to_q", "to_k", "to_v", "to_out.0", "conv1")  # conv1: a 3x3 convolution's LoRA too
+        publish(cache, TINY_FAST_LORA, lambda d: write_lora(d, parts()["unet"], fast_targets, seed=21), LORA_WEIGHTS)
+        turbo = RepoRef.parse(TINY_TURBO_LORA)
+        publish(cache, turbo.repo_id, lambda d: _write_loras(d, parts()["unet"], turbo.subfolder), turbo.subfolder)
         for seed, repo in enumerate(TINY_CONTROLNETS.values(), start=30):
             publish(cache, repo, lambda d, s=seed: save_model(build_controlnet(parts()["unet"], shape, s), d))
         face_dir = cache / "face-models"

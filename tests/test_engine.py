@@ -83,7 +83,7 @@ def test_lcm_toggle(tiny_engine, photos) -> None:
     off = pixels(run(tiny_engine, photos, num_steps=2, guidance_scale=1.5))
     on = run(tiny_engine, photos, enable_lcm=True, num_steps=None)
     assert on.num_steps == 5 and on.guidance_scale == 1.5  # LCM's defaults
-    assert tiny_engine.pipe.has_lcm
+    assert "lcm" in tiny_engine.loras.names
     on2 = pixels(run(tiny_engine, photos, enable_lcm=True, num_steps=2))
     assert not np.array_equal(off, on2)
     assert np.array_equal(off, pixels(run(tiny_engine, photos, num_steps=2, guidance_scale=1.5)))
