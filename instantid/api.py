@@ -45,9 +45,7 @@ HEARTBEAT_S = 0.5
 STEP_S_1MP = 0.27
 # Each extra ControlNet beside the IdentityNet: +33 % per step (measured; a second run on another H200: +22 %).
 EXTRA_CONTROLNET_FACTOR = 0.33
-# LCM-LoRA stays unfused (it is switched per request): 0.322 s per step against 0.122 s (measured; 1.6x in
-# the second run: the slower figure is kept).
-LCM_STEP_FACTOR = 2.64
+# A speed's LoRA (LCM's too) is folded into the UNet on this profile (loras.py): its steps cost the base's.
 # Without guidance (scale <= 1) the UNet runs a batch of 1 instead of 2 (not measured: the batch halves,
 # the weights are read as often).
 NO_CFG_FACTOR = 0.55
@@ -73,7 +71,7 @@ def _engine() -> Any:
 
 
 def duration_seconds(
-    *, steps: Any, images: Any, width: Any, height: Any, guidance: Any, extra_controls: int, lcm: bool
+    *, steps: Any, images: Any, width: Any, height: Any, guidance: Any, extra_controls: int
 ) -> int:
     """GPU seconds to ask ZeroGPU for (see the constants above), capped so that the time `spaces` asks
     for after its own per-hardware duration factor stays within `MAX_DURATION_S`."""
@@ -90,8 +88,6 @@ def duration_seconds(
     per_step = STEP_S_1MP * megapixels * (1 + EXTRA_CONTROLNET_FACTOR * extra_controls)
     if guidance <= 1:
         per_step *= NO_CFG_FACTOR
-    if lcm:
-        per_step *= LCM_STEP_FACTOR
     seconds = steps * images * per_step + images * VAE_DECODE_S_1MP * megapixels
     seconds = BASE_OVERHEAD_S + extra_controls * EXTRA_CONTROLNET_OVERHEAD_S + SAFETY * seconds
     if not math.isfinite(seconds):
@@ -123,7 +119,6 @@ def _gpu_duration(job: Job) -> int:
         height=job.height,
         guidance=job.guidance_scale,
         extra_controls=len(job.controls),
-        lcm=job.enable_lcm,
     )
 
 

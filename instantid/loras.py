@@ -96,7 +96,15 @@ class LoraSwitch:
             return
         self.use(None)
         unet = self.pipe.unet
-        self.pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
+        from diffusers.utils import logging as diffusers_logging
+
+        # diffusers says, for every UNet-only LoRA, that the text encoders got no keys: true and expected.
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            self.pipe.load_lora_weights(folder, weight_name=weight_name, adapter_name=name)
+        finally:
+            diffusers_logging.set_verbosity(level)
         factors = _peft_factors(unet, name, source)
         if self.mode == "adapter":
             self.pipe.disable_lora()

@@ -19,6 +19,7 @@ from .gradio_adapter import guard_input
 from .requests import (
     DEFAULT_CONTROLNET_STRENGTH,
     DEFAULT_GUIDANCE,
+    DEFAULT_SPEED,
     DEFAULT_STEPS,
     LCM_GUIDANCE,
     LCM_STEPS,
@@ -26,6 +27,7 @@ from .requests import (
     MAX_STRENGTH,
     MODES,
     PARAMS,
+    SPEEDS,
     Param,
     params_for,
     random_seed,
@@ -62,6 +64,12 @@ DELETE_CACHE = (1800, 3600)
 def lcm_defaults(enable_lcm: bool) -> tuple[int, float]:
     """Steps and guidance to show when LCM fast mode is switched on or off, as the official Space does."""
     return (LCM_STEPS, LCM_GUIDANCE) if enable_lcm else (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+
+
+def speed_defaults(speed: str) -> tuple[int, float]:
+    """Steps and guidance to show when a speed is chosen: the ones its LoRA was distilled for."""
+    chosen = SPEEDS.get(speed, SPEEDS[DEFAULT_SPEED])
+    return chosen.steps, chosen.guidance
 
 
 def next_seed(seed: float | None, randomize_seed: bool) -> int:
@@ -300,6 +308,7 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
                "info": "Shift+Enter runs it; Enter starts a new line"},
     "negative_prompt": {"placeholder": "what to avoid (optional)"},
     "seed": {"elem_id": "seed"},
+    "speed": {"elem_id": "speed"},
 }
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
 MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap"}
@@ -324,6 +333,8 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
         return gr.File(file_count="multiple", file_types=["image"], type="filepath", **options)
     if p.kind == "text":
         return gr.Textbox(value=None if p.required else p.default, **{"lines": 1, **options})
+    if p.kind == "choice" and len(p.choices) <= 4:  # a few choices (the speed): all in view, one click
+        return gr.Radio(choices=list(p.choices), value=p.default, **options)
     if p.kind == "choice":
         return gr.Dropdown(choices=list(p.choices), value=p.default, **options)
     if p.kind == "boolean":
@@ -525,6 +536,7 @@ def _wire_generate(
     demo.load(None, None, [c["num_steps"], c["guidance_scale"]], js=f"() => [{DEFAULT_STEPS}, {DEFAULT_GUIDANCE}]")
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     c["enable_lcm"].change(lcm_defaults, [c["enable_lcm"]], [c["num_steps"], c["guidance_scale"]], **quiet)
+    c["speed"].change(speed_defaults, [c["speed"]], [c["num_steps"], c["guidance_scale"]], **quiet)
     if len(modes) > 1:
         _wire_mode_choice(c, modes, quiet)
     cleared = [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"],

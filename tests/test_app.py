@@ -112,6 +112,19 @@ def test_generate_with_only_face_and_prompt(client: Client) -> None:
     assert pixels(gallery[0]["image"]).ndim == 3
 
 
+def test_every_speed_through_the_client(client: Client) -> None:
+    """Each speed by name, with its automatic steps; the same seed gives another image per speed."""
+    images = {}
+    for speed in ("quality", "fast", "turbo"):
+        gallery, used, *_ = client.predict(handle_file(str(FACE)), "a portrait", speed=speed, seed=9,
+                                           num_steps=2, api_name="/generate")
+        images[speed] = pixels(gallery[0]["image"])
+    assert not np.array_equal(images["quality"], images["fast"])
+    assert not np.array_equal(images["fast"], images["turbo"])
+    with pytest.raises(AppError, match="speed='warp': choose one of quality, fast, turbo"):
+        client.predict(handle_file(str(FACE)), "x", speed="warp", api_name="/generate")
+
+
 def test_same_seed_same_pixels(client: Client) -> None:
     def run(seed: int) -> np.ndarray:
         gallery, used, *_ = client.predict(

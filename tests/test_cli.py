@@ -51,6 +51,17 @@ def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:
             assert im.format == "PNG" and im.size == tuple(summary["size"])
 
 
+def test_speed_flag(tiny_env, photos, tmp_path: Path) -> None:
+    r = cli(tiny_env, "generate", "--face", str(photos["astronaut"]), "--prompt", "a knight", "--speed", "turbo",
+            "--seed", "3", "--out", str(tmp_path / "turbo.png"), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and summary["guidance"] == 1.0  # turbo's own
+    r = cli(tiny_env, "generate", "--face", str(photos["astronaut"]), "--speed", "fast", "--lcm",
+            "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "switch LCM off" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_restyle_and_swap_round_trips(tiny_env, photos, tmp_path: Path) -> None:
     common = ["--face", str(photos["astronaut"]), "--steps", "2", "--seed", "5", "--json"]
     r = cli(tiny_env, "restyle", *common, "--source", str(photos["hanks"]), "--strength", "0.5",

@@ -41,7 +41,7 @@ def test_resident_start_up_on_a_real_gpu(tiny_settings, photos) -> None:
 
     engine = Engine(dataclasses.replace(tiny_settings, memory_profile="large"))
     engine.load_all()
-    assert engine.unavailable == {} and engine.pipe.has_lcm
+    assert engine.unavailable == {} and {"fast", "turbo", "lcm"} <= set(engine.loras.names)
     nets = [engine.pipe.unet, *engine._extra_nets.values(), engine._estimators["depth"].model]
     assert all(next(n.parameters()).device.type == "cuda" for n in nets)
     request = GenerateRequest(face_images=[photos["astronaut"]], prompt="x", num_steps=2, seed=1, enable_lcm=True,

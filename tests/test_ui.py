@@ -34,7 +34,7 @@ FACE = str(ROOT / "assets" / "astronaut.jpg")
 API_PARAMETERS = [
     "face_image", "prompt", "extra_face_images", "pose_image", "negative_prompt", "style", "num_images", "width",
     "height", "num_steps", "guidance_scale", "identitynet_strength", "adapter_strength", "controlnets",
-    "scheduler", "enable_lcm", "seed", "randomize_seed", "enhance_face_region",
+    "scheduler", "speed", "enable_lcm", "seed", "randomize_seed", "enhance_face_region",
 ]
 
 REPORT = {
@@ -59,7 +59,8 @@ REPORT = {
 def fake_generate(
     face_image, prompt, extra_face_images=None, pose_image=None, negative_prompt="", style="", num_images=1,
     width=0, height=0, num_steps=0, guidance_scale=0.0, identitynet_strength=0.8, adapter_strength=0.8,
-    controlnets=None, scheduler="", enable_lcm=False, seed=42, randomize_seed=False, enhance_face_region=True,
+    controlnets=None, scheduler="", speed="quality", enable_lcm=False, seed=42, randomize_seed=False,
+    enhance_face_region=True,
 ):
     image = Image.new("RGB", (64, 64))
     yield [(image, "fake")], seed, [0.5], image, {"total_ms": 1.0}
@@ -193,6 +194,10 @@ def test_cheap_steps_skip_the_queue_and_the_api() -> None:
 def test_lcm_toggle_handler() -> None:
     assert ui.lcm_defaults(True) == (LCM_STEPS, LCM_GUIDANCE) == (5, 1.5)
     assert ui.lcm_defaults(False) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (30, 5.0)
+
+
+def test_speed_choice_shows_its_steps_and_guidance() -> None:
+    assert [ui.speed_defaults(s) for s in ("quality", "fast", "turbo")] == [(30, 5.0), (8, 5.0), (4, 1.0)]
 
 
 def test_randomize_seed_handler() -> None:
@@ -348,9 +353,10 @@ def test_gpu_duration_is_monotonic_and_clamped() -> None:
     assert est(num_steps=1, width=64, height=64) == api.MIN_DURATION_S
     three = {name: (0.4, None) for name in ("pose", "canny", "depth")}
     assert est(num_steps=100, num_images=4, width=1280, height=1280, controls=three) == api.MAX_DURATION_S
-    assert est(enable_lcm=True, num_steps=5, guidance_scale=1.5) < base, "LCM's 5 steps cost less than 30"
-    assert api.duration_seconds(steps="many", images=1, width=0, height=0, guidance=5, extra_controls=0,
-                                lcm=False) == api.MAX_DURATION_S
+    # A speed's LoRA is folded into the weights: its steps cost what quality's do, so fewer steps ask for less.
+    assert est(speed="turbo", num_steps=4, guidance_scale=1.0) <= est(speed="fast", num_steps=8) < base
+    assert api.duration_seconds(steps="many", images=1, width=0, height=0, guidance=5,
+                                extra_controls=0) == api.MAX_DURATION_S
 
 
 def test_gpu_duration_counts_the_steps_a_restyle_runs() -> None:
@@ -364,7 +370,7 @@ def test_gpu_duration_counts_the_steps_a_restyle_runs() -> None:
 def _job(**kw: Any) -> Job:
     fields = dict(prompt="x", negative_prompt="", embedding=None, keypoint_image=None, face_mask=None, controls={},
                   width=1024, height=1024, num_images=1, num_steps=30, guidance_scale=5.0, identitynet_strength=0.8,
-                  adapter_strength=0.8, scheduler="EulerDiscreteScheduler", enable_lcm=False, seed=1, faces_found=1)
+                  adapter_strength=0.8, scheduler="EulerDiscreteScheduler", speed="quality", seed=1, faces_found=1)
     return Job(**{**fields, **kw})
 
 

@@ -96,7 +96,7 @@ def _facts() -> dict:
         "background_thread": engine._thread is not None,
         "state": engine.state,
         "resident": engine.resident,
-        "has_lcm": bool(pipe is not None and pipe.has_lcm),
+        "has_lcm": bool(engine.loras is not None and "lcm" in engine.loras.names),
         "unavailable": engine.unavailable,
         "modules": modules,
         "cuda_tensors": len(patching.cuda_aliases),
