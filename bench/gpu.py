@@ -1,15 +1,17 @@
 """gpu: seconds per image and peak VRAM per memory profile, against plain diffusers, in one run.
 
 Made for a GPU machine with nothing to download: full-size SDXL parts (UNet, IdentityNet, VAE, both
-text encoders, resampler and IP layers of the released shapes, an LCM-LoRA of lcm-lora-sdxl's shape)
+text encoders, resampler and IP layers of the released shapes, a LoRA per speed of lcm-lora-sdxl's shape)
 are built with random weights directly on the GPU in fp16. Random weights cost exactly what real
 ones cost: the work per step depends on shapes, not values.
 
 Rows (each profile that fits the GPU; the wall-clock budget skips the rest and says so):
 - `plain`: diffusers' own `StableDiffusionXLControlNetPipeline` with the same UNet and ControlNet,
-  everything resident, at 30 steps and with the LCM-LoRA at 5 steps (the baseline);
+  everything resident (the baseline), alternating with
 - `large`: `InstantIDPipeline` placed by `instantid.memory.apply_profile` with everything resident;
-- `medium`: model CPU offload (the IdentityNet stays on the GPU);
+  both at every speed (quality 30 steps, fast 8, turbo 4 without guidance, LCM 5), the speed's LoRA folded in,
+  5 repeats each, median and spread;
+- `medium`: model CPU offload (the IdentityNet stays on the GPU), quality and turbo (peft adapter);
 - `small`: group offload, leaf level, with CUDA streams;
 - `small-fp8`: layerwise fp8 storage (UNet, IdentityNet, text encoders computed in fp16) plus model
   offload: the other way to fit 8 GB cards.
@@ -38,10 +40,12 @@ from . import _gb
 # A lent GPU machine gives a session 15 minutes in all, start-up and the GPU tests included: stop
 # starting new profiles after this many seconds (BENCH_GPU_BUDGET_S overrides it for a longer lease).
 BUDGET_S = int(os.environ.get("BENCH_GPU_BUDGET_S", 5 * 60))
+# Issue #17's goals: quality within 5 % of plain diffusers, fast and turbo as shares of quality's time.
 GOALS = {
-    "instantid_vs_plain_30": 1.10,
-    "large_30_steps_s": 2.5,
-    "large_lcm_5_steps_s": 0.6,
+    "instantid_vs_plain_quality": 1.05,
+    "large_quality_s": 2.5,
+    "fast_vs_quality": 0.35,
+    "turbo_vs_quality": 0.12,
     "large_peak_vram_gb": 14.0,
     "medium_peak_vram_gb": 11.0,
     "small_peak_vram_gb": 6.0,
@@ -64,7 +68,6 @@ LCM_TARGETS = [
     "time_emb_proj",
 ]
 GB = 1e9
-LCM_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,7 @@ class Plan:
     dtype: str
     size: str
     resolution: int
-    steps: int
-    lcm_steps: int
+    steps: int  # quality's (the dry run's for every speed); the LoRA speeds run their own
     repeats: int
     lora_rank: int
     dry_run: bool
@@ -82,8 +84,8 @@ class Plan:
 
 def plan_for(dry_run: bool) -> Plan:
     if dry_run:
-        return Plan("cpu", "float32", "micro", 128, 2, 2, 1, 4, True)
-    return Plan("cuda", "float16", "full", 1024, 30, 5, 2, 64, False)
+        return Plan("cpu", "float32", "micro", 128, 2, 1, 4, True)
+    return Plan("cuda", "float16", "full", 1024, 30, 5, 64, False)
 
 
 def run(*, quick: bool = False, dry_run: bool | None = None, log=print) -> dict[str, Any]:
@@ -195,12 +197,19 @@ def _instantid(parts: dict[str, Any], payload: dict[str, Any], plan: Plan) -> An
     return pipe
 
 
-def _write_lcm_lora(unet: Any, plan: Plan, folder: Path) -> None:
-    """A random LoRA with lcm-lora-sdxl's layers and rank, in fp16 as released; the engine loads it like the
-    real one (`InstantIDPipeline.load_lcm_lora`), after placement."""
+def _load_loras(pipe: Any, plan: Plan, mode: str, names: tuple[str, ...] = ("fast", "turbo", "lcm")) -> Any:
+    """The engine's `LoraSwitch` on `pipe`, with a random LoRA per speed of lcm-lora-sdxl's layers and rank, in fp16
+    as released (the real fast and turbo LoRAs adapt a similar set: what a step costs does not depend on it)."""
+    from instantid.loras import LoraSwitch
     from instantid.tiny import write_lora
 
-    write_lora(folder, unet, LCM_TARGETS, plan.lora_rank, _dtype("float16"))
+    loras = LoraSwitch(pipe, mode)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed, name in enumerate(names):
+            write_lora(Path(tmp), pipe.unet, LCM_TARGETS, plan.lora_rank, _dtype("float16"), seed=seed,
+                       file_name=f"{name}.safetensors")
+            loras.load(name, tmp, f"{name}.safetensors", source=f"bench {name}")
+    return loras
 
 
 def _profile(name: str, plan: Plan) -> Any:
@@ -284,73 +293,55 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def _time(call: Callable[[int], Any], steps: int, repeats: int) -> tuple[float, Any]:
-    call(2)  # warm-up: kernels chosen, allocator primed, hooks moved once
+def _time(calls: dict[str, Callable[[int], Any]], steps: int, repeats: int) -> dict[str, tuple[list[float], Any]]:
+    """Each call `repeats` times, alternating between them (so a clock or thermal drift hits all alike); the
+    times and the last output of each."""
+    for call in calls.values():
+        call(2)  # warm-up: kernels chosen, allocator primed, hooks moved once
     _sync()
-    times, last = [], None
+    out: dict[str, tuple[list[float], Any]] = {name: ([], None) for name in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        last = call(steps)
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), last
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            last = call(steps)
+            _sync()
+            out[name] = ([*out[name][0], time.perf_counter() - t0], last)
+    return out
 
 
-def _labels(plan: Plan) -> tuple[str, str]:
-    return f"{plan.steps} steps", f"LCM {plan.lcm_steps} steps"
+def _figures(times: list[float]) -> dict[str, Any]:
+    return {"seconds_per_image": round(statistics.median(times), 3), "spread_s": [round(min(times), 3),
+            round(max(times), 3)], "repeats": len(times)}
 
 
-def _instantid_rows(
-    name: str,
-    pipe: Any,
-    plan: Plan,
-    inputs: dict[str, Any],
-    modes: tuple[str, ...] = ("full", "lcm"),
-    extra_controls: tuple[Any, ...] = (),
-) -> list[dict[str, Any]]:
+def _speed_runs(plan: Plan) -> list[tuple[str, int, float, str]]:
+    """(speed, steps, guidance, scheduler) per speed, as the engine runs them (`requests.SPEEDS`)."""
+    from instantid.requests import SPEEDS
+
+    return [(s.name, plan.steps if plan.dry_run else s.steps, s.guidance, s.scheduler or "EulerDiscreteScheduler")
+            for s in SPEEDS.values()]
+
+
+def _ours(pipe: Any, plan: Plan, inputs: dict[str, Any], guidance: float, extras: tuple[Any, ...] = ()) -> Any:
     import torch
 
-    rows = []
-    label30, label_lcm = _labels(plan)
-    runs = {"full": (label30, plan.steps, 5.0, False), "lcm": (label_lcm, plan.lcm_steps, 1.5, True)}
-    suffix = f" + {len(extra_controls)} extra ControlNet" if extra_controls else ""
-    for label, steps, guidance, use_lcm in (runs[m] for m in modes):
-        pipe.use_lcm(use_lcm)
-        pipe.set_scheduler("LCMScheduler" if use_lcm else "EulerDiscreteScheduler")
-
-        def call(n: int, guidance: float = guidance) -> Any:
-            return pipe(
-                "a portrait photo of a person, studio light",
-                "blurry, low quality",
-                height=plan.resolution,
-                width=plan.resolution,
-                num_inference_steps=n,
-                guidance_scale=guidance,
-                generator=torch.Generator("cpu").manual_seed(0),
-                extra_controls=extra_controls,
-                **inputs,
-            )
-
-        _reset_peak()
-        seconds, out = _time(call, steps, plan.repeats if name == "large" else 1)
-        rows.append(
-            {
-                "pipeline": "instantid",
-                "profile": name,
-                "mode": label + suffix,
-                "steps": steps,
-                "seconds_per_image": round(seconds, 3),
-                "stages_ms": {k: round(v, 1) for k, v in out.timings_ms.items()},
-                **_vram(),
-            }
+    def call(n: int) -> Any:
+        return pipe(
+            "a portrait photo of a person, studio light",
+            "blurry, low quality",
+            height=plan.resolution,
+            width=plan.resolution,
+            num_inference_steps=n,
+            guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(0),
+            extra_controls=extras,
+            **inputs,
         )
-    pipe.use_lcm(False)
-    return rows
+
+    return call
 
 
-def _plain_row(
-    pipe: Any, plan: Plan, inputs: dict[str, Any], label: str, steps: int, guidance: float
-) -> dict[str, Any]:
+def _plain(pipe: Any, plan: Plan, inputs: dict[str, Any], guidance: float) -> Any:
     import torch
 
     def call(n: int) -> Any:
@@ -366,56 +357,76 @@ def _plain_row(
             generator=torch.Generator("cpu").manual_seed(0),
         )
 
-    _reset_peak()
-    seconds, _ = _time(call, steps, plan.repeats)
-    return {
-        "pipeline": "plain",
-        "profile": "resident",
-        "mode": label,
-        "steps": steps,
-        "seconds_per_image": round(seconds, 3),
-        **_vram(),
-    }
+    return call
+
+
+def _row(pipeline: str, profile: str, speed: str, steps: int, times: list[float], out: Any = None) -> dict[str, Any]:
+    row = {"pipeline": pipeline, "profile": profile, "speed": speed, "mode": f"{speed} {steps} steps", "steps": steps,
+           **_figures(times), **_vram()}
+    if out is not None:
+        row["stages_ms"] = {k: round(v, 1) for k, v in out.timings_ms.items()}
+    return row
+
+
+def _use(pipe: Any, loras: Any, speed: str, scheduler: str) -> float:
+    """Switch the speed's LoRA in (timed: what a request that changes speed pays once) and its sampler."""
+    t0 = time.perf_counter()
+    loras.use(None if speed == "quality" else speed)
+    _sync()
+    pipe.set_scheduler(scheduler)
+    return time.perf_counter() - t0
 
 
 def _resident_phase(plan: Plan, log: Any) -> list[dict[str, Any]]:
-    """Plain diffusers first (default attention processors), then InstantID on the same modules."""
-    from diffusers import LCMScheduler, StableDiffusionXLControlNetPipeline
-    from diffusers.models.attention_processor import AttnProcessor2_0
+    """Every speed, plain diffusers and InstantID alternating on the same modules and the same (folded) weights.
+
+    The two pipelines share one UNet; each call runs with its own attention processors (diffusers' defaults
+    for plain, the IP-attention ones for ours), swapped in as they are, with no weight made anew.
+    """
+    from diffusers import StableDiffusionXLControlNetPipeline
 
     from instantid.memory import apply_profile
+    from instantid.pipeline import SCHEDULER_FACTORIES
 
     parts, payload = _build(plan)
     inputs = _inputs(plan)
     plain = StableDiffusionXLControlNetPipeline(**parts, add_watermarker=False)
     plain.set_progress_bar_config(disable=True)
     plain.to(plan.device)
-    label30, labellcm = _labels(plan)
-    rows = [_plain_row(plain, plan, inputs, label30, plan.steps, 5.0)]
-    log(f"  plain {label30}: {rows[-1]['seconds_per_image']} s")
-
+    unet = parts["unet"]
+    plain_procs = dict(unet.attn_processors)
     pipe = _instantid(parts, payload, plan)
     apply_profile(pipe, _profile("large", plan))
-    rows += _instantid_rows("large", pipe, plan, inputs, modes=("full",))
-    log(f"  instantid {label30}: {rows[-1]['seconds_per_image']} s")
+    plain.vae.to(dtype=_dtype(plan.dtype))  # plain diffusers' VAE handling (fp16, upcast to decode)
+    our_procs = dict(unet.attn_processors)
+    loras = _load_loras(pipe, plan, "fused")
+    config = dict(pipe._scheduler_config)
+
+    def with_procs(procs: dict[str, Any], call: Callable[[int], Any]) -> Callable[[int], Any]:
+        def run(n: int) -> Any:
+            unet.set_attn_processor(dict(procs))  # a copy: diffusers pops the entries it sets
+            return call(n)
+
+        return run
+
+    rows = []
+    for speed, steps, guidance, scheduler in _speed_runs(plan):
+        switch_s = _use(pipe, loras, speed, scheduler)
+        cls, extra = SCHEDULER_FACTORIES[scheduler]
+        plain.scheduler = cls.from_config(config, **extra)
+        _reset_peak()
+        timed = _time({"plain": with_procs(plain_procs, _plain(plain, plan, inputs, guidance)),
+                       "instantid": with_procs(our_procs, _ours(pipe, plan, inputs, guidance))}, steps, plan.repeats)
+        rows.append(_row("plain", "resident", speed, steps, timed["plain"][0]))
+        rows.append({**_row("instantid", "large", speed, steps, *timed["instantid"]), "switch_s": round(switch_s, 4)})
+        log(f"  {speed} {steps} steps: plain {rows[-2]['seconds_per_image']} s, ours {rows[-1]['seconds_per_image']} s")
+    unet.set_attn_processor(dict(our_procs))
+    _use(pipe, loras, "quality", "EulerDiscreteScheduler")
     rows.append(_extra_controlnet_row(pipe, parts, plan, inputs))
     log(f"  instantid {rows[-1]['mode']}: {rows[-1]['seconds_per_image']} s")
-
-    # LCM: the LoRA joins the same UNet the engine's way; InstantID first, then plain with its
-    # default processors back.
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_lcm_lora(pipe.unet, plan, Path(tmp))
-        pipe.load_lcm_lora(tmp, weight_name=LCM_WEIGHTS)
-    rows += _instantid_rows("large", pipe, plan, inputs, modes=("lcm",))
-    log(f"  instantid {labellcm}: {rows[-1]['seconds_per_image']} s")
-    plain.unet.set_attn_processor(AttnProcessor2_0())
-    plain.vae.to(dtype=_dtype(plan.dtype))  # back to plain diffusers' VAE handling (fp16, upcast to decode)
-    plain.scheduler = LCMScheduler.from_config(pipe._scheduler_config)
-    plain.enable_lora()
-    plain.set_adapters(["lcm"], adapter_weights=[1.0])
-    rows.append(_plain_row(plain, plan, inputs, labellcm, plan.lcm_steps, 1.5))
-    log(f"  plain {labellcm}: {rows[-1]['seconds_per_image']} s")
-    del plain, pipe, parts, payload
+    held = sum(t.numel() * t.element_size() for ts in loras.tensors().values() for t in ts)
+    rows[-2]["lora_bytes_held"] = held  # the factors of three LoRAs and the touched layers' originals
+    del plain, pipe, parts, payload, loras
     return rows
 
 
@@ -429,36 +440,43 @@ def _extra_controlnet_row(pipe: Any, parts: dict[str, Any], plan: Plan, inputs: 
 
     net = copy.deepcopy(parts["controlnet"])
     extra = (ExtraControl(name="canny", net=net, image=inputs["keypoint_image"], scale=0.4),)
-    return _instantid_rows("large", pipe, plan, inputs, modes=("full",), extra_controls=extra)[0]
+    _reset_peak()
+    times, out = _time({"ours": _ours(pipe, plan, inputs, 5.0, extra)}, plan.steps, plan.repeats)["ours"]
+    row = _row("instantid", "large", "quality", plan.steps, times, out)
+    row["mode"] += " + 1 extra ControlNet"
+    return row
 
 
 def _offload_phase(name: str, plan: Plan, log: Any) -> list[dict[str, Any]]:
-    """Placed by `apply_profile`; the LCM-LoRA loaded afterwards, as the engine does on a first LCM request."""
+    """Placed by `apply_profile`; quality, then turbo with its LoRA the profile's way (peft adapters here)."""
     from instantid.memory import apply_profile
 
     pipe = _instantid(*_build(plan), plan)
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_lcm_lora(pipe.unet, plan, Path(tmp))
-        if name == "small-fp8":
-            # A LoRA loaded after layerwise casting wraps fp8 convolutions that then run uncast
-            # ("slow_conv2d not implemented for Float8"): the adapter has to join first.
-            pipe.load_lcm_lora(tmp, weight_name=LCM_WEIGHTS)
-            _layerwise_fp8(pipe, plan)
-        apply_profile(pipe, _profile(name, plan))
-        _free()
-        inputs = _inputs(plan)
-        rows = _instantid_rows(name, pipe, plan, inputs, modes=("full",))
-        log(_row_text(rows[-1]))
+    profile = _profile(name, plan)
+    if name == "small-fp8":
+        # A LoRA loaded after layerwise casting wraps fp8 convolutions that then run uncast
+        # ("slow_conv2d not implemented for Float8"): the adapter has to join first.
+        loras = _load_loras(pipe, plan, profile.lora_mode, ("turbo",))
+        _layerwise_fp8(pipe, plan)
+    apply_profile(pipe, profile)
+    _free()
+    if name != "small-fp8":
+        loras = _load_loras(pipe, plan, profile.lora_mode, ("turbo",))
+    inputs = _inputs(plan)
+    rows = []
+    for speed, steps, guidance, scheduler in _speed_runs(plan):
+        if speed not in ("quality", "turbo"):
+            continue
         try:
-            if not pipe.has_lcm:
-                pipe.load_lcm_lora(tmp, weight_name=LCM_WEIGHTS)
-            rows += _instantid_rows(name, pipe, plan, inputs, modes=("lcm",))
+            _use(pipe, loras, speed, scheduler)
+            _reset_peak()
+            times, out = _time({"ours": _ours(pipe, plan, inputs, guidance)}, steps, 1)["ours"]
+            rows.append(_row("instantid", name, speed, steps, times, out))
             log(_row_text(rows[-1]))
-        except Exception as exc:  # keep the 30-step row; the failure is itself a finding
-            rows.append(
-                {"pipeline": "instantid", "profile": name, "mode": "LCM", "error": f"{type(exc).__name__}: {exc}"[:400]}
-            )
-            log(f"  LCM failed: {rows[-1]['error']}")
+        except Exception as exc:  # keep the other rows; the failure is itself a finding
+            rows.append({"pipeline": "instantid", "profile": name, "speed": speed, "mode": speed,
+                         "error": f"{type(exc).__name__}: {exc}"[:400]})
+            log(f"  {speed} failed: {rows[-1]['error']}")
     del pipe
     return rows
 
@@ -472,43 +490,49 @@ def _row_text(r: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| pipeline | profile | mode | s/image | peak VRAM allocated | peak VRAM reserved |",
-        "|---|---|---|---|---|---|",
+        "| pipeline | profile | mode | s/image (median) | spread | peak VRAM allocated | peak VRAM reserved |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['pipeline']} | {r['profile']} | {r['mode']} | failed: {r['error'][:80]} | | |")
+            lines.append(f"| {r['pipeline']} | {r['profile']} | {r['mode']} | failed: {r['error'][:80]} | | | |")
             continue
+        spread = "{:.3f}-{:.3f} ({} runs)".format(*r["spread_s"], r["repeats"])
         lines.append(
-            f"| {r['pipeline']} | {r['profile']} | {r['mode']} | {r['seconds_per_image']:.3f} | "
+            f"| {r['pipeline']} | {r['profile']} | {r['mode']} | {r['seconds_per_image']:.3f} | {spread} | "
             f"{_gb(r['peak_allocated_bytes'])} | {_gb(r['peak_reserved_bytes'])} |"
         )
     return "\n".join(lines)
 
 
 def _checks(rows: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
-    def find(pipeline: str, profile: str, lcm: bool) -> dict[str, Any] | None:
+    def find(pipeline: str, profile: str, speed: str) -> dict[str, Any] | None:
         for r in rows:
-            if "error" in r:
-                continue
-            if r["pipeline"] == pipeline and r["profile"] == profile and r["mode"].startswith("LCM") == lcm:
+            if "error" not in r and "extra" not in r["mode"] and (r["pipeline"], r["profile"], r["speed"]) == (
+                pipeline, profile, speed
+            ):
                 return r
         return None
 
     out: dict[str, Any] = {}
-    ours, plain = find("instantid", "large", False), find("plain", "resident", False)
-    if ours and plain:
-        out["instantid_vs_plain_30"] = round(ours["seconds_per_image"] / plain["seconds_per_image"], 3)
-    ours_lcm, plain_lcm = find("instantid", "large", True), find("plain", "resident", True)
-    if ours_lcm and plain_lcm:
-        out["instantid_vs_plain_lcm"] = round(ours_lcm["seconds_per_image"] / plain_lcm["seconds_per_image"], 3)
-    if ours:
-        out["large_30_steps_s"] = ours["seconds_per_image"]
+    quality = find("instantid", "large", "quality")
+    for speed in ("quality", "fast", "turbo", "lcm"):
+        ours, plain = find("instantid", "large", speed), find("plain", "resident", speed)
+        if ours and plain:
+            out[f"instantid_vs_plain_{speed}"] = round(ours["seconds_per_image"] / plain["seconds_per_image"], 3)
+        if ours and quality and speed != "quality":
+            out[f"{speed}_vs_quality"] = round(ours["seconds_per_image"] / quality["seconds_per_image"], 3)
+        if ours:
+            out[f"large_{speed}_s"] = ours["seconds_per_image"]
+            if "switch_s" in ours:
+                out[f"switch_to_{speed}_s"] = ours["switch_s"]
+    if quality:
         extra = next((r for r in rows if "extra ControlNet" in r.get("mode", "") and "error" not in r), None)
         if extra:
-            out["extra_controlnet_factor"] = round(extra["seconds_per_image"] / ours["seconds_per_image"] - 1, 3)
-    if ours_lcm:
-        out["large_lcm_5_steps_s"] = ours_lcm["seconds_per_image"]
+            out["extra_controlnet_factor"] = round(extra["seconds_per_image"] / quality["seconds_per_image"] - 1, 3)
+    held = next((r["lora_bytes_held"] for r in rows if "lora_bytes_held" in r), None)
+    if held is not None:
+        out["lora_gb_held"] = round(held / GB, 2)
     for profile in ("large", "medium", "small", "small-fp8"):
         peaks = [r["peak_reserved_bytes"] for r in rows if r["profile"] == profile and r.get("peak_reserved_bytes")]
         if peaks:

@@ -165,11 +165,15 @@ def test_gpu_dry_run_through_the_cli() -> None:
     out = _last_json([sys.executable, "-m", "instantid", "bench", "gpu"], timeout=600)
     assert out["dry_run"] is True and out["benchmark"] == "gpu"
     assert not out["skipped"], out["skipped"]
-    seen = {(r["pipeline"], r["profile"], r["mode"].startswith("LCM")) for r in out["rows"]}
-    for profile in ("large", "medium", "small", "small-fp8"):
-        assert ("instantid", profile, False) in seen and ("instantid", profile, True) in seen
-    assert ("plain", "resident", False) in seen and ("plain", "resident", True) in seen
-    assert {"instantid_vs_plain_30", "large_30_steps_s", "large_lcm_5_steps_s"} <= set(out["checks"])
+    assert not [r for r in out["rows"] if "error" in r], out["rows"]
+    seen = {(r["pipeline"], r["profile"], r["speed"]) for r in out["rows"]}
+    for speed in ("quality", "fast", "turbo", "lcm"):
+        assert {("instantid", "large", speed), ("plain", "resident", speed)} <= seen
+    for profile in ("medium", "small", "small-fp8"):
+        assert {("instantid", profile, "quality"), ("instantid", profile, "turbo")} <= seen
+    checks = out["checks"]
+    assert {"instantid_vs_plain_quality", "large_quality_s", "fast_vs_quality", "turbo_vs_quality"} <= set(checks)
+    assert checks["lora_gb_held"] > 0 and checks["switch_to_turbo_s"] >= 0
     assert out["table"].startswith("| pipeline |")
 
 
