@@ -32,10 +32,11 @@ GIB = 1024**3
 LARGE_MIN_BYTES = 19 * GIB
 MEDIUM_MIN_BYTES = 11 * GIB
 
-# When the Space runtime emulates CUDA and `spaces` has not patched torch yet we cannot ask the GPU:
-# the smallest slice ZeroGPU has handed out is an A100 MIG 3g.40gb, so assume that much.
+# When the Space runtime emulates CUDA and `spaces` has not patched torch yet we cannot ask the GPU. ZeroGPU's
+# default size is half an RTX Pro 6000 Blackwell, 48 GB (hub-docs, 2026-08); assume the smallest slice it has
+# ever handed out (an A100 MIG 3g.40gb) all the same: nothing is lost by planning for less.
 ZEROGPU_NOMINAL_BYTES = 40 * GIB
-ZEROGPU_NOMINAL_NAME = "ZeroGPU slice (H200/A100-class)"
+ZEROGPU_NOMINAL_NAME = "ZeroGPU slice (half an RTX Pro 6000 Blackwell by default)"
 
 # The same spellings the `spaces` package accepts: if we disagreed, we could believe CUDA is emulated
 # while `spaces` has not patched it (or the other way round).
@@ -86,7 +87,8 @@ def probe_hardware(env: Mapping[str, str] | None = None) -> Hardware:
             except Exception as exc:  # the emulation is not ours; failing keeps nominal values
                 notes.append(f"could not read the emulated GPU properties ({type(exc).__name__})")
         notes.append(
-            "ZeroGPU: CUDA is emulated outside GPU calls; the GPU is an H200/A100-class slice lent per generation"
+            "ZeroGPU: CUDA is emulated outside GPU calls; the GPU (by default half an RTX Pro 6000 Blackwell) is "
+            "lent per generation"
         )
         return Hardware(
             cuda=True, gpu_name=name, gpu_total_bytes=total, bf16=True, zerogpu=True, notes=tuple(notes), **host
@@ -200,7 +202,7 @@ PROFILES: dict[str, Profile] = {
         Profile(
             "zerogpu",
             "ZeroGPU: every model, the extras included, sits on the GPU in float16 from start-up, as ZeroGPU "
-            "requires; each generation borrows half an H200.",
+            "requires; each generation borrows a slice of a GPU (by default half an RTX Pro 6000 Blackwell, 48 GB).",
             _RESIDENT_VRAM + ", all resident",
             "about 17 GB: 16.9 GB of weights with every optional part (measured, bench load-memory --all-parts)",
             host_ram_gib=16,
