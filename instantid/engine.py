@@ -32,6 +32,7 @@ from . import faces as face_lib
 from .errors import BusyError, CheckpointError, InvalidParameter, OutOfMemoryError, UserError
 from .images import image_to_array, load_image, release_memory
 from .loading import (
+    LORA_LABELS,
     checkpoint_entry,
     load_estimator,
     load_extra_controlnet,
@@ -782,10 +783,6 @@ class Engine:
         self.profile = nxt
         self.profile_reason += f"; switched to {nxt.name} after running out of GPU memory"
         return True
-
-
-# Each speed LoRA as the status report and start-up name it.
-LORA_LABELS = {"fast": "fast LoRA", "turbo": "turbo LoRA", "lcm": "LCM-LoRA"}
 
 
 def _speed_warnings(req: GenerateRequest, guidance: float) -> list[str]:

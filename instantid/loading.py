@@ -66,6 +66,10 @@ def load_estimator(s: Settings, name: str, device: str, record: Record = _ignore
     return getattr(controls, kind.estimator).from_folders(*folders, device=device)
 
 
+# Each speed's LoRA as the start-up, the status report and the checkpoint list name it.
+LORA_LABELS = {"fast": "fast LoRA", "turbo": "turbo LoRA", "lcm": "LCM-LoRA"}
+
+
 def load_speed_lora(loras: Any, s: Settings, name: str, record: Record = _ignore) -> None:
     """The LoRA of speed `name` (`requests.SPEEDS`: fast, turbo, lcm) into the engine's `LoraSwitch`, off."""
     from .requests import SPEEDS
@@ -77,7 +81,7 @@ def load_speed_lora(loras: Any, s: Settings, name: str, record: Record = _ignore
     file = lora_file(repo, files)
     path = fetch(repo, file, cache_dir=s.hub_cache, offline=s.hub_offline)
     loras.load(name, str(path.parent), path.name, source=f"{repo.repo_id}/{file}")
-    record(f"{name} LoRA", repo, path)
+    record(LORA_LABELS[name], repo, path)
 
 
 def resampler_dtype(profile: Profile) -> Any:
