@@ -157,10 +157,6 @@ def _max(values: deque[float]) -> float | None:
     return max(values) if values else None
 
 
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 class Record:
     """This process's observations of its GPU calls, and its recent requests' asked and used seconds.
 
@@ -203,6 +199,8 @@ class Record:
         result."""
         ms = {k: float(v) for k, v in (timings_ms or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
         denoise, decode, controls = (ms.get(k, 0.0) / 1000 for k in ("denoise_ms", "decode_ms", "controls_ms"))
+        if not shape.extra_controls:
+            controls = 0.0  # nothing to learn a per-control figure from: it stays in the fixed cost
         gpu = ms.get("gpu_ms", wall_s * 1000) / 1000
         with self._lock:
             asked, basis = self._asks.pop(key, (None, "not asked"))
@@ -237,7 +235,7 @@ class Record:
             "cap_s": cap,
             "margin": MARGIN,
             "basis": "observed" if figures.observed else "prior",
-            "observed": {k: _round(v) for k, v in asdict(figures).items()},
+            "observed": asdict(figures),
             "prior": {"fixed_s": PRIOR_FIXED_S, "step_s": PRIOR_STEP_S, "decode_s": PRIOR_DECODE_S,
                       "control_s": PRIOR_CONTROL_S, "safety": PRIOR_SAFETY, "min_s": PRIOR_MIN_S},
             "recent": recent,
