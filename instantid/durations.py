@@ -222,6 +222,7 @@ class Record:
                 "basis": basis,
                 "used_s": round(wall_s, 2),
                 "gpu_function_s": round(gpu, 2),  # the part inside the worker's GPU function
+                "denoise_s": round(denoise, 2),
             })
 
     def report(self, factor: float, cap: float = MAX_DURATION_S) -> dict[str, Any]:
