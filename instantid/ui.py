@@ -482,10 +482,11 @@ def build_demo(
 def _wire_status(status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], status_tab: Any, generate_tab: Any):
     def status() -> dict[str, Any]:
         """Memory and model-loading report of the server: host RAM, process RSS and its peak, GPU memory,
-        loaded components (device, dtype, size), the memory profile and why it was chosen, and the load state.
+        loaded components (device, dtype, size), the memory profile and why it was chosen, the load state, and
+        the GPU seconds recent requests asked for (on ZeroGPU) and used.
 
         Returns:
-            A JSON object with keys host, gpu (null without a GPU), components, profile and state.
+            A JSON object with keys host, gpu (null without a GPU), components, profile, state and durations.
         """
         return dict(status_fn())
 
