@@ -24,6 +24,7 @@ from typing import Any
 import gradio as gr
 import spaces
 
+from . import durations
 from .errors import UserError
 from .requests import GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed, params_for
 
@@ -37,62 +38,11 @@ LOAD_POLL_S = 0.5
 # The longest a generation runs without handing control to Gradio (how soon a cancel takes effect).
 HEARTBEAT_S = 0.5
 
-# --- ZeroGPU duration model -------------------------------------------------------------------
-# Measured on a whole NVIDIA H200 (bench gpu, 2026-11-27, BENCHMARKS.md): one guided denoising step of a
-# 1024x1024 image through SDXL + IdentityNet + IP attention in fp16 takes 0.122 s; ZeroGPU's default
-# "large" size is half an H200 (a MIG slice with 60 of its 132 multiprocessors, per spaces' own
-# zero/configs.json), so 0.122 x 132/60.
-STEP_S_1MP = 0.27
-# Each extra ControlNet beside the IdentityNet: +33 % per step (measured; a second run on another H200: +22 %).
-EXTRA_CONTROLNET_FACTOR = 0.33
-# A speed's LoRA (LCM's too) is folded into the UNet on this profile (loras.py): its steps cost the base's.
-# Without guidance (scale <= 1) the UNet runs a batch of 1 instead of 2 (not measured: the batch halves,
-# the weights are read as often).
-NO_CFG_FACTOR = 0.55
-# VAE decoding of a 1024x1024 image: 0.12 s on the whole H200 (measured), x 132/60 on the slice.
-VAE_DECODE_S_1MP = 0.27
-# Fixed costs inside the GPU call, not measured here: a fresh worker (a fork) moves the packed weights,
-# about 10 GB, to the GPU; the depth/pose estimators run once per extra control.
-BASE_OVERHEAD_S = 10.0
-EXTRA_CONTROLNET_OVERHEAD_S = 3.0
-SAFETY = 1.5
-MIN_DURATION_S = 15
-# 120 s is also what ZeroGPU grants visitors who are not logged in; asking for more gets refused.
-MAX_DURATION_S = 120
-# Width/height 0 means "automatic": the short side becomes 1024 and the long side at most 1280.
-AUTO_PIXELS = 1024 * 1280
-
-
 def _engine() -> Any:
     # Imported here so that importing this module (and the UI) never pulls in torch.
     from .engine import get_engine
 
     return get_engine()
-
-
-def duration_seconds(
-    *, steps: Any, images: Any, width: Any, height: Any, guidance: Any, extra_controls: int
-) -> int:
-    """GPU seconds to ask ZeroGPU for (see the constants above), capped so that the time `spaces` asks
-    for after its own per-hardware duration factor stays within `MAX_DURATION_S`."""
-    cap = MAX_DURATION_S / _duration_factor()
-    try:
-        steps = max(1.0, float(steps))
-        images = max(1.0, float(images))
-        width, height = float(width or 0), float(height or 0)
-        guidance = float(guidance)
-    except (TypeError, ValueError):
-        return int(cap)  # invalid values fail validation before any GPU is asked for; ask for the most
-    pixels = width * height if width > 0 and height > 0 else AUTO_PIXELS
-    megapixels = pixels / (1024 * 1024)
-    per_step = STEP_S_1MP * megapixels * (1 + EXTRA_CONTROLNET_FACTOR * extra_controls)
-    if guidance <= 1:
-        per_step *= NO_CFG_FACTOR
-    seconds = steps * images * per_step + images * VAE_DECODE_S_1MP * megapixels
-    seconds = BASE_OVERHEAD_S + extra_controls * EXTRA_CONTROLNET_OVERHEAD_S + SAFETY * seconds
-    if not math.isfinite(seconds):
-        return int(cap)
-    return int(min(cap, max(MIN_DURATION_S, math.ceil(seconds))))
 
 
 def _duration_factor() -> float:
@@ -109,17 +59,16 @@ def _duration_factor() -> float:
 
 
 def _gpu_duration(job: Job) -> int:
-    # ZeroGPU calls the duration function with the GPU function's own arguments: the prepared job knows
-    # the real output size, steps and controls. A restyle runs only steps x strength of its steps; a swap's
-    # size is the working size of its crop, not of the target photo.
-    return duration_seconds(
-        steps=job.denoising_steps,
-        images=job.num_images,
-        width=job.width,
-        height=job.height,
-        guidance=job.guidance_scale,
-        extra_controls=len(job.controls),
-    )
+    # ZeroGPU calls the duration function with the GPU function's own arguments, in the main process: the
+    # prepared job knows the real output size, steps and controls (a restyle runs only steps x strength of its
+    # steps; a swap's size is the working size of its crop, not of the target photo). What is asked is kept
+    # under the job's id until `_run` hands the call's measurements to the same record.
+    try:
+        shape = durations.shape_of(job)
+    except (TypeError, ValueError, AttributeError):
+        # Invalid values fail validation before any GPU is asked for; ask for the most.
+        return math.floor(durations.MAX_DURATION_S / _duration_factor())
+    return durations.RECORD.ask(id(job), shape, _duration_factor())
 
 
 @spaces.GPU(duration=_gpu_duration)
@@ -131,8 +80,14 @@ def _render_on_gpu(job: Job) -> Iterator[Step | Rendered | None]:
     unchanged and it runs in this process. Errors are turned into `gr.Error` here because only a
     `gr.Error` crosses ZeroGPU's process boundary with its message.
     """
+    entered = time.perf_counter()
     try:
-        yield from _engine().render_steps(job, heartbeat_s=HEARTBEAT_S)
+        for event in _engine().render_steps(job, heartbeat_s=HEARTBEAT_S):
+            if isinstance(event, Rendered):
+                # The whole call as the worker saw it: with the main process's wall time, what the worker
+                # could not time itself (its start, the weights' move) is known too (`durations`).
+                event.timings_ms["gpu_ms"] = (time.perf_counter() - entered) * 1000
+            yield event
     except gr.Error:
         raise
     except UserError as exc:  # includes running out of memory after the leaner retry
@@ -243,6 +198,19 @@ class _Activity:
 ACTIVITY = _Activity()
 
 
+def _observe(job: Job, rendered: Rendered, wall_s: float) -> None:
+    """Hand a finished GPU call's measurements to the duration record; never fails the request."""
+    try:
+        if rendered.interrupted:  # its steps are not the job's: nothing to learn
+            durations.RECORD.forget(id(job))
+            return
+        shape = durations.shape_of(job)
+        durations.RECORD.observe(id(job), shape, rendered.timings_ms, wall_s, mode=str(getattr(job, "mode", "")))
+    except Exception:
+        log.exception("could not record the GPU call's durations")
+        durations.RECORD.forget(id(job))
+
+
 def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     """The three stages; yields `gr.skip()` after each denoising step, then the outputs.
 
@@ -257,6 +225,7 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     job = engine.prepare(request)  # CPU, in this process: a photo without a face asks for no GPU time
     ACTIVITY.set(key, "starting")
     progress(0.0, desc="Starting")
+    asked = time.perf_counter()  # on ZeroGPU the first step below asks for the GPU (`_gpu_duration`)
     steps = _render_on_gpu(job)
     try:
         for event in steps:
@@ -276,11 +245,14 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
         # call waits for this generator, so that wait happens beside it. The next request queues on the
         # pipeline's lock until the step is done.
         threading.Thread(target=steps.close, name="instantid-stop", daemon=True).start()
+        durations.RECORD.forget(id(job))
         raise
     except BaseException:
         steps.close()
+        durations.RECORD.forget(id(job))
         raise
     steps.close()
+    _observe(job, event, time.perf_counter() - asked)
     result = engine.finish(job, event)
     for warning in result.warnings:
         gr.Warning(warning)
@@ -336,14 +308,16 @@ swap = _endpoint("swap")
 
 
 def status() -> dict[str, Any]:
-    """Memory and model-loading report of the server: host RAM, GPU memory, loaded components, profile, load state.
+    """Memory and model-loading report of the server: host RAM, GPU memory, loaded components, profile, load
+    state, and the GPU seconds recent requests asked for and used.
 
     Returns:
-        A JSON object with keys host, gpu (null without a GPU), components, profile and state.
+        A JSON object with keys host, gpu (null without a GPU), components, profile, state and durations.
     """
     try:
         report = _engine().report()
         report.setdefault("state", {})["activity"] = ACTIVITY.summary()
+        report["durations"] = durations.RECORD.report(_duration_factor())
         return report
     except Exception:
         log.exception("status report failed")

@@ -202,7 +202,7 @@ PROFILES: dict[str, Profile] = {
         Profile(
             "zerogpu",
             "ZeroGPU: every model, the extras included, sits on the GPU in float16 from start-up, as ZeroGPU "
-            "requires; each generation borrows a slice of a GPU (by default half an RTX Pro 6000 Blackwell, 48 GB).",
+            "requires; each generation borrows half an NVIDIA RTX Pro 6000 Blackwell (48 GB).",
             _RESIDENT_VRAM + ", all resident",
             "about 17 GB: 16.9 GB of weights with every optional part (measured, bench load-memory --all-parts)",
             host_ram_gib=16,

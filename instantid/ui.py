@@ -231,6 +231,41 @@ def format_profile(report: Mapping[str, Any]) -> str:
     return text
 
 
+def _seconds(value: Any, digits: int = 1) -> str:
+    return f"{value:.{digits}f} s" if isinstance(value, (int, float)) else "—"
+
+
+def format_durations(report: Mapping[str, Any]) -> str:
+    """The GPU seconds recent requests asked ZeroGPU for and used, newest first, and the figures asked from."""
+    section = report.get("durations") or {}
+    if not section:
+        return ""
+    observed = section.get("observed") or {}
+    if section.get("basis") == "observed":
+        step = observed.get("step_s")
+        basis = (
+            f"from what this hardware has shown x {section.get('margin')}: fixed {_seconds(observed.get('fixed_s'))}, "
+            f"a guided 1024x1024 step {_seconds(2 * step if isinstance(step, (int, float)) else None, 3)}"
+        )
+    else:
+        basis = "from the prior for ZeroGPU's half RTX Pro 6000 Blackwell (nothing observed yet)"
+    text = (
+        f"**GPU time per request** (asked after `spaces`' factor x{section.get('factor')}, at most "
+        f"{section.get('cap_s')} s): {basis}."
+    )
+    recent = list(section.get("recent") or [])[::-1]
+    if not recent:
+        return text + "\n\nNo request has run yet."
+    rows = "\n".join(
+        f"| {r.get('mode') or ''} | {r.get('steps')} | {r.get('images')} | {r.get('megapixels')} | "
+        f"{'—' if r.get('asked_s') is None else str(r.get('asked_s')) + ' s'} ({r.get('basis')}) | "
+        f"{_seconds(r.get('used_s'))} | {_seconds(r.get('gpu_function_s'))} |"
+        for r in recent
+    )
+    header = "| Request | steps | images | MP | asked | used | in the GPU function |\n|---|---|---|---|---|---|---|"
+    return f"{text}\n\n{header}\n{rows}"
+
+
 def component_rows(report: Mapping[str, Any]) -> list[list[Any]]:
     rows = []
     for item in report.get("components") or []:
@@ -278,7 +313,8 @@ def render_status(report: Mapping[str, Any], samples: Sequence[Mapping[str, Any]
         format_memory(report),
         samples_frame(samples),
         pd.DataFrame(component_rows(report), columns=STATUS_COLUMNS),
-        format_profile(report),
+        # The GPU seconds go under the profile: one Markdown, so the tab's outputs stay as they were.
+        "\n\n".join(part for part in (format_profile(report), format_durations(report)) if part),
         dict(report),
         samples,
     )
@@ -457,10 +493,11 @@ def build_demo(
 def _wire_status(status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], status_tab: Any, generate_tab: Any):
     def status() -> dict[str, Any]:
         """Memory and model-loading report of the server: host RAM, process RSS and its peak, GPU memory,
-        loaded components (device, dtype, size), the memory profile and why it was chosen, and the load state.
+        loaded components (device, dtype, size), the memory profile and why it was chosen, the load state, and
+        the GPU seconds recent requests asked for (on ZeroGPU) and used.
 
         Returns:
-            A JSON object with keys host, gpu (null without a GPU), components, profile and state.
+            A JSON object with keys host, gpu (null without a GPU), components, profile, state and durations.
         """
         return dict(status_fn())
 

@@ -331,40 +331,7 @@ def test_status_is_the_engine_report(engine: FakeEngine) -> None:
     assert set(api.status()) >= {"host", "gpu", "components", "profile", "state"}
 
 
-# --- ZeroGPU duration ---------------------------------------------------------------------------------
-
-
-def test_gpu_duration_is_monotonic_and_clamped() -> None:
-    def est(**kw: Any) -> int:
-        return api._gpu_duration(_job(**kw))
-
-    base = est()
-    assert api.MIN_DURATION_S <= base <= api.MAX_DURATION_S
-    assert est(num_steps=40) >= base
-    assert est(width=1280) >= base
-    assert est(num_images=2) > base
-    assert est(controls={"pose": (0.4, None), "depth": (0.4, None)}) > base
-    steps = [est(num_steps=n) for n in range(1, 101, 3)]
-    assert steps == sorted(steps)
-    sizes = [est(width=s, height=s) for s in range(64, 1281, 64)]
-    assert sizes == sorted(sizes)
-    images = [est(num_images=n) for n in range(1, 5)]
-    assert images == sorted(images)
-    assert est(num_steps=1, width=64, height=64) == api.MIN_DURATION_S
-    three = {name: (0.4, None) for name in ("pose", "canny", "depth")}
-    assert est(num_steps=100, num_images=4, width=1280, height=1280, controls=three) == api.MAX_DURATION_S
-    # A speed's LoRA is folded into the weights: its steps cost what quality's do, so fewer steps ask for less.
-    assert est(speed="turbo", num_steps=4, guidance_scale=1.0) <= est(speed="fast", num_steps=8) < base
-    assert api.duration_seconds(steps="many", images=1, width=0, height=0, guidance=5,
-                                extra_controls=0) == api.MAX_DURATION_S
-
-
-def test_gpu_duration_counts_the_steps_a_restyle_runs() -> None:
-    """img2img runs steps x strength of its steps; a swap is sized by its crop's working size (the job's)."""
-    full = api._gpu_duration(_job(num_steps=100, width=1280, height=1280))
-    assert api._gpu_duration(_job(num_steps=100, width=1280, height=1280, mode="restyle", strength=1.0)) == full
-    assert api._gpu_duration(_job(num_steps=100, width=1280, height=1280, mode="restyle", strength=0.3)) < full
-    assert _job(num_steps=30, strength=0.5).denoising_steps == 15
+# --- the GPU stage (ZeroGPU's durations: tests/test_durations.py) ---------------------------------
 
 
 def _job(**kw: Any) -> Job:
@@ -372,14 +339,6 @@ def _job(**kw: Any) -> Job:
                   width=1024, height=1024, num_images=1, num_steps=30, guidance_scale=5.0, identitynet_strength=0.8,
                   adapter_strength=0.8, scheduler="EulerDiscreteScheduler", speed="quality", seed=1, faces_found=1)
     return Job(**{**fields, **kw})
-
-
-def test_gpu_duration_cap_holds_after_the_zerogpu_factor(monkeypatch: pytest.MonkeyPatch) -> None:
-    # spaces multiplies what we ask for by its per-hardware factor (1.5 on its RTX PRO 6000 entry).
-    monkeypatch.setattr(api, "_duration_factor", lambda: 1.5)
-    biggest = api._gpu_duration(_job(num_steps=100, num_images=4, width=1280, height=1280))
-    assert biggest * 1.5 <= api.MAX_DURATION_S
-    assert api._gpu_duration(_job(num_steps=1, width=64, height=64)) == api.MIN_DURATION_S
 
 
 def test_results_pickle() -> None:

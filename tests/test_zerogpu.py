@@ -73,6 +73,7 @@ def zerogpu(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Itera
     cgroup = tmp / "cgroup"
     cgroup.write_text("1:devices:/zerogpu-test\n")
     facts = tmp / "facts.json"
+    slow = tmp / "slow-step-seconds"
     app = start_app(
         tmp,
         cache,
@@ -82,9 +83,10 @@ def zerogpu(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Itera
         ZEROGPU_PROC_SELF_CGROUP_PATH=str(cgroup),
         ZEROGPU_OFFLOAD_DIR=str(tmp / "offload"),
         ZEROGPU_FACTS=str(facts),
+        ZEROGPU_SLOW_STEP_FILE=str(slow),
     )
     try:
-        yield app, device, json.loads(facts.read_text())
+        yield app, device, {**json.loads(facts.read_text()), "slow_step_file": str(slow)}
     finally:
         app.stop()
         device.close()
@@ -102,6 +104,72 @@ def test_everything_is_resident_before_launch(zerogpu: tuple[App, DeviceAPI, dic
     assert all(devices == ["cuda:0"] for devices in facts["modules"].values()), facts["modules"]
     assert facts["cuda_tensors"] > 0
     assert device.paths()[:1] == ["/startup-report"], "spaces reports start-up once it has packed"
+
+
+def test_durations_start_from_the_prior_then_follow_what_the_worker_measured(
+    zerogpu: tuple[App, DeviceAPI, dict], photos
+) -> None:
+    """The first GPU call asks the prior; the next asks what the first used x the margin; a slow worker makes the
+    next ask larger; a request the figures price above the cap asks for the cap. Runs first in this module: the
+    app's record must not have seen a GPU call yet."""
+    from gradio_client import Client, handle_file
+
+    from instantid import durations
+
+    app, device, facts = zerogpu
+    assert device.paths().count("/schedule") == 0, "must run before any other GPU call of this module"
+    client = Client(app.url, verbose=False)
+    face = handle_file(str(photos["astronaut"]))
+    shape = durations.Shape(steps=4, images=1, megapixels=128 * 128 / 2**20, guided=True)
+
+    def run(**kw: object) -> int:
+        """One generation (4 guided steps at 128x128 unless told); returns the seconds spaces asked for."""
+        before = len(device.calls)
+        args = {"num_steps": 4, "width": 128, "height": 128, "guidance_scale": 5.0, "seed": 1, **kw}
+        client.predict(face_image=face, prompt="x", api_name="/generate", **args)
+        (schedule,) = [params for path, params in device.calls[before:] if path == "/schedule"]
+        return int(schedule["durationSeconds"])
+
+    def section() -> dict:
+        return client.predict(api_name="/status")["durations"]
+
+    factor = section()["factor"]  # no NVIDIA driver here: spaces takes its first entry (H200, 1.0)
+
+    def expected(figures: durations.Figures | None, of: durations.Shape = shape) -> int:
+        return durations.asked_after_factor(durations.ask_seconds(of, figures, factor), factor)
+
+    first = run()
+    assert first == expected(None) == durations.PRIOR_MIN_S, "the first call asks the prior"
+    report = section()
+    observed = durations.Figures(**report["observed"])
+    assert report["basis"] == "observed" and observed.step_s > 0 and observed.fixed_s > 0
+    (row,) = report["recent"]
+    assert (row["asked_s"], row["basis"]) == (first, "prior") and 0 < row["gpu_function_s"] <= row["used_s"]
+
+    second = run()
+    assert second == expected(observed), "the second call asks from the figures the first one measured"
+    assert second >= durations.MARGIN * row["used_s"] - 0.01, "at least what the first used x the margin"
+    report = section()
+    assert [r["basis"] for r in report["recent"]] == ["prior", "observed"]
+    assert report["recent"][-1]["asked_s"] == second
+
+    slow_file = Path(facts["slow_step_file"])
+    slow_file.write_text("4")  # each step of the next call 4 s longer
+    try:
+        before_slow = run()
+    finally:
+        slow_file.unlink()
+    slow_row = section()["recent"][-1]
+    assert slow_row["denoise_s"] >= 16, "the slow worker's 4 steps took 16 s more"
+    after_slow = run()
+    assert after_slow > before_slow, (before_slow, after_slow)
+    assert after_slow >= durations.MARGIN * slow_row["used_s"] - 0.01, "at least what the slow call used x the margin"
+
+    # 24 steps priced by the slow call's (in 20 s of sleep or so, it runs them at the usual speed): over the cap.
+    big = durations.Shape(steps=24, images=1, megapixels=shape.megapixels, guided=True)
+    observed = durations.Figures(**section()["observed"])
+    assert durations.MARGIN * durations.predicted_seconds(big, observed) > durations.MAX_DURATION_S
+    assert run(num_steps=24) == expected(observed, big) == durations.MAX_DURATION_S
 
 
 def test_a_photo_without_a_face_costs_no_gpu_time(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
@@ -131,6 +199,8 @@ def test_an_unavailable_part_is_refused_with_its_reason(zerogpu: tuple[App, Devi
 def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     from gradio_client import Client, handle_file
 
+    from instantid import durations
+
     app, device, _ = zerogpu
     client = Client(app.url, verbose=False)
     before = len(device.calls)
@@ -142,7 +212,7 @@ def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, di
     calls = device.calls[before:]
     assert [path for path, _ in calls] == ["/schedule", "/allow", "/release"], calls
     schedule = calls[0][1]
-    assert 15 <= int(schedule["durationSeconds"]) <= 120, schedule
+    assert durations.OBSERVED_MIN_S <= int(schedule["durationSeconds"]) <= durations.MAX_DURATION_S, schedule
     assert calls[2][1]["fail"] == "false", "the worker returned a result"
     assert "denoise_ms" in timings, "the denoising ran in the worker and its timings came back"
 

@@ -13,6 +13,9 @@ stubbed, as little as `spaces`' own source (0.51) needs:
 
 Before `spaces` packs, the harness writes what was loaded where (and from which thread) to
 $ZEROGPU_FACTS, for the test to check that everything was resident before launch.
+
+A slow worker on demand: while the file named by $ZEROGPU_SLOW_STEP_FILE exists, each denoising step in the
+worker takes that many seconds longer (the file holds the number), for the duration tests.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import runpy
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -111,6 +115,28 @@ def _pack_after_recording() -> int:
     return _real_pack()
 
 
+def _slow_steps() -> None:
+    """Each denoising step sleeps as long as $ZEROGPU_SLOW_STEP_FILE says, read at every step in the worker."""
+    from instantid.engine import Engine
+
+    slow_file = Path(os.environ.get("ZEROGPU_SLOW_STEP_FILE") or os.devnull)
+    real_render = Engine.render
+
+    def render(self, job, progress=None):
+        def step(done: int, total: int) -> None:
+            try:
+                time.sleep(float(slow_file.read_text()))
+            except (OSError, ValueError):  # no file (or an empty one): a worker at its usual speed
+                pass
+            if progress is not None:
+                progress(done, total)
+
+        return real_render(self, job, step)
+
+    Engine.render = render
+
+
+_slow_steps()
 zero_torch.init = _init_on_cpu
 zero_torch.move = _move_to_host
 zero_torch.pack = _pack_after_recording

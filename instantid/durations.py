@@ -1,0 +1,246 @@
+"""How many GPU seconds a ZeroGPU call asks for: a conservative prior until this hardware has shown its costs,
+then what it has shown, times a margin.
+
+A visitor's call is admitted only while the quota left covers the time asked (`spaces`' "requested vs. left"),
+so asking for a fixed worst case costs visitors images; asking too little gets the call cut off. The GPU stage
+reports what it measured (its `Rendered.timings_ms`); the main process adds the wall time it saw between asking
+and getting the result, which holds what the worker cannot time itself (the grant, the worker's fork and the
+move of the packed weights to the GPU). `Record` keeps recent observations; `ask_seconds` is a pure function of
+a request's `Shape` and the record's `Figures`, so it can be tested without a GPU.
+
+No torch here: the main process of a ZeroGPU Space must not need it for this.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MEGAPIXEL = 1024 * 1024
+# Width/height 0 means "automatic": the short side becomes 1024 and the long side at most 1280.
+AUTO_PIXELS = 1024 * 1280
+
+# --- the prior: ZeroGPU's default `large` size, half an NVIDIA RTX Pro 6000 Blackwell (48 GB) -------------
+# Nobody here has run on that card. What is known: one guided step of a 1024x1024 image through SDXL +
+# IdentityNet + IP attention in fp16 took 0.122 s on a whole H200 (bench gpu, 2026-11-27, BENCHMARKS.md), and
+# ZeroGPU's former `large` size was a 60-of-132-multiprocessor slice of an H200 (0.122 x 132/60 = 0.27 s);
+# `spaces` 0.51 rates the Blackwell half card 1.5x slower than that slice (its zero/configs.json duration
+# factor), so 0.27 x 1.5. Per batch item: a guided step runs a batch of 2.
+PRIOR_STEP_S = 0.41 / 2
+# VAE decoding of one 1024x1024 image: 0.12 s on the whole H200 (measured), x 132/60 x 1.5 as above.
+PRIOR_DECODE_S = 0.41
+# Everything else a call costs (the grant, a fresh worker's fork and its move of about 10 GB of packed weights
+# to the GPU, the text encoders): not measured anywhere; generous.
+PRIOR_FIXED_S = 10.0
+# A depth or pose estimator's run, per extra control: not measured.
+PRIOR_CONTROL_S = 3.0
+# The prior covers its unmeasured parts with this factor on the step and decode time, and never asks for less.
+PRIOR_SAFETY = 1.5
+PRIOR_MIN_S = 15
+
+# Each ControlNet pass beyond the first (an extra ControlNet; in a group, another person's IdentityNet) adds
+# this share of a step's cost (measured on an H200: +33 %; a second run on another H200: +22 %; the larger kept).
+CONTROLNET_PASS_SHARE = 0.33
+
+# --- once observed -----------------------------------------------------------------------------------------
+# The ask is the observed cost times MARGIN. Each figure is the largest of the last WINDOW observations: a
+# slow worker raises the next ask at once, and one fresh worker's fork and weight move (workers are reused
+# only sometimes) stays in the ask for the calls after it.
+MARGIN = 1.3
+WINDOW = 8
+# The least a calibrated call asks for: a few seconds of slack for the grant and the pickling.
+OBSERVED_MIN_S = 5
+# What ZeroGPU grants a visitor who is not logged in, in seconds asked after `spaces`' factor; more is refused.
+MAX_DURATION_S = 120
+# Requests shown on the Status tab.
+RECENT = 20
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a GPU call's cost depends on, from the prepared job.
+
+    `controlnet_passes` counts the ControlNet runs per step: the IdentityNet once, plus each extra ControlNet;
+    a group request (one IdentityNet pass per person) adds its people here. Speeds need nothing of their own:
+    a few-step LoRA is fused, so its steps cost the base UNet's, and its steps and guidance are in the job.
+    """
+
+    steps: int  # denoising steps that really run (a restyle's steps x strength)
+    images: int
+    megapixels: float
+    guided: bool  # guidance > 1: the UNet runs a batch of 2 per image
+    controlnet_passes: int = 1
+    extra_controls: int = 0  # extra controls whose condition is made in the GPU call (an estimator may run)
+
+    @property
+    def batch(self) -> int:
+        return self.images * (2 if self.guided else 1)
+
+    @property
+    def step_units(self) -> float:
+        """Steps x batch items x megapixels x ControlNet weight: what one figure's per-step cost multiplies."""
+        weight = 1 + CONTROLNET_PASS_SHARE * max(0, self.controlnet_passes - 1)
+        return self.steps * self.batch * self.megapixels * weight
+
+
+def shape_of(job: Any) -> Shape:
+    """The `Shape` of a prepared `Job` (or of anything with its fields)."""
+    width, height = float(job.width or 0), float(job.height or 0)
+    pixels = width * height if width > 0 and height > 0 else AUTO_PIXELS
+    extra = len(job.controls or {})
+    return Shape(
+        steps=max(0, int(job.denoising_steps)),
+        images=max(1, int(job.num_images)),
+        megapixels=pixels / MEGAPIXEL,
+        guided=float(job.guidance_scale) > 1,
+        # Group mode: + (people - 1) IdentityNet passes.
+        controlnet_passes=1 + extra,
+        extra_controls=extra,
+    )
+
+
+@dataclass(frozen=True)
+class Figures:
+    """Costs observed on this hardware, in seconds; None where nothing was observed yet."""
+
+    fixed_s: float | None = None  # per call: everything but steps, decode and estimators
+    step_s: float | None = None  # per denoising step, batch item and megapixel, with one ControlNet pass
+    decode_s: float | None = None  # per image and megapixel
+    control_s: float | None = None  # per extra control (its estimator, if it has one)
+
+    @property
+    def observed(self) -> bool:
+        return self.step_s is not None
+
+
+def prior_seconds(shape: Shape) -> float:
+    """What a call costs by the prior (already with its safety factor)."""
+    variable = shape.step_units * PRIOR_STEP_S + shape.images * shape.megapixels * PRIOR_DECODE_S
+    fixed = PRIOR_FIXED_S + shape.extra_controls * PRIOR_CONTROL_S
+    return max(float(PRIOR_MIN_S), fixed + PRIOR_SAFETY * variable)
+
+
+def predicted_seconds(shape: Shape, figures: Figures) -> float:
+    """What a call costs by the observed figures (the prior's for any figure not observed yet), no margin."""
+    step = PRIOR_STEP_S * PRIOR_SAFETY if figures.step_s is None else figures.step_s
+    decode = PRIOR_DECODE_S * PRIOR_SAFETY if figures.decode_s is None else figures.decode_s
+    fixed = PRIOR_FIXED_S if figures.fixed_s is None else figures.fixed_s
+    control = PRIOR_CONTROL_S if figures.control_s is None else figures.control_s
+    return fixed + shape.extra_controls * control + shape.step_units * step + shape.images * shape.megapixels * decode
+
+
+def ask_seconds(shape: Shape, figures: Figures | None, factor: float = 1.0, cap: float = MAX_DURATION_S) -> int:
+    """The duration to hand `spaces`, in whole seconds: `spaces` multiplies it by its per-hardware `factor` and
+    asks ZeroGPU for that, which is then at least the cost (the prior's until observed, else observed x
+    MARGIN) and at most `cap`."""
+    factor = factor if math.isfinite(factor) and factor >= 1 else 1.0
+    if figures is None or not figures.observed:
+        wanted = prior_seconds(shape)
+    else:
+        wanted = max(float(OBSERVED_MIN_S), MARGIN * predicted_seconds(shape, figures))
+    most = max(1, math.floor(cap / factor))
+    if not math.isfinite(wanted):
+        return most
+    return int(min(most, max(1, math.ceil(wanted / factor))))
+
+
+def asked_after_factor(seconds: int, factor: float) -> int:
+    """What `spaces` asks ZeroGPU for when handed `seconds` (its own rounding, `zero/client.py`)."""
+    return round(seconds * factor)
+
+
+def _max(values: deque[float]) -> float | None:
+    return max(values) if values else None
+
+
+class Record:
+    """This process's observations of its GPU calls, and its recent requests' asked and used seconds.
+
+    Thread-safe: requests run in Gradio's worker threads; the duration function runs in whichever of them
+    calls the GPU function.
+    """
+
+    def __init__(self, window: int = WINDOW, recent: int = RECENT) -> None:
+        self._lock = threading.Lock()
+        self._fixed: deque[float] = deque(maxlen=window)
+        self._step: deque[float] = deque(maxlen=window)
+        self._decode: deque[float] = deque(maxlen=window)
+        self._control: deque[float] = deque(maxlen=window)
+        self._asks: dict[int, tuple[int, str]] = {}
+        self._recent: deque[dict[str, Any]] = deque(maxlen=recent)
+
+    def figures(self) -> Figures:
+        with self._lock:
+            return Figures(
+                fixed_s=_max(self._fixed), step_s=_max(self._step), decode_s=_max(self._decode),
+                control_s=_max(self._control),
+            )
+
+    def ask(self, key: int, shape: Shape, factor: float, cap: float = MAX_DURATION_S) -> int:
+        """The duration for a GPU call (see `ask_seconds`); remembers what was asked under `key` for `observe`."""
+        figures = self.figures()
+        seconds = ask_seconds(shape, figures, factor, cap)
+        with self._lock:
+            self._asks[key] = (asked_after_factor(seconds, factor), "observed" if figures.observed else "prior")
+        return seconds
+
+    def forget(self, key: int) -> None:
+        """Drop the ask of a call that gave no result (cancelled or failed)."""
+        with self._lock:
+            self._asks.pop(key, None)
+
+    def observe(self, key: int, shape: Shape, timings_ms: dict[str, float], wall_s: float, mode: str = "") -> None:
+        """Learn from one finished GPU call: the worker's `timings_ms` (encode, denoise, decode, controls, and
+        its whole time in the GPU function as `gpu_ms`) and the `wall_s` this process saw from asking to the
+        result."""
+        ms = {k: float(v) for k, v in (timings_ms or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        denoise, decode, controls = (ms.get(k, 0.0) / 1000 for k in ("denoise_ms", "decode_ms", "controls_ms"))
+        if not shape.extra_controls:
+            controls = 0.0  # nothing to learn a per-control figure from: it stays in the fixed cost
+        gpu = ms.get("gpu_ms", wall_s * 1000) / 1000
+        with self._lock:
+            asked, basis = self._asks.pop(key, (None, "not asked"))
+            if "denoise_ms" in ms and shape.step_units > 0:
+                self._step.append(denoise / shape.step_units)
+                if "decode_ms" in ms:
+                    self._decode.append(decode / (shape.images * shape.megapixels))
+                if shape.extra_controls and "controls_ms" in ms:
+                    self._control.append(controls / shape.extra_controls)
+                self._fixed.append(max(0.0, wall_s - denoise - decode - controls))
+            self._recent.append({
+                "at": time.time(),
+                "mode": mode,
+                "steps": shape.steps,
+                "images": shape.images,
+                "megapixels": round(shape.megapixels, 3),
+                "controlnet_passes": shape.controlnet_passes,
+                "asked_s": asked,  # None off ZeroGPU: nothing is asked there
+                "basis": basis,
+                "used_s": round(wall_s, 2),
+                "gpu_function_s": round(gpu, 2),  # the part inside the worker's GPU function
+                "denoise_s": round(denoise, 2),
+            })
+
+    def report(self, factor: float, cap: float = MAX_DURATION_S) -> dict[str, Any]:
+        """The `durations` section of the status report (JSON-ready)."""
+        figures = self.figures()
+        with self._lock:
+            recent = list(self._recent)
+        return {
+            "card": "ZeroGPU large: half an NVIDIA RTX Pro 6000 Blackwell (48 GB) unless observed otherwise",
+            "factor": factor,
+            "cap_s": cap,
+            "margin": MARGIN,
+            "basis": "observed" if figures.observed else "prior",
+            "observed": asdict(figures),
+            "prior": {"fixed_s": PRIOR_FIXED_S, "step_s": PRIOR_STEP_S, "decode_s": PRIOR_DECODE_S,
+                      "control_s": PRIOR_CONTROL_S, "safety": PRIOR_SAFETY, "min_s": PRIOR_MIN_S},
+            "recent": recent,
+        }
+
+
+RECORD = Record()
