@@ -90,6 +90,12 @@ def _control(spec: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"use NAME or NAME=STRENGTH, e.g. pose=0.4, not {spec!r}") from None
 
 
+def _shown(path: Path | str) -> str:
+    """A path as one line: quoted with escapes when it holds a newline or another control character."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def _check_input(path: Path) -> None:
     if not path.exists():
         raise UserError(f"{path}: no such file.")
@@ -117,6 +123,35 @@ def _check_out(out: Path) -> None:
         out.unlink(missing_ok=True)
 
 
+def _out_paths(out: Path, count: int) -> list[Path]:
+    """The files a run writes: --out itself for one image, out_1.png .. out_N.png for several."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}_{i + 1}.png") for i in range(count)]
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    # Same file however it is spelled: `sub/../x.png`, a symlink or a hard link (samefile compares the
+    # device and inode); resolved paths too, for a file system where samefile cannot tell.
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_not_an_input(args: argparse.Namespace, photos: list[str]) -> None:
+    """--out (and its _1.._N forms) must not be one of the run's own photos: it would be overwritten."""
+    inputs = [("--face", path) for path in args.face_image]
+    params = params_for(args.command)
+    inputs += [(params[n].flag or "--" + n, getattr(args, n)) for n in photos if n != "face_image" and getattr(args, n)]
+    # The run writes --out itself for one image (the server may allow fewer than asked), else the _N forms.
+    for out in [args.out, *_out_paths(args.out, getattr(args, "num_images", 1) or 1)]:
+        for flag, path in inputs:
+            if _same_file(out, path):
+                raise UserError(
+                    f"--out {_shown(out)}: is the {flag} photo {_shown(path)}; writing there would overwrite it. "
+                    "Name another file."
+                )
+
+
 def _generate(args: argparse.Namespace) -> int:
     """`generate`, `restyle` or `swap` (args.command): one request, its images written to --out."""
     from .engine import get_engine
@@ -128,6 +163,7 @@ def _generate(args: argparse.Namespace) -> int:
     for path in [*args.face_image, *[getattr(args, n) for n in photos if n != "face_image" and getattr(args, n)]]:
         _check_input(path)
     _check_out(args.out)
+    _check_not_an_input(args, photos)
     values = {name: getattr(args, name) for name in params if hasattr(args, name)}
     faces = [str(path) for path in values.pop("face_image")]
     values.update(face_image=faces[0], extra_face_images=faces[1:])
@@ -139,8 +175,7 @@ def _generate(args: argparse.Namespace) -> int:
     request = GenerateRequest.from_api(values, mode)
     result = get_engine().generate(request)
     paths = []
-    for i, image in enumerate(result.images):
-        path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}_{i + 1}.png")
+    for image, path in zip(result.images, _out_paths(args.out, len(result.images)), strict=True):
         try:
             image.save(path)
         except OSError as exc:

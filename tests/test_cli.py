@@ -88,6 +88,41 @@ def test_restyle_and_swap_errors_exit_2(tiny_env, photos, tmp_path: Path, args: 
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("mode", "out", "flag"),
+    [
+        ("swap", "{target}", "--target"),
+        ("swap", "{sub}/../target.png", "--target"),
+        ("swap", "{face}", "--face"),
+        ("swap", "{link}", "--face"),  # a symlink to the face photo
+        ("restyle", "{source}", "--source"),
+        ("generate", "{pose}", "--pose"),  # two images: pose_1.png, the pose photo, would be written
+    ],
+)
+def test_out_never_overwrites_an_input_photo(
+    tiny_env, photos, tmp_path: Path, mode: str, out: str, flag: str
+) -> None:
+    face, target, source = tmp_path / "face.png", tmp_path / "target.png", tmp_path / "source.png"
+    PIL.Image.open(photos["astronaut"]).save(face)
+    PIL.Image.open(photos["group"]).save(target)
+    PIL.Image.open(photos["hanks"]).save(source)
+    PIL.Image.open(photos["hanks"]).save(tmp_path / "pose_1.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.png").symlink_to(face)
+    names = {"target": target, "sub": tmp_path / "sub", "face": face, "link": tmp_path / "link.png",
+             "source": source, "pose": tmp_path / "pose.png"}
+    out_path = Path(out.format(**names))
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.png") if not p.is_symlink()}
+    argv = [mode, "--face", str(face), "--prompt", "x", "--steps", "2", "--out", str(out_path)]
+    argv += {"swap": ["--target", str(target)], "restyle": ["--source", str(source)],
+             "generate": ["--pose", str(tmp_path / "pose_1.png"), "--num-images", "2"]}[mode]
+    r = cli(tiny_env, *argv)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "overwrite" in lines[0], r.stderr
+    assert {p: p.read_bytes() for p in before} == before, "an input photo was changed"
+
+
 def test_faces_lists_largest_first(tiny_env, photos) -> None:
     r = cli(tiny_env, "faces", str(photos["group"]))
     assert r.returncode == 0, r.stderr
