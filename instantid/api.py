@@ -193,7 +193,8 @@ def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
 
 # What generate returns, in the order of the page's outputs.
 OUTPUTS_DOC = (
-    "Images with captions, seed used, identity similarity per image (cosine), face keypoint image, timings (ms)."
+    "Images with captions, seed used, identity similarity per image (cosine), face keypoint image, timings (ms) "
+    "with a list of warnings under \"warnings\" (e.g. several faces found, an empty prompt)."
 )
 STOPPED = "generation stopped: the client cancelled or disconnected"
 _TYPES: dict[str, Any] = {
@@ -288,9 +289,11 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     steps.close()
     result = engine.finish(job, event)
     for warning in result.warnings:
-        gr.Warning(warning)
-    timings = {key: round(float(value), 1) for key, value in (result.timings_ms or {}).items()}
-    yield _gallery(result), int(result.seed), list(result.similarities), result.keypoint_image, timings
+        gr.Warning(warning)  # the page's toast; gradio_client keeps it only as a passing status (`log`)
+    info: dict[str, Any] = {key: round(float(value), 1) for key, value in (result.timings_ms or {}).items()}
+    # So the warnings reach every caller, not only the page: gradio_client's predict() returns the outputs alone.
+    info["warnings"] = list(result.warnings)
+    yield _gallery(result), int(result.seed), list(result.similarities), result.keypoint_image, info
 
 
 SUMMARIES = {

@@ -112,6 +112,19 @@ def test_generate_with_only_face_and_prompt(client: Client) -> None:
     assert pixels(gallery[0]["image"]).ndim == 3
 
 
+def test_warnings_reach_a_gradio_client_caller(client: Client, photos: dict[str, Path]) -> None:
+    """gr.Warning reaches only the page (gradio_client keeps it as a passing status): the last output lists them."""
+    *_, info = client.predict(handle_file(str(FACE)), "a portrait", api_name="/generate", **FAST)
+    assert info["warnings"] == [] and info["total_ms"] > 0
+    *_, info = client.predict(handle_file(str(FACE)), "", api_name="/generate", **FAST)
+    assert [w for w in info["warnings"] if w.startswith("Empty prompt")], info
+    *_, info = client.predict(handle_file(str(photos["group"])), "a portrait", api_name="/generate", **FAST)
+    assert "Found 6 faces in the face photo; using the largest." in info["warnings"], info
+    *_, info = client.predict(handle_file(str(FACE)), handle_file(str(photos["noface"])), "a portrait",
+                              api_name="/restyle", **FAST)
+    assert [w for w in info["warnings"] if w.startswith("No face in the photo to restyle")], info
+
+
 def test_same_seed_same_pixels(client: Client) -> None:
     def run(seed: int) -> np.ndarray:
         gallery, used, *_ = client.predict(
