@@ -24,8 +24,8 @@ from typing import Any
 import gradio as gr
 import spaces
 
-from .errors import UserError
-from .requests import GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed, params_for
+from .errors import InvalidParameter, UserError
+from .requests import PARAMS, GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed, params_for
 
 log = logging.getLogger(__name__)
 
@@ -306,13 +306,29 @@ SUMMARIES = {
 }
 
 
+def _call_error(mode: str, kwargs: dict[str, Any], exc: TypeError) -> str:
+    """Python's own TypeError, as the sentence a caller of the endpoint function (MCP, a script) can act on:
+    a keyword of another mode is named with the modes that take it."""
+    params = params_for(mode)
+    for name, value in kwargs.items():
+        if name in PARAMS and name not in params:
+            modes = ", ".join(PARAMS[name].modes)
+            return str(InvalidParameter(name, value, f"is not used by {mode} (only by {modes})"))
+        if name not in params and name != "progress":
+            return str(InvalidParameter(name, value, f"{mode} takes {', '.join(params)}"))
+    return f"{mode}: {exc}"
+
+
 def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
     """The API function of one mode: its signature and docstring are made from `params_for(mode)`, and it
     runs the same three stages as every other mode (`_run`)."""
     params = params_for(mode)
 
     def endpoint(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        bound = endpoint.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        try:
+            bound = endpoint.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        except TypeError as exc:
+            raise gr.Error(_call_error(mode, kwargs, exc), print_exception=False) from None
         bound.apply_defaults()
         values = dict(bound.arguments)
         progress = values.pop("progress")
