@@ -302,7 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the command's own parser, so that its --help is the one pointed to
         parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    _quiet_libraries()
     logging.basicConfig(
         level=os.environ.get("INSTANTID_LOG_LEVEL", "WARNING").upper(), format="%(levelname)s %(name)s: %(message)s"
     )
@@ -355,4 +354,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _quiet_libraries()  # the program's, not main()'s: a test calling main() in its own process keeps its settings
     sys.exit(main())
