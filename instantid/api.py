@@ -25,8 +25,8 @@ import gradio as gr
 import spaces
 
 from . import durations
-from .errors import UserError
-from .requests import GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed, params_for
+from .errors import InvalidParameter, UserError
+from .requests import PARAMS, GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed, params_for
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
 
 # What generate returns, in the order of the page's outputs.
 OUTPUTS_DOC = (
-    "Images with captions, seed used, identity similarity per image (cosine), face keypoint image, timings (ms)."
+    "Images with captions, seed used, identity similarity per image (cosine), face keypoint image, timings (ms) "
+    "with a list of warnings under \"warnings\" (e.g. several faces found, an empty prompt)."
 )
 STOPPED = "generation stopped: the client cancelled or disconnected"
 _TYPES: dict[str, Any] = {
@@ -255,9 +256,11 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     _observe(job, event, time.perf_counter() - asked)
     result = engine.finish(job, event)
     for warning in result.warnings:
-        gr.Warning(warning)
-    timings = {key: round(float(value), 1) for key, value in (result.timings_ms or {}).items()}
-    yield _gallery(result), int(result.seed), list(result.similarities), result.keypoint_image, timings
+        gr.Warning(warning)  # the page's toast; gradio_client keeps it only as a passing status (`log`)
+    info: dict[str, Any] = {key: round(float(value), 1) for key, value in (result.timings_ms or {}).items()}
+    # So the warnings reach every caller, not only the page: gradio_client's predict() returns the outputs alone.
+    info["warnings"] = list(result.warnings)
+    yield _gallery(result), int(result.seed), list(result.similarities), result.keypoint_image, info
 
 
 SUMMARIES = {
@@ -270,13 +273,29 @@ SUMMARIES = {
 }
 
 
+def _call_error(mode: str, kwargs: dict[str, Any], exc: TypeError) -> str:
+    """Python's own TypeError, as the sentence a caller of the endpoint function (MCP, a script) can act on:
+    a keyword of another mode is named with the modes that take it."""
+    params = params_for(mode)
+    for name, value in kwargs.items():
+        if name in PARAMS and name not in params:
+            modes = ", ".join(PARAMS[name].modes)
+            return str(InvalidParameter(name, value, f"is not used by {mode} (only by {modes})"))
+        if name not in params and name != "progress":
+            return str(InvalidParameter(name, value, f"{mode} takes {', '.join(params)}"))
+    return f"{mode}: {exc}"
+
+
 def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
     """The API function of one mode: its signature and docstring are made from `params_for(mode)`, and it
     runs the same three stages as every other mode (`_run`)."""
     params = params_for(mode)
 
     def endpoint(*args: Any, **kwargs: Any) -> Iterator[Any]:
-        bound = endpoint.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        try:
+            bound = endpoint.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        except TypeError as exc:
+            raise gr.Error(_call_error(mode, kwargs, exc), print_exception=False) from None
         bound.apply_defaults()
         values = dict(bound.arguments)
         progress = values.pop("progress")

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+import pydantic
 
 from .errors import InvalidParameter
 from .requests import Param, format_bound
@@ -44,12 +45,74 @@ def input_error(component: Any, name: str, value: Any, exc: Exception) -> str:
     return f"Invalid {name}={shown}: {reason}"
 
 
+UPLOAD_ONLY = (
+    "send the photo itself as an upload (gradio_client: handle_file(path)); a URL or a path on the server is never "
+    "read."
+)
+
+
+class _UploadModel:
+    """A photo component's data model as Gradio validates a payload with it, before `preprocess`: a payload
+    that is not an upload (a plain string, a number) gets our sentence instead of pydantic's raw report.
+    Everything else (its JSON schema for the API page) is the component's own model."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        self._model = model
+        self._name = name
+
+    def model_validate(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._model.model_validate(obj, *args, **kwargs)
+        except pydantic.ValidationError:
+            raise gr.Error(f"Invalid {self._name}: {UPLOAD_ONLY}", print_exception=False) from None
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") or attr in ("_model", "_name"):  # copy/pickle probe before __init__ ran
+            raise AttributeError(attr)
+        return getattr(self._model, attr)
+
+
+def _without_url_promise(schema: Any) -> Any:
+    """A copy of an upload's JSON schema whose `url` field no longer offers "publicly available url"."""
+    if isinstance(schema, list):
+        return [_without_url_promise(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _without_url_promise(value) for key, value in schema.items()}
+    url = out.get("properties", {}).get("url")
+    if isinstance(url, dict) and "description" in url:
+        url["description"] = "Set by gradio_client's handle_file; a URL of your own is refused."
+    return out
+
+
+def _api_info(component: Any, param: Param) -> Any:
+    """The component's API description, told the way the parameter is checked: whole numbers are integers
+    (a slider says "number", and gradio_client's view_api() then "float"), photos are uploads only (an
+    image component says "a local filepath or publicly available URL")."""
+    original = component.api_info
+
+    def api_info() -> dict[str, Any]:
+        info = dict(original())
+        if param.kind == "integer":
+            info["type"] = "integer"
+        elif param.kind in ("image", "images"):
+            what = "A photo" if param.kind == "image" else "Photos"
+            info["additional_description"] = f"{what} sent as an upload: handle_file(path); URLs are refused."
+            info = _without_url_promise(info)
+        return info
+
+    return api_info
+
+
 def guard_input(component: Any, param: Param) -> None:
     """Check `param`'s value as sent (its declared kind and range) before the component converts it;
     hand photo uploads over undecoded. Gradio has already checked that an upload lies in its own cache."""
     original = component.preprocess
     hand_over = isinstance(component, gr.Image) and component.type == "filepath" and component.image_mode is None
     name = param.name
+    component.api_info = _api_info(component, param)
+    if param.kind in ("image", "images") and getattr(component, "data_model", None) is not None:
+        component.data_model = _UploadModel(component.data_model, name)
 
     def preprocess(payload: Any) -> Any:
         if param.kind not in ("image", "images") and not (payload is None and param.kind != "boolean"):
@@ -63,11 +126,7 @@ def guard_input(component: Any, param: Param) -> None:
         if hand_over and payload is not None and not (payload.url or "").startswith("data:"):
             if not payload.path:
                 # An object with only a URL: Gradio fetched nothing, and its own message would print the object.
-                raise gr.Error(
-                    f"Invalid {name}: send the photo itself as an upload (gradio_client: handle_file(path)); a "
-                    "URL or a path on the server is never read.",
-                    print_exception=False,
-                )
+                raise gr.Error(f"Invalid {name}: {UPLOAD_ONLY}", print_exception=False)
             return str(payload.path)
         try:
             return original(payload)

@@ -443,7 +443,10 @@ def share_pipeline(base: InstantIDMixin, cls: type[InstantIDMixin]) -> Any:
     """
     pipe = cls(**base.components)  # type: ignore[arg-type]
     # The scheduler it was handed is whichever `base` used last (LCM's, perhaps): keep the base model's config.
-    for attr in ("_offload_device", "_offload_gpu_id", "_all_hooks", "_scheduler_config", "_scheduler_name"):
+    # Its progress bar is off as `base`'s is (restyle and swap printed a tqdm bar per request).
+    attrs = ("_offload_device", "_offload_gpu_id", "_all_hooks", "_scheduler_config", "_scheduler_name",
+             "_progress_bar_config")
+    for attr in attrs:
         if hasattr(base, attr):
             setattr(pipe, attr, getattr(base, attr))
     return pipe

@@ -103,6 +103,7 @@ def timings_line(timings: Mapping[str, Any] | None) -> str:
     if not timings:
         return ""
     known = [key for key in STAGES if key in timings] + [k for k in timings if k not in STAGES and k != "total_ms"]
+    known = [k for k in known if isinstance(timings[k], (int, float))]  # the API's "warnings" list rides along
     parts = [f"{STAGES.get(k, k.removesuffix('_ms').replace('_', ' '))} {_duration(float(timings[k]))}" for k in known]
     total = timings.get("total_ms")
     head = f"Done in {_duration(float(total))}" if isinstance(total, (int, float)) else "Done"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gradio as gr
 import httpx
 import numpy as np
 import pytest
@@ -63,6 +64,44 @@ def test_restyle_and_swap_signatures(client: Client) -> None:
         assert required == ["face_image", own[0], "prompt"] and own[1] in params
         assert "pose_image" not in params
     assert "width" not in [p["parameter_name"] for p in info["/swap"]["parameters"]]
+
+
+def test_view_api_tells_the_types_the_server_checks(client: Client) -> None:
+    """Whole numbers are int (a slider alone says float), photos are uploads (an image alone says "or URL")."""
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    for endpoint in ("/generate", "/restyle", "/swap"):
+        params = {p["parameter_name"]: p for p in info[endpoint]["parameters"]}
+        for name in ("num_images", "num_steps", "seed", *(["face_index"] if endpoint == "/swap" else [])):
+            assert params[name]["python_type"]["type"] == "int", (endpoint, name, params[name]["python_type"])
+        assert params["guidance_scale"]["python_type"]["type"] == "float"
+        photos = [p for p in params.values() if p["component"] in ("Image", "File")]
+        assert len(photos) >= 2
+        for photo in photos:
+            assert "handle_file" in photo["python_type"]["description"], photo
+            assert "publicly available" not in str(photo).lower(), photo
+
+
+def test_a_keyword_of_another_mode_is_named(client: Client) -> None:
+    """gradio_client refuses it itself before sending (its TypeError names it); the endpoint function, as MCP or a
+    script calls it, says which modes take it."""
+    from instantid import api
+
+    with pytest.raises(TypeError, match="`width`"):
+        client.predict(handle_file(str(FACE)), handle_file(str(FACE)), "x", width=128, api_name="/swap")
+    with pytest.raises(gr.Error, match=re.escape("width=128: is not used by swap (only by generate, restyle)")):
+        next(api.swap(str(FACE), str(FACE), "x", width=128))
+
+
+def test_a_plain_string_as_a_photo_gets_a_sentence(client: Client, photos: dict[str, Path]) -> None:
+    for args, name in (((str(FACE), "x"), "face_image"),
+                       ((handle_file(str(FACE)), "x", [str(FACE)]), "extra_face_images")):
+        with pytest.raises(AppError) as caught:
+            client.predict(*args, api_name="/generate", **FAST)
+        message = str(caught.value)
+        assert f"Invalid {name}" in message and "handle_file(path)" in message, message
+        assert "validation error" not in message.lower() and "pydantic" not in message.lower(), message
+    with pytest.raises(AppError, match="Invalid target_image: send the photo itself as an upload"):
+        client.predict(handle_file(str(FACE)), str(photos["group"]), "x", api_name="/swap", **FAST)
 
 
 def test_swap_round_trip_keeps_the_target_outside_the_face(client: Client, photos: dict[str, Path]) -> None:
@@ -123,6 +162,19 @@ def test_every_speed_through_the_client(client: Client) -> None:
     assert not np.array_equal(images["fast"], images["turbo"])
     with pytest.raises(AppError, match="speed='warp': choose one of quality, fast, turbo"):
         client.predict(handle_file(str(FACE)), "x", speed="warp", api_name="/generate")
+
+
+def test_warnings_reach_a_gradio_client_caller(client: Client, photos: dict[str, Path]) -> None:
+    """gr.Warning reaches only the page (gradio_client keeps it as a passing status): the last output lists them."""
+    *_, info = client.predict(handle_file(str(FACE)), "a portrait", api_name="/generate", **FAST)
+    assert info["warnings"] == [] and info["total_ms"] > 0
+    *_, info = client.predict(handle_file(str(FACE)), "", api_name="/generate", **FAST)
+    assert [w for w in info["warnings"] if w.startswith("Empty prompt")], info
+    *_, info = client.predict(handle_file(str(photos["group"])), "a portrait", api_name="/generate", **FAST)
+    assert "Found 6 faces in the face photo; using the largest." in info["warnings"], info
+    *_, info = client.predict(handle_file(str(FACE)), handle_file(str(photos["noface"])), "a portrait",
+                              api_name="/restyle", **FAST)
+    assert [w for w in info["warnings"] if w.startswith("No face in the photo to restyle")], info
 
 
 def test_same_seed_same_pixels(client: Client) -> None:

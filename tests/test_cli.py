@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import PIL.Image
 import pytest
 
 from instantid.hub import publish_folder
+from instantid.requests import DEFAULT_PROMPT
 from instantid.tiny import ModelShape, build_parts, write_instantid, write_sdxl
 
 
@@ -44,7 +46,9 @@ def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:
         "--json",
     )
     assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    # The result alone: no library advice, loading bars or progress bars.
+    assert r.stderr == "" and len(r.stdout.splitlines()) == 1, r.stderr
+    summary = json.loads(r.stdout)
     assert summary["seed"] == 3 and len(summary["images"]) == 2
     for path in summary["images"]:
         with PIL.Image.open(path) as im:
@@ -67,7 +71,9 @@ def test_restyle_and_swap_round_trips(tiny_env, photos, tmp_path: Path) -> None:
     r = cli(tiny_env, "restyle", *common, "--source", str(photos["hanks"]), "--strength", "0.5",
             "--out", str(tmp_path / "restyled.png"))
     assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    # No prompt: our own warning is all that stderr holds (the libraries' are silenced, ours are not).
+    assert r.stderr.splitlines() == [f"warning: Empty prompt: used '{DEFAULT_PROMPT}'."], r.stderr
+    summary = json.loads(r.stdout)
     with PIL.Image.open(summary["images"][0]) as im:
         assert im.format == "PNG" and im.size == tuple(summary["size"])
     r = cli(tiny_env, "swap", *common, "--target", str(photos["group"]), "--face-index", "2",
@@ -83,11 +89,12 @@ def test_restyle_and_swap_round_trips(tiny_env, photos, tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["swap", "--target", "{noface}"], "No face found in the photo to swap a face into"),
-        (["swap", "--target", "{group}", "--face-index", "6"], "face_index=6: the photo has 6 face(s)"),
+        (["swap", "--target", "{group}", "--face-index", "6"], "--face-index 6: the photo has 6 face(s)"),
         (["swap", "--target", "{missing}"], "no such file"),
         (["swap"], "--target"),
-        (["swap", "--target", "{group}", "--width", "128"], "unrecognized arguments: --width"),
-        (["restyle", "--source", "{hanks}", "--strength", "1.5"], "strength=1.5"),
+        (["swap", "--target", "{group}", "--width", "128"],
+         "unrecognized arguments: --width 128 (see python -m instantid swap --help)"),
+        (["restyle", "--source", "{hanks}", "--strength", "1.5"], "--strength 1.5: must be a number in 0..1"),
         (["restyle"], "--source"),
     ],
 )
@@ -99,8 +106,53 @@ def test_restyle_and_swap_errors_exit_2(tiny_env, photos, tmp_path: Path, args: 
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_faces_lists_largest_first(tiny_env, photos) -> None:
+@pytest.mark.parametrize(
+    ("mode", "out", "flag"),
+    [
+        ("swap", "{target}", "--target"),
+        ("swap", "{sub}/../target.png", "--target"),
+        ("swap", "{face}", "--face"),
+        ("swap", "{link}", "--face"),  # a symlink to the face photo
+        ("restyle", "{source}", "--source"),
+        ("generate", "{pose}", "--pose"),  # two images: pose_1.png, the pose photo, would be written
+    ],
+)
+def test_out_never_overwrites_an_input_photo(
+    tiny_env, photos, tmp_path: Path, mode: str, out: str, flag: str
+) -> None:
+    face, target, source = tmp_path / "face.png", tmp_path / "target.png", tmp_path / "source.png"
+    PIL.Image.open(photos["astronaut"]).save(face)
+    PIL.Image.open(photos["group"]).save(target)
+    PIL.Image.open(photos["hanks"]).save(source)
+    PIL.Image.open(photos["hanks"]).save(tmp_path / "pose_1.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.png").symlink_to(face)
+    names = {"target": target, "sub": tmp_path / "sub", "face": face, "link": tmp_path / "link.png",
+             "source": source, "pose": tmp_path / "pose.png"}
+    out_path = Path(out.format(**names))
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.png") if not p.is_symlink()}
+    argv = [mode, "--face", str(face), "--prompt", "x", "--steps", "2", "--out", str(out_path)]
+    argv += {"swap": ["--target", str(target)], "restyle": ["--source", str(source)],
+             "generate": ["--pose", str(tmp_path / "pose_1.png"), "--num-images", "2"]}[mode]
+    r = cli(tiny_env, *argv)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "overwrite" in lines[0], r.stderr
+    assert {p: p.read_bytes() for p in before} == before, "an input photo was changed"
+
+
+def test_faces_lists_largest_first(tiny_env, photos, tmp_path: Path) -> None:
     r = cli(tiny_env, "faces", str(photos["group"]))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    # One readable line per face, numbered as swap's --face-index takes them.
+    head, *rows = r.stdout.splitlines()
+    assert head.startswith("6 face(s), largest first") and len(rows) == 6, r.stdout
+    for index, row in enumerate(rows):
+        assert re.fullmatch(rf"{index}: \d+x\d+ px at \d+,\d+-\d+,\d+, score [01]\.\d\d; left-eye .* mouth-right "
+                            r"-?\d+,-?\d+", row), row
+    r = cli(tiny_env, "faces", str(tmp_path))
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path}: is a folder; name a photo file.\n", r.stderr
+    r = cli(tiny_env, "faces", "--json", str(photos["group"]))
     assert r.returncode == 0, r.stderr
     faces = json.loads(r.stdout)
     assert len(faces) == 6
@@ -112,6 +164,8 @@ def test_faces_lists_largest_first(tiny_env, photos) -> None:
 def test_status_is_the_memory_report(tiny_env) -> None:
     r = cli(tiny_env, "status")
     assert r.returncode == 0, r.stderr
+    # It says whose report this is: its own fresh process, not a running app's.
+    assert "this command's own new process" in r.stderr and "/status" in r.stderr, r.stderr
     report = json.loads(r.stdout)
     assert {"host", "gpu", "components", "profile", "state"} <= set(report)
     assert report["state"]["phase"] == "not loaded" and report["host"]["process_rss"] > 0
@@ -123,11 +177,18 @@ def test_status_is_the_memory_report(tiny_env) -> None:
         (["--face", "{noface}"], "No face found in the face photo"),
         (["--face", "{missing}"], "no such file"),
         (["--face", "{notimage}"], "face photo"),
-        (["--face", "{astronaut}", "--steps", "1000"], "num_steps=1000"),
-        (["--face", "{astronaut}", "--scheduler", "Nope"], "scheduler='Nope'"),
-        (["--face", "{astronaut}", "--style", "Cubism"], "style='Cubism'"),
-        (["--face", "{astronaut}", "--width", "100", "--height", "128"], "width=100"),
-        (["--face", "{astronaut}", "--controlnet", "sketch"], "controlnets"),
+        # Each refusal names the flag as the user typed it, not the API's parameter.
+        (["--face", "{astronaut}", "--steps", "1000"], "--steps 1000: must be an integer in 0..100"),
+        (["--face", "{astronaut}", "--lcm", "--steps", "60"], "--steps 60: use 1..50 with LCM"),
+        (["--face", "{astronaut}", "--scheduler", "Nope"], "--scheduler 'Nope'"),
+        (["--face", "{astronaut}", "--style", "Cubism"], "--style 'Cubism'"),
+        (["--face", "{astronaut}", "--width", "100", "--height", "128"], "--width 100"),
+        (["--face", "{astronaut}", "--width", "128"], "--width/--height 128 0: set both or neither"),
+        (["--face", "{astronaut}", "--controlnet", "sketch"], "--controlnet 'sketch'"),
+        (["--face", "{astronaut}", "--controlnet", "canny=2"], "--controlnet canny=2.0: must be a number in 0..1.5"),
+        (["--face", "{astronaut}", "--wat"], "unrecognized arguments: --wat (see python -m instantid generate --help)"),
+        (["--face", "{newline}"], "'{tmp}/a\\nb.png': no such file"),
+        (["--face", "{tmp}"], "is a folder"),
         (["--face", "{astronaut}", "--identity-strength", "abc"], "--identity-strength"),
         (["--face", "{astronaut}", "--pose", "{noface}"], "pose photo"),
     ],
@@ -135,15 +196,16 @@ def test_status_is_the_memory_report(tiny_env) -> None:
 def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:
     notimage = tmp_path / "notes.png"
     notimage.write_text("this is not an image")
-    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg"), "notimage": str(notimage)}
+    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg"), "notimage": str(notimage),
+             "newline": str(tmp_path / "a\nb.png"), "tmp": str(tmp_path)}
+    message = message.format(tmp=tmp_path)
     argv = ["generate", *[a.format(**names) for a in args], "--out", str(tmp_path / "o.png"), "--steps", "2"]
     if "--steps" in args:
         argv = argv[:-2]
     r = cli(tiny_env, *argv)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
 
 
 def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path: Path, tiny_env) -> None:
@@ -191,6 +253,8 @@ def test_any_checkpoint_set_under_any_repo_ids(photos, face_models_dir, tmp_path
     env["INSTANTID_REPO"] = "acme/not-there"
     r = cli(env, "generate", "--face", str(photos["astronaut"]), "--out", str(out), "--steps", "2")
     assert r.returncode == 2 and "acme/not-there" in r.stderr and "Traceback" not in r.stderr
+    # No preset was asked for: the error says how to try the command line offline anyway.
+    assert "INSTANTID_PRESET=tiny" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_without_the_hub_and_without_hf_hub_offline_it_says_so_at_once(tiny_env, photos, tmp_path: Path) -> None:
@@ -206,4 +270,5 @@ def test_without_the_hub_and_without_hf_hub_offline_it_says_so_at_once(tiny_env,
     r = cli(env, "generate", "--face", str(photos["astronaut"]), "--out", str(tmp_path / "o.png"))
     assert r.returncode == 2, r.stderr
     assert "the Hub cannot be reached" in r.stderr and "HF_HUB_OFFLINE=1" in r.stderr, r.stderr
+    assert "INSTANTID_PRESET=tiny" in r.stderr, r.stderr
     assert "Retrying" not in r.stderr, "huggingface_hub's retries ran"

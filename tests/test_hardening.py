@@ -104,11 +104,11 @@ def pixels(result: Any) -> np.ndarray:
 CLI_PROMPT = "a portrait\x1b[31m in red\x07" + os.fsdecode(b" \xff\xfe of a person")
 LONG_PROMPT = "x" * (MAX_PROMPT_CHARS + 1)
 CLI_PARAMETERS = [
-    (["--seed", "-1"], "seed=-1: must be an integer in 0..2147483647"),
-    (["--guidance", "50"], "guidance_scale=50.0: must be a number in 0..20"),
-    (["--num-images", "9"], "num_images=9: must be an integer in 1..4"),
-    (["--adapter-strength", "2"], "adapter_strength=2.0: must be a number in 0..1.5"),
-    (["--width", "4096", "--height", "128"], "width=4096: use 0 (automatic) or a multiple of 64 up to 1280"),
+    (["--seed", "-1"], "--seed -1: must be an integer in 0..2147483647"),
+    (["--guidance", "50"], "--guidance 50.0: must be a number in 0..20"),
+    (["--num-images", "9"], "--num-images 9: must be an integer in 1..4"),
+    (["--adapter-strength", "2"], "--adapter-strength 2.0: must be a number in 0..1.5"),
+    (["--width", "4096", "--height", "128"], "--width 4096: use 0 (automatic) or a multiple of 64 up to 1280"),
     (["--prompt", LONG_PROMPT], f"use at most {MAX_PROMPT_CHARS} characters"),
     (["--controlnet", "thibaud/controlnet-openpose-sdxl-1.0"], "choose from pose, canny, depth"),
     (["--scheduler", "../../etc/passwd"], "choose one of EulerDiscreteScheduler"),

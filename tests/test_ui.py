@@ -239,6 +239,8 @@ def test_timings_read_as_one_line() -> None:
     timings = {"total_ms": 4210.4, "denoise_ms": 3812.0, "faces_ms": 31.2, "decode_ms": 201.0, "new_stage_ms": 5.0}
     assert ui.timings_line(timings) == "Done in 4.2 s: faces 31 ms · denoising 3.8 s · decoding 201 ms · new stage 5 ms"
     assert ui.timings_line({}) == "" and ui.timings_line(None) == ""
+    # The API's warnings ride in the same output; the line is about time only.
+    assert ui.timings_line({"total_ms": 4210.4, "warnings": ["Empty prompt"]}) == "Done in 4.2 s"
     # The step before a run clears every output of the last one, the summary line included.
     assert ui.start_run(7, False, ["canny"], 0.5, 0.6, 0.7)[1:] == ({"canny": 0.6}, None, None, None, None, None, "")
 
@@ -271,7 +273,7 @@ def test_generate_builds_the_request(engine: FakeEngine) -> None:
     assert [caption for _, caption in gallery] == ["#1, seed 7; identity 0.61", "#2, seed 8; no face found"]
     assert sims == [0.61, None]
     assert isinstance(keypoints, Image.Image)
-    assert timings == {"total_ms": 12.3}
+    assert timings == {"total_ms": 12.3, "warnings": []}  # the warnings ride with the timings (gradio_client)
 
 
 def test_generate_sentinels(engine: FakeEngine) -> None:
