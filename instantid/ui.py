@@ -361,6 +361,18 @@ def offered_params(modes: Sequence[str]) -> dict[str, Param]:
     return {name: p for name, p in PARAMS.items() if any(mode in p.modes for mode in modes)}
 
 
+def _mode_control(c: dict[str, Any], p: Param, settings: Settings, modes: Sequence[str]) -> Any:
+    """`make_control`; one that only some of the offered modes take sits in a column of its own (`<name>_box`),
+    which the mode choice shows and hides. Never the input itself: Gradio answers an update of a component
+    (visibility too) with a new instance of it for that session, without `guard_input`'s checks (a face index
+    of 150 got Gradio's own "Value 150 is greater than maximum value 99." after a mode switch, and a photo
+    would be decoded by Gradio before `instantid.images` checks it)."""
+    if not p.label or not set(modes) - set(p.modes) or p.kind == "controls":
+        return make_control(p, settings, visible=modes[0] in p.modes)
+    with gr.Column(visible=modes[0] in p.modes, min_width=0) as c[f"{p.name}_box"]:
+        return make_control(p, settings)
+
+
 def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
     """The Generate tab's components by name: every parameter's input, the page-only controls, the outputs."""
     c: dict[str, Any] = {}
@@ -371,18 +383,18 @@ def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
             c["mode"] = gr.Radio([MODE_LABELS[m] for m in modes], value=MODE_LABELS[modes[0]], label="Mode",
                                  visible=len(modes) > 1, elem_id="mode")
             for p in sections["main"]:
-                c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
+                c[p.name] = _mode_control(c, p, settings, modes)
             for mode in modes:
                 c[f"{mode}_btn"] = gr.Button(MODE_BUTTONS[mode], variant="primary", visible=mode == modes[0],
                                              elem_id=f"{mode}-button")
             with gr.Accordion(PHOTOS_LABELS[modes[0]], open=False) as c["photos"]:
                 for p in sections["photos"]:
-                    c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
+                    c[p.name] = _mode_control(c, p, settings, modes)
             with gr.Accordion("Advanced settings", open=False):
                 for p in sections["advanced"]:
                     if p.kind == "controls":
                         c["chosen_controls"], c["control_strengths"] = _controlnet_inputs(p, modes[0])
-                    c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
+                    c[p.name] = _mode_control(c, p, settings, modes)
                     if p.name == "seed":
                         # The page draws its random seed in `start_run`, so it shows before the result; the
                         # API's randomize_seed input (hidden) stays off for the page.
@@ -574,7 +586,7 @@ def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]
     """The mode choice shows only that mode's inputs, with labels that name that mode's photos, and clears the
     last mode's results (they are not this mode's); a cheap step outside the queue."""
     names = list(visible_in(modes[0], modes))
-    targets = [c[n] for n in names if n != "controls"]
+    targets = [c.get(f"{n}_box", c[n]) for n in names if n != "controls"]
     if "controls" in names:
         targets += [c["chosen_controls"], *c["control_strengths"]]
     shown_targets = len(targets)
