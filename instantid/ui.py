@@ -16,8 +16,11 @@ import gradio as gr
 import pandas as pd
 
 from .gradio_adapter import KEEP_TYPED_NUMBERS_JS, guard_input
+from .memory import PROFILES
 from .requests import (
     DEFAULT_CONTROLNET_STRENGTH,
+    DEFAULT_STEPS,
+    LCM_STEPS,
     MAX_SEED,
     MAX_STRENGTH,
     MODES,
@@ -303,6 +306,10 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
                "info": "Shift+Enter runs it; Enter starts a new line"},
     "negative_prompt": {"placeholder": "what to avoid (optional)"},
     "seed": {"elem_id": "seed"},
+    # The page starts at 0, "automatic", which the server's memory profile may set (the API's help names the
+    # mode defaults only).
+    "num_steps": {"info": f"0 = automatic ({DEFAULT_STEPS}; {PROFILES['cpu'].default_steps} on a CPU-only server; "
+                          f"{LCM_STEPS} with LCM)"},
 }
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
 MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap"}
@@ -322,9 +329,8 @@ PRESS_SHOWN_BUTTON_JS = """() => {
 def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
     """The page's control for a declared parameter; one with no label is an API-only hidden input, and one
     of another mode than the page's first starts hidden (`mode_visibility` shows it)."""
-    options = {"label": p.label or p.name, "visible": bool(p.label) and visible, **PAGE_OPTIONS.get(p.name, {})}
-    if p.info:
-        options["info"] = p.info
+    options = {"label": p.label or p.name, "visible": bool(p.label) and visible, **({"info": p.info} if p.info else {}),
+               **PAGE_OPTIONS.get(p.name, {})}
     if p.kind == "image":
         # image_mode=None: the file is handed over untouched, `instantid.images` decodes it.
         return gr.Image(type="filepath", image_mode=None, sources=PHOTO_SOURCES, **{"height": 240, **options})

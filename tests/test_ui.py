@@ -198,6 +198,7 @@ def test_lcm_toggle_goes_back_to_automatic() -> None:
     steps, guidance = (next(c for c in config["components"] if c["props"].get("label") == label)
                        for label in ("Steps", "Guidance scale"))
     assert steps["props"]["value"] == 0 and guidance["props"]["value"] == 0
+    assert steps["props"]["info"] == "0 = automatic (30; 20 on a CPU-only server; 5 with LCM)"
     # Nothing but the LCM switch writes them (no page-load step that shows 30 and 5).
     writers = [dep for dep in config["dependencies"] if {steps["id"], guidance["id"]} & set(dep["outputs"])]
     assert [by_id[dep["targets"][0][0]]["props"]["label"] for dep in writers] == ["LCM fast mode"]
