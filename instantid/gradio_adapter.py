@@ -115,6 +115,8 @@ UPLOAD_ROUTE = "/gradio_api/upload"
 # request takes at most 10 photos (face, 7 more, pose or source or target), each up to the upload limit.
 MAX_PARKED_UPLOADS = 20
 MAX_PARKED_UPLOAD_LIMITS = 10  # bytes: this many times INSTANTID_MAX_UPLOAD_BYTES
+# Above this many addresses, those whose uploads are all gone are forgotten.
+MAX_TRACKED_CLIENTS = 1000
 # Gradio streams an upload into a temporary file named tmp* directly in its upload folder, then moves it
 # into a folder named after its hash before answering: a top-level tmp* file that no upload in progress
 # holds is a partial one.
@@ -176,21 +178,40 @@ class UploadGuard:
             paths = [Path(p) for p in json.loads(body) if isinstance(p, str)]
         except ValueError:
             return
+        if len(self.parked) > MAX_TRACKED_CLIENTS:
+            # Forget the addresses whose uploads are all gone (Gradio's sweep): one entry per address ever seen
+            # would grow without end.
+            for other in list(self.parked):
+                self._prune(other)
         parked = self.parked.setdefault(client, collections.deque())
         for path in paths:
+            # An identical upload lands on the same path (Gradio names the folder after the content): it is
+            # this upload's now, the newest, and must not be deleted as the oldest one.
+            for entry in [e for e in parked if e[0] == path]:
+                parked.remove(entry)
             with contextlib.suppress(OSError):
                 parked.append((path, path.stat().st_size))
-        # Only what is still on disk counts (Gradio's sweep, or an identical upload, may have removed some).
-        kept = [(p, size) for p, size in parked if p.exists()]
-        parked.clear()
-        parked.extend(kept)
+        self._prune(client)
         while len(parked) > MAX_PARKED_UPLOADS or sum(size for _, size in parked) > self.max_bytes:
             path, _ = parked.popleft()
+            if any(path == p for other, kept in self.parked.items() if other != client for p, _ in kept):
+                continue  # another client uploaded the same photo: it is theirs too
             with contextlib.suppress(OSError):
                 path.unlink()
                 path.parent.rmdir()  # its hash folder, when nothing else is in it
-        if not parked:
-            self.parked.pop(client, None)
+        self._prune(client)
+
+    def _prune(self, client: str) -> None:
+        """Only what is still on disk counts (Gradio's sweep may have removed some)."""
+        parked = self.parked.get(client)
+        if parked is None:
+            return
+        kept = [(p, size) for p, size in parked if p.exists()]
+        if not kept:
+            del self.parked[client]
+            return
+        parked.clear()
+        parked.extend(kept)
 
     def _delete_partial_files(self) -> None:
         try:

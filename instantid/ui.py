@@ -606,8 +606,8 @@ def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]
         updates = [gr.update(visible=shown[n], **({"value": None} if n == "before_after" else {}))
                    for n in names if n != "controls"]
         if "controls" in names:
-            label = {"label": CONTROLS_LABELS[mode]} if mode in CONTROLS_LABELS else {}
-            updates.append(gr.update(visible=shown["controls"], **label))
+            relabel = {"label": CONTROLS_LABELS[mode]} if mode in CONTROLS_LABELS else {}
+            updates.append(gr.update(visible=shown["controls"], **relabel))
         updates += [gr.update(visible=shown["controls"])] * (shown_targets - len(updates))
         return [*updates, gr.update(label=PHOTOS_LABELS[mode]), None, None, None, None, None, ""]
 

@@ -6,6 +6,7 @@ the HTTP request to the pipeline and back runs, offline, in seconds per request 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -21,7 +22,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from instantid.gradio_adapter import MAX_PARKED_UPLOAD_LIMITS, MAX_PARKED_UPLOADS, PARTIAL_PREFIX
+from instantid.gradio_adapter import MAX_PARKED_UPLOAD_LIMITS, MAX_PARKED_UPLOADS, PARTIAL_PREFIX, UploadGuard
 from tests import apprunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,3 +288,28 @@ def test_uploads_one_client_parks_are_bounded_and_aborted_ones_leave_nothing(tmp
         assert upload(1000, 99).exists(), "the next upload is served as before"
     finally:
         app.stop()
+
+
+def test_upload_bound_keeps_a_photo_uploaded_again_and_another_client_s_copy(tmp_path: Path) -> None:
+    """Gradio stores identical uploads at one path: uploading the same face again must make it the newest (not
+    delete it as the oldest), and another client's copy of it is never deleted for this client's bound."""
+    guard = UploadGuard(None, tmp_path, max_upload_bytes=10**9)
+
+    def stored(name: str) -> str:
+        path = tmp_path / name / "photo.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+        return str(path)
+
+    face = stored("face")
+    guard._park("a", json.dumps([face]).encode())
+    guard._park("b", json.dumps([stored("shared")]).encode())
+    guard._park("a", json.dumps([str(tmp_path / "shared" / "photo.png")]).encode())
+    for i in range(MAX_PARKED_UPLOADS - 3):
+        guard._park("a", json.dumps([stored(f"p{i}")]).encode())
+    guard._park("a", json.dumps([face]).encode())  # the same photo again, as gradio_client sends it each call
+    for i in range(3):  # 22 in all: the shared photo leaves a's count without being deleted, then p0 goes
+        guard._park("a", json.dumps([stored(f"q{i}")]).encode())
+    assert Path(face).exists(), "uploaded again: the newest, not the oldest"
+    assert (tmp_path / "shared" / "photo.png").exists(), "client b's upload too"
+    assert not (tmp_path / "p0" / "photo.png").exists() and (tmp_path / "p1" / "photo.png").exists()

@@ -212,7 +212,7 @@ def test_face_swap_in_a_real_browser(page) -> None:
     expect(page.locator("#prompt textarea")).to_have_value("an elderly officer", timeout=30_000)
     expect(page.get_by_role("spinbutton", name="Face to replace (0 = largest)")).to_have_value("0")
     for name, src in shown.items():
-        expect(page.locator(f"#{name} img").first).not_to_have_attribute("src", src or "", timeout=120_000)
+        expect(page.locator(f"#{name} img").first).not_to_have_attribute("src", src or "", timeout=300_000)
     expect(page.locator("#run-summary")).to_contain_text("paste")
 
 
