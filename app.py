@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.utils import get_upload_folder
 
 from instantid import api
+from instantid.gradio_adapter import upload_guard
 from instantid.memory import is_zerogpu
 from instantid.settings import get_settings
 from instantid.ui import build_demo
@@ -104,6 +106,8 @@ def launch(**kwargs) -> None:
         # Gradio's own refusals before our code runs (a server path or a URL in place of an upload) reach the
         # client with their sentence instead of `{"error": null}`; our handlers raise only gr.Error anyway.
         "show_error": True,
+        # Bounds what one client keeps parked in the upload folder, and deletes aborted uploads' partial files.
+        "app_kwargs": {"middleware": [upload_guard(get_upload_folder(), settings.max_upload_bytes)]},
     }
     options.update(kwargs)
     demo.launch(**options)

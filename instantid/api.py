@@ -225,7 +225,8 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     ACTIVITY.set(key, "preparing")
     job = engine.prepare(request)  # CPU, in this process: a photo without a face asks for no GPU time
     ACTIVITY.set(key, "starting")
-    progress(0.0, desc="Starting")
+    shown: tuple[Any, dict[str, Any]] = (0.0, {"desc": "Starting"})
+    progress(shown[0], **shown[1])
     asked = time.perf_counter()  # on ZeroGPU the first step below asks for the GPU (`_gpu_duration`)
     steps = _render_on_gpu(job)
     try:
@@ -233,11 +234,14 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
             if isinstance(event, Rendered):
                 break
             # Control goes to Gradio at each step and heartbeat: a cancel or a lost client closes this generator
-            # here. The progress comes after it, so that it is the client's latest status while the next step runs.
+            # here. Each yield reaches the page as "generating", which Gradio's status tracker draws without
+            # a bar (the Results panel showed its empty placeholder): the progress is sent again after every
+            # yield, heartbeats included, so that it is the page's latest status while the next step runs.
             yield gr.skip()
             if event is not None:
-                progress((event.done, event.total), desc="Denoising", unit="steps")
+                shown = ((event.done, event.total), {"desc": "Denoising", "unit": "steps"})
                 ACTIVITY.set(key, f"step {event.done} of {event.total}")
+            progress(shown[0], **shown[1])
         else:
             raise RuntimeError("the GPU stage ended without a result")
     except GeneratorExit:

@@ -13,10 +13,18 @@ Gradio only: cancellation reaches `api.generate` because Gradio closes a generat
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pydantic
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 
 from .errors import InvalidParameter
 from .requests import Param, format_bound
@@ -134,3 +142,147 @@ def guard_input(component: Any, param: Param) -> None:
             raise gr.Error(input_error(component, name, payload, exc), print_exception=False) from None
 
     component.preprocess = preprocess
+
+
+# Gradio's Slider clamps a number typed into its box to the slider's range when the box loses focus, so a
+# Steps of 1000 ran 100 steps without a word (its `blur` handler, gradio 6.31 js/slider). Stopped on its way
+# down (capture phase, at the document), the blur never reaches that handler: the typed number is sent
+# as typed and refused with `guard_input`'s sentence, as the API refuses it. Only the sliders' boxes
+# ("number input for <label>"); a number box (the seed) never clamped.
+KEEP_TYPED_NUMBERS_JS = """() => {
+    if (window.__instantidKeepTypedNumbers) return;
+    window.__instantidKeepTypedNumbers = true;
+    document.addEventListener("blur", (event) => {
+        const box = event.target;
+        if (box instanceof HTMLInputElement && box.type === "number"
+            && (box.getAttribute("aria-label") || "").startsWith("number input for ")) {
+            event.stopPropagation();
+        }
+    }, true);
+}"""
+
+
+# --- uploads ------------------------------------------------------------------------------------------
+# Gradio keeps every upload (POST /gradio_api/upload) until its hourly `delete_cache` sweep, whether a
+# request uses it or not (15 x 20 MB in 4 s parked 300 MB), and an upload aborted mid-body leaves its
+# partial temporary file behind, with a traceback in the log (gradio 6.31's multipart parser cleans up
+# after its own refusals only). `UploadGuard` sits in front of that route, as an ASGI middleware
+# (`launch(app_kwargs={"middleware": [...]})`, which Gradio hands to its FastAPI app).
+
+UPLOAD_ROUTE = "/gradio_api/upload"
+# What one client (address) may keep parked: beyond either bound its oldest uploads are deleted. A page
+# request takes at most 10 photos (face, 7 more, pose or source or target), each up to the upload limit.
+MAX_PARKED_UPLOADS = 20
+MAX_PARKED_UPLOAD_LIMITS = 10  # bytes: this many times INSTANTID_MAX_UPLOAD_BYTES
+# Above this many addresses, those whose uploads are all gone are forgotten.
+MAX_TRACKED_CLIENTS = 1000
+# Gradio streams an upload into a temporary file named tmp* directly in its upload folder, then moves it
+# into a folder named after its hash before answering: a top-level tmp* file that no upload in progress
+# holds is a partial one.
+PARTIAL_PREFIX = "tmp"
+
+log = logging.getLogger(__name__)
+
+
+class UploadGuard:
+    """ASGI middleware for Gradio's upload route: bounds what one client keeps parked (`MAX_PARKED_UPLOADS`
+    files and `MAX_PARKED_UPLOAD_LIMITS` x `max_upload_bytes` bytes: its oldest uploads go first) and
+    deletes the partial files of aborted uploads (logged in one line, without a traceback)."""
+
+    def __init__(self, app: Any, upload_dir: str | Path, max_upload_bytes: int) -> None:
+        self.app = app
+        self.upload_dir = Path(upload_dir)
+        self.max_bytes = MAX_PARKED_UPLOAD_LIMITS * max_upload_bytes
+        self.in_flight = 0
+        self.parked: dict[str, collections.deque[tuple[Path, int]]] = {}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST" or not scope["path"].endswith(UPLOAD_ROUTE):
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+        body: list[bytes] = []
+
+        async def watch(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            elif message["type"] == "http.response.body" and status and status[0] == 200:
+                body.append(message.get("body", b""))
+            await send(message)
+
+        # Counted before the first await: no upload can start between the last one ending and the sweep.
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, watch)
+        except ClientDisconnect:
+            log.info("upload aborted by the client; its partial file is deleted")
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._delete_partial_files()
+        if status and status[0] == 200:
+            self._park(self._client(scope), b"".join(body))
+
+    @staticmethod
+    def _client(scope: dict) -> str:
+        # Behind a proxy (a Space) every request comes from the proxy: the first forwarded address is the client.
+        for name, value in scope.get("headers") or []:
+            if name == b"x-forwarded-for" and value:
+                return value.decode("latin-1").split(",")[0].strip()
+        client = scope.get("client")
+        return str(client[0]) if client else "unknown"
+
+    def _park(self, client: str, body: bytes) -> None:
+        try:
+            paths = [Path(p) for p in json.loads(body) if isinstance(p, str)]
+        except ValueError:
+            return
+        if len(self.parked) > MAX_TRACKED_CLIENTS:
+            # Forget the addresses whose uploads are all gone (Gradio's sweep): one entry per address ever seen
+            # would grow without end.
+            for other in list(self.parked):
+                self._prune(other)
+        parked = self.parked.setdefault(client, collections.deque())
+        for path in paths:
+            # An identical upload lands on the same path (Gradio names the folder after the content): it is
+            # this upload's now, the newest, and must not be deleted as the oldest one.
+            for entry in [e for e in parked if e[0] == path]:
+                parked.remove(entry)
+            with contextlib.suppress(OSError):
+                parked.append((path, path.stat().st_size))
+        self._prune(client)
+        while len(parked) > MAX_PARKED_UPLOADS or sum(size for _, size in parked) > self.max_bytes:
+            path, _ = parked.popleft()
+            if any(path == p for other, kept in self.parked.items() if other != client for p, _ in kept):
+                continue  # another client uploaded the same photo: it is theirs too
+            with contextlib.suppress(OSError):
+                path.unlink()
+                path.parent.rmdir()  # its hash folder, when nothing else is in it
+        self._prune(client)
+
+    def _prune(self, client: str) -> None:
+        """Only what is still on disk counts (Gradio's sweep may have removed some)."""
+        parked = self.parked.get(client)
+        if parked is None:
+            return
+        kept = [(p, size) for p, size in parked if p.exists()]
+        if not kept:
+            del self.parked[client]
+            return
+        parked.clear()
+        parked.extend(kept)
+
+    def _delete_partial_files(self) -> None:
+        try:
+            entries = list(os.scandir(self.upload_dir))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(PARTIAL_PREFIX) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def upload_guard(upload_dir: str | Path, max_upload_bytes: int) -> Middleware:
+    """The `UploadGuard` for `launch(app_kwargs={"middleware": [...]})`."""
+    return Middleware(UploadGuard, upload_dir=upload_dir, max_upload_bytes=max_upload_bytes)

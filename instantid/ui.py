@@ -15,14 +15,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .gradio_adapter import guard_input
+from .gradio_adapter import KEEP_TYPED_NUMBERS_JS, guard_input
+from .memory import PROFILES
 from .requests import (
     DEFAULT_CONTROLNET_STRENGTH,
-    DEFAULT_GUIDANCE,
-    DEFAULT_SPEED,
-    DEFAULT_STEPS,
-    LCM_GUIDANCE,
-    LCM_STEPS,
     MAX_SEED,
     MAX_STRENGTH,
     MODES,
@@ -61,15 +57,10 @@ DELETE_CACHE = (1800, 3600)
 # --- cheap UI steps (queue=False, no API) ----------------------------------------------------------
 
 
-def lcm_defaults(enable_lcm: bool) -> tuple[int, float]:
-    """Steps and guidance to show when LCM fast mode is switched on or off, as the official Space does."""
-    return (LCM_STEPS, LCM_GUIDANCE) if enable_lcm else (DEFAULT_STEPS, DEFAULT_GUIDANCE)
-
-
-def speed_defaults(speed: str) -> tuple[int, float]:
-    """Steps and guidance to show when a speed is chosen: the ones its LoRA was distilled for."""
-    chosen = SPEEDS.get(speed, SPEEDS[DEFAULT_SPEED])
-    return chosen.steps, chosen.guidance
+def automatic_steps(_changed: object) -> tuple[int, float]:
+    """Steps and guidance when the speed or LCM changes: back to 0, "automatic", which follows the choice (and
+    the server's profile: 20 quality steps on the CPU), as the API's defaults do."""
+    return 0, 0.0
 
 
 def next_seed(seed: float | None, randomize_seed: bool) -> int:
@@ -98,7 +89,7 @@ def _duration(ms: float) -> str:
     return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
 
 
-def timings_line(timings: Mapping[str, Any] | None) -> str:
+def timings_line(timings: Mapping[str, Any] | None, done: str = "Done") -> str:
     """The timings report as one line: "Done in 4.2 s: faces 31 ms · prompt 12 ms · denoising 3.8 s · …"."""
     if not timings:
         return ""
@@ -106,8 +97,12 @@ def timings_line(timings: Mapping[str, Any] | None) -> str:
     known = [k for k in known if isinstance(timings[k], (int, float))]  # the API's "warnings" list rides along
     parts = [f"{STAGES.get(k, k.removesuffix('_ms').replace('_', ' '))} {_duration(float(timings[k]))}" for k in known]
     total = timings.get("total_ms")
-    head = f"Done in {_duration(float(total))}" if isinstance(total, (int, float)) else "Done"
+    head = f"{done} in {_duration(float(total))}" if isinstance(total, (int, float)) else done
     return f"{head}: {' · '.join(parts)}" if parts else head
+
+
+# A cached example's line: it is shown again, from the cache, in far less time than it took the first time.
+EXAMPLE_DONE = "Example shown from the cache; first generated"
 
 
 def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
@@ -164,10 +159,12 @@ def format_load_state(report: Mapping[str, Any]) -> str:
     phase = str(state.get("phase", "unknown"))
     message = str(state.get("message") or "")
     progress = state.get("progress")
-    line = f"**Models:** {phase}"
+    # "ready in 24.2 s" says the phase already: not "ready — ready in 24.2 s".
+    repeats = bool(message) and message.lower().startswith(phase.lower())
+    line = f"**Models:** {message if repeats else phase}"
     if phase == "loading" and isinstance(progress, (int, float)):
         line += f" `{_bar(float(progress))}` {float(progress) * 100:.0f} %"
-    if message:
+    if message and not repeats:
         line += f" — {message}"
     if phase == "ready" and state.get("activity"):
         line += f"; {state['activity']}"
@@ -187,7 +184,7 @@ def format_load_state(report: Mapping[str, Any]) -> str:
 def format_memory(report: Mapping[str, Any]) -> str:
     host = report.get("host") or {}
     lines = [
-        "| Memory | |",
+        "| Memory | amount |",
         "|---|---|",
         f"| Host RAM total | {_gib(host.get('total'))} |",
         f"| Host RAM available | {_gib(host.get('available'))} ({host.get('used_percent', 'n/a')} % used) |",
@@ -346,10 +343,19 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
     "negative_prompt": {"placeholder": "what to avoid (optional)"},
     "seed": {"elem_id": "seed"},
     "speed": {"elem_id": "speed"},
+    # The page starts at 0, "automatic", which the server's memory profile may set (the API's help names the
+    # mode defaults only).
+    "num_steps": {"info": "0 = automatic (" + ", ".join(f"{s.steps} {s.name}" for s in SPEEDS.values())
+                          + f"; {PROFILES['cpu'].default_steps} quality on a CPU-only server)"},
 }
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
 MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap"}
 MODE_BUTTONS = {"generate": "Generate", "restyle": "Restyle", "swap": "Swap face"}
+# Labels that name a mode's own photos: only Generate takes a pose photo; Restyle's extra ControlNets read
+# the photo it redraws (Face swap takes none).
+PHOTOS_LABELS = {"generate": "More photos and a pose reference", "restyle": "More photos of the same person",
+                 "swap": "More photos of the same person"}
+CONTROLS_LABELS = {"generate": PARAMS["controlnets"].label, "restyle": "Extra ControlNets (from the photo to restyle)"}
 # Presses the first of the buttons (element ids) that is shown; a hidden one has no offsetParent.
 PRESS_SHOWN_BUTTON_JS = """() => {
     const shown = BUTTONS.map((id) => document.getElementById(id)).find((b) => b && b.offsetParent !== null);
@@ -360,9 +366,8 @@ PRESS_SHOWN_BUTTON_JS = """() => {
 def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
     """The page's control for a declared parameter; one with no label is an API-only hidden input, and one
     of another mode than the page's first starts hidden (`mode_visibility` shows it)."""
-    options = {"label": p.label or p.name, "visible": bool(p.label) and visible, **PAGE_OPTIONS.get(p.name, {})}
-    if p.info:
-        options["info"] = p.info
+    options = {"label": p.label or p.name, "visible": bool(p.label) and visible, **({"info": p.info} if p.info else {}),
+               **PAGE_OPTIONS.get(p.name, {})}
     if p.kind == "image":
         # image_mode=None: the file is handed over untouched, `instantid.images` decodes it.
         return gr.Image(type="filepath", image_mode=None, sources=PHOTO_SOURCES, **{"height": 240, **options})
@@ -384,9 +389,9 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
     return gr.Slider(minimum=p.lo, maximum=hi, step=p.step, value=p.default, **options)
 
 
-def _controlnet_inputs(p: Param) -> tuple[Any, list[Any]]:
+def _controlnet_inputs(p: Param, mode: str) -> tuple[Any, list[Any]]:
     """The page's face of the `controlnets` mapping: a box per type and a strength slider each."""
-    chosen = gr.CheckboxGroup(label=p.label, choices=list(CONTROL_TYPES), value=[])
+    chosen = gr.CheckboxGroup(label=CONTROLS_LABELS.get(mode, p.label), choices=list(CONTROL_TYPES), value=[])
     with gr.Row():
         strengths = [
             gr.Slider(label=f"{c.label} strength", minimum=0, maximum=MAX_STRENGTH, step=0.05,
@@ -401,6 +406,18 @@ def offered_params(modes: Sequence[str]) -> dict[str, Param]:
     return {name: p for name, p in PARAMS.items() if any(mode in p.modes for mode in modes)}
 
 
+def _mode_control(c: dict[str, Any], p: Param, settings: Settings, modes: Sequence[str]) -> Any:
+    """`make_control`; one that only some of the offered modes take sits in a column of its own (`<name>_box`),
+    which the mode choice shows and hides. Never the input itself: Gradio answers an update of a component
+    (visibility too) with a new instance of it for that session, without `guard_input`'s checks (a face index
+    of 150 got Gradio's own "Value 150 is greater than maximum value 99." after a mode switch, and a photo
+    would be decoded by Gradio before `instantid.images` checks it)."""
+    if not p.label or not set(modes) - set(p.modes) or p.kind == "controls":
+        return make_control(p, settings, visible=modes[0] in p.modes)
+    with gr.Column(visible=modes[0] in p.modes, min_width=0) as c[f"{p.name}_box"]:
+        return make_control(p, settings)
+
+
 def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
     """The Generate tab's components by name: every parameter's input, the page-only controls, the outputs."""
     c: dict[str, Any] = {}
@@ -411,25 +428,25 @@ def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
             c["mode"] = gr.Radio([MODE_LABELS[m] for m in modes], value=MODE_LABELS[modes[0]], label="Mode",
                                  visible=len(modes) > 1, elem_id="mode")
             for p in sections["main"]:
-                c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
+                c[p.name] = _mode_control(c, p, settings, modes)
             for mode in modes:
                 c[f"{mode}_btn"] = gr.Button(MODE_BUTTONS[mode], variant="primary", visible=mode == modes[0],
                                              elem_id=f"{mode}-button")
-            with gr.Accordion("More photos and a pose reference", open=False):
+            with gr.Accordion(PHOTOS_LABELS[modes[0]], open=False) as c["photos"]:
                 for p in sections["photos"]:
-                    c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
+                    c[p.name] = _mode_control(c, p, settings, modes)
             with gr.Accordion("Advanced settings", open=False):
                 for p in sections["advanced"]:
                     if p.kind == "controls":
-                        c["chosen_controls"], c["control_strengths"] = _controlnet_inputs(p)
-                    c[p.name] = make_control(p, settings, visible=modes[0] in p.modes)
+                        c["chosen_controls"], c["control_strengths"] = _controlnet_inputs(p, modes[0])
+                    c[p.name] = _mode_control(c, p, settings, modes)
                     if p.name == "seed":
                         # The page draws its random seed in `start_run`, so it shows before the result; the
                         # API's randomize_seed input (hidden) stays off for the page.
                         c["randomize"] = gr.Checkbox(label="Randomize seed", value=True)
         with gr.Column(scale=1):
             c["gallery"] = gr.Gallery(
-                label="Results", format="png", columns=2, height=520, object_fit="contain",
+                label="Results", format="png", columns=2, object_fit="contain",
                 buttons=["download", "fullscreen"], interactive=False, elem_id="gallery",
             )
             # Face swap's before/after, filled by a page-only step from the target photo and the first result.
@@ -545,7 +562,8 @@ def _examples(
             if not isinstance(item, (tuple, list)):  # gr.skip() while it works
                 yield item
                 continue
-            result = [*item, timings_line(item[4])]
+            # Shown again from the cache on every later click: it says when it was made, not "Done in".
+            result = [*item, timings_line(item[4], done=EXAMPLE_DONE)]
             if mode == "swap":
                 result.append(before_after(given["target_image"], item[0]))
             yield result
@@ -570,23 +588,38 @@ def _wire_generate(
     modes = list(fns)
     for name, param in offered_params(modes).items():
         guard_input(c[name], param)
-    # The defaults the page shows; the components themselves hold 0 so API callers get "automatic".
-    demo.load(None, None, [c["num_steps"], c["guidance_scale"]], js=f"() => [{DEFAULT_STEPS}, {DEFAULT_GUIDANCE}]")
+    # A number typed out of a slider's range is sent as typed, so that it is refused with its sentence.
+    demo.load(None, None, None, js=KEEP_TYPED_NUMBERS_JS)
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    c["enable_lcm"].change(lcm_defaults, [c["enable_lcm"]], [c["num_steps"], c["guidance_scale"]], **quiet)
-    c["speed"].change(speed_defaults, [c["speed"]], [c["num_steps"], c["guidance_scale"]], **quiet)
+    for choice in ("speed", "enable_lcm"):
+        c[choice].change(automatic_steps, [c[choice]], [c["num_steps"], c["guidance_scale"]], **quiet)
     if len(modes) > 1:
         _wire_mode_choice(c, modes, quiet)
+    # While a run is in flight its controls (the mode buttons, the mode choice) are off: a click then started
+    # nothing, yet drew a new seed into the Seed box. Back on after the run's success or error.
+    run_controls = [*(c[f"{mode}_btn"] for mode in modes), c["mode"]]
+
+    def begin_run(*values: Any) -> tuple[Any, ...]:
+        return (*start_run(*values), *[gr.update(interactive=False)] * len(run_controls))
+
+    def end_run() -> list[Any]:
+        return [gr.update(interactive=True)] * len(run_controls)
+
     cleared = [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"],
-               c["before_after"], c["summary"]]
+               c["before_after"], c["summary"], *run_controls]
     for mode, fn in fns.items():
         event = c[f"{mode}_btn"].click(
-            start_run, [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
+            begin_run, [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
             cleared,
             # Queued, as only a queued event's error reaches the page (a seed of -5 used to fail silently),
             # but with no concurrency limit: it never waits behind a running generation.
             queue=True, concurrency_limit=None, api_visibility="private", show_progress="hidden",
         ).success(fn, [c[name] for name in params_for(mode)], outputs, api_name=mode, show_progress_on=[c["gallery"]])
+        # On success and on failure: after a failed run the page ran no `.then` step (Gradio 6.31's frontend
+        # dispatches only the `.failure` steps of a queued event that failed). A refused start never switched
+        # them off.
+        event.success(end_run, None, run_controls, **quiet)
+        event.failure(end_run, None, run_controls, **quiet)
         event.success(timings_line, [c["timings"]], [c["summary"]], **quiet)
         if mode == "swap":
             event.success(before_after, [c["target_image"], c["gallery"]], [c["before_after"]], **quiet)
@@ -597,17 +630,27 @@ def _wire_generate(
 
 
 def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]) -> None:
-    """The mode choice shows only that mode's inputs, in a cheap step outside the queue."""
+    """The mode choice shows only that mode's inputs, with labels that name that mode's photos, and clears the
+    last mode's results (they are not this mode's); a cheap step outside the queue."""
     names = list(visible_in(modes[0], modes))
-    targets = [c[n] for n in names if n != "controls"]
+    targets = [c.get(f"{n}_box", c[n]) for n in names if n != "controls"]
     if "controls" in names:
         targets += [c["chosen_controls"], *c["control_strengths"]]
+    shown_targets = len(targets)
+    results = [c["gallery"], c["seed_used"], c["similarities"], c["keypoints"], c["timings"], c["summary"]]
+    targets += [c["photos"], *results]
     by_label = {MODE_LABELS[m]: m for m in modes}
 
     def show_mode(label: str) -> list[Any]:
-        shown = visible_in(by_label.get(label, modes[0]), modes)
-        updates = [gr.update(visible=shown[n]) for n in names if n != "controls"]
-        return updates + [gr.update(visible=shown["controls"])] * (len(targets) - len(updates))
+        mode = by_label.get(label, modes[0])
+        shown = visible_in(mode, modes)
+        updates = [gr.update(visible=shown[n], **({"value": None} if n == "before_after" else {}))
+                   for n in names if n != "controls"]
+        if "controls" in names:
+            relabel = {"label": CONTROLS_LABELS[mode]} if mode in CONTROLS_LABELS else {}
+            updates.append(gr.update(visible=shown["controls"], **relabel))
+        updates += [gr.update(visible=shown["controls"])] * (shown_targets - len(updates))
+        return [*updates, gr.update(label=PHOTOS_LABELS[mode]), None, None, None, None, None, ""]
 
     c["mode"].change(show_mode, [c["mode"]], targets, **quiet)
 
@@ -626,6 +669,8 @@ def _status_tab() -> dict[str, Any]:
                 # Not an empty frame: Gradio 6 keeps the axis types of the first value it draws.
                 value=None, x="seconds", y="GiB", color="series", x_title="seconds (0 = latest sample)",
                 y_lim=[0, None], label="Memory over time", height=300,
+                # The legend's title would be the column's name ("series"): its entries say what they are.
+                color_title="Measure",
             )
     s["components"] = gr.Dataframe(
         headers=STATUS_COLUMNS, label="Loaded components", interactive=False, elem_id="components"

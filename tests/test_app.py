@@ -6,7 +6,10 @@ the HTTP request to the pipeline and back runs, offline, in seconds per request 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +23,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from instantid.gradio_adapter import MAX_PARKED_UPLOAD_LIMITS, MAX_PARKED_UPLOADS, PARTIAL_PREFIX, UploadGuard
 from tests import apprunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,3 +305,76 @@ def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
     assert {"face_image", "source_image", "strength"} <= set(tools["restyle"]["inputSchema"]["properties"])
     assert {"face_image", "target_image", "face_index"} <= set(tools["swap"]["inputSchema"]["properties"])
     assert "face_index" in tools["swap"]["description"] or "face_index" in str(tools["swap"]["inputSchema"])
+
+
+def _top_level_partials(folder: Path) -> list[Path]:
+    return [p for p in folder.glob(f"{PARTIAL_PREFIX}*") if p.is_file()] if folder.is_dir() else []
+
+
+def test_uploads_one_client_parks_are_bounded_and_aborted_ones_leave_nothing(tmp_path: Path, tiny_cache: Path) -> None:
+    """15 x 20 MB in 4 s used to stay parked until the hourly sweep; an upload aborted mid-body left its partial
+    file behind, and a traceback in the log."""
+    app = apprunner.start_app(tmp_path, tiny_cache, INSTANTID_PRELOAD="0", INSTANTID_MAX_UPLOAD_MB="1")
+    try:
+        url = f"{app.url}gradio_api/upload"
+
+        def upload(size: int, i: int) -> Path:
+            answer = httpx.post(url, files={"files": (f"photo{i}.bin", os.urandom(size))}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            return Path(answer.json()[0])
+
+        small = [upload(1000, i) for i in range(MAX_PARKED_UPLOADS + 5)]
+        assert [p.exists() for p in small] == [False] * 5 + [True] * MAX_PARKED_UPLOADS, "the oldest go first"
+        # Bytes too: at most MAX_PARKED_UPLOAD_LIMITS uploads of the limit (1 MiB here) stay.
+        large = [upload(1_000_000, i) for i in range(MAX_PARKED_UPLOAD_LIMITS + 3)]
+        assert sum(p.exists() for p in large) == MAX_PARKED_UPLOAD_LIMITS
+        assert not any(p.exists() for p in small), "one client's bound counts every upload it parked"
+
+        # Aborted mid-body: headers announce 900 kB, the client sends 300 kB and hangs up.
+        port = int(app.url.rstrip("/").rsplit(":", 1)[1])
+        boundary = "instantid-test"
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="cut.bin"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(
+                    f"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(head) + 900_000}\r\n"
+                    f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + head + b"x" * 300_000
+                )
+                time.sleep(0.5)  # let the server write part of it
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (
+            _top_level_partials(app.temp_dir) or app.log_text().count("upload aborted") < 3
+        ):
+            time.sleep(0.2)
+        assert _top_level_partials(app.temp_dir) == []
+        assert app.log_text().count("upload aborted") == 3
+        assert "Traceback" not in app.log_text()
+        assert upload(1000, 99).exists(), "the next upload is served as before"
+    finally:
+        app.stop()
+
+
+def test_upload_bound_keeps_a_photo_uploaded_again_and_another_client_s_copy(tmp_path: Path) -> None:
+    """Gradio stores identical uploads at one path: uploading the same face again must make it the newest (not
+    delete it as the oldest), and another client's copy of it is never deleted for this client's bound."""
+    guard = UploadGuard(None, tmp_path, max_upload_bytes=10**9)
+
+    def stored(name: str) -> str:
+        path = tmp_path / name / "photo.png"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+        return str(path)
+
+    face = stored("face")
+    guard._park("a", json.dumps([face]).encode())
+    guard._park("b", json.dumps([stored("shared")]).encode())
+    guard._park("a", json.dumps([str(tmp_path / "shared" / "photo.png")]).encode())
+    for i in range(MAX_PARKED_UPLOADS - 3):
+        guard._park("a", json.dumps([stored(f"p{i}")]).encode())
+    guard._park("a", json.dumps([face]).encode())  # the same photo again, as gradio_client sends it each call
+    for i in range(3):  # 22 in all: the shared photo leaves a's count without being deleted, then p0 goes
+        guard._park("a", json.dumps([stored(f"q{i}")]).encode())
+    assert Path(face).exists(), "uploaded again: the newest, not the oldest"
+    assert (tmp_path / "shared" / "photo.png").exists(), "client b's upload too"
+    assert not (tmp_path / "p0" / "photo.png").exists() and (tmp_path / "p1" / "photo.png").exists()

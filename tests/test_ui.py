@@ -17,8 +17,6 @@ from instantid.errors import InvalidParameter, NoFaceError
 from instantid.requests import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
-    LCM_GUIDANCE,
-    LCM_STEPS,
     MAX_SEED,
     GenerateRequest,
     GenerateResult,
@@ -180,10 +178,10 @@ def test_cheap_steps_skip_the_queue_and_the_api() -> None:
     for dep in demo.fns.values():
         name = getattr(dep.fn, "__name__", None)
         by_fn.setdefault(name, []).append(dep)
-    (dep,) = by_fn["lcm_defaults"]
+    (dep, _) = by_fn["automatic_steps"]
     assert dep.queue is False and dep.api_visibility == "private"
     # The step before a generation is queued (only then does its error reach the page) but never waits.
-    (dep,) = by_fn["start_run"]
+    (dep,) = by_fn["begin_run"]
     assert dep.queue is not False and dep.concurrency_limit is None and dep.api_visibility == "private"
     (gen,) = by_fn["fake_generate"]
     assert gen.api_name == "generate" and gen.queue is not False
@@ -191,13 +189,21 @@ def test_cheap_steps_skip_the_queue_and_the_api() -> None:
     assert status.api_name == "status" and status.queue is False
 
 
-def test_lcm_toggle_handler() -> None:
-    assert ui.lcm_defaults(True) == (LCM_STEPS, LCM_GUIDANCE) == (5, 1.5)
-    assert ui.lcm_defaults(False) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (30, 5.0)
-
-
-def test_speed_choice_shows_its_steps_and_guidance() -> None:
-    assert [ui.speed_defaults(s) for s in ("quality", "fast", "turbo")] == [(30, 5.0), (8, 5.0), (4, 1.0)]
+def test_speed_and_lcm_go_back_to_automatic() -> None:
+    """The page used to send Steps 30 and Guidance 5 (5 and 1.5 with LCM): the cpu profile's automatic 20 steps
+    never applied there. 0 is "automatic", as in the API: it follows the speed, LCM and the profile."""
+    assert ui.automatic_steps(True) == ui.automatic_steps("turbo") == (0, 0.0)
+    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    config = demo.get_config_file()
+    by_id = {c["id"]: c for c in config["components"]}
+    steps, guidance = (next(c for c in config["components"] if c["props"].get("label") == label)
+                       for label in ("Steps", "Guidance scale"))
+    assert steps["props"]["value"] == 0 and guidance["props"]["value"] == 0
+    info = "0 = automatic (30 quality, 8 fast, 4 turbo, 5 lcm; 20 quality on a CPU-only server)"
+    assert steps["props"]["info"] == info
+    # Nothing but the speed and LCM choices write them (no page-load step that shows 30 and 5).
+    writers = [dep for dep in config["dependencies"] if {steps["id"], guidance["id"]} & set(dep["outputs"])]
+    assert [by_id[dep["targets"][0][0]]["props"]["label"] for dep in writers] == ["Speed", "LCM fast mode"]
 
 
 def test_randomize_seed_handler() -> None:
@@ -327,6 +333,33 @@ def test_generate_passes_engine_progress_to_gradio(engine: FakeEngine) -> None:
 
     generate(FACE, "x", progress=progress)
     assert ((1, 1), "Denoising") in calls
+
+
+def test_progress_is_sent_again_after_every_yield(engine: FakeEngine) -> None:
+    """Each yield reaches the page as "generating", which Gradio draws without a bar: with heartbeats (a step
+    slower than HEARTBEAT_S) the Results panel showed its empty placeholder most of a run. The latest progress
+    follows every yield, so that it is the page's status while the next step runs."""
+    def render_steps(job: Any, heartbeat_s: float | None = None):
+        yield None  # a heartbeat before the first step
+        yield Step(1, 2)
+        yield None
+        yield None
+        yield Step(2, 2)
+        yield Rendered(images=[Image.new("RGB", (64, 64))], timings_ms={})
+
+    engine.render_steps = render_steps
+    seen: list[Any] = []
+
+    def progress(value, desc=None, unit="steps"):
+        seen.append((value, desc))
+
+    for item in api.generate(FACE, "x", progress=progress):
+        seen.append("yield" if not isinstance(item, (tuple, list)) else "result")
+    yields = [i for i, event in enumerate(seen) if event == "yield"]
+    assert len(yields) == 5
+    after = [seen[i + 1] for i in yields]
+    assert after == [(0.0, "Starting"), ((1, 2), "Denoising"), ((1, 2), "Denoising"), ((1, 2), "Denoising"),
+                     ((2, 2), "Denoising")]
 
 
 def test_status_is_the_engine_report(engine: FakeEngine) -> None:
@@ -460,7 +493,7 @@ def test_mode_steps_are_cheap_and_every_input_is_guarded() -> None:
     for name in ("show_mode", "before_after"):
         (dep,) = by_fn[name]
         assert dep.queue is False and dep.api_visibility == "private"
-    assert len(by_fn["start_run"]) == 3
+    assert len(by_fn["begin_run"]) == 3
     # Every input of every mode checks what is sent before Gradio converts it (guard_input's wrapper).
     for name in ("generate", "restyle", "swap"):
         (dep,) = by_fn[name]
@@ -474,3 +507,81 @@ def test_before_after_pairs_the_target_with_the_first_result() -> None:
     assert ui.before_after("/t.png", [("/r1.png", "seed 1"), ("/r2.png", None)]) == ("/t.png", "/r1.png")
     assert ui.before_after("/t.png", [{"image": "/r1.png", "caption": None}]) == ("/t.png", "/r1.png")
     assert ui.before_after(None, [("/r1.png", "")]) is None and ui.before_after("/t.png", []) is None
+
+
+def _deps(demo: gr.Blocks) -> dict[str, list[Any]]:
+    by_fn: dict[str, list[Any]] = {}
+    for dep in demo.fns.values():
+        by_fn.setdefault(getattr(dep.fn, "__name__", None), []).append(dep)
+    return by_fn
+
+
+def test_a_run_switches_its_controls_off_until_it_ends() -> None:
+    """A second click during a run started nothing, yet drew a new seed into the Seed box: the mode buttons and
+    the mode choice are off from the run's start to its end, whether it succeeds or fails."""
+    demo = _demo_with_modes()
+    by_fn = _deps(demo)
+    controls = {"Generate", "Restyle", "Swap face", "Mode"}
+    for begin in by_fn["begin_run"]:
+        labels = {getattr(b, "label", None) or getattr(b, "value", None) for b in begin.outputs[-4:]}
+        assert labels == controls
+    off = by_fn["begin_run"][0].fn(7, False, [], 0.4, 0.4, 0.4)
+    assert off[:8] == ui.start_run(7, False, [], 0.4, 0.4, 0.4)
+    assert [u["interactive"] for u in off[8:]] == [False] * 4
+    ends = by_fn["end_run"]
+    assert sorted((d.trigger_only_on_success, d.trigger_only_on_failure) for d in ends) == (
+        [(False, True)] * 3 + [(True, False)] * 3
+    ), "back on after a success and after a failure (the page runs no .then step after a failed run)"
+    assert [u["interactive"] for u in ends[0].fn()] == [True] * 4
+    runs = {id(d) for d in by_fn["generate"] + by_fn["restyle"] + by_fn["swap"]}
+    assert all(demo.fns[d.trigger_after] and id(demo.fns[d.trigger_after]) in runs for d in ends)
+
+
+def test_the_mode_choice_relabels_the_photos_and_clears_the_last_mode_s_results() -> None:
+    """Restyle and Face swap showed "More photos and a pose reference" and a ControlNet label naming the pose
+    photo; one mode's results stayed on screen in the next."""
+    demo = _demo_with_modes()
+    by_fn = _deps(demo)
+    (dep,) = by_fn["show_mode"]
+    # It shows and hides the columns around a mode's own inputs, never an input: Gradio answers an update with a
+    # new instance of the component for that session, without guard_input's checks (a face index of 150 got
+    # Gradio's own "Value 150 is greater than maximum value 99." after a mode switch).
+    inputs = {id(b) for mode in ("generate", "restyle", "swap") for b in by_fn[mode][0].inputs}
+    assert not inputs & {id(b) for b in dep.outputs}
+    assert sum(isinstance(b, gr.Column) for b in dep.outputs) >= 8
+    photos = next(b for b in dep.outputs if isinstance(b, gr.Accordion))
+    controls = next(b for b in dep.outputs if isinstance(b, gr.CheckboxGroup))
+    results = [b for b in dep.outputs if getattr(b, "label", None) in
+               ("Results", "Seed", "Identity similarity", "Face keypoints", "Timings (ms)")]
+    summary = next(b for b in dep.outputs if isinstance(b, gr.Markdown))
+    before_after = next(b for b in dep.outputs if isinstance(b, gr.ImageSlider))
+    assert len(results) == 5
+    for mode, photos_label, controls_label in (
+        ("Restyle", "More photos of the same person", "Extra ControlNets (from the photo to restyle)"),
+        ("Face swap", "More photos of the same person", None),
+        ("Generate", "More photos and a pose reference", "Extra ControlNets (from the pose photo, or the face photo)"),
+    ):
+        updates = {id(b): u for b, u in zip(dep.outputs, dep.fn(mode), strict=True)}
+        assert updates[id(photos)]["label"] == photos_label
+        assert updates[id(controls)].get("label") == controls_label
+        assert all(updates[id(b)] is None for b in results)
+        assert updates[id(summary)] == "" and updates[id(before_after)]["value"] is None
+
+
+def test_a_cached_example_says_it_comes_from_the_cache() -> None:
+    """Served from the cache in 0.8 s, it said "Done in 10.8 s"."""
+    line = ui.timings_line({"total_ms": 10800.0, "faces_ms": 31.0}, done=ui.EXAMPLE_DONE)
+    assert line == "Example shown from the cache; first generated in 10.8 s: faces 31 ms"
+
+
+def test_status_tab_words() -> None:
+    """"ready — ready in 24.2 s", an empty header cell over the memory figures, a legend titled "series"."""
+    ready = {"state": {"phase": "ready", "message": "ready in 24.2 s (cpu profile)"}}
+    assert ui.format_load_state(ready) == "**Models:** ready in 24.2 s (cpu profile)"
+    loading = ui.format_load_state({"state": {"phase": "loading", "progress": 0.5, "message": "base model"}})
+    assert loading.startswith("**Models:** loading `") and loading.endswith("50 % — base model")
+    header = ui.format_memory(REPORT).splitlines()[0]
+    assert all(cell.strip() for cell in header.strip("|").split("|")), header
+    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    (plot,) = [b for b in demo.blocks.values() if isinstance(b, gr.LinePlot)]
+    assert plot.color_title and plot.color_title != "series"
