@@ -90,6 +90,10 @@ def test_generate_and_status_in_a_real_browser(page) -> None:
     expect(steps).to_have_value("0", timeout=10_000)
     expect(guidance).to_have_value("0")
     steps.fill("12")
+    # A speed, like LCM, puts them back to automatic: each speed runs its own steps and guidance.
+    page.get_by_label("turbo", exact=True).check()
+    expect(steps).to_have_value("0", timeout=10_000)
+    steps.fill("12")
     page.get_by_label("LCM fast mode").check()
     expect(steps).to_have_value("0", timeout=10_000)
     expect(guidance).to_have_value("0")
@@ -134,6 +138,8 @@ def test_generate_and_status_in_a_real_browser(page) -> None:
     expect(page.locator("#load-state")).to_contain_text("ready", timeout=30_000)
     expect(page.locator("#load-state")).not_to_contain_text("ready — ready")
     expect(page.locator("#components")).to_contain_text("unet", timeout=30_000)
+    # The run was a turbo one: its LoRA was loaded for it (lazily: the tiny preset is not resident).
+    expect(page.locator("#components")).to_contain_text("turbo_lora")
     # Every header cell of the memory table says something; the plot's legend is titled, not "series".
     headers = memory.locator("th").all_inner_texts()
     assert headers and all(h.strip() for h in headers), headers
