@@ -460,6 +460,32 @@ class FaceAnalyzer:
         x1, y1, x2, y2, score = (float(v) for v in boxes[0])
         return Face((x1, y1, x2, y2), kps[0].copy(), score, embedding)
 
+    def face_at(
+        self, image: np.ndarray | Image.Image, box: Sequence[float], *, det_size: int | None = None
+    ) -> Face | None:
+        """The face at `box` (x1, y1, x2, y2) with its embedding, or None when no face is there.
+
+        Only a face centred inside `box` counts (the one that overlaps it most): a neighbour in the crop
+        searched around it, however large, is another face, never a stand-in for this one.
+        """
+        bgr = _to_bgr(image)
+        size = max(32, int(det_size or self.det_size) // 32 * 32)
+        x1, y1, x2, y2 = (float(v) for v in box[:4])
+        with self._lock:
+            boxes, kps = self._detect_at_face_scale(bgr, (x1, y1, x2, y2), size)
+            best, best_overlap = -1, 0.0
+            for i, (bx1, by1, bx2, by2, _) in enumerate(boxes):
+                if not (x1 <= (bx1 + bx2) / 2 <= x2 and y1 <= (by1 + by2) / 2 <= y2):
+                    continue
+                overlap = max(0.0, min(x2, bx2) - max(x1, bx1)) * max(0.0, min(y2, by2) - max(y1, by1))
+                if overlap > best_overlap:
+                    best, best_overlap = i, overlap
+            if best < 0:
+                return None
+            embedding = self._embed(bgr, kps[best])
+        bx1, by1, bx2, by2, score = (float(v) for v in boxes[best])
+        return Face((bx1, by1, bx2, by2), kps[best].copy(), score, embedding)
+
     def _detect_boxes_coarse_first(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes for the request path: a quick pass at `COARSE_DET_SIZE`, then only what the face needs.
 
@@ -535,15 +561,23 @@ def identity_similarity(
     reference: np.ndarray,
     image: np.ndarray | Image.Image,
     keypoint_image: Image.Image | None = None,
+    *,
+    at: Sequence[float] | None = None,
 ) -> float | None:
     """Cosine between `reference` and the largest face in a generated image; None when it has no face.
 
     With the `keypoint_image` the image was generated from, the face is looked for where it was drawn,
     at its own scale (one small detection); the whole image is searched only if it is not there.
+    With `at` (a box: the face a swap redrew), only the face there is scored, and None when there is none:
+    the other faces of a swap's target are the photo's own, and scoring one of them would say nothing of
+    the swap.
     """
     rgb = _as_rgb_array(image)
-    near = drawn_face_box(keypoint_image, (rgb.shape[1], rgb.shape[0])) if keypoint_image is not None else None
-    face = analyzer.largest_face(rgb, near=near, det_size=IDENTITY_DET_SIZE)
+    if at is not None:
+        face = analyzer.face_at(rgb, at, det_size=IDENTITY_DET_SIZE)
+    else:
+        near = drawn_face_box(keypoint_image, (rgb.shape[1], rgb.shape[0])) if keypoint_image is not None else None
+        face = analyzer.largest_face(rgb, near=near, det_size=IDENTITY_DET_SIZE)
     if face is None or face.embedding is None:
         return None
     return round(cosine_similarity(reference, face.embedding), 4)

@@ -379,6 +379,27 @@ def test_swap_identity_seed_and_face_choice(tiny_engine, photos) -> None:
     assert len(moved) > 0
 
 
+def test_swap_scores_the_face_it_swapped_not_the_largest(tiny_engine, photos) -> None:
+    """The caption's identity score is the redrawn face's. A stand-in render gives the crop back as it was, so the
+    swapped face (face_index=1) is the target's own second face: it scores high against its own embedding and
+    low against the untouched largest face's, which the score once measured instead."""
+    import dataclasses
+
+    from instantid.requests import Rendered
+
+    group = decoded(photos["group"]).astype(np.uint8)
+    found = tiny_engine.faces().detect(group)
+    job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="swap",
+                                              target_image=photos["group"], face_index=1, num_steps=2, seed=3))
+    rendered = Rendered(images=[job.init_image], timings_ms={})
+    own = tiny_engine.finish(dataclasses.replace(job, embedding=found[1].embedding), rendered).similarities[0]
+    largest = tiny_engine.finish(dataclasses.replace(job, embedding=found[0].embedding), rendered).similarities[0]
+    assert own is not None and own > 0.8, own
+    assert largest is None or largest < 0.5, largest
+    # A real swap on the tiny preset paints noise where the face was: no face there, so no score at all.
+    assert swap(tiny_engine, photos, face_index=1).similarities == [None]
+
+
 def test_swap_refusals(tiny_engine, photos) -> None:
     with pytest.raises(NoFaceError, match="No face found in the photo to swap a face into"):
         swap(tiny_engine, photos, target_image=photos["noface"])
