@@ -359,6 +359,11 @@ class Engine:
     def _prepare(self, req: GenerateRequest) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         self.check(req)
+        from .prompts import check_emphasis  # imports torch, as the engine's later stages do
+
+        # Before any photo is decoded or GPU time asked for: the styles' templates add no emphasis.
+        check_emphasis(req.prompt, "prompt")
+        check_emphasis(req.negative_prompt, "negative_prompt")
         lcm = req.enable_lcm
         steps = req.num_steps or (LCM_STEPS if lcm else self.profile.default_steps or DEFAULT_STEPS)
         guidance = req.guidance_scale or (LCM_GUIDANCE if lcm else DEFAULT_GUIDANCE)
