@@ -415,6 +415,40 @@ def test_swap_refusals(tiny_engine, photos) -> None:
         swap(tiny_engine, photos, width=128, height=128)
 
 
+def test_a_long_strip_s_face_is_found_by_generate_and_swap(tiny_engine, photos, tmp_path) -> None:
+    """A 7999 x 401 strip (the uploads allow 20:1) holding a tight portrait, a face of about 210 x 290 px: both
+    modes once said "No face found"."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (7999, 401), (128, 128, 128))
+    canvas.paste(Image.open(photos["hanks"]).convert("RGB").resize((300, 300), Image.Resampling.LANCZOS), (4000, 50))
+    strip = tmp_path / "strip.png"
+    canvas.save(strip)
+    assert run(tiny_engine, photos, face_images=[strip]).faces_found == 1
+    result = swap(tiny_engine, photos, target_image=strip)
+    out, target = pixels(result)[0], decoded(strip)
+    changed = np.argwhere(np.any(out != target, axis=-1))
+    assert out.shape == target.shape and len(changed) > 0
+    assert changed[:, 1].min() >= 3900 and changed[:, 1].max() <= 4400  # around the face, nowhere else
+
+
+def test_a_face_cut_by_the_edge_is_swapped_where_it_is_inside_the_photo(tiny_engine, photos, tmp_path) -> None:
+    """The detector sees only the part of a face inside the photo (its box ends at the edge, measured: 10 to 50 %
+    cut), so a cut face is swapped by that part, as the README says; the crop never leaves the photo."""
+    from PIL import Image
+
+    astronaut = decoded(photos["astronaut"]).astype(np.uint8)
+    x1, _, x2, _ = tiny_engine.analyze(photos["astronaut"])[0].bbox
+    cut = astronaut[:, int(x1 + 0.3 * (x2 - x1)):]  # 30 % of the face box left of the photo
+    path = tmp_path / "cut.png"
+    Image.fromarray(cut).save(path)
+    face = tiny_engine.analyze(path)[0]
+    assert face.bbox[0] < 2  # the box stops at the edge: how much lies outside is not known
+    out = pixels(swap(tiny_engine, photos, target_image=path))[0]
+    changed = np.argwhere(np.any(out != cut, axis=-1))
+    assert len(changed) > 0 and changed[:, 1].min() == 0 and changed[:, 1].max() < face.bbox[2] + face.width
+
+
 def test_a_face_cut_by_the_edge_is_refused_not_cropped_outside() -> None:
     from instantid.errors import ImageError
     from instantid.faces import swap_crop
