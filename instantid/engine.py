@@ -372,6 +372,11 @@ class Engine:
     def _prepare(self, req: GenerateRequest) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         self.check(req)
+        from .prompts import check_emphasis  # imports torch, as the engine's later stages do
+
+        # Before any photo is decoded or GPU time asked for: the styles' templates add no emphasis.
+        check_emphasis(req.prompt, "prompt")
+        check_emphasis(req.negative_prompt, "negative_prompt")
         speed = req.sampling
         # The cpu profile's fewer steps are for the base sampler; a LoRA is distilled for its own count.
         steps = req.num_steps or ((speed.lora is None and self.profile.default_steps) or speed.steps)
@@ -531,7 +536,9 @@ class Engine:
             "controls": {}, "width": size[0], "height": size[1],
             "init_image": target.resize(size, box=box),
             "mask_image": PIL.Image.fromarray((redraw * 255).astype(np.uint8), mode="L"),
-            "paste": Paste(target=target, box=box, region=face_lib.swap_region(crop_size, in_crop)),
+            "paste": Paste(
+                target=target, box=box, region=face_lib.swap_region(crop_size, in_crop), face=(x1, y1, x2, y2)
+            ),
         }
 
     def check(self, req: GenerateRequest) -> None:
@@ -648,10 +655,14 @@ class Engine:
         timings_paste = (time.perf_counter() - t0) * 1000
         t0 = time.perf_counter()
         analyzer = self.faces()
-        # Where each image's face was drawn (the keypoint image, at the output's size) is looked at first; a
-        # swap's keypoints are the crop's, not the pasted image's.
+        # Where each image's face was drawn (the keypoint image, at the output's size) is looked at first. A
+        # swap scores the face it redrew, and only that one: the target's other faces are untouched, and the
+        # largest of them would score the target photo, not the swap.
         drawn = job.keypoint_image if job.paste is None else None
-        sims = [face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im), drawn) for im in images]
+        at = job.paste.face if job.paste is not None else None
+        sims = [
+            face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im), drawn, at=at) for im in images
+        ]
         timings = {**job.timings_ms, **rendered.timings_ms, "identity_check_ms": (time.perf_counter() - t0) * 1000}
         if job.paste is not None:
             timings["paste_ms"] = timings_paste

@@ -30,6 +30,12 @@ from .errors import CheckpointError, ImageError, NoFaceError
 
 DETECTION_MAX_SIDE = 1536
 MIN_FACE_WIDTH = 32
+# A strip (a side more than STRIP_ASPECT times the other) scaled by its long side alone would shrink its
+# faces out of the detector's sight (a 214 px face in a 7999 x 401 strip came to 17 px at 640): its short
+# side keeps 1/STRIP_ASPECT of the detector's size (and of DETECTION_MAX_SIDE when shrunk), the long side
+# growing with it up to STRIP_MAX_STRETCH times the size; the images allowed (20:1) fit within that.
+STRIP_ASPECT = 4
+STRIP_MAX_STRETCH = 5
 
 # InstantID's keypoint image (IdentityNet condition): one colour per keypoint, in insightface's order
 # (left eye, right eye, nose, left mouth corner, right mouth corner), and limbs from eyes and mouth
@@ -241,20 +247,26 @@ def _detector_input(hw: tuple[int, int], det_size: int) -> tuple[int, int]:
 
     `det_size` on the long side, as in insightface's square letterbox, but the short side only as long
     as the image needs (rounded up to SCRFD's stride of 32): the square's padding was computed too, a
-    third of a landscape photo's detection. The scale, and so every box, is the square's.
+    third of a landscape photo's detection. The scale, and so every box, is the square's; except for a
+    strip, whose long side grows (up to STRIP_MAX_STRETCH x det_size) so that its short side keeps
+    det_size / STRIP_ASPECT: a strip's faces are as tall as its short side at most.
     """
     height, width = hw
-    short = min(det_size, max(32, math.ceil(det_size * min(height, width) / max(height, width) / 32) * 32))
-    return (det_size, short) if width >= height else (short, det_size)
+    ratio = max(height, width) / max(1, min(height, width))
+    long = min(det_size * STRIP_MAX_STRETCH, max(det_size, math.ceil(det_size / STRIP_ASPECT * ratio / 32) * 32))
+    short = min(long, max(32, math.ceil(long / ratio / 32) * 32))
+    return (long, short) if width >= height else (short, long)
 
 
 def _shrunk(bgr: np.ndarray) -> np.ndarray:
     """`bgr` with its long side at most DETECTION_MAX_SIDE: the detector letterboxes to det_size anyway,
-    and shrinking a 50 MP photo first (with area averaging, no aliasing) is much cheaper."""
+    and shrinking a 50 MP photo first (with area averaging, no aliasing) is much cheaper. A strip keeps a
+    short side of DETECTION_MAX_SIDE / STRIP_ASPECT (see `_detector_input`)."""
     height, width = bgr.shape[:2]
-    if max(height, width) <= DETECTION_MAX_SIDE:
+    long_limit = DETECTION_MAX_SIDE / max(height, width)
+    scale = min(1.0, max(long_limit, DETECTION_MAX_SIDE / STRIP_ASPECT / min(height, width)))
+    if scale >= 1.0:
         return bgr
-    scale = DETECTION_MAX_SIDE / max(height, width)
     return cv2.resize(bgr, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
 
 
@@ -378,7 +390,9 @@ class FaceAnalyzer:
         if len(boxes) == 0:
             # SCRFD misses faces that fill the whole frame (tight crops, passport photos); a border
             # gives it the context it was trained with. Costs a second pass only when the first failed.
-            offset = max(small.shape[:2]) // 4
+            # At most half the short side: a strip's faces fill its short side, and a border of a quarter
+            # of its long side would shrink them out of sight again.
+            offset = min(max(small.shape[:2]) // 4, min(small.shape[:2]) // 2)
             padded = cv2.copyMakeBorder(small, *(offset,) * 4, cv2.BORDER_CONSTANT, value=(0, 0, 0))
             boxes, kps = self._run_detector(padded, det_size)
         sx, sy = bgr.shape[1] / small.shape[1], bgr.shape[0] / small.shape[0]
@@ -460,6 +474,32 @@ class FaceAnalyzer:
         x1, y1, x2, y2, score = (float(v) for v in boxes[0])
         return Face((x1, y1, x2, y2), kps[0].copy(), score, embedding)
 
+    def face_at(
+        self, image: np.ndarray | Image.Image, box: Sequence[float], *, det_size: int | None = None
+    ) -> Face | None:
+        """The face at `box` (x1, y1, x2, y2) with its embedding, or None when no face is there.
+
+        Only a face centred inside `box` counts (the one that overlaps it most): a neighbour in the crop
+        searched around it, however large, is another face, never a stand-in for this one.
+        """
+        bgr = _to_bgr(image)
+        size = max(32, int(det_size or self.det_size) // 32 * 32)
+        x1, y1, x2, y2 = (float(v) for v in box[:4])
+        with self._lock:
+            boxes, kps = self._detect_at_face_scale(bgr, (x1, y1, x2, y2), size)
+            best, best_overlap = -1, 0.0
+            for i, (bx1, by1, bx2, by2, _) in enumerate(boxes):
+                if not (x1 <= (bx1 + bx2) / 2 <= x2 and y1 <= (by1 + by2) / 2 <= y2):
+                    continue
+                overlap = max(0.0, min(x2, bx2) - max(x1, bx1)) * max(0.0, min(y2, by2) - max(y1, by1))
+                if overlap > best_overlap:
+                    best, best_overlap = i, overlap
+            if best < 0:
+                return None
+            embedding = self._embed(bgr, kps[best])
+        bx1, by1, bx2, by2, score = (float(v) for v in boxes[best])
+        return Face((bx1, by1, bx2, by2), kps[best].copy(), score, embedding)
+
     def _detect_boxes_coarse_first(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Boxes for the request path: a quick pass at `COARSE_DET_SIZE`, then only what the face needs.
 
@@ -535,15 +575,23 @@ def identity_similarity(
     reference: np.ndarray,
     image: np.ndarray | Image.Image,
     keypoint_image: Image.Image | None = None,
+    *,
+    at: Sequence[float] | None = None,
 ) -> float | None:
     """Cosine between `reference` and the largest face in a generated image; None when it has no face.
 
     With the `keypoint_image` the image was generated from, the face is looked for where it was drawn,
     at its own scale (one small detection); the whole image is searched only if it is not there.
+    With `at` (a box: the face a swap redrew), only the face there is scored, and None when there is none:
+    the other faces of a swap's target are the photo's own, and scoring one of them would say nothing of
+    the swap.
     """
     rgb = _as_rgb_array(image)
-    near = drawn_face_box(keypoint_image, (rgb.shape[1], rgb.shape[0])) if keypoint_image is not None else None
-    face = analyzer.largest_face(rgb, near=near, det_size=IDENTITY_DET_SIZE)
+    if at is not None:
+        face = analyzer.face_at(rgb, at, det_size=IDENTITY_DET_SIZE)
+    else:
+        near = drawn_face_box(keypoint_image, (rgb.shape[1], rgb.shape[0])) if keypoint_image is not None else None
+        face = analyzer.largest_face(rgb, near=near, det_size=IDENTITY_DET_SIZE)
     if face is None or face.embedding is None:
         return None
     return round(cosine_similarity(reference, face.embedding), 4)
@@ -705,8 +753,9 @@ def swap_crop(size: tuple[int, int], bbox: Sequence[float]) -> tuple[int, int, i
     """The crop box (x1, y1, x2, y2, whole pixels, inside the photo) around the face in `bbox`.
 
     A square of the face's larger side plus padding, moved (not cut) to stay inside the photo, and cut
-    only where the photo is smaller than the square. A face box that lies partly outside the photo (a
-    face cut by the photo's edge) is refused: the crop could not hold it.
+    only where the photo is smaller than the square. A box that lies partly outside the photo is refused:
+    the crop could not hold it. Detected boxes never do (the detector's box of a face cut by the photo's
+    edge ends at the edge), so such a face is swapped where it lies inside the photo.
     """
     width, height = int(size[0]), int(size[1])
     x1, y1, x2, y2 = (float(v) for v in bbox)

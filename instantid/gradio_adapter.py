@@ -54,8 +54,8 @@ def input_error(component: Any, name: str, value: Any, exc: Exception) -> str:
 
 
 UPLOAD_ONLY = (
-    "send the photo itself as an upload (gradio_client: handle_file(path)); a URL or a path on the server is never "
-    "read."
+    "send the photo itself as an upload (gradio_client: handle_file(path)); a URL, a data: URL or a path on the "
+    "server is never read."
 )
 
 
@@ -131,9 +131,11 @@ def guard_input(component: Any, param: Param) -> None:
                 ranged = isinstance(payload, (int, float)) and not isinstance(payload, bool)
                 message = input_error(component, name, payload, exc) if ranged else str(exc)
                 raise gr.Error(message, print_exception=False) from None
-        if hand_over and payload is not None and not (payload.url or "").startswith("data:"):
-            if not payload.path:
-                # An object with only a URL: Gradio fetched nothing, and its own message would print the object.
+        if hand_over and payload is not None:
+            # An object with only a URL: Gradio fetched nothing, and its own message would print the object. A
+            # `data:` URL Gradio would decode itself, before any byte or pixel limit (a 31 MB one was), and
+            # re-encode lossily (a swap's target came back with every pixel changed): refused the same way.
+            if not payload.path or (payload.url or "").lstrip().lower().startswith("data:"):
                 raise gr.Error(f"Invalid {name}: {UPLOAD_ONLY}", print_exception=False)
             return str(payload.path)
         try:

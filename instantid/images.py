@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,8 @@ _ALLOWED_HINT = "upload a JPEG, PNG or WebP photo"
 _ANIMATED_FORMATS = ("GIF", "PNG", "WEBP", "AVIF")
 _HIGH_DEPTH_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 _WHITE = (255, 255, 255)
+# A string that is a URL (data:, http://, file:// ...), not a path: refused by `load_image`, never opened.
+_URL = re.compile(r"^\s*(data:|[a-z][a-z0-9+.-]*://)", re.IGNORECASE)
 
 
 def load_image(
@@ -65,6 +68,13 @@ def load_image(
         # before the decode just as for files.
         _check_dimensions(source.size, max_pixels, what)
         return _decode(source, what, notes), notes
+    if isinstance(source, str) and _URL.match(source):
+        # Never fetched or decoded: a data: URL would be decoded before the byte limit could apply.
+        kind = "a data: URL" if source.lstrip().lower().startswith("data:") else "a URL"
+        raise ImageError(
+            f"The {what} is {kind}, which is never read: send the photo itself as an upload "
+            "(gradio_client: handle_file(path)) or a file path."
+        )
     if isinstance(source, (str, Path)):
         data = _read_file(Path(source), max_bytes, what)
     elif isinstance(source, (bytes, bytearray, memoryview)):

@@ -8,9 +8,9 @@ of blocks (the shorter one gains empty blocks), since classifier-free guidance b
 
 Emphasis follows the AUTOMATIC1111 syntax: `(words)` x1.1, `[words]` /1.1, `(words:1.3)` x1.3, nested
 groups multiply, `\\(` `\\)` `\\[` `\\]` `\\\\` are literal characters. A bracket without its partner is
-read as a literal character, never an error. A weight w moves a token's embedding away from (w > 1) or
-towards (w < 1) the embedding of the end token closing its block: `end + (token - end) * w`; nothing
-is renormalised, and tokens of weight 1 keep their embedding bit for bit.
+read as a literal character, never an error; a weight past +-MAX_WEIGHT is refused. A weight w moves a
+token's embedding away from (w > 1) or towards (w < 1) the embedding of the end token closing its block:
+`end + (token - end) * w`; nothing is renormalised, and tokens of weight 1 keep their embedding bit for bit.
 
 The pooled embedding (SDXL's global text condition) is text_encoder_2's pooled output of the text's own
 last block. The official Space takes the last block of all: where the other text needed more blocks, that
@@ -35,8 +35,16 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .errors import InvalidParameter
+
 ROUND_FACTOR = 1.1  # "(words)"
 SQUARE_FACTOR = 1 / 1.1  # "[words]"
+# The largest emphasis weight (in size, nesting multiplied in) that is read. Larger ones gave an all-black
+# image without a word (measured on the tiny preset: a 40-digit weight, past float32's range, and 500 nested
+# groups, x5e20, both did), and half precision overflows far sooner. Refused, not clamped: a clamped weight
+# would silently draw another prompt than the one asked for. 100 is far past any useful emphasis (about
+# 0.5..2), and 48 nested groups (x97) still pass.
+MAX_WEIGHT = 100.0
 # Blocks encoded per text-encoder call: bounds the hidden states kept for a 2000-character prompt
 # (output_hidden_states holds every layer) without one call per block.
 BLOCKS_PER_PASS = 8
@@ -115,6 +123,18 @@ def parse_emphasis(text: str) -> list[Span]:
         else:
             merged.append((piece, weight))
     return merged or [("", 1.0)]
+
+
+def check_emphasis(text: str, name: str = "prompt") -> None:
+    """Refuse a text (`name`: the parameter it came from) that holds an emphasis weight past MAX_WEIGHT."""
+    for piece, weight in parse_emphasis(text):
+        if not abs(weight) <= MAX_WEIGHT:  # `not <=`: an infinite weight too (a 400-digit number)
+            raise InvalidParameter(
+                name,
+                piece.strip() or piece,
+                f"its emphasis weight is {weight:.4g} (nested brackets multiply), outside "
+                f"-{MAX_WEIGHT:g}..{MAX_WEIGHT:g}: use weights of about 0.5..2, e.g. (words:1.3)",
+            )
 
 
 def _close_group(spans: list[list], start: int, factor: float) -> None:
@@ -237,6 +257,8 @@ def encode_prompts(parts: TextEncoders, prompt: str, negative_prompt: str, devic
     Both get as many blocks as the longer needs, so their embeddings line up for guidance. Embeddings
     end in text_encoder_2's dtype on `device`, as diffusers' `encode_prompt` leaves them.
     """
+    check_emphasis(prompt, "prompt")
+    check_emphasis(negative_prompt, "negative_prompt")
     length = row_length(parts)
     texts = (prompt, negative_prompt)
     tokens = [(weighted_tokens(parts.tokenizer, t), weighted_tokens(parts.tokenizer_2, t)) for t in texts]

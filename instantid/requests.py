@@ -435,11 +435,13 @@ class GenerateResult:
 @dataclass
 class Paste:
     """Where a face swap's redrawn crop goes back: the target photo, the crop box in it (x1, y1, x2, y2)
-    and the feathered mask over the crop (float32, crop height x width, 0..1)."""
+    and the feathered mask over the crop (float32, crop height x width, 0..1); `face` is the swapped face's
+    box in the target (x1, y1, x2, y2), where the identity check looks."""
 
     target: Any
     box: tuple[int, int, int, int]
     region: Any
+    face: tuple[float, float, float, float] | None = None
 
 
 @dataclass

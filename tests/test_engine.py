@@ -379,6 +379,27 @@ def test_swap_identity_seed_and_face_choice(tiny_engine, photos) -> None:
     assert len(moved) > 0
 
 
+def test_swap_scores_the_face_it_swapped_not_the_largest(tiny_engine, photos) -> None:
+    """The caption's identity score is the redrawn face's. A stand-in render gives the crop back as it was, so the
+    swapped face (face_index=1) is the target's own second face: it scores high against its own embedding and
+    low against the untouched largest face's, which the score once measured instead."""
+    import dataclasses
+
+    from instantid.requests import Rendered
+
+    group = decoded(photos["group"]).astype(np.uint8)
+    found = tiny_engine.faces().detect(group)
+    job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="swap",
+                                              target_image=photos["group"], face_index=1, num_steps=2, seed=3))
+    rendered = Rendered(images=[job.init_image], timings_ms={})
+    own = tiny_engine.finish(dataclasses.replace(job, embedding=found[1].embedding), rendered).similarities[0]
+    largest = tiny_engine.finish(dataclasses.replace(job, embedding=found[0].embedding), rendered).similarities[0]
+    assert own is not None and own > 0.8, own
+    assert largest is None or largest < 0.5, largest
+    # A real swap on the tiny preset paints noise where the face was: no face there, so no score at all.
+    assert swap(tiny_engine, photos, face_index=1).similarities == [None]
+
+
 def test_swap_refusals(tiny_engine, photos) -> None:
     with pytest.raises(NoFaceError, match="No face found in the photo to swap a face into"):
         swap(tiny_engine, photos, target_image=photos["noface"])
@@ -392,6 +413,40 @@ def test_swap_refusals(tiny_engine, photos) -> None:
         GenerateRequest(face_images=[photos["astronaut"]], mode="swap")
     with pytest.raises(InvalidParameter, match="width=128: is not used by swap"):
         swap(tiny_engine, photos, width=128, height=128)
+
+
+def test_a_long_strip_s_face_is_found_by_generate_and_swap(tiny_engine, photos, tmp_path) -> None:
+    """A 7999 x 401 strip (the uploads allow 20:1) holding a tight portrait, a face of about 210 x 290 px: both
+    modes once said "No face found"."""
+    from PIL import Image
+
+    canvas = Image.new("RGB", (7999, 401), (128, 128, 128))
+    canvas.paste(Image.open(photos["hanks"]).convert("RGB").resize((300, 300), Image.Resampling.LANCZOS), (4000, 50))
+    strip = tmp_path / "strip.png"
+    canvas.save(strip)
+    assert run(tiny_engine, photos, face_images=[strip]).faces_found == 1
+    result = swap(tiny_engine, photos, target_image=strip)
+    out, target = pixels(result)[0], decoded(strip)
+    changed = np.argwhere(np.any(out != target, axis=-1))
+    assert out.shape == target.shape and len(changed) > 0
+    assert changed[:, 1].min() >= 3900 and changed[:, 1].max() <= 4400  # around the face, nowhere else
+
+
+def test_a_face_cut_by_the_edge_is_swapped_where_it_is_inside_the_photo(tiny_engine, photos, tmp_path) -> None:
+    """The detector sees only the part of a face inside the photo (its box ends at the edge, measured: 10 to 50 %
+    cut), so a cut face is swapped by that part, as the README says; the crop never leaves the photo."""
+    from PIL import Image
+
+    astronaut = decoded(photos["astronaut"]).astype(np.uint8)
+    x1, _, x2, _ = tiny_engine.analyze(photos["astronaut"])[0].bbox
+    cut = astronaut[:, int(x1 + 0.3 * (x2 - x1)):]  # 30 % of the face box left of the photo
+    path = tmp_path / "cut.png"
+    Image.fromarray(cut).save(path)
+    face = tiny_engine.analyze(path)[0]
+    assert face.bbox[0] < 2  # the box stops at the edge: how much lies outside is not known
+    out = pixels(swap(tiny_engine, photos, target_image=path))[0]
+    changed = np.argwhere(np.any(out != cut, axis=-1))
+    assert len(changed) > 0 and changed[:, 1].min() == 0 and changed[:, 1].max() < face.bbox[2] + face.width
 
 
 def test_a_face_cut_by_the_edge_is_refused_not_cropped_outside() -> None:

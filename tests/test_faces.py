@@ -552,13 +552,40 @@ def test_detector_is_never_given_a_shape_it_cannot_letterbox(analyzer, shape):
 
 
 def test_detector_input_follows_the_photo_shape():
-    """The long side at det_size, the short side only as long as the photo needs (multiples of 32)."""
+    """The long side at det_size, the short side only as long as the photo needs (multiples of 32); a strip's
+    long side grows (up to 5 x det_size) so that its short side keeps a quarter of det_size."""
     from instantid.faces import _detector_input
 
     assert _detector_input((886, 1280), 320) == (320, 224)  # (width, height) of a landscape photo
     assert _detector_input((700, 560), 320) == (256, 320)
     assert _detector_input((512, 512), 640) == (640, 640)
-    assert _detector_input((64, 200_000), 320) == (320, 32)
+    assert _detector_input((400, 1600), 640) == (640, 160)  # 4:1, the last shape scaled by its long side
+    assert _detector_input((401, 7999), 640) == (3200, 192)  # 20:1, the most the uploads allow
+    assert _detector_input((7999, 401), 640) == (192, 3200)
+    assert _detector_input((64, 200_000), 320) == (1600, 32)
+
+
+def _strip_with_a_face(photo: np.ndarray, size: tuple[int, int], at: tuple[int, int]) -> np.ndarray:
+    canvas = Image.new("RGB", size, (128, 128, 128))
+    canvas.paste(Image.fromarray(photo).resize((300, 300), Image.Resampling.LANCZOS), at)
+    return np.asarray(canvas)
+
+
+@pytest.mark.parametrize("size,at", [((7999, 401), (4000, 50)), ((401, 7999), (50, 6000)), ((7999, 401), (0, 101))])
+def test_a_face_in_a_long_strip_is_found(analyzer, hanks, size, at):
+    """A 7999 x 401 strip (within the 20:1 the uploads allow) holding a tight 300 px portrait, a face of about 210 x
+    290: scaled by its long side alone, the face reached the detector 11 px wide and was not found."""
+    strip = _strip_with_a_face(hanks, size, at)
+    reference = analyzer.detect(hanks)[0].embedding
+    faces = analyzer.detect(strip)
+    assert len(faces) == 1
+    x1, y1, x2, y2 = faces[0].bbox
+    # Within the pasted portrait (the box may reach a few pixels past the chin) and as large as the face there.
+    assert at[0] - 10 <= x1 < x2 <= at[0] + 310 and at[1] - 10 <= y1 < y2 <= at[1] + 310 and faces[0].width > 150
+    assert cosine_similarity(faces[0].embedding, reference) > 0.5
+    analyzer.clear_cache()
+    face, count = analyzer.embed_largest(strip)  # the request path's coarse-first detection finds it too
+    assert count == 1 and abs(face.bbox[0] - x1) < 30
 
 
 def test_a_small_face_is_refined_at_its_own_scale(analyzer, group, monkeypatch):

@@ -507,10 +507,31 @@ def test_api_never_reads_server_files_or_urls(client: Client, app: apprunner.App
             client.predict(str(photos["astronaut"]), "a portrait", api_name="/generate", **FAST)
 
 
-def test_api_image_given_as_a_url_object_is_refused_in_words(client: Client) -> None:
-    url_only = {"url": "https://example.com/face.png", "meta": {"_type": "gradio.FileData"}}
-    event, data = raw_generate(client, face_image=url_only)
-    assert event == "error" and "face_image" in data["error"] and "handle_file" in data["error"], data
+def data_url(path: Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+URL_OBJECTS = {
+    "https": lambda client, photos: {"face_image": {"url": "https://example.com/face.png",
+                                                    "meta": {"_type": "gradio.FileData"}}},
+    # A real face photo as a data: URL: Gradio would decode it before any limit of ours, and re-encode it.
+    "data": lambda client, photos: {"face_image": {"url": data_url(photos["astronaut"]),
+                                                   "meta": {"_type": "gradio.FileData"}}},
+    "data_pose": lambda client, photos: {"face_image": upload(client, photos["astronaut"]),
+                                         "pose_image": {"url": data_url(photos["hanks"]),
+                                                        "meta": {"_type": "gradio.FileData"}}},
+}
+
+
+@pytest.mark.parametrize("name", list(URL_OBJECTS))
+def test_api_image_given_as_a_url_object_is_refused_in_words(client: Client, photos: dict[str, Path],
+                                                             name: str) -> None:
+    values = URL_OBJECTS[name](client, photos)
+    field = "pose_image" if "pose_image" in values else "face_image"
+    event, data = raw_generate(client, **values)
+    assert event == "error" and field in data["error"] and "handle_file" in data["error"], data
     assert "ImageData(" not in data["error"], "the message printed an internal object"
 
 

@@ -136,6 +136,24 @@ def test_unsupported_source_type():
         load(12345)
 
 
+@pytest.mark.parametrize(
+    "url,kind",
+    [
+        ("data:image/png;base64,{b64}", "a data: URL"),
+        (" DATA:image/png;base64,{b64}", "a data: URL"),
+        ("https://example.com/face.png", "a URL"),
+        ("file:///etc/passwd", "a URL"),
+    ],
+)
+def test_a_url_is_refused_never_read_or_decoded(url, kind):
+    """A data: URL holding a valid photo is still refused: it would be decoded before the byte limit applied."""
+    import base64
+
+    url = url.format(b64=base64.b64encode(encode(noise(), "PNG")).decode())
+    with pytest.raises(ImageError, match=f"The face photo is {kind}, which is never read: send the photo itself"):
+        load(url, max_bytes=10)
+
+
 # --- decompression bombs ----------------------------------------------------------------------------
 
 

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from instantid.errors import InvalidParameter
 from instantid.prompts import (
+    MAX_WEIGHT,
     PromptEmbeds,
     WeightedTokens,
     block_rows,
@@ -227,6 +229,36 @@ def test_every_mode_reads_long_weighted_prompts(tiny_engine, photos, mode: dict)
     assert len(result.images) == mode.get("num_images", 1)
     _, plain = generate(tiny_engine, photos, long.replace("(very:1.3)", "very"), negative_prompt=negative, **mode)
     assert not np.array_equal(pixels, plain)  # the weight reached the image
+
+
+HUGE_WEIGHTS = {
+    "forty_digits": "a portrait, (red hair:" + "9" * 40 + ")",  # past float32's range
+    "nested_500": "a portrait, " + "(" * 500 + "red hair" + ")" * 500,  # 1.1 ** 500 = 5e20
+    "just_past": "a portrait, (red hair:100.5)",
+    "negative_weight": "a portrait, ((red hair:-95))",
+}
+
+
+@pytest.mark.parametrize("name", list(HUGE_WEIGHTS))
+def test_a_weight_out_of_range_is_refused_naming_the_text(tiny_engine, photos, name: str) -> None:
+    """Such a weight once gave an all-black image and no word: it is refused, before any photo is decoded."""
+    text = HUGE_WEIGHTS[name]
+    refused = r"Invalid prompt='red hair': its emphasis weight is .* outside -100..100"
+    with pytest.raises(InvalidParameter, match=refused):
+        generate(tiny_engine, photos, text)
+    with pytest.raises(InvalidParameter, match=r"Invalid negative_prompt='red hair'"):
+        generate(tiny_engine, photos, "a portrait", negative_prompt=text)
+    with pytest.raises(InvalidParameter, match="Invalid prompt="):  # the pipeline's own gate, for direct callers
+        encode_prompts(tiny_engine.pipe, text, "", CPU)
+
+
+def test_the_largest_weights_allowed_still_draw(tiny_engine, photos) -> None:
+    """At the limit (and 48 nested groups, x97) the embeddings stay finite and the image is not black."""
+    for text in (f"a portrait, (red hair:{MAX_WEIGHT:g})", "a portrait, " + "(" * 48 + "red hair" + ")" * 48):
+        embeds = encode_prompts(tiny_engine.pipe, text, f"(blurry:-{MAX_WEIGHT:g})", CPU)
+        assert all(bool(torch.isfinite(t).all()) for t in as_tuple(embeds))
+        _, pixels = generate(tiny_engine, photos, text)
+        assert pixels.max() > 0
 
 
 # --- CLIP's real tokenizer ---------------------------------------------------------------------------
