@@ -1,7 +1,7 @@
 """The functions the Gradio app exposes: the UI buttons, `gradio_client` and MCP all call these.
 
 Their signatures and docstrings are the public API documentation (Gradio reads the parameter names
-from the signature and the descriptions from the `Args:` sections). `generate`, `restyle` and `swap` are
+from the signature and the descriptions from the `Args:` sections). `generate`, `restyle`, `swap` and `group` are
 made by one factory (`_endpoint`) from the declaration of the request's parameters
 (`instantid.requests.params_for(mode)`), as are the page's controls.
 
@@ -73,10 +73,14 @@ def _engine() -> Any:
 
 
 def duration_seconds(
-    *, steps: Any, images: Any, width: Any, height: Any, guidance: Any, extra_controls: int, lcm: bool
+    *, steps: Any, images: Any, width: Any, height: Any, guidance: Any, extra_controls: int, lcm: bool,
+    people: int = 1,
 ) -> int:
     """GPU seconds to ask ZeroGPU for (see the constants above), capped so that the time `spaces` asks
-    for after its own per-hardware duration factor stays within `MAX_DURATION_S`."""
+    for after its own per-hardware duration factor stays within `MAX_DURATION_S`.
+
+    A group portrait runs the IdentityNet once per person: each person after the first costs a step what an
+    extra ControlNet does (the same network size), without an estimator's overhead."""
     cap = MAX_DURATION_S / _duration_factor()
     try:
         steps = max(1.0, float(steps))
@@ -87,7 +91,7 @@ def duration_seconds(
         return int(cap)  # invalid values fail validation before any GPU is asked for; ask for the most
     pixels = width * height if width > 0 and height > 0 else AUTO_PIXELS
     megapixels = pixels / (1024 * 1024)
-    per_step = STEP_S_1MP * megapixels * (1 + EXTRA_CONTROLNET_FACTOR * extra_controls)
+    per_step = STEP_S_1MP * megapixels * (1 + EXTRA_CONTROLNET_FACTOR * (extra_controls + max(0, people - 1)))
     if guidance <= 1:
         per_step *= NO_CFG_FACTOR
     if lcm:
@@ -124,6 +128,7 @@ def _gpu_duration(job: Job) -> int:
         guidance=job.guidance_scale,
         extra_controls=len(job.controls),
         lcm=job.enable_lcm,
+        people=max(1, len(job.group)),
     )
 
 
@@ -185,8 +190,15 @@ def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
         caption = f"seed {image_seed(result.seed, index)}"
         if len(result.images) > 1:
             caption = f"#{index + 1}, {caption}"
-        # The identity check of the output: the same face found again, or not at all.
-        caption += "; no face found" if similarity is None else f"; identity {similarity:.2f}"
+        if index < len(result.person_similarities):
+            # A group: "#1, seed 42: Ada 0.71, Ben 0.68", each person's own face's score.
+            scores = result.person_similarities[index]
+            caption += ": " + ", ".join(
+                f"{name} {'no face' if score is None else f'{score:.2f}'}" for name, score in scores.items()
+            )
+        else:
+            # The identity check of the output: the same face found again, or not at all.
+            caption += "; no face found" if similarity is None else f"; identity {similarity:.2f}"
         items.append((image, caption))
     return items
 
@@ -290,7 +302,9 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     for warning in result.warnings:
         gr.Warning(warning)
     timings = {key: round(float(value), 1) for key, value in (result.timings_ms or {}).items()}
-    yield _gallery(result), int(result.seed), list(result.similarities), result.keypoint_image, timings
+    # A group's similarities are per image, per person ({name: score}); the other modes' one number per image.
+    similarities = list(result.person_similarities or result.similarities)
+    yield _gallery(result), int(result.seed), similarities, result.keypoint_image, timings
 
 
 SUMMARIES = {
@@ -300,6 +314,9 @@ SUMMARIES = {
     "face_image (InstantID on SDXL img2img); strength says how far from the source.",
     "swap": "Face swap: replace a face of target_image (face_index, 0 = the largest) by the person in face_image "
     "(InstantID on SDXL inpainting); every pixel away from that face keeps the target's value.",
+    "group": "Group portrait: two to four people (person_1 .. person_4, one photo or several each) in one image, "
+    "each keeping their own identity in their own place; the faces are placed as in layout_image (left to right, "
+    "or in the given order) or side by side. The similarities are per image, {name: score} per person.",
 }
 
 
@@ -338,6 +355,7 @@ def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
 generate = _endpoint("generate")
 restyle = _endpoint("restyle")
 swap = _endpoint("swap")
+group = _endpoint("group")
 
 
 def status() -> dict[str, Any]:
