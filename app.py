@@ -48,6 +48,12 @@ EXAMPLES: dict[str, list[dict[str, Any]]] = {
         {"face_image": HOPPER, "target_image": PAIR, "face_index": 1, "prompt": "a smiling woman"},
         {"face_image": ASTRONAUT, "target_image": PAIR, "face_index": 0, "prompt": "an elderly officer"},
     ],
+    "group": [
+        # The two-person photo gives the layout: left to right, person 1 (the astronaut) then person 2, each where
+        # she stands in it; order "2,1" would swap their places.
+        {"person_1": [ASTRONAUT], "person_2": [HOPPER], "names": "Eileen, Grace", "layout_image": PAIR,
+         "prompt": "two friends laughing at a café table, film photo"},
+    ],
 }
 
 log = logging.getLogger("instantid.app")
@@ -57,7 +63,9 @@ settings = get_settings()
 def examples() -> dict[str, list[dict[str, Any]]]:
     """Each mode's examples whose photos are all present (a trimmed copy of the Space may lack assets/)."""
     def present(row: dict[str, Any]) -> bool:
-        return all(Path(v).is_file() for k, v in row.items() if k.endswith("_image"))
+        photos = [v for k, v in row.items() if k.endswith("_image")]
+        photos += [p for k, v in row.items() if k.startswith("person_") for p in v]
+        return all(Path(v).is_file() for v in photos)
 
     shown = {mode: [row for row in rows if present(row)] for mode, rows in EXAMPLES.items()}
     return {mode: rows for mode, rows in shown.items() if rows}
@@ -74,7 +82,8 @@ def mcp_enabled() -> bool:
 
 
 demo = build_demo(
-    api.generate, api.status, settings=settings, examples=examples(), restyle_fn=api.restyle, swap_fn=api.swap
+    api.generate, api.status, settings=settings, examples=examples(), restyle_fn=api.restyle, swap_fn=api.swap,
+    group_fn=api.group,
 )
 demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 

@@ -1,4 +1,4 @@
-"""Command line: `python -m instantid generate | restyle | swap | faces | status | preload | bench`.
+"""Command line: `python -m instantid generate | restyle | swap | group | faces | status | preload | bench`.
 
 User errors (no face, bad value, missing checkpoint) exit with status 2 and one line on stderr; no
 traceback. Anything else is a bug and keeps its traceback.
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .errors import CheckpointError, InvalidParameter, UserError
-from .requests import DEFAULT_CONTROLNET_STRENGTH, MODES, GenerateRequest, params_for
+from .requests import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODES, GenerateRequest, params_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         "generate": "generate images of the person in --face",
         "restyle": "redraw --source under the prompt and style with the identity of --face",
         "swap": "replace a face of --target (--face-index, 0 = the largest) by the person in --face",
+        "group": "a group portrait of two to four people (--person, once per person), each keeping their identity",
     }
     for mode in MODES:
         g = p.commands[mode] = sub.add_parser(mode, help=helps[mode])
@@ -72,6 +73,11 @@ def _parser() -> argparse.ArgumentParser:
 def _add_request_flags(g: argparse.ArgumentParser, mode: str) -> None:
     """One flag per parameter of `mode`, made from its declaration (`instantid.requests.params_for`)."""
     for p in params_for(mode).values():
+        if p.name == "person_1":
+            # One flag for the four slots: repeated once per person, each time with that person's photo(s).
+            g.add_argument("--person", dest="people", action="append", nargs="+", type=Path, required=True,
+                           metavar="PHOTO", help="Photo(s) of one person (several are averaged); repeat --person "
+                           "for each person, in person order (at most 4).")
         if p.flag is None:
             continue
         flag = p.flag or "--" + p.name.replace("_", "-")
@@ -199,14 +205,21 @@ def _generate(args: argparse.Namespace) -> int:
     mode = args.command
     params = params_for(mode)
     photos = [name for name, p in params.items() if p.kind == "image"]  # face_image is a list: --face repeats
+    people = [[str(path) for path in person] for person in getattr(args, "people", None) or []]
+    listed = [*getattr(args, "face_image", []), *[Path(path) for person in people for path in person]]
     # Every path is checked before a model loads: a bad --out must not cost a whole generation.
-    for path in [*args.face_image, *[getattr(args, n) for n in photos if n != "face_image" and getattr(args, n)]]:
+    for path in [*listed, *[getattr(args, n) for n in photos if n != "face_image" and getattr(args, n)]]:
         _check_input(path)
     _check_out(args.out)
     _check_not_an_input(args, photos)
     values = {name: getattr(args, name) for name in params if hasattr(args, name)}
-    faces = [str(path) for path in values.pop("face_image")]
-    values.update(face_image=faces[0], extra_face_images=faces[1:])
+    if mode == "group":
+        if len(people) > MAX_PEOPLE:  # more than the API's slots: the request's own check says so
+            GenerateRequest(mode=mode, people=people, names=values.get("names") or "")
+        values.update({f"person_{k + 1}": person for k, person in enumerate(people)})
+    else:
+        faces = [str(path) for path in values.pop("face_image")]
+        values.update(face_image=faces[0], extra_face_images=faces[1:])
     if "controlnets" in values:
         values["controlnets"] = dict(values["controlnets"])
     for name in photos:
@@ -227,7 +240,8 @@ def _generate(args: argparse.Namespace) -> int:
     summary = {
         "images": paths,
         "seed": result.seed,
-        "similarities": result.similarities,
+        # A group: per image, {name: score} per person.
+        "similarities": result.person_similarities or result.similarities,
         "size": [result.width, result.height],
         "steps": result.num_steps,
         "guidance": result.guidance_scale,

@@ -1,7 +1,7 @@
 """The functions the Gradio app exposes: the UI buttons, `gradio_client` and MCP all call these.
 
 Their signatures and docstrings are the public API documentation (Gradio reads the parameter names
-from the signature and the descriptions from the `Args:` sections). `generate`, `restyle` and `swap` are
+from the signature and the descriptions from the `Args:` sections). `generate`, `restyle`, `swap` and `group` are
 made by one factory (`_endpoint`) from the declaration of the request's parameters
 (`instantid.requests.params_for(mode)`), as are the page's controls.
 
@@ -135,8 +135,15 @@ def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
         caption = f"seed {image_seed(result.seed, index)}"
         if len(result.images) > 1:
             caption = f"#{index + 1}, {caption}"
-        # The identity check of the output: the same face found again, or not at all.
-        caption += "; no face found" if similarity is None else f"; identity {similarity:.2f}"
+        if index < len(result.person_similarities):
+            # A group: "#1, seed 42: Ada 0.71, Ben 0.68", each person's own face's score.
+            scores = result.person_similarities[index]
+            caption += ": " + ", ".join(
+                f"{name} {'no face' if score is None else f'{score:.2f}'}" for name, score in scores.items()
+            )
+        else:
+            # The identity check of the output: the same face found again, or not at all.
+            caption += "; no face found" if similarity is None else f"; identity {similarity:.2f}"
         items.append((image, caption))
     return items
 
@@ -264,7 +271,9 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     info: dict[str, Any] = {key: round(float(value), 1) for key, value in (result.timings_ms or {}).items()}
     # So the warnings reach every caller, not only the page: gradio_client's predict() returns the outputs alone.
     info["warnings"] = list(result.warnings)
-    yield _gallery(result), int(result.seed), list(result.similarities), result.keypoint_image, info
+    # A group's similarities are per image, per person ({name: score}); the other modes' one number per image.
+    similarities = list(result.person_similarities or result.similarities)
+    yield _gallery(result), int(result.seed), similarities, result.keypoint_image, info
 
 
 SUMMARIES = {
@@ -274,6 +283,9 @@ SUMMARIES = {
     "face_image (InstantID on SDXL img2img); strength says how far from the source.",
     "swap": "Face swap: replace a face of target_image (face_index, 0 = the largest) by the person in face_image "
     "(InstantID on SDXL inpainting); every pixel away from that face keeps the target's value.",
+    "group": "Group portrait: two to four people (person_1 .. person_4, one photo or several each) in one image, "
+    "each keeping their own identity in their own place; the faces are placed as in layout_image (left to right, "
+    "or in the given order) or side by side. The similarities are per image, {name: score} per person.",
 }
 
 
@@ -328,6 +340,7 @@ def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
 generate = _endpoint("generate")
 restyle = _endpoint("restyle")
 swap = _endpoint("swap")
+group = _endpoint("group")
 
 
 def status() -> dict[str, Any]:

@@ -6,11 +6,16 @@ runs its usual text attention plus one extra attention over the face tokens with
 
 Per-request values (the adapter scale and the face-region masks) arrive through the pipeline's
 `cross_attention_kwargs`, so nothing request-specific is stored on the processors.
+
+Group portraits (`ip_people` = n > 1): n sets of face tokens, one per person, ride after the text tokens; each
+set gets its own attention (its own softmax: the people never compete for a query) and acts only where that
+person's region mask is 1. Outside a person's region their term is multiplied by exactly 0, so their tokens
+cannot change the output there: locality is exact, not approximate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +43,7 @@ class SelfAttnProcessor(AttnProcessor2_0):
         temb: torch.Tensor | None = None,
         ip_scale: float = 1.0,
         ip_masks: IPMasks | None = None,
+        ip_people: int = 1,
         **kwargs: object,
     ) -> torch.Tensor:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -61,6 +67,7 @@ class IPAttnProcessor(nn.Module):
         temb: torch.Tensor | None = None,
         ip_scale: float = 1.0,
         ip_masks: IPMasks | None = None,
+        ip_people: int = 1,
         **kwargs: object,
     ) -> torch.Tensor:
         residual = hidden_states
@@ -77,8 +84,9 @@ class IPAttnProcessor(nn.Module):
         if encoder_hidden_states is None:
             text, face = hidden_states, None
         else:
-            text = encoder_hidden_states[:, : -self.num_tokens]
-            face = encoder_hidden_states[:, -self.num_tokens :]
+            n_face = self.num_tokens * ip_people
+            text = encoder_hidden_states[:, :-n_face]
+            face = encoder_hidden_states[:, -n_face:]
             if attn.norm_cross:
                 text = attn.norm_encoder_hidden_states(text)
 
@@ -100,7 +108,9 @@ class IPAttnProcessor(nn.Module):
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
 
         # A zero scale skips the second attention entirely rather than computing and discarding it.
-        if face is not None and ip_scale != 0:
+        if face is not None and ip_scale != 0 and ip_people > 1:
+            out = out + ip_scale * self._people_attention(q, face, ip_people, ip_masks, seq_len, split)
+        elif face is not None and ip_scale != 0:
             ip = F.scaled_dot_product_attention(q, split(self.to_k_ip(face)), split(self.to_v_ip(face)))
             ip = ip.transpose(1, 2).reshape(batch, -1, heads * head_dim)
             if ip_masks is not None and (mask := ip_masks.get(seq_len)) is not None:
@@ -114,6 +124,30 @@ class IPAttnProcessor(nn.Module):
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _people_attention(
+        self,
+        q: torch.Tensor,
+        face: torch.Tensor,
+        people: int,
+        ip_masks: IPMasks | None,
+        seq_len: int,
+        split: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The sum over people of (their face attention x their region), (batch, sequence, width)."""
+        masks = None if ip_masks is None else ip_masks.get(seq_len)
+        if masks is None or masks.shape[0] != people:
+            # Without every person's region each identity would act on every face: refuse rather than blend.
+            raise ValueError(f"{people} people need {people} region masks at sequence length {seq_len}")
+        batch, heads, _, head_dim = q.shape
+        total = None
+        for k in range(people):
+            tokens = face[:, k * self.num_tokens : (k + 1) * self.num_tokens]
+            ip = F.scaled_dot_product_attention(q, split(self.to_k_ip(tokens)), split(self.to_v_ip(tokens)))
+            ip = ip.transpose(1, 2).reshape(batch, -1, heads * head_dim) * masks[k : k + 1].to(ip.dtype)
+            total = ip if total is None else total + ip
+        assert total is not None
+        return total
 
 
 def install_ip_processors(

@@ -92,13 +92,14 @@ def shape_of(job: Any) -> Shape:
     width, height = float(job.width or 0), float(job.height or 0)
     pixels = width * height if width > 0 and height > 0 else AUTO_PIXELS
     extra = len(job.controls or {})
+    people = max(1, len(getattr(job, "group", None) or ()))
     return Shape(
         steps=max(0, int(job.denoising_steps)),
         images=max(1, int(job.num_images)),
         megapixels=pixels / MEGAPIXEL,
         guided=float(job.guidance_scale) > 1,
-        # Group mode: + (people - 1) IdentityNet passes.
-        controlnet_passes=1 + extra,
+        # A group portrait runs the IdentityNet once per person.
+        controlnet_passes=people + extra,
         extra_controls=extra,
     )
 

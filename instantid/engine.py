@@ -49,6 +49,7 @@ from .requests import (
     SPEEDS,
     GenerateRequest,
     GenerateResult,
+    GroupPerson,
     Job,
     Paste,
     Rendered,
@@ -392,11 +393,18 @@ class Engine:
             warnings.append(f"This hardware ({self.profile.name} profile) makes at most {num_images} images.")
 
         t0 = time.perf_counter()
-        embedding, ref_img, ref_face, faces_found = self._identity(req, warnings)
+        people: list[tuple[np.ndarray, face_lib.Face]] = []
+        if req.mode == "group":
+            embedding, ref_img, ref_face, faces_found, people = self._people(req, warnings)
+        else:
+            embedding, ref_img, ref_face, faces_found = self._identity(req, warnings)
         timings["faces_ms"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
-        scene = {"generate": self._generate_scene, "restyle": self._restyle_scene, "swap": self._swap_scene}
-        canvas = scene[req.mode](req, ref_img, ref_face, warnings)
+        if req.mode == "group":
+            canvas = self._group_scene(req, ref_img, ref_face, warnings, people)
+        else:
+            scene = {"generate": self._generate_scene, "restyle": self._restyle_scene, "swap": self._swap_scene}
+            canvas = scene[req.mode](req, ref_img, ref_face, warnings)
         timings["conditions_ms"] = (time.perf_counter() - t1) * 1000
 
         prompt = req.prompt.strip()
@@ -422,6 +430,8 @@ class Engine:
             started=started,
             mode=req.mode,
             strength=strength,
+            people=list(req.person_names),
+            embeddings=[embedding for embedding, _ in people],
             **canvas,
         )
 
@@ -451,6 +461,35 @@ class Engine:
             del img
         assert ref_face is not None  # GenerateRequest holds at least one face photo
         return face_lib.average_embedding(embeddings), ref_img, ref_face, faces_found
+
+    def _people(
+        self, req: GenerateRequest, warnings: list[str]
+    ) -> tuple[np.ndarray, Any, face_lib.Face, int, list[tuple[np.ndarray, face_lib.Face]]]:
+        """Group: each person's averaged embedding and the largest face of their first photo, in person order;
+        and, as `_identity` gives them, the first person's embedding, first photo, face and face count."""
+        analyzer = self.faces()
+        people: list[tuple[np.ndarray, face_lib.Face]] = []
+        ref_img: Any = None
+        faces_found = 0
+        for k, (name, photos) in enumerate(zip(req.person_names, req.people, strict=True)):
+            embeddings = []
+            first: face_lib.Face | None = None
+            for i, src in enumerate(photos):
+                # The person's name in every message: with four people, "the face photo" would not say whose.
+                what = f"photo of {name}" if len(photos) == 1 else f"photo {i + 1} of {name}"
+                img = self._decode(src, what, warnings)
+                face, count = analyzer.embed_largest(image_to_array(img), what=what)
+                if count > 1:
+                    warnings.append(f"Found {count} faces in the {what}; using the largest.")
+                embeddings.append(face.embedding)
+                if i == 0:
+                    first = face
+                    if k == 0:  # only one photo stays decoded: the first person's (one person: the layout)
+                        ref_img, faces_found = img, count
+                del img
+            assert first is not None  # GenerateRequest gives every person a photo
+            people.append((face_lib.average_embedding(embeddings), first))
+        return people[0][0], ref_img, people[0][1], faces_found, people
 
     def _size(self, req: GenerateRequest, image: Any) -> tuple[int, int]:
         """The output size: the request's, or from `image`."""
@@ -484,11 +523,60 @@ class Engine:
                     "No face found in the pose photo: use a pose photo where the face is visible, or leave it empty."
                 )
             pose_face = pose_faces[0]
+        return self._posed_scene(req, pose_img, pose_face)
+
+    def _posed_scene(self, req: GenerateRequest, pose_img: Any, pose_face: face_lib.Face) -> dict:
+        """One face laid out as `pose_face` sits in `pose_img` (Generate's scene; a group of one person's)."""
         size = self._size(req, pose_img)
         keypoint_image, mask, crop = self._face_on_canvas(req, pose_img.size, pose_face, size)
         controls = self._prepare_controls(req, pose_img, size, crop)
         return {"keypoint_image": keypoint_image, "face_mask": mask, "controls": controls,
                 "width": size[0], "height": size[1]}
+
+    def _group_scene(
+        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str],
+        people: list[tuple[np.ndarray, face_lib.Face]],
+    ) -> dict:
+        """Group: where each person's face goes (the layout photo's faces, left to right, in `req.person_order`;
+        or side by side), each person's keypoint image and region. One person is Generate's scene exactly, with
+        the layout photo as the pose photo."""
+        n = len(people)
+        if req.layout_image is not None:
+            layout_img = self._decode(req.layout_image, "layout photo", warnings)
+            found = self.faces().detect(image_to_array(layout_img), with_embedding=False)
+            if len(found) < n:
+                raise face_lib.NoFaceError(
+                    f"The layout photo has {len(found)} face(s) for {n} people: use a layout photo with at least "
+                    f"{n} faces, or leave it empty for an automatic side-by-side layout."
+                )
+            if len(found) > n:
+                warnings.append(f"The layout photo has {len(found)} faces: the {n} largest are used.")
+            chosen = sorted(found[:n], key=lambda f: f.bbox[0] + f.bbox[2])  # left to right
+            if n == 1:
+                return self._posed_scene(req, layout_img, chosen[0])
+            size = self._size(req, layout_img)
+            union = (min(f.bbox[0] for f in chosen), min(f.bbox[1] for f in chosen),
+                     max(f.bbox[2] for f in chosen), max(f.bbox[3] for f in chosen))
+            scale, ox, oy = face_lib.layout(layout_img.size, size, union)
+            offset = np.array([ox, oy], dtype=np.float32)
+            spots = [(face_lib.scale_kps(f.kps, scale, scale) + offset,
+                      (f.bbox[0] * scale + ox, f.bbox[1] * scale + oy, f.bbox[2] * scale + ox, f.bbox[3] * scale + oy))
+                     for f in chosen]
+        else:
+            if n == 1:
+                return self._posed_scene(req, ref_img, ref_face)
+            size = (req.width, req.height) if req.width else self._auto_size(face_lib.GROUP_ASPECT)
+            spots = face_lib.group_layout(size, [people[p][1] for p in req.person_order])
+        # Spot i (left to right) holds person order[i]; back to person order.
+        by_person = {person: spots[i] for i, person in enumerate(req.person_order)}
+        regions = face_lib.group_regions(size, [by_person[k][1] for k in range(n)])
+        group = [
+            GroupPerson(embedding=people[k][0], keypoint_image=face_lib.draw_keypoints(size, by_person[k][0]),
+                        region=regions[k])
+            for k in range(n)
+        ]
+        return {"keypoint_image": face_lib.draw_group_keypoints(size, [p.keypoint_image for p in group]),
+                "face_mask": None, "controls": {}, "width": size[0], "height": size[1], "group": group}
 
     def _restyle_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
         """Restyle: the source photo at the output size; the face layout from its largest face, or from the
@@ -660,9 +748,20 @@ class Engine:
         # largest of them would score the target photo, not the swap.
         drawn = job.keypoint_image if job.paste is None else None
         at = job.paste.face if job.paste is not None else None
-        sims = [
-            face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im), drawn, at=at) for im in images
-        ]
+        people: list[dict[str, float | None]] = []
+        if job.group:
+            # Each face found matched to one person; the image's score is the mean of the matched ones.
+            scores = [face_lib.match_people(analyzer, job.embeddings, image_to_array(im)) for im in images]
+            people = [dict(zip(job.people, row, strict=True)) for row in scores]
+            sims = [None if not (got := [v for v in row if v is not None]) else round(sum(got) / len(got), 4)
+                    for row in scores]
+        else:
+            sims = [
+                face_lib.identity_similarity(analyzer, job.embedding, image_to_array(im), drawn, at=at)
+                for im in images
+            ]
+            if job.people:  # a group of one
+                people = [{job.people[0]: sim} for sim in sims]
         timings = {**job.timings_ms, **rendered.timings_ms, "identity_check_ms": (time.perf_counter() - t0) * 1000}
         if job.paste is not None:
             timings["paste_ms"] = timings_paste
@@ -684,6 +783,7 @@ class Engine:
             faces_found=job.faces_found,
             profile=self.profile.name,
             warnings=warnings,
+            person_similarities=people,
         )
 
     def _extra_controls(self, job: Job) -> list[Any]:
@@ -703,7 +803,7 @@ class Engine:
     def _run_pipeline(self, job: Job, extras: list[Any], progress: ProgressFn | None) -> Any:
         import torch
 
-        pipe = self.pipe if job.mode == "generate" else self.pipes[job.mode]
+        pipe = self.pipe if job.mode in ("generate", "group") else self.pipes[job.mode]
         lora = SPEEDS[job.speed].lora
         # The switch and the pipelines share one UNet: folding a speed's LoRA in serves every mode.
         loras = self._lora(job.speed) if lora is not None else self.loras
@@ -713,10 +813,12 @@ class Engine:
         steps = job.denoising_steps
         # What only restyle (img2img) and swap (inpaint) take; diffusers' own names.
         mode_args: dict[str, Any] = {}
-        if job.mode != "generate":
+        if job.mode not in ("generate", "group"):
             mode_args = {"image": job.init_image, "strength": job.strength}
         if job.mode == "swap":
             mode_args["mask_image"] = job.mask_image
+        if job.group:  # two or more people: per-person tokens, IdentityNet runs and regions
+            mode_args["group"] = job.group
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if progress is not None:

@@ -805,3 +805,82 @@ def paste_face(target: Image.Image, drawn: Image.Image, box: Sequence[int], regi
     blended = np.clip(np.rint(old * (1 - weight) + patch * weight), 0, 255).astype(np.uint8)
     out[y1:y2, x1:x2] = np.where(weight > 0, blended, base[y1:y2, x1:x2])
     return Image.fromarray(out)
+
+
+# --- group portraits --------------------------------------------------------------------------------
+# Without a layout photo the people stand side by side: one slot of the canvas width each, the face
+# GROUP_FACE_SHARE of its slot wide but at most GROUP_FACE_OF_HEIGHT of the canvas height, its centre at
+# GROUP_FACE_Y of the height (a head-and-shoulders framing). Each person's region, where their identity acts,
+# is their face box grown by GROUP_GROW face sizes on each side; where two grown boxes meet, a pixel belongs
+# to the nearer face, so no pixel carries two identities.
+GROUP_FACE_SHARE = 0.5
+GROUP_FACE_OF_HEIGHT = 0.4
+GROUP_FACE_Y = 0.42
+GROUP_GROW = 0.25
+GROUP_ASPECT = (3, 2)  # the automatic canvas, before the profile's short side and the size cap
+
+
+Box = tuple[float, float, float, float]
+
+
+def group_layout(size: tuple[int, int], faces: Sequence[Face]) -> list[tuple[np.ndarray, Box]]:
+    """(keypoints, face box) for each of `faces` side by side on a `size` canvas, left to right in the given
+    order; each face keeps its own photo's proportions and keypoint shape, scaled to the slot."""
+    width, height = size
+    slot = width / len(faces)
+    side = min(slot * GROUP_FACE_SHARE, height * GROUP_FACE_OF_HEIGHT)
+    out = []
+    for i, face in enumerate(faces):
+        x1, y1, x2, y2 = face.bbox
+        scale = side / max(x2 - x1, 1e-6)
+        face_h = (y2 - y1) * scale
+        left, top = slot * (i + 0.5) - side / 2, height * GROUP_FACE_Y - face_h / 2
+        kps = scale_kps(np.asarray(face.kps, np.float32) - np.array([x1, y1], np.float32), scale, scale)
+        out.append((kps + np.array([left, top], np.float32), (left, top, left + side, top + face_h)))
+    return out
+
+
+def group_regions(size: tuple[int, int], boxes: Sequence[Sequence[float]], grow: float = GROUP_GROW) -> list[Any]:
+    """Each face's region (float32 height x width, 0 or 1): its box grown by `grow` face sizes, a pixel in two
+    grown boxes going to the face whose centre is nearer (in face sizes). The regions never overlap."""
+    width, height = int(size[0]), int(size[1])
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    masks, distances = [], []
+    for box in boxes:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        face = max(x2 - x1, y2 - y1, 1.0)
+        masks.append(face_mask(size, (x1 - grow * face, y1 - grow * face, x2 + grow * face, y2 + grow * face)) > 0)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        distances.append(np.where(masks[-1], np.hypot(xs - cx, ys - cy) / face, np.inf))
+    nearest = np.argmin(np.stack(distances), axis=0)
+    return [(mask & (nearest == k)).astype(np.float32) for k, mask in enumerate(masks)]
+
+
+def draw_group_keypoints(size: tuple[int, int], drawings: Sequence[Image.Image]) -> Image.Image:
+    """Several people's keypoint images as one picture (what the page shows as the face layout)."""
+    return Image.fromarray(np.maximum.reduce([np.asarray(d.convert("RGB")) for d in drawings]))
+
+
+def match_people(
+    analyzer: FaceAnalyzer, references: Sequence[np.ndarray], image: np.ndarray | Image.Image
+) -> list[float | None]:
+    """Each person's identity score in a generated image, in person order: every face found is compared with
+    every person, and the most similar pair is matched first, then the next among the rest, so each face and
+    each person is matched at most once. None for a person no face was matched to."""
+    found = [f for f in analyzer.detect(_as_rgb_array(image), with_embedding=True) if f.embedding is not None]
+    pairs = sorted(
+        (
+            (cosine_similarity(ref, face.embedding), p, f)
+            for p, ref in enumerate(references)
+            for f, face in enumerate(found)
+            if face.embedding is not None
+        ),
+        key=lambda pair: -pair[0],
+    )
+    scores: list[float | None] = [None] * len(references)
+    used: set[int] = set()
+    for similarity, person, face in pairs:
+        if scores[person] is None and face not in used:
+            scores[person] = round(similarity, 4)
+            used.add(face)
+    return scores

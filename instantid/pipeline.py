@@ -214,10 +214,21 @@ class InstantIDMixin:
     # --- hooks -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _controlnet_hooks(self, extras: Sequence[ExtraControl], face_mask: np.ndarray | None) -> Iterator[None]:
+    def _controlnet_hooks(
+        self,
+        extras: Sequence[ExtraControl],
+        face_mask: np.ndarray | None,
+        regions: Sequence[np.ndarray] = (),
+        combine: str = "mask",
+    ) -> Iterator[None]:
         n_face = self.num_face_tokens
         identitynet = self.controlnet
         handles = []
+        if len(regions) > 1:
+            handles += self._group_identitynet_hooks(identitynet, regions, combine)
+            identitynet_nets = [identitynet] * len(regions)
+        else:
+            identitynet_nets = [identitynet]
 
         def face_tokens_only(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, -n_face:]
@@ -227,7 +238,8 @@ class InstantIDMixin:
             kwargs["encoder_hidden_states"] = kwargs["encoder_hidden_states"][:, :-n_face]
             return args, kwargs
 
-        handles.append(identitynet.register_forward_pre_hook(face_tokens_only, with_kwargs=True))
+        if len(regions) <= 1:
+            handles.append(identitynet.register_forward_pre_hook(face_tokens_only, with_kwargs=True))
         for extra in extras:
             handles.append(extra.net.register_forward_pre_hook(text_tokens_only, with_kwargs=True))
         if face_mask is not None:
@@ -249,10 +261,11 @@ class InstantIDMixin:
                 return [d * resized(d) for d in down], mid * resized(mid)
 
             handles.append(identitynet.register_forward_hook(mask_residuals, with_kwargs=True))
-        swapped = bool(extras)
+        swapped = bool(extras) or len(identitynet_nets) > 1
         if swapped:
-            # MultiControlNetModel only for this call; net 0 is always the IdentityNet.
-            self.controlnet = MultiControlNetModel([identitynet, *[e.net for e in extras]])
+            # MultiControlNetModel only for this call; net 0 is always the IdentityNet (a group portrait: nets
+            # 0..n-1 are the IdentityNet again, once per person, each with that person's keypoint image).
+            self.controlnet = MultiControlNetModel([*identitynet_nets, *[e.net for e in extras]])
         try:
             yield
         finally:
@@ -260,6 +273,49 @@ class InstantIDMixin:
                 h.remove()
             if swapped:
                 self.controlnet = identitynet
+
+    def _group_identitynet_hooks(
+        self, identitynet: torch.nn.Module, regions: Sequence[np.ndarray], combine: str
+    ) -> list[Any]:
+        """Hooks that make the IdentityNet, called once per person per step (nets 0..n-1 of this call's
+        MultiControlNetModel, in person order), see person k's face tokens alone, and (`combine` "mask") keep
+        its residuals only inside person k's region; "sum" adds them unmasked (measured against masking in
+        BENCHMARKS.md). Each run sees only its own person's keypoints and tokens: person A's residual depends
+        on A's inputs alone."""
+        if combine not in ("mask", "sum"):
+            raise InvalidParameter("combine", combine, "use mask or sum")
+        n_face, people = self.num_face_tokens, len(regions)
+        calls = [0]  # IdentityNet calls so far in this pipeline call: person = calls % people
+        bases = [torch.from_numpy(np.ascontiguousarray(r, dtype=np.float32))[None, None] for r in regions]
+        cache: dict[tuple[int, int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+        def resized(k: int, t: torch.Tensor) -> torch.Tensor:
+            key = (k, t.shape[-2], t.shape[-1], t.dtype, t.device)
+            if key not in cache:  # bilinear, as the single face's residual mask
+                cache[key] = F.interpolate(bases[k], size=key[1:3], mode="bilinear", align_corners=False).to(
+                    t.device, t.dtype
+                )
+            return cache[key]
+
+        def own_tokens(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            k = calls[0] % people
+            states = kwargs["encoder_hidden_states"]
+            start = states.shape[1] - (people - k) * n_face
+            kwargs["encoder_hidden_states"] = states[:, start : start + n_face]
+            return args, kwargs
+
+        def own_region(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            k = calls[0] % people
+            calls[0] += 1
+            if combine == "sum":
+                return output
+            down, mid = output[0], output[1]
+            return [d * resized(k, d) for d in down], mid * resized(k, mid)
+
+        return [
+            identitynet.register_forward_pre_hook(own_tokens, with_kwargs=True),
+            identitynet.register_forward_hook(own_region, with_kwargs=True),
+        ]
 
     @contextlib.contextmanager
     def _encode_in_vae_dtype(self) -> Iterator[None]:
@@ -312,6 +368,8 @@ class InstantIDMixin:
         generator: torch.Generator | list[torch.Generator] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         output_type: str = "pil",
+        group: Sequence[Any] = (),
+        group_residuals: str = "mask",
         **kwargs: Any,
     ) -> InstantIDOutput:
         """Images of the identity in `face_embedding`, posed by `keypoint_image`.
@@ -319,6 +377,11 @@ class InstantIDMixin:
         `face_mask` (height x width, 0..1) limits the identity conditioning to the face region
         ("enhance face region"); `extra_controls` adds pose/canny/depth ControlNets for this call. The
         img2img and inpaint variants take their own arguments (`image`, `mask_image`, `strength`) in `kwargs`.
+
+        `group` (two or more people, each with `embedding`, `keypoint_image` and `region`, as
+        `instantid.requests.GroupPerson`): one set of face tokens and one IdentityNet run per person, each acting
+        only in that person's region; `face_embedding`, `keypoint_image` and `face_mask` are then not used.
+        `group_residuals` says how the people's IdentityNet residuals combine: "mask" (each in its region) or "sum".
         """
         for name, value in (("identitynet_strength", identitynet_strength), ("adapter_strength", adapter_strength)):
             if not 0.0 <= float(value) <= 1.5:
@@ -328,19 +391,30 @@ class InstantIDMixin:
         timings: dict[str, float] = {}
         device = self._execution_device
         t0 = time.perf_counter()
-        text, prompt_embeds, negative_embeds = self._embeds(prompt, negative_prompt, face_embedding, device)
+        people = list(group) if len(group) > 1 else []
+        embeddings = [p.embedding for p in people] if people else [face_embedding]
+        text, prompt_embeds, negative_embeds = self._embeds(prompt, negative_prompt, embeddings, device)
         _sync(device)
         timings["encode_ms"] = (time.perf_counter() - t0) * 1000
 
-        ip_masks = self._ip_masks(face_mask, height, width, device)
+        keypoints = [p.keypoint_image for p in people] if people else [keypoint_image]
+        regions = [p.region for p in people]
+        if people:
+            face_mask = None  # each person's region takes its place
+            attention_kwargs = {"ip_scale": float(adapter_strength), "ip_people": len(people),
+                                "ip_masks": self._people_masks(regions, height, width, device)}
+        else:
+            attention_kwargs = {"ip_scale": float(adapter_strength),
+                                "ip_masks": self._ip_masks(face_mask, height, width, device)}
         images: list[PIL.Image.Image] | PIL.Image.Image = keypoint_image
         scales: list[float] | float = float(identitynet_strength)
-        if extra_controls:
-            images = [keypoint_image, *[e.image for e in extra_controls]]
-            scales = [float(identitynet_strength), *[float(e.scale) for e in extra_controls]]
+        if extra_controls or people:
+            images = [*keypoints, *[e.image for e in extra_controls]]
+            scales = [float(identitynet_strength)] * len(keypoints) + [float(e.scale) for e in extra_controls]
 
         t1 = time.perf_counter()
-        with self._controlnet_hooks(extra_controls, face_mask), self._encode_in_vae_dtype():
+        hooks = self._controlnet_hooks(extra_controls, face_mask, regions, group_residuals)
+        with hooks, self._encode_in_vae_dtype():
             out = super().__call__(  # type: ignore[misc]
                 **{self._control_arg: images},
                 height=height,
@@ -354,7 +428,7 @@ class InstantIDMixin:
                 pooled_prompt_embeds=text.pooled_prompt_embeds,
                 negative_pooled_prompt_embeds=text.negative_pooled_prompt_embeds,
                 controlnet_conditioning_scale=scales,
-                cross_attention_kwargs={"ip_scale": float(adapter_strength), "ip_masks": ip_masks},
+                cross_attention_kwargs=attention_kwargs,
                 callback_on_step_end=callback_on_step_end,
                 output_type="latent",
                 return_dict=False,
@@ -373,18 +447,29 @@ class InstantIDMixin:
         return InstantIDOutput(images=result, timings_ms=timings, interrupted=interrupted)
 
     def _embeds(
-        self, prompt: str, negative_prompt: str, face_embedding: np.ndarray | torch.Tensor, device: torch.device
+        self,
+        prompt: str,
+        negative_prompt: str,
+        face_embeddings: Sequence[np.ndarray | torch.Tensor],
+        device: torch.device,
     ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """The text encoders' output, and the (conditional, unconditional) embeddings with the face tokens after
-        the text tokens, where the IP-attention processors look for them."""
+        the text tokens, where the IP-attention processors look for them (a group: each person's in turn)."""
         # Any length, with emphasis, in 75-token blocks (prompts.py); diffusers only repeats these per image.
         text = encode_prompts(self, prompt, negative_prompt, device)
-        face, face_uncond = self.encode_face(face_embedding, device)
-        prompt_embeds = torch.cat([text.prompt_embeds, face.to(text.prompt_embeds.dtype)], dim=1)
-        negative_embeds = torch.cat(
-            [text.negative_prompt_embeds, face_uncond.to(text.negative_prompt_embeds.dtype)], dim=1
-        )
-        return text, prompt_embeds, negative_embeds
+        conditional, unconditional = [text.prompt_embeds], [text.negative_prompt_embeds]
+        for embedding in face_embeddings:
+            face, face_uncond = self.encode_face(embedding, device)
+            conditional.append(face.to(text.prompt_embeds.dtype))
+            unconditional.append(face_uncond.to(text.negative_prompt_embeds.dtype))
+        return text, torch.cat(conditional, dim=1), torch.cat(unconditional, dim=1)
+
+    def _people_masks(
+        self, regions: Sequence[np.ndarray], height: int, width: int, device: torch.device
+    ) -> dict[int, torch.Tensor]:
+        """Each person's region at every UNet resolution, stacked in person order: (people, sequence, 1)."""
+        pyramids = [self._ip_masks(np.asarray(region), height, width, device) for region in regions]
+        return {key: torch.cat([p[key] for p in pyramids if p is not None], dim=0) for key in pyramids[0] or {}}
 
     def _ip_masks(
         self, face_mask: np.ndarray | None, height: int, width: int, device: torch.device

@@ -93,8 +93,12 @@ SPEEDS: dict[str, Speed] = {
 SPEED_CHOICES: tuple[str, ...] = ("quality", "fast", "turbo")
 DEFAULT_SPEED = "quality"
 
-# The three things a request can ask for; each is an API endpoint, a command and a choice on the page.
-MODES: tuple[str, ...] = ("generate", "restyle", "swap")
+# The things a request can ask for; each is an API endpoint, a command and a choice on the page.
+MODES: tuple[str, ...] = ("generate", "restyle", "swap", "group")
+# Group portraits: people per image (one photo slot each in the API: person_1 .. person_4).
+MAX_PEOPLE = 4
+# Photos of one person (averaged into one identity), as for the face photo and its extras.
+MAX_PHOTOS_PER_PERSON = 8
 
 
 def random_seed() -> int:
@@ -201,6 +205,8 @@ class Param:
 _STRENGTH: dict[str, Any] = {"kind": "number", "lo": 0, "hi": MAX_STRENGTH, "step": 0.05}
 _SIDE: dict[str, Any] = {"kind": "integer", "default": 0, "lo": 0, "hi": MAX_SIDE, "step": 64, "info": "0 = automatic"}
 _NOT_SWAP = ("generate", "restyle")
+_SIZED = ("generate", "restyle", "group")  # the modes whose output size can be chosen
+_ONE_FACE = ("generate", "restyle", "swap")  # the modes with one identity (face_image and its extras)
 _AUTO_STEPS = ", ".join(f"{s.steps} {s.name}" for s in SPEEDS.values())
 _AUTO_GUIDANCE = ", ".join(f"{s.guidance:g} {s.name}" if s.guidance > 1 else f"off {s.name}" for s in SPEEDS.values())
 
@@ -209,18 +215,35 @@ PARAMS: dict[str, Param] = {
     p.name: p
     for p in (
         Param("face_image", "image", None, "Photo of the person's face; with several faces the largest is used.",
-              "Face photo", flag="--face", section="main", required=True),
+              "Face photo", flag="--face", section="main", required=True, modes=_ONE_FACE),
         Param("source_image", "image", None, "Photo to restyle: it is noised and redrawn under the prompt and style "
               "with the identity of face_image; its face (if any) gives the face layout.", "Photo to restyle",
               flag="--source", section="main", required=True, modes=("restyle",)),
         Param("target_image", "image", None, "Photo whose face is replaced by the identity of face_image; every pixel "
               "away from that face is kept.", "Photo to swap a face into", flag="--target", section="main",
               required=True, modes=("swap",)),
+        *(Param(f"person_{k}", "images", None, f"Group: photo(s) of person {k} (several are averaged into one "
+                "identity). People are numbered by these slots; fill them from person_1 on.",
+                f"Person {k}: photo(s)", flag=None, section="main" if k <= 2 else "photos", modes=("group",),
+                required=k <= 2)  # two people at least (the API's signature asks for both; the engine takes one)
+          for k in range(1, 3)),
         Param("prompt", "text", "", 'What to draw, e.g. "a woman as an astronaut, cinematic light"; empty gives a '
               "plain portrait.", "Prompt", section="main", required=True),
         Param("extra_face_images", "images", None, "More photos of the same person (optional); their identity "
               "embeddings are averaged.", "More photos of the same person (optional, averaged)", flag=None,
-              section="photos"),
+              section="photos", modes=_ONE_FACE),
+        *(Param(f"person_{k}", "images", None, f"Group: photo(s) of person {k} (optional).",
+                f"Person {k}: photo(s) (optional)", flag=None, section="photos", modes=("group",))
+          for k in range(3, MAX_PEOPLE + 1)),
+        Param("names", "text", "", 'Group: the people\'s names in person order, separated by commas, e.g. "Ada, Ben" '
+              "(used in the captions and scores); empty gives Person 1, Person 2, ...", "Names (comma-separated, "
+              "optional)", section="main", modes=("group",)),
+        Param("layout_image", "image", None, "Group: optional photo whose faces give the layout (at least as many "
+              "faces as people; the largest are used, assigned left to right); without it the people stand side "
+              "by side.", "Layout photo (optional)", flag="--layout", section="photos", modes=("group",)),
+        Param("order", "text", "", 'Group: which person goes on which layout face, left to right, as person numbers, '
+              'e.g. "2,1" puts person 2 on the left; empty = 1,2,...', "Order, left to right (optional)",
+              section="photos", modes=("group",)),
         Param("pose_image", "image", None, "Optional photo whose face position (and pose, depth or edges, see "
               "controlnets) is followed.", "Pose photo (optional)", flag="--pose", section="photos",
               modes=("generate",)),
@@ -230,9 +253,9 @@ PARAMS: dict[str, Param] = {
         Param("num_images", "integer", 1, f"How many images to make (1 to {MAX_IMAGES}), from consecutive seeds.",
               "Number of images", lo=1, hi=MAX_IMAGES, step=1, section="main"),
         Param("width", help="Output width in pixels, a multiple of 64; 0 sizes the output from the photo (short "
-              "side 1024).", label="Width", modes=_NOT_SWAP, **_SIDE),
+              "side 1024).", label="Width", modes=_SIZED, **_SIDE),
         Param("height", help="Output height in pixels, a multiple of 64; 0 sizes it from the photo. Set both or "
-              "neither.", label="Height", modes=_NOT_SWAP, **_SIDE),
+              "neither.", label="Height", modes=_SIZED, **_SIDE),
         Param("strength", "number", DEFAULT_RESTYLE_STRENGTH, "How far the result may move from the source photo, 0 to "
               "1: low keeps its colours and shapes, 1 redraws it entirely (only the steps x strength last denoising "
               "steps run).", "Restyle strength", lo=0, hi=1, step=0.05, flag="--strength", section="main",
@@ -304,7 +327,7 @@ class GenerateRequest:
     profile's image count, parts that did not load) is the engine's to check.
     """
 
-    face_images: Sequence[ImageInput]
+    face_images: Sequence[ImageInput] = ()  # group: left empty, the people's photos are in `people`
     prompt: str = ""
     negative_prompt: str = ""
     pose_image: ImageInput | None = None
@@ -327,10 +350,21 @@ class GenerateRequest:
     strength: float = DEFAULT_RESTYLE_STRENGTH  # restyle: how far from the source
     target_image: ImageInput | None = None  # swap: the photo whose face is replaced
     face_index: int = 0  # swap: 0 = the target's largest face
+    people: Sequence[Sequence[ImageInput]] = ()  # group: each person's photo(s), in person order
+    names: str = ""  # group: comma-separated, in person order ("" = Person 1, Person 2, ...)
+    layout_image: ImageInput | None = None  # group: the photo whose faces give the layout
+    order: str = ""  # group: person numbers for the layout's faces, left to right ("" = 1, 2, ...)
     # What the checks adjusted, for the result's warnings (control characters removed from a prompt).
     notes: tuple[str, ...] = field(default=(), init=False, compare=False)
+    # Group: each person's name (given or "Person k") and the person on each layout face, left to right (0-based).
+    person_names: tuple[str, ...] = field(default=(), init=False, compare=False)
+    person_order: tuple[int, ...] = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.mode == "group":
+            self._check_people()
+        elif self.people:
+            raise InvalidParameter("people", f"{len(self.people)} person(s)", f"is used by group only, not {self.mode}")
         faces = self.face_images
         if not faces:
             raise UserError("No face photo: add a photo of the person's face (API: face_image).")
@@ -367,6 +401,49 @@ class GenerateRequest:
         """How this request samples: its speed, or LCM."""
         return SPEEDS["lcm" if self.enable_lcm else self.speed]
 
+    def _check_people(self) -> None:
+        """Group: 1 to MAX_PEOPLE people, each with a photo; their names; the order. The first person's photos
+        stand in `face_images` (what one identity's checks and the one-person case read)."""
+        text = PARAMS["names"].check(self.names)
+        names = [name.strip() for name in text.split(",")] if text.strip() else []
+        people = [
+            [photo] if isinstance(photo, (str, bytes, Path)) or not isinstance(photo, Sequence) else list(photo)
+            for photo in (self.people or ())
+        ]
+        count = max(len(people), len(names))
+        if count > MAX_PEOPLE:
+            raise UserError(f"{count} people: a group portrait holds at most {MAX_PEOPLE}; leave the others out.")
+        if not people:
+            raise UserError("No people: add a photo of each person (API: person_1, person_2, ...).")
+
+        def who(k: int) -> str:
+            return f"{names[k]} (person {k + 1})" if k < len(names) and names[k] else f"person {k + 1}"
+
+        for k in range(count):
+            photos = [photo for photo in people[k] if photo is not None] if k < len(people) else []
+            if not photos:
+                raise UserError(f"No photo of {who(k)}: add one (API: person_{k + 1}), or leave that person out.")
+            if len(photos) > MAX_PHOTOS_PER_PERSON:
+                raise InvalidParameter(f"person_{k + 1}", f"{len(photos)} photos",
+                                       f"use at most {MAX_PHOTOS_PER_PERSON} photos of one person")
+            people[k] = photos
+        names = [names[k] if k < len(names) and names[k] else f"Person {k + 1}" for k in range(count)]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise InvalidParameter("names", twice[0], "is given twice: give each person their own name")
+        spec = PARAMS["order"].check(self.order).strip()
+        try:
+            order = [int(part) - 1 for part in spec.split(",")] if spec else list(range(count))
+        except ValueError:
+            order = []
+        if sorted(order) != list(range(count)):
+            numbers = ",".join(str(k + 1) for k in range(count))
+            raise InvalidParameter("order", spec, f"list each person's number once, e.g. {numbers}")
+        object.__setattr__(self, "people", people)
+        object.__setattr__(self, "person_names", tuple(names))
+        object.__setattr__(self, "person_order", tuple(order))
+        object.__setattr__(self, "face_images", people[0])
+
     def _check_mode(self) -> None:
         """The mode's own photo is there, and no other mode's parameter was changed from its default."""
         params = params_for(self.mode)
@@ -396,16 +473,33 @@ class GenerateRequest:
         for name, param in params.items():
             value = values.get(name, param.default)
             given[name] = param.default if value is None and param.kind != "boolean" else value
-        extras = PARAMS["extra_face_images"].check(given["extra_face_images"]) or []
-        faces = [given["face_image"], *[x.get("path") if isinstance(x, dict) else x for x in extras]]
         kwargs = {name: value for name, value in given.items() if name in {f.name for f in fields(cls)}}
-        kwargs["face_images"] = [face for face in faces if face]
-        for name in ("pose_image", "source_image", "target_image"):
+        if mode == "group":
+            # One photo alone stands for a list of one.
+            given_slots = [given[f"person_{k}"] for k in range(1, MAX_PEOPLE + 1)]
+            slots = [
+                PARAMS[f"person_{k + 1}"].check([x] if isinstance(x, (str, Path, dict)) else x) or []
+                for k, x in enumerate(given_slots)
+            ]
+            while slots and not slots[-1]:
+                slots.pop()  # empty slots at the end are people not asked for; one in between is an empty person
+            kwargs["people"] = [[_file_path(x) for x in slot if x] for slot in slots]
+            kwargs["face_images"] = []
+        else:
+            extras = PARAMS["extra_face_images"].check(given["extra_face_images"]) or []
+            faces = [given["face_image"], *[_file_path(x) for x in extras]]
+            kwargs["face_images"] = [face for face in faces if face]
+        for name in ("pose_image", "source_image", "target_image", "layout_image"):
             if name in given:
                 kwargs[name] = given[name] or None
         if PARAMS["randomize_seed"].check(given["randomize_seed"]) or ("seed" in values and values["seed"] is None):
             kwargs["seed"] = None
         return cls(**kwargs)
+
+
+def _file_path(item: Any) -> Any:
+    """A photo from a list of files: gradio_client may send each as a {"path": ...} mapping."""
+    return item.get("path") if isinstance(item, dict) else item
 
 
 @dataclass
@@ -424,6 +518,9 @@ class GenerateResult:
     faces_found: int
     profile: str
     warnings: list[str] = field(default_factory=list)
+    # Group: per image, each person's name -> the similarity of the output face matched to them (None: no face
+    # matched); in person order. Empty in the other modes.
+    person_similarities: list[dict[str, float | None]] = field(default_factory=list)
 
 
 # --- the three stages' hand-overs -------------------------------------------------------------------
@@ -442,6 +539,17 @@ class Paste:
     box: tuple[int, int, int, int]
     region: Any
     face: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class GroupPerson:
+    """One person of a group portrait, laid out: their identity embedding, their keypoint image (at the output
+    size, their face alone) and their region (float32 height x width, 0 or 1; the people's regions do not
+    overlap), where their face tokens and their IdentityNet residuals act."""
+
+    embedding: Any
+    keypoint_image: Any
+    region: Any
 
 
 @dataclass
@@ -479,6 +587,12 @@ class Job:
     mask_image: Any = None  # PIL "L" image (swap)
     strength: float = 1.0  # the share of the schedule that runs (restyle); 1 = all of it
     paste: Paste | None = None  # swap; finish's alone, never sent to the GPU stage (see __getstate__)
+    # Group: the people's names in person order and their embeddings (np.ndarray (512,) each). With two or more
+    # people, `group` holds what the pipeline needs per person (see `GroupPerson`); with one, the job is
+    # Generate's own and `group` is empty.
+    people: list[str] = field(default_factory=list)
+    embeddings: list[Any] = field(default_factory=list)
+    group: list[GroupPerson] = field(default_factory=list)
 
     @property
     def denoising_steps(self) -> int:

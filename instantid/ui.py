@@ -1,4 +1,4 @@
-"""Gradio builders: the Generate tab (with its three modes: Generate, Restyle, Face swap) and the Status tab.
+"""Gradio builders: the Generate tab (with its modes: Generate, Restyle, Face swap, Group) and the Status tab.
 
 `build_demo` receives the functions it wires up (the real ones live in `instantid.api`; tests pass
 fakes), so nothing here imports torch or the engine. The generate function's parameters must be in
@@ -42,7 +42,8 @@ comes from the photo ([InstantID](https://github.com/instantX-research/InstantID
 from the prompt and the style. Optional: more photos of the same person (averaged), and a pose photo whose
 face position (and body pose, edges or depth, with the extra ControlNets) the result follows. Two more modes:
 **Restyle** redraws a photo of your choice with the person's identity, **Face swap** puts the person's face
-into another photo (and leaves the rest of it as it was).
+into another photo (and leaves the rest of it as it was), **Group** puts two to four people in one picture,
+each with their own identity in their own place (placed as in a layout photo, or side by side).
 Use it from code with `gradio_client` (see "Use via API" at the bottom of the page).
 """
 
@@ -349,12 +350,12 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
                           + f"; {PROFILES['cpu'].default_steps} quality on a CPU-only server)"},
 }
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
-MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap"}
-MODE_BUTTONS = {"generate": "Generate", "restyle": "Restyle", "swap": "Swap face"}
+MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap", "group": "Group"}
+MODE_BUTTONS = {"generate": "Generate", "restyle": "Restyle", "swap": "Swap face", "group": "Make group portrait"}
 # Labels that name a mode's own photos: only Generate takes a pose photo; Restyle's extra ControlNets read
 # the photo it redraws (Face swap takes none).
 PHOTOS_LABELS = {"generate": "More photos and a pose reference", "restyle": "More photos of the same person",
-                 "swap": "More photos of the same person"}
+                 "swap": "More photos of the same person", "group": "More people and a layout photo"}
 CONTROLS_LABELS = {"generate": PARAMS["controlnets"].label, "restyle": "Extra ControlNets (from the photo to restyle)"}
 # Presses the first of the buttons (element ids) that is shown; a hidden one has no offsetParent.
 PRESS_SHOWN_BUTTON_JS = """() => {
@@ -473,11 +474,12 @@ def build_demo(
     examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     restyle_fn: Callable[..., Any] | None = None,
     swap_fn: Callable[..., Any] | None = None,
+    group_fn: Callable[..., Any] | None = None,
 ) -> gr.Blocks:
     """Build the Blocks app.
 
-    generate_fn, restyle_fn, swap_fn: each takes the inputs `instantid.requests.params_for(mode)` declares
-      (same order, same names as `instantid.api.generate` / `restyle` / `swap`, plus an optional
+    generate_fn, restyle_fn, swap_fn, group_fn: each takes the inputs `instantid.requests.params_for(mode)`
+      declares (same order, same names as `instantid.api.generate` / `restyle` / `swap` / `group`, plus an optional
       `progress=gr.Progress()`), yields `gr.skip()` while it works and then (gallery, seed, similarities,
       keypoint image, timings); raises gr.Error for user-facing problems. A mode without its function is
       not offered (nor its endpoint).
@@ -486,7 +488,7 @@ def build_demo(
       ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,
       "face_index": 1, "prompt": text}]}. Each mode's examples show with that mode only.
     """
-    fns = {"generate": generate_fn, "restyle": restyle_fn, "swap": swap_fn}
+    fns = {"generate": generate_fn, "restyle": restyle_fn, "swap": swap_fn, "group": group_fn}
     modes = [mode for mode in MODES if fns[mode] is not None]
     with gr.Blocks(title="InstantID", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="intro")

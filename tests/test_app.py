@@ -53,7 +53,7 @@ def pixels(path: str) -> np.ndarray:
 
 def test_api_signature(client: Client) -> None:
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert set(info) == {"/generate", "/restyle", "/swap", "/status"}
+    assert set(info) == {"/generate", "/restyle", "/swap", "/group", "/status"}
     params = [p["parameter_name"] for p in info["/generate"]["parameters"]]
     assert params[:2] == ["face_image", "prompt"] and "randomize_seed" in params and "controlnets" in params
     required = [p["parameter_name"] for p in info["/generate"]["parameters"] if not p["parameter_has_default"]]
@@ -128,6 +128,30 @@ def test_swap_round_trip_keeps_the_target_outside_the_face(client: Client, photo
     with pytest.raises(AppError, match="face_index=9"):
         client.predict(handle_file(str(FACE)), handle_file(str(photos["group"])), "x", face_index=9,
                        api_name="/swap", **FAST)
+
+
+def test_group_round_trip_scores_each_person(client: Client, photos: dict[str, Path]) -> None:
+    hopper, pair = (str(ROOT / "assets" / name) for name in ("grace_hopper.jpg", "two_people.jpg"))
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/group"]["parameters"]
+    assert [p["parameter_name"] for p in info][:6] == ["person_1", "person_2", "prompt", "person_3", "person_4",
+                                                        "names"]
+    assert [p["parameter_name"] for p in info if not p["parameter_has_default"]] == ["person_1", "person_2", "prompt"]
+    gallery, seed, similarities, keypoints, timings = client.predict(
+        person_1=[handle_file(str(FACE))], person_2=[handle_file(hopper), handle_file(str(FACE))],
+        names="Ada, Ben", layout_image=handle_file(pair), prompt="two friends", seed=3, api_name="/group", **FAST,
+    )
+    assert seed == 3 and len(gallery) == 1 and pixels(gallery[0]["image"]).shape == pixels(keypoints).shape
+    assert similarities == [{"Ada": None, "Ben": None}]  # the tiny models paint no face; per person nonetheless
+    assert gallery[0]["caption"] == "seed 3: Ada no face, Ben no face"
+    with pytest.raises(AppError, match=r"layout photo has 1 face\(s\) for 2 people"):
+        client.predict(person_1=[handle_file(str(FACE))], person_2=[handle_file(hopper)], prompt="x",
+                       layout_image=handle_file(str(FACE)), api_name="/group", **FAST)
+    with pytest.raises(AppError, match="No face found in the photo of Ben"):
+        client.predict(person_1=[handle_file(str(FACE))], person_2=[handle_file(str(photos["noface"]))],
+                       names="Ada, Ben", prompt="x", api_name="/group", **FAST)
+    with pytest.raises(AppError, match="No photo of person 2"):
+        client.predict(person_1=[handle_file(str(FACE))], person_2=None, person_3=[handle_file(hopper)], prompt="x",
+                       api_name="/group", **FAST)
 
 
 def test_restyle_round_trip(client: Client, photos: dict[str, Path]) -> None:

@@ -85,6 +85,36 @@ def test_restyle_and_swap_round_trips(tiny_env, photos, tmp_path: Path) -> None:
     assert summary["faces_found"] == 1
 
 
+def test_group_round_trip(tiny_env, photos, tmp_path: Path) -> None:
+    out = tmp_path / "group.png"
+    r = cli(tiny_env, "group", "--person", str(photos["astronaut"]), "--person", str(photos["hanks"]),
+            str(photos["astronaut_flipped"]), "--names", "Ada, Ben", "--order", "2,1", "--prompt", "two friends",
+            "--steps", "2", "--seed", "4", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["seed"] == 4 and summary["similarities"] == [{"Ada": None, "Ben": None}]
+    with PIL.Image.open(out) as im:
+        assert im.size == tuple(summary["size"]) and im.width > im.height  # side by side
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--person", "{astronaut}", "--person", "{noface}", "--names", "Ada,Ben"], "No face found in the photo of"),
+        (["--person", "{astronaut}", "--person", "{hanks}", "--layout", "{astronaut}"], "layout photo has 1 face(s)"),
+        (["--person", "{astronaut}"] * 5, "5 people: a group portrait holds at most 4"),
+        (["--person", "{astronaut}", "--names", "Ada,Ben"], "No photo of Ben (person 2)"),
+        (["--person", "{astronaut}", "--person", "{missing}"], "no such file"),
+        (["--names", "Ada"], "--person"),
+    ],
+)
+def test_group_errors_exit_2(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:
+    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg")}
+    r = cli(tiny_env, "group", *[a.format(**names) for a in args], "--out", str(tmp_path / "o.png"), "--steps", "2")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

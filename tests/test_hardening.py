@@ -418,8 +418,8 @@ def test_cli_process_rejects_bad_parameter(cli_runs: dict[str, subprocess.Comple
 
 def test_api_has_no_parameter_that_selects_a_model(client: Client) -> None:
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert set(info) == {"/generate", "/restyle", "/swap", "/status"}
-    for endpoint in ("/generate", "/restyle", "/swap"):
+    assert set(info) == {"/generate", "/restyle", "/swap", "/group", "/status"}
+    for endpoint in ("/generate", "/restyle", "/swap", "/group"):
         names = [p["parameter_name"] for p in info[endpoint]["parameters"]]
         for word in ("model", "repo", "checkpoint", "lora", "weights", "path", "url", "cache", "token", "revision"):
             assert not [n for n in names if word in n], (endpoint, word, names)
