@@ -249,6 +249,7 @@ def _generate(args: argparse.Namespace) -> int:
         "profile": result.profile,
         "timings_ms": result.timings_ms,
         "warnings": result.warnings,
+        "refined": result.refined,
     }
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)

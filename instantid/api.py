@@ -144,6 +144,8 @@ def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
         else:
             # The identity check of the output: the same face found again, or not at all.
             caption += "; no face found" if similarity is None else f"; identity {similarity:.2f}"
+        if result.refined:
+            caption += f"; refined: {', '.join(result.refined)}"
         items.append((image, caption))
     return items
 

@@ -75,6 +75,11 @@ class Shape:
     guided: bool  # guidance > 1: the UNet runs a batch of 2 per image
     controlnet_passes: int = 1
     extra_controls: int = 0  # extra controls whose condition is made in the GPU call (an estimator may run)
+    # Refined faces (refine_faces): each is a face swap onto each image, one image of `refine_megapixels` (the
+    # largest of their working sizes) through `refine_steps` steps with one ControlNet pass.
+    refine_passes: int = 0
+    refine_steps: int = 0
+    refine_megapixels: float = 0.0
 
     @property
     def batch(self) -> int:
@@ -84,7 +89,13 @@ class Shape:
     def step_units(self) -> float:
         """Steps x batch items x megapixels x ControlNet weight: what one figure's per-step cost multiplies."""
         weight = 1 + CONTROLNET_PASS_SHARE * max(0, self.controlnet_passes - 1)
-        return self.steps * self.batch * self.megapixels * weight
+        refine = self.refine_passes * self.refine_steps * (2 if self.guided else 1) * self.refine_megapixels
+        return self.steps * self.batch * self.megapixels * weight + refine
+
+    @property
+    def decode_units(self) -> float:
+        """Images x megapixels decoded: the image's, and each refined face's crop."""
+        return self.images * self.megapixels + self.refine_passes * self.refine_megapixels
 
 
 def shape_of(job: Any) -> Shape:
@@ -93,6 +104,7 @@ def shape_of(job: Any) -> Shape:
     pixels = width * height if width > 0 and height > 0 else AUTO_PIXELS
     extra = len(job.controls or {})
     people = max(1, len(getattr(job, "group", None) or ()))
+    refine = list(getattr(job, "refine", None) or ())
     return Shape(
         steps=max(0, int(job.denoising_steps)),
         images=max(1, int(job.num_images)),
@@ -101,6 +113,10 @@ def shape_of(job: Any) -> Shape:
         # A group portrait runs the IdentityNet once per person.
         controlnet_passes=people + extra,
         extra_controls=extra,
+        # Each small face chosen in prepare is redrawn in every image, through the whole schedule (strength 1).
+        refine_passes=len(refine) * max(1, int(job.num_images)),
+        refine_steps=max(0, int(job.num_steps)) if refine else 0,
+        refine_megapixels=max((float(r.width) * float(r.height) / MEGAPIXEL for r in refine), default=0.0),
     )
 
 
@@ -120,7 +136,7 @@ class Figures:
 
 def prior_seconds(shape: Shape) -> float:
     """What a call costs by the prior (already with its safety factor)."""
-    variable = shape.step_units * PRIOR_STEP_S + shape.images * shape.megapixels * PRIOR_DECODE_S
+    variable = shape.step_units * PRIOR_STEP_S + shape.decode_units * PRIOR_DECODE_S
     fixed = PRIOR_FIXED_S + shape.extra_controls * PRIOR_CONTROL_S
     return max(float(PRIOR_MIN_S), fixed + PRIOR_SAFETY * variable)
 
@@ -131,7 +147,7 @@ def predicted_seconds(shape: Shape, figures: Figures) -> float:
     decode = PRIOR_DECODE_S * PRIOR_SAFETY if figures.decode_s is None else figures.decode_s
     fixed = PRIOR_FIXED_S if figures.fixed_s is None else figures.fixed_s
     control = PRIOR_CONTROL_S if figures.control_s is None else figures.control_s
-    return fixed + shape.extra_controls * control + shape.step_units * step + shape.images * shape.megapixels * decode
+    return fixed + shape.extra_controls * control + shape.step_units * step + shape.decode_units * decode
 
 
 def ask_seconds(shape: Shape, figures: Figures | None, factor: float = 1.0, cap: float = MAX_DURATION_S) -> int:
@@ -208,7 +224,7 @@ class Record:
             if "denoise_ms" in ms and shape.step_units > 0:
                 self._step.append(denoise / shape.step_units)
                 if "decode_ms" in ms:
-                    self._decode.append(decode / (shape.images * shape.megapixels))
+                    self._decode.append(decode / shape.decode_units)
                 if shape.extra_controls and "controls_ms" in ms:
                     self._control.append(controls / shape.extra_controls)
                 self._fixed.append(max(0.0, wall_s - denoise - decode - controls))
@@ -219,6 +235,7 @@ class Record:
                 "images": shape.images,
                 "megapixels": round(shape.megapixels, 3),
                 "controlnet_passes": shape.controlnet_passes,
+                "refine_passes": shape.refine_passes,
                 "asked_s": asked,  # None off ZeroGPU: nothing is asked there
                 "basis": basis,
                 "used_s": round(wall_s, 2),

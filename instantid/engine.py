@@ -29,7 +29,7 @@ import numpy as np
 import PIL.Image
 
 from . import faces as face_lib
-from .errors import BusyError, CheckpointError, InvalidParameter, OutOfMemoryError, UserError
+from .errors import BusyError, CheckpointError, ImageError, InvalidParameter, OutOfMemoryError, UserError
 from .images import image_to_array, load_image, release_memory
 from .loading import (
     LORA_LABELS,
@@ -52,6 +52,7 @@ from .requests import (
     GroupPerson,
     Job,
     Paste,
+    Refine,
     Rendered,
     Step,
     image_seed,
@@ -405,6 +406,14 @@ class Engine:
         else:
             scene = {"generate": self._generate_scene, "restyle": self._restyle_scene, "swap": self._swap_scene}
             canvas = scene[req.mode](req, ref_img, ref_face, warnings)
+        spots = canvas.pop("spots", [])
+        if req.refines:
+            if req.mode == "group":
+                identities, labels = [e for e, _ in people], list(req.person_names)
+            else:
+                identities, labels = [embedding], ["the face"]
+            size = (canvas["width"], canvas["height"])
+            canvas["refine"] = self._refine_plans(req, size, spots, identities, labels, warnings)
         timings["conditions_ms"] = (time.perf_counter() - t1) * 1000
 
         prompt = req.prompt.strip()
@@ -495,22 +504,74 @@ class Engine:
         """The output size: the request's, or from `image`."""
         return (req.width, req.height) if req.width else self._auto_size(image.size)
 
+    def _working_short_side(self) -> int:
+        return TINY_SHORT_SIDE if self.settings.preset == "tiny" else self.profile.default_short_side
+
     def _auto_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The working size for a picture of `size`: short side from the profile, long side capped."""
-        short = TINY_SHORT_SIDE if self.settings.preset == "tiny" else self.profile.default_short_side
+        short = self._working_short_side()
         return face_lib.output_size(*size, short_side=short, max_side=self.settings.max_output_side)
+
+    def _placed(
+        self, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
+    ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+        """`face`'s keypoints and box on a `size` canvas laid out from a photo of `image_size`."""
+        scale, ox, oy = face_lib.layout(image_size, size, face.bbox)
+        kps = face_lib.scale_kps(face.kps, scale, scale) + np.array([ox, oy], dtype=np.float32)
+        x1, y1, x2, y2 = face.bbox
+        return kps, (x1 * scale + ox, y1 * scale + oy, x2 * scale + ox, y2 * scale + oy)
+
+    def _redraw_geometry(
+        self, image_size: tuple[int, int], bbox: Any, kps: np.ndarray
+    ) -> tuple[tuple[int, int, int, int], tuple[int, int], tuple[int, int], np.ndarray, tuple, tuple]:
+        """How a face is redrawn at working size (a swap; a refined face): the crop box around it in the image, the
+        crop's size, the working size, the face's keypoints at working size, and its box in the crop and at
+        working size."""
+        box = face_lib.swap_crop(image_size, bbox)
+        crop_size = (box[2] - box[0], box[3] - box[1])
+        size = self._auto_size(crop_size)
+        sx, sy = size[0] / crop_size[0], size[1] / crop_size[1]
+        origin = np.array([box[0], box[1]], dtype=np.float32)
+        kps = face_lib.scale_kps(np.asarray(kps, dtype=np.float32) - origin, sx, sy)
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+        in_crop = (x1 - box[0], y1 - box[1], x2 - box[0], y2 - box[1])
+        in_work = (in_crop[0] * sx, in_crop[1] * sy, in_crop[2] * sx, in_crop[3] * sy)
+        return box, crop_size, size, kps, in_crop, in_work
+
+    def _refine_plans(
+        self, req: GenerateRequest, size: tuple[int, int], spots: list[tuple[np.ndarray, Any]],
+        identities: list[np.ndarray], labels: list[str], warnings: list[str],
+    ) -> list[Refine]:
+        """The faces on a `size` canvas (keypoints and box per person, where the layout put them) that are small
+        enough to refine, each as a swap onto the image with its person's identity."""
+        plans = []
+        for (kps, bbox), identity, label in zip(spots, identities, labels, strict=True):
+            if not face_lib.needs_refining(bbox, self._working_short_side()):
+                continue
+            try:
+                box, crop_size, work, work_kps, in_crop, in_work = self._redraw_geometry(size, bbox, kps)
+            except ImageError:
+                warnings.append(f"{label[:1].upper()}{label[1:]} is not refined: the layout puts it across the "
+                                "image's edge.")
+                continue
+            redraw = face_lib.swap_region(work, in_work, feather=False)
+            plans.append(Refine(
+                label=label, embedding=identity, box=box, width=work[0], height=work[1],
+                keypoint_image=face_lib.draw_keypoints(work, work_kps),
+                mask_image=PIL.Image.fromarray((redraw * 255).astype(np.uint8), mode="L"),
+                face_mask=face_lib.face_mask(work, in_work) if req.enhance_face_region else None,
+                region=face_lib.swap_region(crop_size, in_crop),
+            ))
+        return plans
 
     def _face_on_canvas(
         self, req: GenerateRequest, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
     ) -> tuple[Any, np.ndarray | None, tuple[float, float, float, float]]:
         """The keypoint image and face mask of `face` laid out on a `size` canvas, and the crop of its photo
         (x1, y1, x2, y2, photo pixels) that the canvas shows."""
-        scale, ox, oy = face_lib.layout(image_size, size, face.bbox)
-        kps = face_lib.scale_kps(face.kps, scale, scale) + np.array([ox, oy], dtype=np.float32)
-        x1, y1, x2, y2 = face.bbox
-        box = (x1 * scale + ox, y1 * scale + oy, x2 * scale + ox, y2 * scale + oy)
+        kps, box = self._placed(image_size, face, size)
         mask = face_lib.face_mask(size, box) if req.enhance_face_region else None
-        return face_lib.draw_keypoints(size, kps), mask, _shown_crop((scale, ox, oy), size)
+        return face_lib.draw_keypoints(size, kps), mask, _shown_crop(face_lib.layout(image_size, size, face.bbox), size)
 
     def _generate_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
         """Generate: the face layout (and extra ControlNets) from the pose photo, or else the face photo."""
@@ -531,7 +592,7 @@ class Engine:
         keypoint_image, mask, crop = self._face_on_canvas(req, pose_img.size, pose_face, size)
         controls = self._prepare_controls(req, pose_img, size, crop)
         return {"keypoint_image": keypoint_image, "face_mask": mask, "controls": controls,
-                "width": size[0], "height": size[1]}
+                "width": size[0], "height": size[1], "spots": [self._placed(pose_img.size, pose_face, size)]}
 
     def _group_scene(
         self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str],
@@ -576,7 +637,8 @@ class Engine:
             for k in range(n)
         ]
         return {"keypoint_image": face_lib.draw_group_keypoints(size, [p.keypoint_image for p in group]),
-                "face_mask": None, "controls": {}, "width": size[0], "height": size[1], "group": group}
+                "face_mask": None, "controls": {}, "width": size[0], "height": size[1], "group": group,
+                "spots": [by_person[k] for k in range(n)]}
 
     def _restyle_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
         """Restyle: the source photo at the output size; the face layout from its largest face, or from the
@@ -586,14 +648,16 @@ class Engine:
         found = self.faces().detect(image_to_array(source), with_embedding=False)
         if found:
             keypoint_image, mask, crop = self._face_on_canvas(req, source.size, found[0], size)
+            spot = self._placed(source.size, found[0], size)
         else:
             warnings.append("No face in the photo to restyle: the face is placed as in the face photo.")
             keypoint_image, mask, _ = self._face_on_canvas(req, ref_img.size, ref_face, size)
+            spot = self._placed(ref_img.size, ref_face, size)
             whole = (0.0, 0.0, float(source.width), float(source.height))
             crop = _shown_crop(face_lib.layout(source.size, size, whole), size)  # centred: no face to centre on
         return {"keypoint_image": keypoint_image, "face_mask": mask, "width": size[0], "height": size[1],
                 "controls": self._prepare_controls(req, source, size, crop),
-                "init_image": source.convert("RGB").resize(size, box=crop)}
+                "init_image": source.convert("RGB").resize(size, box=crop), "spots": [spot]}
 
     def _swap_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
         """Face swap: a crop around the chosen face of the target, at the working size, with the region to redraw
@@ -608,15 +672,8 @@ class Engine:
             fix = f"the photo has {len(found)} face(s): use 0..{len(found) - 1} (0 = the largest)"
             raise InvalidParameter("face_index", req.face_index, fix)
         face = found[req.face_index]
-        box = face_lib.swap_crop(target.size, face.bbox)
-        crop_size = (box[2] - box[0], box[3] - box[1])
-        size = self._auto_size(crop_size)
-        sx, sy = size[0] / crop_size[0], size[1] / crop_size[1]
-        origin = np.array([box[0], box[1]], dtype=np.float32)
-        kps = face_lib.scale_kps(face.kps - origin, sx, sy)
+        box, crop_size, size, kps, in_crop, in_work = self._redraw_geometry(target.size, face.bbox, face.kps)
         x1, y1, x2, y2 = (float(v) for v in face.bbox)
-        in_crop = (x1 - box[0], y1 - box[1], x2 - box[0], y2 - box[1])
-        in_work = (in_crop[0] * sx, in_crop[1] * sy, in_crop[2] * sx, in_crop[3] * sy)
         redraw = face_lib.swap_region(size, in_work, feather=False)
         return {
             "keypoint_image": face_lib.draw_keypoints(size, kps),
@@ -769,6 +826,9 @@ class Engine:
         warnings = list(job.warnings)
         if rendered.interrupted:
             warnings.append("Generation was stopped early.")
+        refined = [plan.label for plan in job.refine]
+        if refined:
+            warnings.append(f"Refined small face(s), re-rendered at working size: {', '.join(refined)}.")
         return GenerateResult(
             images=images,
             seed=job.seed,
@@ -784,6 +844,7 @@ class Engine:
             profile=self.profile.name,
             warnings=warnings,
             person_similarities=people,
+            refined=refined,
         )
 
     def _extra_controls(self, job: Job) -> list[Any]:
@@ -810,7 +871,8 @@ class Engine:
         assert loras is not None
         loras.use(job.speed if lora is not None else None)
         pipe.set_scheduler(job.scheduler)
-        steps = job.denoising_steps
+        steps = job.total_steps  # refined faces' steps included: one progress bar for the whole GPU stage
+        done = [0]  # steps of the passes before the one running (the image, then each refined face)
         # What only restyle (img2img) and swap (inpaint) take; diffusers' own names.
         mode_args: dict[str, Any] = {}
         if job.mode not in ("generate", "group"):
@@ -822,14 +884,15 @@ class Engine:
 
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if progress is not None:
-                progress(i + 1, steps)
+                progress(done[0] + i + 1, steps)
             return {}
 
         def call() -> Any:
             # A CPU generator gives the same noise on every device, so a seed means the same image; one per
             # image, from consecutive seeds, so that image 2 of a run with seed 7 is the image of seed 8.
+            done[0] = 0
             generator = [torch.Generator("cpu").manual_seed(image_seed(job.seed, i)) for i in range(job.num_images)]
-            return pipe(
+            out = pipe(
                 job.prompt,
                 job.negative_prompt,
                 face_embedding=job.embedding,
@@ -847,6 +910,10 @@ class Engine:
                 callback_on_step_end=on_step,
                 **mode_args,
             )
+            if job.refine and not out.interrupted:
+                done[0] = job.denoising_steps
+                out = self._refine(job, out, on_step, done)
+            return out
 
         try:
             return call()
@@ -869,6 +936,52 @@ class Engine:
             f"The GPU ran out of memory even with the leaner {self.profile.name} profile: "
             "use fewer images or a smaller size."
         )
+
+    def _refine(self, job: Job, out: Any, on_step: Callable[..., dict[str, Any]], done: list[int]) -> Any:
+        """Each image's small faces re-rendered at working size as face swaps onto it (`job.refine`): the crop
+        around the face, inpainted by the swap pipeline with that face's keypoints and person's identity and the
+        image's own seed, pasted back through the feathered region (outside it every pixel stays the image's)."""
+        import torch
+
+        from .pipeline import InstantIDOutput
+
+        t0 = time.perf_counter()
+        pipe = self.pipes["swap"]
+        pipe.set_scheduler(job.scheduler)
+        timings = dict(out.timings_ms)
+        images = list(out.images)
+        for i, image in enumerate(images):
+            for plan in job.refine:
+                drawn = pipe(
+                    job.prompt,
+                    job.negative_prompt,
+                    face_embedding=plan.embedding,
+                    keypoint_image=plan.keypoint_image,
+                    identitynet_strength=job.identitynet_strength,
+                    adapter_strength=job.adapter_strength,
+                    face_mask=plan.face_mask,
+                    height=plan.height,
+                    width=plan.width,
+                    num_inference_steps=job.num_steps,
+                    guidance_scale=job.guidance_scale,
+                    num_images_per_prompt=1,
+                    generator=[torch.Generator("cpu").manual_seed(image_seed(job.seed, i))],
+                    callback_on_step_end=on_step,
+                    image=image.convert("RGB").resize((plan.width, plan.height), box=plan.box),
+                    mask_image=plan.mask_image,
+                    strength=1.0,
+                )
+                done[0] += job.num_steps
+                # The passes' costs join the image's, so that the ZeroGPU record learns per step and decode.
+                for key in ("encode_ms", "denoise_ms", "decode_ms"):
+                    timings[key] = timings.get(key, 0.0) + drawn.timings_ms.get(key, 0.0)
+                if drawn.interrupted:
+                    images[i] = image
+                    return InstantIDOutput(images=images, timings_ms=timings, interrupted=True)
+                image = face_lib.paste_face(image, drawn.images[0], plan.box, plan.region)
+            images[i] = image
+        timings["refine_ms"] = (time.perf_counter() - t0) * 1000
+        return InstantIDOutput(images=images, timings_ms=timings, interrupted=False)
 
     def _free_cuda(self) -> None:
         import torch

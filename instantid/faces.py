@@ -747,6 +747,18 @@ SWAP_GROW = 0.15
 SWAP_FEATHER = 0.05
 # More of the face box than this outside the photo, and the crop would have to leave the image.
 MAX_FACE_OUTSIDE = 0.1
+# Refining small faces (refine_faces) redraws a face through the swap's crop, where it fills 1 / (1 + 2 x
+# SWAP_PADDING), about 45 %, of the working size. A face whose box's longer side is under REFINE_BELOW of the
+# working size's short side (256 px at 1024) thus gets at least 1.8x its pixels, and SDXL draws faces that
+# small without detail (the InstantID issues #6 and #164 on distant faces); a larger face would gain too little
+# to pay for another render.
+REFINE_BELOW = 0.25
+
+
+def needs_refining(bbox: Sequence[float], short_side: int) -> bool:
+    """Whether a face with box `bbox` is small enough to be refined at a working size of short side `short_side`."""
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    return max(x2 - x1, y2 - y1) < REFINE_BELOW * short_side
 
 
 def swap_crop(size: tuple[int, int], bbox: Sequence[float]) -> tuple[int, int, int, int]:

@@ -29,6 +29,9 @@ MAX_PROMPT_CHARS = 2000
 MAX_STRENGTH = 1.5
 # The largest output side a server may allow (INSTANTID_MAX_OUTPUT_SIDE; its default is 1280).
 MAX_SIDE = 4096
+# refine_faces: "auto" is the mode's own default (on for the modes in REFINE_BY_DEFAULT).
+REFINE_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+REFINE_BY_DEFAULT: tuple[str, ...] = ("group",)
 # Face numbers a swap may ask for (0 = the largest); a photo holds rarely more, the detector finds few more.
 MAX_FACE_INDEX = 99
 
@@ -294,6 +297,14 @@ PARAMS: dict[str, Param] = {
         Param("randomize_seed", "boolean", False, "Ignore seed and pick a random one (the seed used is returned)."),
         Param("enhance_face_region", "boolean", True, "Confine the identity conditioning to the face region, "
               "leaving the rest to the prompt.", "Enhance face region"),
+        # Three states, not a boolean: Group wants it on by default and the others off, and a Param has one
+        # default; "auto" (the mode's own) is a value every caller (API, page, command line) can send and see.
+        Param("refine_faces", "choice", "auto", "Re-render each face smaller than a quarter of the working size's "
+              "short side at full working size with its person's identity (a face swap onto the image: crop, "
+              "inpaint, feathered paste-back, same seed); each such face costs one more render. auto: on for "
+              "group, off for generate and restyle.", "Refine small faces", choices=REFINE_CHOICES,
+              flag="--refine-faces", modes=("generate", "restyle", "group"),
+              info="auto: on for Group, off otherwise; each small face costs one more render"),
     )
 }
 
@@ -354,6 +365,7 @@ class GenerateRequest:
     names: str = ""  # group: comma-separated, in person order ("" = Person 1, Person 2, ...)
     layout_image: ImageInput | None = None  # group: the photo whose faces give the layout
     order: str = ""  # group: person numbers for the layout's faces, left to right ("" = 1, 2, ...)
+    refine_faces: str = "auto"  # one of REFINE_CHOICES; `refines` says what it means for this mode
     # What the checks adjusted, for the result's warnings (control characters removed from a prompt).
     notes: tuple[str, ...] = field(default=(), init=False, compare=False)
     # Group: each person's name (given or "Person k") and the person on each layout face, left to right (0-based).
@@ -395,6 +407,13 @@ class GenerateRequest:
         if self.enable_lcm and (self.num_steps or 0) > MAX_LCM_STEPS:
             limit = f"use 1..{MAX_LCM_STEPS} with LCM fast mode (its scheduler's limit), or switch LCM off"
             raise InvalidParameter("num_steps", self.num_steps, limit)
+
+    @property
+    def refines(self) -> bool:
+        """Whether small faces are re-rendered after the image ("auto": the mode's default)."""
+        if self.refine_faces == "auto":
+            return self.mode in REFINE_BY_DEFAULT
+        return self.refine_faces == "on"
 
     @property
     def sampling(self) -> Speed:
@@ -521,6 +540,8 @@ class GenerateResult:
     # Group: per image, each person's name -> the similarity of the output face matched to them (None: no face
     # matched); in person order. Empty in the other modes.
     person_similarities: list[dict[str, float | None]] = field(default_factory=list)
+    # The faces re-rendered at working size (refine_faces): the people's names in a group, "the face" otherwise.
+    refined: list[str] = field(default_factory=list)
 
 
 # --- the three stages' hand-overs -------------------------------------------------------------------
@@ -549,6 +570,25 @@ class GroupPerson:
 
     embedding: Any
     keypoint_image: Any
+    region: Any
+
+
+@dataclass
+class Refine:
+    """One small face to re-render after the image, as a face swap onto it: the crop box around the face on the
+    canvas (x1, y1, x2, y2), the working size it is drawn at, the face's keypoints there, the region redrawn
+    (`mask_image`, white = redraw; hard-edged so it covers the feathered paste), the identity-conditioning mask
+    (`face_mask`, None without enhance_face_region), and the feathered mask over the crop (float32, crop height x
+    width, 0..1) it is pasted back through. `label` names the face in the result ("Ada", or "the face")."""
+
+    label: str
+    embedding: Any  # np.ndarray (512,), the person's identity
+    box: tuple[int, int, int, int]
+    width: int
+    height: int
+    keypoint_image: Any
+    mask_image: Any
+    face_mask: Any
     region: Any
 
 
@@ -593,12 +633,19 @@ class Job:
     people: list[str] = field(default_factory=list)
     embeddings: list[Any] = field(default_factory=list)
     group: list[GroupPerson] = field(default_factory=list)
+    # The small faces to re-render after the image (refine_faces), decided here so the GPU time asked is exact.
+    refine: list[Refine] = field(default_factory=list)
 
     @property
     def denoising_steps(self) -> int:
         """The steps the pipeline really runs: img2img skips the first (1 - strength) of the schedule, as
         diffusers computes it."""
         return min(int(self.num_steps * self.strength), self.num_steps)
+
+    @property
+    def total_steps(self) -> int:
+        """Every denoising step of the GPU stage: the image's, then each refined face's full schedule per image."""
+        return self.denoising_steps + len(self.refine) * self.num_images * self.num_steps
 
     def __getstate__(self) -> dict[str, Any]:
         # The GPU stage never reads `paste`, and its target photo can be tens of megapixels: ZeroGPU would
