@@ -154,6 +154,18 @@ def test_group_round_trip_scores_each_person(client: Client, photos: dict[str, P
                        api_name="/group", **FAST)
 
 
+def test_refine_faces_round_trip(client: Client, photos: dict[str, Path]) -> None:
+    """A small face (t1.jpg as the pose photo) refined on request: the caption and the warnings name it."""
+    gallery, _, _, _, info = client.predict(
+        handle_file(str(FACE)), "a portrait", pose_image=handle_file(str(photos["group"])), refine_faces="on",
+        seed=4, api_name="/generate", **FAST,
+    )
+    assert gallery[0]["caption"].endswith("; refined: the face")
+    assert "Refined small face(s), re-rendered at working size: the face." in info["warnings"] and "refine_ms" in info
+    with pytest.raises(AppError, match="refine_faces=.yes.: choose one of auto, on, off"):
+        client.predict(handle_file(str(FACE)), "x", refine_faces="yes", api_name="/generate", **FAST)
+
+
 def test_restyle_round_trip(client: Client, photos: dict[str, Path]) -> None:
     gallery, seed, similarities, keypoints, _ = client.predict(
         handle_file(str(FACE)), handle_file(str(photos["hanks"])), "an oil painting", strength=0.5, seed=9,

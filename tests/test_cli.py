@@ -97,6 +97,16 @@ def test_group_round_trip(tiny_env, photos, tmp_path: Path) -> None:
         assert im.size == tuple(summary["size"]) and im.width > im.height  # side by side
 
 
+def test_refine_faces_flag(tiny_env, photos, tmp_path: Path) -> None:
+    r = cli(tiny_env, "generate", "--face", str(photos["astronaut"]), "--pose", str(photos["group"]), "--prompt",
+            "a portrait", "--refine-faces", "on", "--steps", "2", "--seed", "4", "--out", str(tmp_path / "r.png"),
+            "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["refined"] == ["the face"] and "refine_ms" in summary["timings_ms"]
+    assert "warning: Refined small face(s), re-rendered at working size: the face." in r.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

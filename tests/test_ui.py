@@ -32,7 +32,7 @@ FACE = str(ROOT / "assets" / "astronaut.jpg")
 API_PARAMETERS = [
     "face_image", "prompt", "extra_face_images", "pose_image", "negative_prompt", "style", "num_images", "width",
     "height", "num_steps", "guidance_scale", "identitynet_strength", "adapter_strength", "controlnets",
-    "scheduler", "speed", "enable_lcm", "seed", "randomize_seed", "enhance_face_region",
+    "scheduler", "speed", "enable_lcm", "seed", "randomize_seed", "enhance_face_region", "refine_faces",
 ]
 
 REPORT = {
@@ -58,7 +58,7 @@ def fake_generate(
     face_image, prompt, extra_face_images=None, pose_image=None, negative_prompt="", style="", num_images=1,
     width=0, height=0, num_steps=0, guidance_scale=0.0, identitynet_strength=0.8, adapter_strength=0.8,
     controlnets=None, scheduler="", speed="quality", enable_lcm=False, seed=42, randomize_seed=False,
-    enhance_face_region=True,
+    enhance_face_region=True, refine_faces="auto",
 ):
     image = Image.new("RGB", (64, 64))
     yield [(image, "fake")], seed, [0.5], image, {"total_ms": 1.0}
