@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,13 @@ def test_group_errors_exit_2(tiny_env, photos, tmp_path: Path, args: list[str], 
     r = cli(tiny_env, "group", *[a.format(**names) for a in args], "--out", str(tmp_path / "o.png"), "--steps", "2")
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_group_out_never_overwrites_a_person_photo(tiny_env, photos, tmp_path: Path) -> None:
+    ben = tmp_path / "ben.png"
+    shutil.copyfile(photos["hanks"], ben)
+    r = cli(tiny_env, "group", "--person", str(photos["astronaut"]), "--person", str(ben), "--out", str(ben))
+    assert r.returncode == 2 and "is the --person photo" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(
