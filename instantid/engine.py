@@ -728,7 +728,7 @@ class Engine:
         return out
 
     def render(self, job: Job, progress: ProgressFn | None = None) -> Rendered:
-        """The GPU stage: the condition estimators and the pipeline call, nothing else.
+        """The GPU stage: the condition estimators, the pipeline call and the small faces' refinement, nothing else.
 
         `progress(step, total)` is called after every denoising step and may raise to stop the run.
         """
