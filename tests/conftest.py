@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
+import uuid
 from pathlib import Path
 
 # Before anything imports huggingface_hub or gradio: they read these at import time.
@@ -12,6 +14,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("SPACES_ZERO_GPU", None)
+# Every process the tests start inherits this mark (apprunner keeps it too), orphans included: at the end
+# of the session, any process still carrying it was left behind (see pytest_sessionfinish).
+SESSION_MARK = "TESTS_SESSION_MARK"
+os.environ[SESSION_MARK] = f"{os.getpid()}-{uuid.uuid4().hex}"
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -19,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -31,6 +38,53 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def left_behind() -> list[psutil.Process]:
+    """Live processes started by this session (they carry its mark), but this process itself."""
+    mark = os.environ[SESSION_MARK]
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SESSION_MARK) == mark:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test left a process running (a server, a forked worker, a browser), then end it.
+
+    Every fixture stops what it starts and waits for it; this is the check that they do. A few seconds of
+    grace for processes already told to stop.
+    """
+    deadline = time.monotonic() + 10
+    stray = left_behind()
+    while stray and time.monotonic() < deadline:
+        time.sleep(0.5)
+        stray = left_behind()
+    if not stray:
+        return
+    lines = []
+    for proc in stray:
+        try:
+            lines.append(f"  pid {proc.pid}: {' '.join(proc.cmdline())[:200]}")
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(stray, timeout=10)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    message = f"{len(stray)} process(es) started by the tests were still running (now killed):\n" + "\n".join(lines)
+    if reporter is not None:
+        reporter.line("")
+        reporter.write_line(message, red=True)
+    else:
+        print(message, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
