@@ -19,6 +19,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
+# In the shared app's environment (conftest's tiny_app), as HF_TOKEN on a Space: it must never be shown.
+SECRET_TOKEN = "hf_hardeningTestSecret0123456789abcdef"
 
 
 def free_port() -> int:

@@ -7,7 +7,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Before anything imports huggingface_hub or gradio: they read these at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -28,10 +30,19 @@ import PIL.Image  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 
+# Fixtures that start a server or a process (or hand tests the environment for one, as tiny_env): a test
+# that uses one, directly or through another fixture, is `slow`, left out of `scripts/test.sh --quick`.
+# test_zerogpu's `zerogpu` and test_load's `busy_app` start their own app.
+PROCESS_FIXTURES = {"tiny_app", "tiny_env", "zerogpu", "busy_app"}
 
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
@@ -131,6 +142,21 @@ def tiny_engine(tiny_settings):
     engine = Engine(tiny_settings)
     engine.ensure_loaded()
     return engine
+
+
+@pytest.fixture(scope="session")
+def tiny_app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[Any]:
+    """`python app.py` on the tiny preset, one for the whole session (each start costs 10-40 s on two cores):
+    the app, browser and hardening tests share it. Its environment holds a token, as a Space with HF_TOKEN
+    set does: it must never reach a log, the status or the page (test_hardening). Tests using it are `slow`.
+    """
+    from tests import apprunner
+
+    app = apprunner.start_app(tmp_path_factory.mktemp("tiny-app"), tiny_cache, HF_TOKEN=apprunner.SECRET_TOKEN)
+    try:
+        yield app
+    finally:
+        app.stop()
 
 
 @pytest.fixture(scope="session")

@@ -28,12 +28,8 @@ FAST = {"num_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[tuple[str, Path]]:
-    app = apprunner.start_app(tmp_path_factory.mktemp("app"), tiny_cache)
-    try:
-        yield app.url, app.log
-    finally:
-        app.stop()
+def app(tiny_app: apprunner.App) -> Iterator[tuple[str, Path]]:
+    yield tiny_app.url, tiny_app.log  # the session's app (conftest), shared with the browser and hardening tests
 
 
 @pytest.fixture(scope="module")

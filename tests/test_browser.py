@@ -39,12 +39,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[str]:
-    app = apprunner.start_app(tmp_path_factory.mktemp("browser-app"), tiny_cache)
-    try:
-        yield app.url
-    finally:
-        app.stop()
+def app_url(tiny_app: apprunner.App) -> Iterator[str]:
+    yield tiny_app.url  # the session's app (conftest), shared with the app and hardening tests
 
 
 @pytest.fixture(scope="module")

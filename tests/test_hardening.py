@@ -37,7 +37,7 @@ from instantid.requests import MAX_PROMPT_CHARS, GenerateRequest
 from tests import apprunner, hostile
 
 FAST = {"num_steps": 1, "seed": 1}
-SECRET = "hf_hardeningTestSecret0123456789abcdef"
+SECRET = apprunner.SECRET_TOKEN
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -49,13 +49,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path):
-    # A token in the environment, as on a Space with HF_TOKEN set: it must never reach a log or the status.
-    app = apprunner.start_app(tmp_path_factory.mktemp("hardening-app"), tiny_cache, HF_TOKEN=SECRET)
-    try:
-        yield app
-    finally:
-        app.stop()
+def app(tiny_app: apprunner.App) -> apprunner.App:
+    # The session's app (conftest): HF_TOKEN=SECRET in its environment, as on a Space with a token.
+    return tiny_app
 
 
 @pytest.fixture(scope="module")
