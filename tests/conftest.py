@@ -16,6 +16,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("SPACES_ZERO_GPU", None)
+# Before torch loads OpenMP (subprocesses inherit it): OpenMP's threads otherwise spin while they wait, and
+# on two cores shared with other work (the app server, a CLI process, other users) a 2-step tiny
+# generation took 3-17 s instead of 0.2-0.6 s (measured 2026-12-04 on this 2-core machine under load).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Every process the tests start inherits this mark (apprunner keeps it too), orphans included: at the end
 # of the session, any process still carrying it was left behind (see pytest_sessionfinish).
 SESSION_MARK = "TESTS_SESSION_MARK"

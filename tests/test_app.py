@@ -218,6 +218,7 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
     assert other.predict(api_name="/status")["state"]["activity"] == "idle"
 
 
+@pytest.mark.slow  # starts its own app
 def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
     """GRADIO_MCP_SERVER=1 serves every endpoint as an MCP tool, with its documented parameters."""
     app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")

@@ -648,6 +648,7 @@ print(json.dumps(after))
 """
 
 
+@pytest.mark.slow  # its own process, an engine and six 35-49 MP decodes
 def test_large_uploads_give_their_memory_back(tiny_cache: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(apprunner.ROOT), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_cache)], env=env, capture_output=True, text=True,
