@@ -33,12 +33,8 @@ FAST = {"num_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[tuple[str, Path]]:
-    app = apprunner.start_app(tmp_path_factory.mktemp("app"), tiny_cache)
-    try:
-        yield app.url, app.log
-    finally:
-        app.stop()
+def app(tiny_app: apprunner.App) -> Iterator[tuple[str, Path]]:
+    yield tiny_app.url, tiny_app.log  # the session's app (conftest), shared with the browser and hardening tests
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +311,7 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
     assert other.predict(api_name="/status")["state"]["activity"] == "idle"
 
 
+@pytest.mark.slow  # starts its own app
 def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
     """GRADIO_MCP_SERVER=1 serves every endpoint as an MCP tool, with its documented parameters."""
     app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")
