@@ -88,7 +88,7 @@ def test_a_keyword_of_another_mode_is_named(client: Client) -> None:
 
     with pytest.raises(TypeError, match="`width`"):
         client.predict(handle_file(str(FACE)), handle_file(str(FACE)), "x", width=128, api_name="/swap")
-    with pytest.raises(gr.Error, match=re.escape("width=128: is not used by swap (only by generate, restyle)")):
+    with pytest.raises(gr.Error, match=re.escape("width=128: is not used by swap (only by generate, restyle, group)")):
         next(api.swap(str(FACE), str(FACE), "x", width=128))
 
 
