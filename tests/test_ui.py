@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +259,44 @@ def test_status_samples_are_capped() -> None:
         samples = ui.add_sample(samples, REPORT, now=float(i))
     assert len(samples) == ui.MAX_SAMPLES
     assert samples[0]["t"] == 10.0
+
+
+def test_memory_history_is_one_spaced_bounded_list() -> None:
+    history = ui.MemoryHistory(max_samples=5, min_gap_s=2.0)
+    for now in (0.0, 1.0, 2.0, 3.5, 4.0):  # 1.0 and 3.5 come too soon after the newest: not added
+        history.record(REPORT, now=now)
+    assert [s["t"] for s in history.samples()] == [0.0, 2.0, 4.0]
+    for i in range(10):
+        history.record(REPORT, now=10.0 + 2 * i)
+    assert [s["t"] for s in history.samples()] == [20.0, 22.0, 24.0, 26.0, 28.0]
+
+
+def test_memory_history_is_sampled_without_any_visitor() -> None:
+    reports = iter(range(1, 10_000))
+    history = ui.MemoryHistory(min_gap_s=0.0)
+    history.start(lambda: {"host": {"process_rss": next(reports) * ui.GIB}}, every_s=0.01)
+    for _ in range(1000):  # polled: the thread's pace on a loaded machine is not this test's business
+        if len(history.samples()) >= 3:
+            break
+        time.sleep(0.01)
+    rss = [s["process RSS"] for s in history.samples()]
+    assert len(rss) >= 3 and rss == sorted(rss), rss
+
+
+def test_the_status_tab_shows_the_server_s_history_to_every_visitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's history was kept per browser session (a gr.State) and sampled only while that tab was open:
+    a reload, or a visitor opening the tab, started it again from one point."""
+    clock = iter([1000.0, 1004.0, 1008.0, 1012.0])
+    monkeypatch.setattr(ui, "time", types.SimpleNamespace(time=lambda: next(clock), sleep=time.sleep))
+    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    by_fn = _deps(demo)
+    (tick,) = [d for d in by_fn["refresh"] if d.targets[0][1] == "tick"]
+    opened = [d for d in by_fn["refresh"] if d is not tick]
+    assert opened and not tick.inputs and not any(d.inputs for d in opened), "no per-session history input"
+    for _ in range(3):  # one visitor with the tab open
+        tick.fn()
+    plot = opened[0].fn()[2]  # another visitor (or a reload) opens the tab
+    assert sorted(set(plot["seconds"])) == [-12.0, -8.0, -4.0, 0.0]
 
 
 def test_status_rendering_survives_an_empty_report() -> None:
