@@ -623,30 +623,38 @@ def _examples(
     # Shown like a run from the button: the summary line, and for a swap the before/after view.
     shown = [*outputs, c["summary"], *([c["before_after"]] if mode == "swap" else [])]
 
-    def run_example(*values: Any) -> Any:
-        # Every other input keeps its default, so a cached example stays valid.
-        given = dict(zip(names, values, strict=True))
-        for item in fn(**given):
-            if not isinstance(item, (tuple, list)):  # gr.skip() while it works
-                yield item
-                continue
-            # Shown again from the cache on every later click: it says when it was made, not "Done in".
-            result = [*item, timings_line(item[4], done=EXAMPLE_DONE)]
-            if mode == "swap":
-                result.append(before_after(given["target_image"], item[0]))
-            yield result
+    # Each example is generated on its first click, in the queue like a run from the button (so with its step
+    # progress), then served from memory. Gradio's lazy example cache ran that first generation outside the
+    # event (gradio/helpers.py: Examples.cache calls process_api without an event id), so gr.Progress had no
+    # event to report to and the first click showed no progress. Keyed by the example's number: nothing a
+    # client sends can grow it.
+    cached: dict[int, list[Any]] = {}
+    locks = [threading.Lock() for _ in rows]
 
-    gr.Examples(
+    def run_example(chosen: tuple[int, Any]) -> Any:
+        index = chosen[0]
+        given = dict(rows[index])
+        with locks[index]:  # two first clicks at once: one generation, the other is served its result
+            if index not in cached:
+                for item in fn(**given):
+                    if not isinstance(item, (tuple, list)):  # gr.skip() while it works
+                        yield item
+                        continue
+                    line = timings_line(item[4])
+                    extra = [before_after(given["target_image"], item[0])] if mode == "swap" else []
+                    cached[index] = [*item, timings_line(item[4], done=EXAMPLE_DONE), *extra]
+                    yield [*item, line, *extra]
+                return
+        # Shown again on every later click: the line says when it was made, not "Done in".
+        yield cached[index]
+
+    examples = gr.Examples(
         examples=[list(row.values()) for row in rows],
         inputs=[c[name] for name in names],
-        outputs=shown,
-        fn=run_example,
-        # Lazily: each example is generated on its first click, then served from the cache; eager caching
-        # would spend a full SDXL generation per example at start-up.
-        cache_examples=True,
-        cache_mode="lazy",
-        api_visibility="private",
-        label=f"{MODE_LABELS[mode]} examples (click one: generated once, then served from the cache)",
+        label=f"{MODE_LABELS[mode]} examples (click one: generated once, then shown again at once)",
+    )
+    examples.dataset.click(
+        run_example, [examples.dataset], shown, api_visibility="private", show_progress_on=[c["gallery"]]
     )
 
 

@@ -500,8 +500,8 @@ def test_each_mode_shows_its_own_examples() -> None:
                          swap_fn=api.swap)
     datasets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
     assert sorted(d.label for d in datasets) == [
-        "Face swap examples (click one: generated once, then served from the cache)",
-        "Generate examples (click one: generated once, then served from the cache)",
+        "Face swap examples (click one: generated once, then shown again at once)",
+        "Generate examples (click one: generated once, then shown again at once)",
     ]
     swap = ui.visible_in("swap", ["generate", "restyle", "swap"])
     assert swap["swap_examples"] and not swap["generate_examples"] and not swap["restyle_examples"]
@@ -612,6 +612,26 @@ def test_a_cached_example_says_it_comes_from_the_cache() -> None:
     """Served from the cache in 0.8 s, it said "Done in 10.8 s"."""
     line = ui.timings_line({"total_ms": 10800.0, "faces_ms": 31.0}, done=ui.EXAMPLE_DONE)
     assert line == "Example shown from the cache; first generated in 10.8 s: faces 31 ms"
+
+
+def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> None:
+    """Gradio's lazy cache generated an example outside the click's event: its first click showed no progress."""
+    calls: list[str] = []
+
+    def counting(**kwargs: Any) -> Any:
+        calls.append(kwargs["prompt"])
+        yield gr.skip()
+        yield from fake_generate(**kwargs)
+
+    rows = [{"face_image": FACE, "prompt": "a knight"}, {"face_image": FACE, "prompt": "a queen"}]
+    demo = ui.build_demo(counting, fake_status, settings=Settings(), examples={"generate": rows})
+    (click,) = _deps(demo)["run_example"]
+    assert click.queue and click.api_visibility == "private" and [b.label for b in click.show_progress_on] == [
+        "Results"], "queued like the button's run, progress over the gallery, no API"
+    first = list(click.fn((1, None)))
+    assert len(first) == 2 and first[-1][-1].startswith("Done in") and calls == ["a queen"]
+    (again,) = list(click.fn((1, None)))
+    assert again[-1].startswith(ui.EXAMPLE_DONE) and again[:5] == first[-1][:5] and calls == ["a queen"]
 
 
 def test_status_tab_words() -> None:
