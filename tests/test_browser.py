@@ -41,8 +41,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("browser-app")
-    # Its own examples cache: a cache left in the checkout by an older version would be served as is.
-    app = apprunner.start_app(tmp, tiny_cache, GRADIO_EXAMPLES_CACHE=str(tmp / "examples-cache"))
+    app = apprunner.start_app(tmp, tiny_cache)
     try:
         yield app.url
     finally:
