@@ -156,10 +156,7 @@ def tiny_app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iter
     """
     from tests import apprunner
 
-    tmp = tmp_path_factory.mktemp("tiny-app")
-    # Its own examples cache: one left in the checkout by an older version would be served as it is.
-    app = apprunner.start_app(tmp, tiny_cache, HF_TOKEN=apprunner.SECRET_TOKEN,
-                              GRADIO_EXAMPLES_CACHE=str(tmp / "examples-cache"))
+    app = apprunner.start_app(tmp_path_factory.mktemp("tiny-app"), tiny_cache, HF_TOKEN=apprunner.SECRET_TOKEN)
     try:
         yield app
     finally:

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import types
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,6 +287,44 @@ def test_status_samples_are_capped() -> None:
     assert samples[0]["t"] == 10.0
 
 
+def test_memory_history_is_one_spaced_bounded_list() -> None:
+    history = ui.MemoryHistory(max_samples=5, min_gap_s=2.0)
+    for now in (0.0, 1.0, 2.0, 3.5, 4.0):  # 1.0 and 3.5 come too soon after the newest: not added
+        history.record(REPORT, now=now)
+    assert [s["t"] for s in history.samples()] == [0.0, 2.0, 4.0]
+    for i in range(10):
+        history.record(REPORT, now=10.0 + 2 * i)
+    assert [s["t"] for s in history.samples()] == [20.0, 22.0, 24.0, 26.0, 28.0]
+
+
+def test_memory_history_is_sampled_without_any_visitor() -> None:
+    reports = iter(range(1, 10_000))
+    history = ui.MemoryHistory(min_gap_s=0.0)
+    history.start(lambda: {"host": {"process_rss": next(reports) * ui.GIB}}, every_s=0.01)
+    for _ in range(1000):  # polled: the thread's pace on a loaded machine is not this test's business
+        if len(history.samples()) >= 3:
+            break
+        time.sleep(0.01)
+    rss = [s["process RSS"] for s in history.samples()]
+    assert len(rss) >= 3 and rss == sorted(rss), rss
+
+
+def test_the_status_tab_shows_the_server_s_history_to_every_visitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's history was kept per browser session (a gr.State) and sampled only while that tab was open:
+    a reload, or a visitor opening the tab, started it again from one point."""
+    clock = iter([1000.0, 1004.0, 1008.0, 1012.0])
+    monkeypatch.setattr(ui, "time", types.SimpleNamespace(time=lambda: next(clock), sleep=time.sleep))
+    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    by_fn = _deps(demo)
+    (tick,) = [d for d in by_fn["refresh"] if d.targets[0][1] == "tick"]
+    opened = [d for d in by_fn["refresh"] if d is not tick]
+    assert opened and not tick.inputs and not any(d.inputs for d in opened), "no per-session history input"
+    for _ in range(3):  # one visitor with the tab open
+        tick.fn()
+    plot = opened[0].fn()[2]  # another visitor (or a reload) opens the tab
+    assert sorted(set(plot["seconds"])) == [-12.0, -8.0, -4.0, 0.0]
+
+
 def test_status_rendering_survives_an_empty_report() -> None:
     load, memory, plot, table, profile, raw, samples = ui.render_status({}, None, now=0.0)
     assert "unknown" in load and "n/a" in memory and table.empty and plot.empty
@@ -480,8 +520,8 @@ def test_the_mode_choice_shows_only_that_mode_s_inputs() -> None:
 def test_each_mode_shows_its_own_examples(page: Page) -> None:
     datasets = [c["props"] for c in page.config["components"] if c["type"] == "dataset"]
     assert sorted(d["label"] for d in datasets) == [
-        "Face swap examples (click one: generated once, then served from the cache)",
-        "Generate examples (click one: generated once, then served from the cache)",
+        "Face swap examples (click one: generated once, then shown again at once)",
+        "Generate examples (click one: generated once, then shown again at once)",
     ]
     swap = ui.visible_in("swap", ["generate", "restyle", "swap"])
     assert swap["swap_examples"] and not swap["generate_examples"] and not swap["restyle_examples"]
@@ -693,6 +733,26 @@ def test_a_cached_example_says_it_comes_from_the_cache() -> None:
     """Served from the cache in 0.8 s, it said "Done in 10.8 s"."""
     line = ui.timings_line({"total_ms": 10800.0, "faces_ms": 31.0}, done=ui.EXAMPLE_DONE)
     assert line == "Example shown from the cache; first generated in 10.8 s: faces 31 ms"
+
+
+def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> None:
+    """Gradio's lazy cache generated an example outside the click's event: its first click showed no progress."""
+    calls: list[str] = []
+
+    def counting(**kwargs: Any) -> Any:
+        calls.append(kwargs["prompt"])
+        yield gr.skip()
+        yield from fake_generate(**kwargs)
+
+    rows = [{"face_image": FACE, "prompt": "a knight"}, {"face_image": FACE, "prompt": "a queen"}]
+    demo = ui.build_demo(counting, fake_status, settings=Settings(), examples={"generate": rows})
+    (click,) = _deps(demo)["run_example"]
+    assert click.queue and click.api_visibility == "private" and [b.label for b in click.show_progress_on] == [
+        "Results"], "queued like the button's run, progress over the gallery, no API"
+    first = list(click.fn((1, None)))
+    assert len(first) == 2 and first[-1][-1].startswith("Done in") and calls == ["a queen"]
+    (again,) = list(click.fn((1, None)))
+    assert again[-1].startswith(ui.EXAMPLE_DONE) and again[:5] == first[-1][:5] and calls == ["a queen"]
 
 
 def test_status_tab_words() -> None:
