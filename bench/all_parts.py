@@ -49,6 +49,9 @@ LCM_TARGETS = (
 def repo_ids(size: str) -> dict[str, str]:
     return {
         "lcm_lora": f"instantid-bench/lcm-lora-sdxl-{size}",
+        # The speeds' LoRAs, one file among others in their repos as on the Hub.
+        "fast_lora": f"instantid-bench/Hyper-SD-{size}/Hyper-SDXL-8steps-CFG-lora.safetensors",
+        "turbo_lora": f"instantid-bench/SDXL-Lightning-{size}/sdxl_lightning_4step_lora.safetensors",
         "pose": f"instantid-bench/controlnet-openpose-sdxl-1.0-{size}",
         "canny": f"instantid-bench/controlnet-canny-sdxl-1.0-{size}",
         "depth": f"instantid-bench/controlnet-depth-sdxl-1.0-small-{size}",
@@ -70,6 +73,10 @@ def write_extras(cache: Path, size: str, log: Callable[[str], None] = lambda m: 
     ids = repo_ids(size)
     writers: dict[str, tuple[str, Callable[[Path], None]]] = {
         "lcm_lora": (LORA_WEIGHTS, lambda d: write_lora(d, unet(), LCM_TARGETS, rank=64, dtype=torch.float16)),
+        # lcm-lora-sdxl's layers and rank stand in for theirs (SDXL-Lightning's adapts as many layers, 788).
+        **{key: (ids[key].split("/", 2)[2], lambda d, key=key: write_lora(
+            d, unet(), LCM_TARGETS, rank=64, dtype=torch.float16, file_name=ids[key].split("/", 2)[2]))
+           for key in ("fast_lora", "turbo_lora")},
         "pose": ("config.json", lambda d: _write_controlnet(d, unet(), shape, 40, FP32, "OpenPoseXL2.safetensors")),
         "canny": ("config.json", lambda d: _write_controlnet(d, unet(), shape, 41, both)),
         "depth": ("config.json", lambda d: _write_controlnet(d, unet(), shape, 42, both, small=True)),
@@ -79,7 +86,7 @@ def write_extras(cache: Path, size: str, log: Callable[[str], None] = lambda m: 
     with file_lock(cache / ".instantid-bench.lock"):
         for key, (marker, write) in writers.items():
             log(f"writing {ids[key]} unless cached")
-            publish(cache, ids[key], write, marker)
+            publish(cache, "/".join(ids[key].split("/")[:2]), write, marker)  # the repo: a LoRA's id names its file
         faces = cache / "face-models"
         if not (faces / "w600k_mbf.onnx").exists():
             from instantid.tiny import copy_face_models
@@ -176,6 +183,8 @@ def _settings(cache: str, size: str, base_model: str, instantid_repo: str) -> An
         "INSTANTID_BASE_MODEL": base_model,
         "INSTANTID_REPO": instantid_repo,
         "INSTANTID_LCM_LORA": ids["lcm_lora"],
+        "INSTANTID_FAST_LORA": ids["fast_lora"],
+        "INSTANTID_TURBO_LORA": ids["turbo_lora"],
         "INSTANTID_FACE_MODELS": str(Path(cache) / "face-models"),
         "HF_HUB_CACHE": cache,
         "HF_HUB_OFFLINE": "1",
@@ -194,6 +203,8 @@ def _modules(engine: Any) -> dict[str, Any]:
     out = {n: getattr(engine.pipe, n) for n in ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2")}
     out["resampler"] = engine.pipe.resampler
     out.update({f"controlnet_{n}": net for n, net in engine._extra_nets.items()})
+    if engine.loras is not None and engine.loras.mode == "fused":  # held beside the UNet, not inside it
+        out.update(engine.loras.modules())
     for name, est in engine._estimators.items():
         for attr in ("model", "pose_model", "detector"):
             if isinstance(getattr(est, attr, None), torch.nn.Module):

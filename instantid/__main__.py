@@ -159,7 +159,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _check_not_an_input(args: argparse.Namespace, photos: list[str]) -> None:
     """--out (and its _1.._N forms) must not be one of the run's own photos: it would be overwritten."""
     inputs = [("--face", path) for path in getattr(args, "face_image", None) or []]
-    inputs += [("--person", path) for person in getattr(args, "people", None) or [] for path in person]  # group
+    inputs += [("--person", path) for person in getattr(args, "people", None) or [] for path in person]
     params = params_for(args.command)
     inputs += [(params[n].flag or "--" + n, getattr(args, n)) for n in photos if n != "face_image" and getattr(args, n)]
     # The run writes --out itself for one image (the server may allow fewer than asked), else the _N forms.

@@ -154,8 +154,7 @@ class Engine:
                 components["unet"] = (pipe.unet, lambda n: "lora_" not in n)
                 components["speed_loras"] = (pipe.unet, lambda n: "lora_" in n)
             else:
-                for name, tensors in loras.tensors().items():
-                    components[f"{name}_lora" if name in SPEEDS else name] = _held_module(tensors)
+                components.update(loras.modules())
         for name, net in list(self._extra_nets.items()):
             components[f"controlnet_{name}"] = net
         for name, est in list(self._estimators.items()):
@@ -1022,17 +1021,6 @@ def _speed_warnings(req: GenerateRequest, guidance: float) -> list[str]:
         out.append("Guidance is off (speed turbo, or a guidance scale of 1 or less): the negative prompt has no "
                    "effect.")
     return out
-
-
-def _held_module(tensors: list[Any]) -> Any:
-    """Tensors the engine holds outside any model (a fused LoRA's factors) as a module, so that the memory
-    report lists them like the models (device, dtype, size); no copy is made."""
-    import torch
-
-    held = torch.nn.Module()
-    for i, t in enumerate(tensors):
-        held.register_buffer(f"t{i}", t, persistent=False)
-    return held
 
 
 _engine: Engine | None = None

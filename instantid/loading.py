@@ -341,8 +341,11 @@ def loader_files(s: Settings) -> dict[tuple[str, str], list[str]]:
         *component_files(files, "/".join(p for p in (repo.subfolder, "ControlNetModel") if p)),
         ip_adapter_file(repo, files),
     ])
-    for spec in (s.lcm_lora, s.fast_lora, s.turbo_lora):
-        add(spec, lambda repo, files: [lora_file(repo, files)])
+    from .requests import SPEEDS
+
+    for speed in SPEEDS.values():
+        if speed.lora is not None:
+            add(getattr(s, speed.lora), lambda repo, files: [lora_file(repo, files)])
     estimators = [getattr(s, f) for c in CONTROL_TYPES.values() for f in c.estimator_fields]
     for spec in [*s.controlnets.values(), *estimators]:
         add(spec, component(lambda repo: repo.subfolder))

@@ -90,6 +90,17 @@ class LoraSwitch:
             held["lora_originals"] = list(self._pristine.values())
         return held
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """`tensors()` as modules (no copy), so that the memory report and the benchmarks list them like the
+        models: `<speed>_lora` for each LoRA's factors, `lora_originals` for the kept weights."""
+        out = {}
+        for name, tensors in self.tensors().items():
+            held = torch.nn.Module()
+            for i, t in enumerate(tensors):
+                held.register_buffer(f"t{i}", t, persistent=False)
+            out[name if name == "lora_originals" else f"{name}_lora"] = held
+        return out
+
     def load(self, name: str, folder: str, weight_name: str, source: str) -> None:
         """Read a LoRA file through diffusers' loader and keep it as `name` (switched off)."""
         if name in self._factors:

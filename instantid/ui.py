@@ -8,7 +8,9 @@ the order of `generate_inputs` below: Gradio names the API parameters after the 
 from __future__ import annotations
 
 import json
+import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,8 +33,8 @@ from .requests import (
 from .settings import CONTROL_TYPES, Settings
 
 STATUS_REFRESH_S = 4.0
-# Samples of the memory plot kept per browser session (at one every 4 s: the last 4 minutes).
-MAX_SAMPLES = 60
+# Samples of the memory plot the server keeps (one every 4 s: the last 10 minutes).
+MAX_SAMPLES = 150
 GIB = 1024**3
 
 TITLE = "InstantID: identity-preserving generation from one photo"
@@ -283,7 +285,7 @@ def component_rows(report: Mapping[str, Any]) -> list[list[Any]]:
 
 
 def add_sample(samples: Sequence[Mapping[str, Any]] | None, report: Mapping[str, Any], now: float) -> list[dict]:
-    """Append one memory sample to the per-session history (kept in gr.State) and keep the last MAX_SAMPLES."""
+    """Append one memory sample to a history and keep the last MAX_SAMPLES."""
     host = report.get("host") or {}
     gpu = report.get("gpu") or {}
     sample = {"t": now, "process RSS": host.get("process_rss")}
@@ -291,6 +293,55 @@ def add_sample(samples: Sequence[Mapping[str, Any]] | None, report: Mapping[str,
         sample["GPU allocated"] = gpu.get("allocated")
         sample["GPU reserved"] = gpu.get("reserved")
     return [*list(samples or []), sample][-MAX_SAMPLES:]
+
+
+class MemoryHistory:
+    """The server's memory samples, shared by every visitor: the Status tab's chart shows the history so far
+    whenever it is opened (it was kept per browser session and sampled only while that tab was open, so each
+    reload or new visitor started from one point).
+
+    Filled by a daemon thread (`start`) every STATUS_REFRESH_S, and by every status render; samples closer
+    than half that interval are not added, so many open tabs do not crowd the history.
+    """
+
+    def __init__(self, max_samples: int = MAX_SAMPLES, min_gap_s: float = STATUS_REFRESH_S / 2) -> None:
+        self.max_samples = max_samples
+        self.min_gap_s = min_gap_s
+        self._samples: list[dict] = []
+        self._lock = threading.Lock()
+
+    def record(self, report: Mapping[str, Any], now: float | None = None) -> list[dict]:
+        """Add a sample from `report` (unless the newest is closer than min_gap_s); return the history."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if not self._samples or now - self._samples[-1]["t"] >= self.min_gap_s:
+                self._samples = add_sample(self._samples, report, now)[-self.max_samples :]
+            return list(self._samples)
+
+    def samples(self) -> list[dict]:
+        with self._lock:
+            return list(self._samples)
+
+    def start(self, report_fn: Callable[[], Mapping[str, Any]], every_s: float = STATUS_REFRESH_S) -> None:
+        """Sample `report_fn()` every `every_s` seconds in a daemon thread, which ends once this history is gone
+        (a demo built and dropped, as in the tests, leaves no sampler behind)."""
+        ref = weakref.ref(self)
+
+        def run() -> None:
+            while True:
+                # Sleep first: at start-up the main thread creates and loads the engine (on ZeroGPU before
+                # `launch`, in that thread only); the first sample comes once it has.
+                time.sleep(every_s)
+                history = ref()
+                if history is None:
+                    return
+                try:
+                    history.record(report_fn())
+                except Exception:  # a failing report shows in the tab itself; the chart just skips it
+                    pass
+                del history
+
+        threading.Thread(target=run, name="instantid-memory-history", daemon=True).start()
 
 
 def samples_frame(samples: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -307,6 +358,11 @@ def samples_frame(samples: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
 def render_status(report: Mapping[str, Any], samples: Sequence[Mapping[str, Any]] | None, now: float | None = None):
     """Everything the Status tab shows, from one report: (load, memory, plot, table, profile, json, samples)."""
     samples = add_sample(samples, report, time.time() if now is None else now)
+    return (*render_outputs(report, samples), samples)
+
+
+def render_outputs(report: Mapping[str, Any], samples: Sequence[Mapping[str, Any]]):
+    """The Status tab's outputs (load, memory, plot, table, profile, json) from a report and the samples so far."""
     return (
         format_load_state(report),
         format_memory(report),
@@ -315,13 +371,7 @@ def render_status(report: Mapping[str, Any], samples: Sequence[Mapping[str, Any]
         # The GPU seconds go under the profile: one Markdown, so the tab's outputs stay as they were.
         "\n\n".join(part for part in (format_profile(report), format_durations(report)) if part),
         dict(report),
-        samples,
     )
-
-
-def render_report(report: Mapping[str, Any] | None, samples: Sequence[Mapping[str, Any]] | None):
-    """`render_status` for a report the page already holds (the JSON the `status` endpoint returned)."""
-    return render_status(report or {}, samples)
 
 
 # --- the app -----------------------------------------------------------------------------------------
@@ -475,6 +525,7 @@ def build_demo(
     restyle_fn: Callable[..., Any] | None = None,
     swap_fn: Callable[..., Any] | None = None,
     group_fn: Callable[..., Any] | None = None,
+    sample_memory: bool = False,
 ) -> gr.Blocks:
     """Build the Blocks app.
 
@@ -487,6 +538,9 @@ def build_demo(
     examples: per mode, rows of that mode's inputs by parameter name (every row of a mode names the same
       ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,
       "face_index": 1, "prompt": text}]}. Each mode's examples show with that mode only.
+    sample_memory: sample status_fn's memory figures every STATUS_REFRESH_S in a daemon thread from now on,
+      so the Status tab's chart holds the server's history whenever it is opened (the app does; tests that
+      only build a demo need no thread). Without it the chart grows only while someone has the tab open.
     """
     fns = {"generate": generate_fn, "restyle": restyle_fn, "swap": swap_fn, "group": group_fn}
     modes = [mode for mode in MODES if fns[mode] is not None]
@@ -506,11 +560,15 @@ def build_demo(
             with gr.Tab("Status", id="status") as status_tab:
                 s = _status_tab()
         _wire_generate(demo, {mode: fns[mode] for mode in modes}, c, outputs)
-        _wire_status(status_fn, s, status_tab, generate_tab)
+        history = _wire_status(status_fn, s, status_tab, generate_tab)
+    if sample_memory:
+        history.start(status_fn)
     return demo
 
 
-def _wire_status(status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], status_tab: Any, generate_tab: Any):
+def _wire_status(
+    status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], status_tab: Any, generate_tab: Any
+) -> MemoryHistory:
     def status() -> dict[str, Any]:
         """Memory and model-loading report of the server: host RAM, process RSS and its peak, GPU memory,
         loaded components (device, dtype, size), the memory profile and why it was chosen, the load state, and
@@ -528,22 +586,30 @@ def _wire_status(status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], 
             message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             return {"state": {"phase": "error", "message": f"status unavailable: {message}"}}
 
-    def refresh(history: list[dict]):
-        return render_status(safe_report(), history)
+    # One history for every visitor, held by the handlers below (so by the demo): the thread that fills it
+    # (`sample_memory`) ends with the demo.
+    history = MemoryHistory()
 
-    outputs = [s[name] for name in ("load_state", "memory", "plot", "components", "profile", "raw", "samples")]
+    def refresh():
+        report = safe_report()
+        return render_outputs(report, history.record(report))
+
+    def render_report(report: Mapping[str, Any] | None):
+        """The outputs for a report the page already holds (the JSON the `status` endpoint returned)."""
+        return render_outputs(report or {}, history.record(report or {}))
+
+    outputs = [s[name] for name in ("load_state", "memory", "plot", "components", "profile", "raw")]
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    s["timer"].tick(refresh, [s["samples"]], outputs, **quiet)
+    s["timer"].tick(refresh, None, outputs, **quiet)
     # The Refresh button is also the `status` API endpoint: outside the queue, so it answers while a
     # generation runs and never counts against the queue size. The page then renders the JSON it got.
     s["refresh_btn"].click(status, None, [s["raw"]], api_name="status", queue=False, show_progress="hidden").then(
-        render_report, [s["raw"], s["samples"]], outputs, **quiet
+        render_report, [s["raw"]], outputs, **quiet
     )
-    # Poll only while the Status tab is open.
-    status_tab.select(lambda: gr.Timer(active=True), None, s["timer"], **quiet).then(
-        refresh, [s["samples"]], outputs, **quiet
-    )
+    # The page polls only while the Status tab is open; the history it draws is the server's, sampled all along.
+    status_tab.select(lambda: gr.Timer(active=True), None, s["timer"], **quiet).then(refresh, None, outputs, **quiet)
     generate_tab.select(lambda: gr.Timer(active=False), None, s["timer"], **quiet)
+    return history
 
 
 def _examples(
@@ -557,30 +623,38 @@ def _examples(
     # Shown like a run from the button: the summary line, and for a swap the before/after view.
     shown = [*outputs, c["summary"], *([c["before_after"]] if mode == "swap" else [])]
 
-    def run_example(*values: Any) -> Any:
-        # Every other input keeps its default, so a cached example stays valid.
-        given = dict(zip(names, values, strict=True))
-        for item in fn(**given):
-            if not isinstance(item, (tuple, list)):  # gr.skip() while it works
-                yield item
-                continue
-            # Shown again from the cache on every later click: it says when it was made, not "Done in".
-            result = [*item, timings_line(item[4], done=EXAMPLE_DONE)]
-            if mode == "swap":
-                result.append(before_after(given["target_image"], item[0]))
-            yield result
+    # Each example is generated on its first click, in the queue like a run from the button (so with its step
+    # progress), then served from memory. Gradio's lazy example cache ran that first generation outside the
+    # event (gradio/helpers.py: Examples.cache calls process_api without an event id), so gr.Progress had no
+    # event to report to and the first click showed no progress. Keyed by the example's number: nothing a
+    # client sends can grow it.
+    cached: dict[int, list[Any]] = {}
+    locks = [threading.Lock() for _ in rows]
 
-    gr.Examples(
+    def run_example(chosen: tuple[int, Any]) -> Any:
+        index = chosen[0]
+        given = dict(rows[index])
+        with locks[index]:  # two first clicks at once: one generation, the other is served its result
+            if index not in cached:
+                for item in fn(**given):
+                    if not isinstance(item, (tuple, list)):  # gr.skip() while it works
+                        yield item
+                        continue
+                    line = timings_line(item[4])
+                    extra = [before_after(given["target_image"], item[0])] if mode == "swap" else []
+                    cached[index] = [*item, timings_line(item[4], done=EXAMPLE_DONE), *extra]
+                    yield [*item, line, *extra]
+                return
+        # Shown again on every later click: the line says when it was made, not "Done in".
+        yield cached[index]
+
+    examples = gr.Examples(
         examples=[list(row.values()) for row in rows],
         inputs=[c[name] for name in names],
-        outputs=shown,
-        fn=run_example,
-        # Lazily: each example is generated on its first click, then served from the cache; eager caching
-        # would spend a full SDXL generation per example at start-up.
-        cache_examples=True,
-        cache_mode="lazy",
-        api_visibility="private",
-        label=f"{MODE_LABELS[mode]} examples (click one: generated once, then served from the cache)",
+        label=f"{MODE_LABELS[mode]} examples (click one: generated once, then shown again at once)",
+    )
+    examples.dataset.click(
+        run_example, [examples.dataset], shown, api_visibility="private", show_progress_on=[c["gallery"]]
     )
 
 
@@ -670,7 +744,7 @@ def _status_tab() -> dict[str, Any]:
             s["plot"] = gr.LinePlot(
                 # Not an empty frame: Gradio 6 keeps the axis types of the first value it draws.
                 value=None, x="seconds", y="GiB", color="series", x_title="seconds (0 = latest sample)",
-                y_lim=[0, None], label="Memory over time", height=300,
+                y_lim=[0, None], label="Memory over time", height=300, elem_id="memory-plot",
                 # The legend's title would be the column's name ("series"): its entries say what they are.
                 color_title="Measure",
             )
@@ -679,6 +753,5 @@ def _status_tab() -> dict[str, Any]:
     )
     with gr.Accordion("Status report (JSON)", open=False):
         s["raw"] = gr.JSON(label="Status report")
-    s["samples"] = gr.State([])
     s["timer"] = gr.Timer(STATUS_REFRESH_S, active=False)
     return s

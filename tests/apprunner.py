@@ -6,6 +6,7 @@ One place for starting and stopping it, shared by the app, browser, hardening an
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,9 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
+# In the shared app's environment (conftest's tiny_app), as HF_TOKEN on a Space: it must never be shown.
+SECRET_TOKEN = "hf_hardeningTestSecret0123456789abcdef"
 
 
 def free_port() -> int:
@@ -36,14 +40,44 @@ class App:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.terminate()
+        """Stop the app and everything it started, and wait for them all.
+
+        Terminating the app alone is not enough: under ZeroGPU `spaces` forks GPU workers that outlive it
+        (six of them, 3.6 GB, stayed after a suite). The app runs in its own process group (its own session),
+        so the group is signalled as a whole; the descendants are collected first because orphans leave the
+        parent's tree but not its group.
+        """
+        stop_process_tree(self.proc)
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float = 15) -> None:
+    """SIGTERM `proc`'s process group and every descendant, wait, then SIGKILL what is left, and reap `proc`."""
+    family: list[psutil.Process] = []
+    if proc.poll() is None:  # once reaped, its pid may belong to someone else: only its group is signalled
         try:
-            self.proc.wait(timeout=15)
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)  # the group (start_new_session made its id the app's pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for member in family:
+            try:
+                member.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            proc.wait(timeout=timeout)  # reaps our direct child (psutil cannot)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            continue
+        _, alive = psutil.wait_procs(family, timeout=timeout)
+        family = alive
+        if not alive:
+            break
+    else:
+        proc.wait()
 
 
 def start_app(tmp: Path, cache: Path, script: str = "app.py", **env: str) -> App:
@@ -68,11 +102,14 @@ def start_app(tmp: Path, cache: Path, script: str = "app.py", **env: str) -> App
     full.update(env)
     log_path = tmp / "app.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, script], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT)
+        # Its own session: one process group holding the app and whatever it forks, stopped as one.
+        proc = subprocess.Popen([sys.executable, script], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     app = App(proc, f"http://127.0.0.1:{port}/", log_path, temp_dir)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            app.stop()  # whatever it forked before dying
             raise RuntimeError(f"{script} exited with {proc.returncode}:\n{app.log_text()[-4000:]}")
         try:
             if httpx.get(app.url, timeout=2).status_code == 200:

@@ -33,12 +33,8 @@ FAST = {"num_steps": 2}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[tuple[str, Path]]:
-    app = apprunner.start_app(tmp_path_factory.mktemp("app"), tiny_cache)
-    try:
-        yield app.url, app.log
-    finally:
-        app.stop()
+def app(tiny_app: apprunner.App) -> Iterator[tuple[str, Path]]:
+    yield tiny_app.url, tiny_app.log  # the session's app (conftest), shared with the browser and hardening tests
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +88,7 @@ def test_a_keyword_of_another_mode_is_named(client: Client) -> None:
 
     with pytest.raises(TypeError, match="`width`"):
         client.predict(handle_file(str(FACE)), handle_file(str(FACE)), "x", width=128, api_name="/swap")
-    with pytest.raises(gr.Error, match=re.escape("width=128: is not used by swap (only by generate, restyle)")):
+    with pytest.raises(gr.Error, match=re.escape("width=128: is not used by swap (only by generate, restyle, group)")):
         next(api.swap(str(FACE), str(FACE), "x", width=128))
 
 
@@ -327,6 +323,7 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
     assert other.predict(api_name="/status")["state"]["activity"] == "idle"
 
 
+@pytest.mark.slow  # starts its own app
 def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
     """GRADIO_MCP_SERVER=1 serves every endpoint as an MCP tool, with its documented parameters."""
     app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")

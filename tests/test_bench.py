@@ -26,6 +26,7 @@ def _last_json(cmd: list[str], timeout: int = 400) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a `python -m` process
 def test_load_memory_micro(tmp_path: Path) -> None:
     from bench import summary
 
@@ -120,6 +121,7 @@ def test_face_model_architectures_have_antelopev2_sizes() -> None:
     assert 11.9e9 < macs(recognizer, (1, 3, 112, 112)) < 12.3e9
 
 
+@pytest.mark.slow  # three requests, each in its own process
 def test_overhead_three_requests() -> None:
     from bench import overhead
 
@@ -156,6 +158,7 @@ def test_resampler_what_ifs_report_their_distance_from_float32() -> None:
     assert 0.0 < bf16 < 0.02 and bf16 < int8 < 0.1
 
 
+@pytest.mark.slow  # a `python -m` process
 def test_gpu_dry_run_through_the_cli() -> None:
     """`python -m instantid bench gpu` without CUDA runs the CPU-sized form of every profile."""
     import torch
@@ -214,6 +217,7 @@ def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
     assert "unknown benchmark" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a `python -m` process
 def test_load_memory_all_parts_micro(tmp_path: Path) -> None:
     """`--all-parts`: Engine.load_all loads every optional part from the bench's repos, all in fp16, and the
     figures add up (the micro size keeps it to seconds; the base loaders are the test above's)."""

@@ -39,14 +39,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("browser-app")
-    # Its own examples cache: a cache left in the checkout by an older version would be served as is.
-    app = apprunner.start_app(tmp, tiny_cache, GRADIO_EXAMPLES_CACHE=str(tmp / "examples-cache"))
-    try:
-        yield app.url
-    finally:
-        app.stop()
+def app_url(tiny_app: apprunner.App) -> Iterator[str]:
+    yield tiny_app.url  # the session's app (conftest), shared with the app and hardening tests
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +144,72 @@ def test_generate_and_status_in_a_real_browser(page) -> None:
     page.screenshot(path=str(ARTIFACTS / "browser-status.png"), full_page=True)
 
 
+# The x axis's tick labels of the memory chart (Gradio draws it with Vega as SVG): its seconds, 0 = newest.
+X_TICKS_JS = """() => {
+    const axis = [...document.querySelectorAll('#memory-plot svg g.role-axis')]
+        .find(g => (g.getAttribute('aria-label') || '').startsWith('X-axis'));
+    if (!axis) return null;
+    return [...axis.querySelectorAll('.role-axis-label text')]
+        .map(t => parseFloat(t.textContent.replace('\u2212', '-')));
+}"""
+
+
+def _oldest_second_shown(page) -> float:
+    """How far back the memory chart reaches, read once it is drawn (no retry: its first drawing is the point)."""
+    sync_api.expect(page.locator("#memory-table")).to_contain_text("GiB", timeout=30_000)
+    page.wait_for_function(f"({X_TICKS_JS})() && ({X_TICKS_JS})().length > 0", timeout=30_000)
+    ticks = page.evaluate(X_TICKS_JS)
+    return min(ticks)
+
+
+def test_the_memory_chart_shows_the_server_s_history(page, browser, app_url: str) -> None:
+    """The history was a per-session gr.State sampled only while the Status tab was open: a reload or another
+    visitor started the chart again from one point. The server samples it now; every visitor reads it."""
+    page.get_by_role("tab", name="Status").click()
+    # The server has sampled for at least 8 s by now (this visitor's tab polls meanwhile; the old page did too).
+    page.wait_for_function(f"(({X_TICKS_JS})() || [0]).some(x => x <= -8)", timeout=60_000)
+    other = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        fresh = other.new_page()
+        fresh.goto(app_url, wait_until="domcontentloaded")
+        fresh.locator("#generate-button").wait_for(timeout=60_000)
+        fresh.get_by_role("tab", name="Status").click()
+        assert _oldest_second_shown(fresh) <= -8, "a new visitor's chart started again from one point"
+        # Away and back: still the whole history.
+        fresh.get_by_role("tab", name="Generate").click()
+        fresh.get_by_role("tab", name="Status").click()
+        assert _oldest_second_shown(fresh) <= -8
+    finally:
+        other.close()
+
+
 def test_example_fills_the_inputs_and_is_generated_once(page) -> None:
+    """Its first click showed no step progress (Gradio's lazy cache generated it outside the event); later clicks
+    show it again from memory, and say so instead of "Done in"."""
     expect = sync_api.expect
+    page.evaluate("""() => {
+        window.__steps = false;
+        window.__watch = setInterval(() => {
+            const tracker = document.querySelector('#gallery [data-testid="status-tracker"]');
+            if (tracker && tracker.textContent.includes("Denoising")) window.__steps = true;
+            if (document.querySelector('#gallery img')) clearInterval(window.__watch);
+        }, 50);
+    }""")
     page.get_by_text("a detective in a trench coat under a street lamp").click()
     expect(page.locator("#prompt textarea")).to_have_value("a detective in a trench coat under a street lamp")
     expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
-    # Lazily cached: the first click generates the example with the default settings and shows it.
-    expect(page.locator("#gallery img").first).to_be_visible(timeout=120_000)
+    # The first click generates the example with the default settings, showing its steps like the button's run.
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=300_000)
+    assert page.evaluate("() => window.__steps"), "the example's first run showed no step progress"
+    expect(page.locator("#run-summary")).to_contain_text(re.compile(r"Done in [\d.]+ (ms|s): faces"), timeout=30_000)
     page.get_by_text("Advanced settings").click()
     expect(page.locator("#seed input")).to_have_value("42", timeout=10_000)
-    # Shown from the cache on later clicks, in far less than it took: it says so instead of "Done in".
+    # Shown again on later clicks, in far less than it took: it says so instead of "Done in".
+    page.get_by_label("Restyle").check()  # clears the results, so the next ones are the second click's
+    page.get_by_label("Generate", exact=True).check()
+    expect(page.locator("#gallery img")).to_have_count(0, timeout=10_000)
+    page.get_by_text("a detective in a trench coat under a street lamp").click()
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=30_000)
     expect(page.locator("#run-summary")).to_contain_text(
         re.compile(r"Example shown from the cache; first generated in [\d.]+ (ms|s): faces"), timeout=30_000
     )

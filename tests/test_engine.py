@@ -317,9 +317,10 @@ def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
     """requests.py names them without importing diffusers (the UI must not pull torch in); the pipeline
     builds them: the two lists must not drift apart."""
     from instantid.pipeline import SCHEDULER_FACTORIES
-    from instantid.requests import SCHEDULERS
+    from instantid.requests import SCHEDULERS, SPEEDS
 
-    assert set(SCHEDULER_FACTORIES) == {*SCHEDULERS, "LCMScheduler"}
+    # Besides the offered ones, each speed's own sampler (LCM's included), which no request names.
+    assert set(SCHEDULER_FACTORIES) == {*SCHEDULERS, *(s.scheduler for s in SPEEDS.values() if s.scheduler)}
 
 
 # --- restyle (img2img) and face swap (inpaint) --------------------------------------------------------

@@ -48,6 +48,7 @@ def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+@pytest.mark.slow  # 53 generations in a row
 def test_memory_is_stable_over_sequential_requests(tiny_engine, photos: dict[str, Path]) -> None:
     process = psutil.Process()
     faces = [str(photos["astronaut"]), str(photos["hanks"]), str(photos["group"])]

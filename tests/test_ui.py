@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
+import re
+import socket
 import subprocess
 import sys
+import threading
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import httpx
 import pytest
 from PIL import Image
 
@@ -172,21 +183,38 @@ def test_real_api_functions_match_the_components() -> None:
     assert info["/generate"]["description"].startswith("Generate images of the person")
 
 
-def test_cheap_steps_skip_the_queue_and_the_api() -> None:
-    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
-    by_fn = {}
-    for dep in demo.fns.values():
-        name = getattr(dep.fn, "__name__", None)
-        by_fn.setdefault(name, []).append(dep)
-    (dep, _) = by_fn["automatic_steps"]
-    assert dep.queue is False and dep.api_visibility == "private"
-    # The step before a generation is queued (only then does its error reach the page) but never waits.
-    (dep,) = by_fn["begin_run"]
-    assert dep.queue is not False and dep.concurrency_limit is None and dep.api_visibility == "private"
-    (gen,) = by_fn["fake_generate"]
-    assert gen.api_name == "generate" and gen.queue is not False
-    (status,) = by_fn["status"]
-    assert status.api_name == "status" and status.queue is False
+def test_cheap_steps_skip_the_queue_and_the_api(page: Page) -> None:
+    """As the page receives them (its config): cheap steps run outside the queue and outside the API."""
+    deps = page_events(page)
+    for name in ("automatic_steps", "automatic_steps_1", "show_mode", "before_after"):
+        assert deps[name]["queue"] is False and deps[name]["api_visibility"] == "private", name
+    # The step before a generation is queued (only then does its error reach the page), one per mode.
+    runs = [d for name, d in deps.items() if re.fullmatch(r"begin_run(_\d+)?", name)]
+    assert len(runs) == 3 and all(d["queue"] is not False and d["api_visibility"] == "private" for d in runs)
+    for mode in ("generate", "restyle", "swap"):
+        assert deps[mode]["queue"] is not False and deps[mode]["api_visibility"] == "public"
+        # No input is an output of a mode's event (an output rebuilt per session loses its input checks).
+        assert not set(deps[mode]["inputs"]) & set(deps[mode]["outputs"]), mode
+    assert deps["status"]["queue"] is False and deps["status"]["api_visibility"] == "public"
+
+
+def test_the_step_before_a_generation_never_waits_behind_one(page: Page) -> None:
+    """While a generation runs (held here), another visitor's click still gets its seed and cleared results."""
+    run = page_events(page)["begin_run"]
+    defaults = [p.get("parameter_default") for p in page.api["/generate"]["parameters"]]
+    page.hold.set()
+    try:
+        event_id = httpx.post(f"{page.url}gradio_api/call/generate", json={"data": defaults},
+                              timeout=30).json()["event_id"]
+        assert page.running.wait(60), "the held generation never started"
+        done = queue_call(page, run["id"], [7, False, [], 0.4, 0.4, 0.4])
+        assert done.get("success"), done
+        assert done["output"]["data"][0] == 7 and not page.release.is_set()
+    finally:
+        page.release.set()
+        page.hold.clear()
+    with httpx.stream("GET", f"{page.url}gradio_api/call/generate/{event_id}", timeout=60) as stream:
+        assert any("the function was reached" in line for line in stream.iter_lines())
 
 
 def test_speed_and_lcm_go_back_to_automatic() -> None:
@@ -257,6 +285,44 @@ def test_status_samples_are_capped() -> None:
         samples = ui.add_sample(samples, REPORT, now=float(i))
     assert len(samples) == ui.MAX_SAMPLES
     assert samples[0]["t"] == 10.0
+
+
+def test_memory_history_is_one_spaced_bounded_list() -> None:
+    history = ui.MemoryHistory(max_samples=5, min_gap_s=2.0)
+    for now in (0.0, 1.0, 2.0, 3.5, 4.0):  # 1.0 and 3.5 come too soon after the newest: not added
+        history.record(REPORT, now=now)
+    assert [s["t"] for s in history.samples()] == [0.0, 2.0, 4.0]
+    for i in range(10):
+        history.record(REPORT, now=10.0 + 2 * i)
+    assert [s["t"] for s in history.samples()] == [20.0, 22.0, 24.0, 26.0, 28.0]
+
+
+def test_memory_history_is_sampled_without_any_visitor() -> None:
+    reports = iter(range(1, 10_000))
+    history = ui.MemoryHistory(min_gap_s=0.0)
+    history.start(lambda: {"host": {"process_rss": next(reports) * ui.GIB}}, every_s=0.01)
+    for _ in range(1000):  # polled: the thread's pace on a loaded machine is not this test's business
+        if len(history.samples()) >= 3:
+            break
+        time.sleep(0.01)
+    rss = [s["process RSS"] for s in history.samples()]
+    assert len(rss) >= 3 and rss == sorted(rss), rss
+
+
+def test_the_status_tab_shows_the_server_s_history_to_every_visitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart's history was kept per browser session (a gr.State) and sampled only while that tab was open:
+    a reload, or a visitor opening the tab, started it again from one point."""
+    clock = iter([1000.0, 1004.0, 1008.0, 1012.0])
+    monkeypatch.setattr(ui, "time", types.SimpleNamespace(time=lambda: next(clock), sleep=time.sleep))
+    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    by_fn = _deps(demo)
+    (tick,) = [d for d in by_fn["refresh"] if d.targets[0][1] == "tick"]
+    opened = [d for d in by_fn["refresh"] if d is not tick]
+    assert opened and not tick.inputs and not any(d.inputs for d in opened), "no per-session history input"
+    for _ in range(3):  # one visitor with the tab open
+        tick.fn()
+    plot = opened[0].fn()[2]  # another visitor (or a reload) opens the tab
+    assert sorted(set(plot["seconds"])) == [-12.0, -8.0, -4.0, 0.0]
 
 
 def test_status_rendering_survives_an_empty_report() -> None:
@@ -451,26 +517,20 @@ def test_the_mode_choice_shows_only_that_mode_s_inputs() -> None:
     assert "face_image" not in swap and "prompt" not in swap, "inputs every mode takes never hide"
 
 
-def test_each_mode_shows_its_own_examples() -> None:
-    examples = {
-        "generate": [{"face_image": FACE, "prompt": "a knight", "style": "Mars"}],
-        "swap": [{"face_image": FACE, "target_image": FACE, "face_index": 0, "prompt": "a knight"}],
-    }
-    demo = ui.build_demo(api.generate, api.status, settings=Settings(), examples=examples, restyle_fn=api.restyle,
-                         swap_fn=api.swap)
-    datasets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
-    assert sorted(d.label for d in datasets) == [
-        "Face swap examples (click one: generated once, then served from the cache)",
-        "Generate examples (click one: generated once, then served from the cache)",
+def test_each_mode_shows_its_own_examples(page: Page) -> None:
+    datasets = [c["props"] for c in page.config["components"] if c["type"] == "dataset"]
+    assert sorted(d["label"] for d in datasets) == [
+        "Face swap examples (click one: generated once, then shown again at once)",
+        "Generate examples (click one: generated once, then shown again at once)",
     ]
     swap = ui.visible_in("swap", ["generate", "restyle", "swap"])
     assert swap["swap_examples"] and not swap["generate_examples"] and not swap["restyle_examples"]
     # The swap example fills the swap's own inputs and shows a run's summary and before/after too.
-    (swap_set,) = [d for d in datasets if d.label.startswith("Face swap")]
-    assert [c.label for c in swap_set._components] == [
+    (swap_set,) = [d for d in datasets if d["label"].startswith("Face swap")]
+    assert [c["label"] for c in swap_set["component_props"]] == [
         "Face photo", "Photo to swap a face into", "Face to replace (0 = largest)", "Prompt",
     ]
-    assert set(demo.get_api_info()["named_endpoints"]) == {"/generate", "/restyle", "/swap", "/status"}
+    assert set(page.api) == {"/generate", "/restyle", "/swap", "/status"}
 
 
 @pytest.mark.parametrize(
@@ -485,22 +545,123 @@ def test_examples_that_name_other_inputs_are_refused(rows: list[dict[str, Any]],
         ui.build_demo(api.generate, api.status, settings=Settings(), examples={"generate": rows})
 
 
-def test_mode_steps_are_cheap_and_every_input_is_guarded() -> None:
-    demo = _demo_with_modes()
-    by_fn: dict[str, list[Any]] = {}
-    for dep in demo.fns.values():
-        by_fn.setdefault(getattr(dep.fn, "__name__", None), []).append(dep)
-    for name in ("show_mode", "before_after"):
-        (dep,) = by_fn[name]
-        assert dep.queue is False and dep.api_visibility == "private"
-    assert len(by_fn["begin_run"]) == 3
-    # Every input of every mode checks what is sent before Gradio converts it (guard_input's wrapper).
-    for name in ("generate", "restyle", "swap"):
-        (dep,) = by_fn[name]
-        for block in dep.inputs:
-            assert block.preprocess.__qualname__.startswith("guard_input"), (name, block.label)
-        # ...and no input is an output of a mode's event (an output rebuilt per session loses the guard).
-        assert not {id(b) for b in dep.inputs} & {id(b) for b in dep.outputs}
+# A value each kind of input must refuse as sent (Gradio alone would convert it, or fail without a name).
+WRONG_VALUE = {
+    "Checkbox": "false",
+    "Slider": "1",
+    "Number": "1",
+    "Textbox": 5,
+    "Dropdown": 5,
+    "Radio": 5,
+    "Json": "pose",
+    "Image": {"url": "https://example.com/face.png", "meta": {"_type": "gradio.FileData"}},
+    # A file Gradio did not receive: Gradio itself refuses it before any component code runs (its message
+    # names no input, so only the refusal is checked for this kind).
+    "File": [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}],
+}
+
+
+@pytest.mark.parametrize("mode", ["generate", "restyle", "swap"])
+def test_mode_steps_are_cheap_and_every_input_is_guarded(page: Page, mode: str) -> None:
+    """Every input of every mode checks what is sent before Gradio converts it, and says which input it was."""
+    params = page.api[f"/{mode}"]["parameters"]
+    defaults = [p.get("parameter_default") for p in params]
+    for i, param in enumerate(params):
+        assert param["component"] in WRONG_VALUE, f"add a wrong value for a {param['component']} input"
+        data = [*defaults[:i], WRONG_VALUE[param["component"]], *defaults[i + 1:]]
+        event, message = call(page, mode, data)
+        assert event == "error" and "the function was reached" not in str(message), (param, message)
+        if param["component"] != "File":
+            assert re.search(rf"\b{param['parameter_name']}\b", str(message)), (param["parameter_name"], message)
+
+
+# --- the page as it is served: its config (what the browser runs) and its endpoints -------------------
+
+
+@dataclass
+class Page:
+    url: str
+    config: dict[str, Any]  # GET /config: the components and events the browser builds the page from
+    api: dict[str, Any]  # gradio_client's view of the named endpoints
+    hold: threading.Event  # set: a mode's function waits for `release` (after setting `running`)
+    release: threading.Event
+    running: threading.Event
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator[Page]:
+    """The three modes' Blocks on fake functions (they refuse once reached), served in this process."""
+    from gradio_client import Client
+
+    hold, release, running = threading.Event(), threading.Event(), threading.Event()
+
+    def fake(real: Any) -> Any:
+        @functools.wraps(real)  # the real signature: the API's parameter names and defaults
+        def reached(*args: Any, **kwargs: Any) -> Any:
+            if hold.is_set():
+                running.set()
+                release.wait(60)
+            raise gr.Error("the function was reached", print_exception=False)
+
+        return reached
+
+    examples = {
+        "generate": [{"face_image": FACE, "prompt": "a knight", "style": "Mars"}],
+        "swap": [{"face_image": FACE, "target_image": FACE, "face_index": 0, "prompt": "a knight"}],
+    }
+    demo = ui.build_demo(fake(api.generate), fake_status, settings=Settings(), examples=examples,
+                         restyle_fn=fake(api.restyle), swap_fn=fake(api.swap))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        config = httpx.get(f"{url}config", timeout=30).json()
+        api_info = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]
+        yield Page(url, config, api_info, hold, release, running)
+    finally:
+        release.set()
+        demo.close()
+
+
+def page_events(page: Page) -> dict[str, dict[str, Any]]:
+    """The page's events by name (Gradio numbers repeats: start_run, start_run_1, ...)."""
+    return {d["api_name"]: d for d in page.config["dependencies"]}
+
+
+def call(page: Page, api_name: str, data: list[Any]) -> tuple[str, str | None]:
+    """POST /call/<api_name> as any HTTP client would, and read its event stream: (event, error message)."""
+    base = f"{page.url}gradio_api/call/{api_name}"
+    event_id = httpx.post(base, json={"data": data}, timeout=30).json()["event_id"]
+    event = ""
+    with httpx.stream("GET", f"{base}/{event_id}", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                data = json.loads(line[6:])
+                return event, data.get("error") if isinstance(data, dict) else None
+    return event, None
+
+
+def queue_call(page: Page, fn_index: int, data: list[Any]) -> dict[str, Any]:
+    """Run one of the page's own events as the browser does (queue join, then its stream): the final message."""
+    session = uuid.uuid4().hex
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    httpx.post(f"{page.url}gradio_api/queue/join", json=body, timeout=30).raise_for_status()
+    with httpx.stream("GET", f"{page.url}gradio_api/queue/data", params={"session_hash": session},
+                      timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                message = json.loads(line[6:])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("the event never completed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_before_after_pairs_the_target_with_the_first_result() -> None:
@@ -572,6 +733,26 @@ def test_a_cached_example_says_it_comes_from_the_cache() -> None:
     """Served from the cache in 0.8 s, it said "Done in 10.8 s"."""
     line = ui.timings_line({"total_ms": 10800.0, "faces_ms": 31.0}, done=ui.EXAMPLE_DONE)
     assert line == "Example shown from the cache; first generated in 10.8 s: faces 31 ms"
+
+
+def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> None:
+    """Gradio's lazy cache generated an example outside the click's event: its first click showed no progress."""
+    calls: list[str] = []
+
+    def counting(**kwargs: Any) -> Any:
+        calls.append(kwargs["prompt"])
+        yield gr.skip()
+        yield from fake_generate(**kwargs)
+
+    rows = [{"face_image": FACE, "prompt": "a knight"}, {"face_image": FACE, "prompt": "a queen"}]
+    demo = ui.build_demo(counting, fake_status, settings=Settings(), examples={"generate": rows})
+    (click,) = _deps(demo)["run_example"]
+    assert click.queue and click.api_visibility == "private" and [b.label for b in click.show_progress_on] == [
+        "Results"], "queued like the button's run, progress over the gallery, no API"
+    first = list(click.fn((1, None)))
+    assert len(first) == 2 and first[-1][-1].startswith("Done in") and calls == ["a queen"]
+    (again,) = list(click.fn((1, None)))
+    assert again[-1].startswith(ui.EXAMPLE_DONE) and again[:5] == first[-1][:5] and calls == ["a queen"]
 
 
 def test_status_tab_words() -> None:
