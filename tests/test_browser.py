@@ -272,6 +272,24 @@ def test_face_swap_in_a_real_browser(page) -> None:
     expect(page.locator("#run-summary")).to_contain_text("paste")
 
 
+def test_group_portrait_in_a_real_browser(page) -> None:
+    """Group mode on the page: its own inputs and example; the example (two people on the two-person photo's
+    layout, refined by default) runs and its captions score each person by name."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect = sync_api.expect
+    page.get_by_label("Group", exact=True).check()
+    expect(page.locator("#group-button")).to_be_visible(timeout=10_000)
+    expect(page.locator("#face-image")).to_be_hidden()
+    expect(page.get_by_text("Group examples")).to_be_visible()
+    page.get_by_text("two friends laughing at a café table, film photo").click()
+    expect(page.locator("#prompt textarea")).to_have_value("two friends laughing at a café table, film photo",
+                                                           timeout=30_000)
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=300_000)
+    caption = page.locator("#gallery .caption-label").first
+    expect(caption).to_contain_text(re.compile(r"seed \d+: Eileen .*, Grace "), timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-group.png"), full_page=True)
+
+
 def test_a_run_locks_its_controls_and_keeps_its_progress_bar(page) -> None:
     """A second click during a run drew a seed into the Seed box that no run used, and the button stayed
     enabled; the Results panel showed the progress bar a third of the time and an empty placeholder the rest
