@@ -211,9 +211,6 @@ ACTIVITY = _Activity()
 def _observe(job: Job, rendered: Rendered, wall_s: float) -> None:
     """Hand a finished GPU call's measurements to the duration record; never fails the request."""
     try:
-        if rendered.interrupted:  # its steps are not the job's: nothing to learn
-            durations.RECORD.forget(id(job))
-            return
         shape = durations.shape_of(job)
         durations.RECORD.observe(id(job), shape, rendered.timings_ms, wall_s, mode=str(getattr(job, "mode", "")))
     except Exception:

@@ -268,9 +268,6 @@ class Engine:
             self._state.seconds = time.perf_counter() - t0
             self._state.message = f"ready in {self._state.seconds:.1f} s ({self.profile.name} profile)"
 
-    def _cache(self) -> Path | None:
-        return self.settings.hub_cache
-
     def _load(self) -> None:
         s = self.settings
         if s.preset == "tiny":
@@ -746,7 +743,7 @@ class Engine:
         with self._gen_lock:
             out = self._run_pipeline(job, extras, progress)
         timings = {"controls_ms": controls_ms, **out.timings_ms}
-        return Rendered(images=list(out.images), timings_ms=timings, interrupted=bool(out.interrupted))
+        return Rendered(images=list(out.images), timings_ms=timings)
 
     def render_steps(self, job: Job, heartbeat_s: float | None = None) -> Iterator[Step | Rendered | None]:
         """`render` as a generator: a `Step` after each denoising step, then the `Rendered` result; with
@@ -823,8 +820,6 @@ class Engine:
             timings["paste_ms"] = timings_paste
         timings["total_ms"] = (time.time() - job.started) * 1000
         warnings = list(job.warnings)
-        if rendered.interrupted:
-            warnings.append("Generation was stopped early.")
         refined = [plan.label for plan in job.refine]
         if refined:
             warnings.append(f"Refined small face(s), re-rendered at working size: {', '.join(refined)}.")
@@ -909,7 +904,7 @@ class Engine:
                 callback_on_step_end=on_step,
                 **mode_args,
             )
-            if job.refine and not out.interrupted:
+            if job.refine:
                 done[0] = job.denoising_steps
                 out = self._refine(job, out, on_step, done)
             return out
@@ -974,13 +969,10 @@ class Engine:
                 # The passes' costs join the image's, so that the ZeroGPU record learns per step and decode.
                 for key in ("encode_ms", "denoise_ms", "decode_ms"):
                     timings[key] = timings.get(key, 0.0) + drawn.timings_ms.get(key, 0.0)
-                if drawn.interrupted:
-                    images[i] = image
-                    return InstantIDOutput(images=images, timings_ms=timings, interrupted=True)
                 image = face_lib.paste_face(image, drawn.images[0], plan.box, plan.region)
             images[i] = image
         timings["refine_ms"] = (time.perf_counter() - t0) * 1000
-        return InstantIDOutput(images=images, timings_ms=timings, interrupted=False)
+        return InstantIDOutput(images=images, timings_ms=timings)
 
     def _free_cuda(self) -> None:
         import torch

@@ -83,7 +83,6 @@ class ExtraControl:
 class InstantIDOutput:
     images: list[PIL.Image.Image]
     timings_ms: dict[str, float] = field(default_factory=dict)
-    interrupted: bool = False
 
 
 def _sync(device: torch.device) -> None:
@@ -437,14 +436,13 @@ class InstantIDMixin:
         latents = out[0]
         _sync(device)
         timings["denoise_ms"] = (time.perf_counter() - t1) * 1000
-        interrupted = bool(getattr(self, "_interrupt", False))
 
         t2 = time.perf_counter()
         result = self.decode_latents_to_images(latents, output_type)
         _sync(device)
         timings["decode_ms"] = (time.perf_counter() - t2) * 1000
         self.maybe_free_model_hooks()
-        return InstantIDOutput(images=result, timings_ms=timings, interrupted=interrupted)
+        return InstantIDOutput(images=result, timings_ms=timings)
 
     def _embeds(
         self,

@@ -667,4 +667,3 @@ class Rendered:
 
     images: list[Any]
     timings_ms: dict[str, float]
-    interrupted: bool = False

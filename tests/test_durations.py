@@ -144,7 +144,7 @@ def test_a_figure_not_yet_observed_keeps_its_prior() -> None:
     assert record.ask(2, with_depth, factor=1.0) >= plain + 1.3 * durations.PRIOR_CONTROL_S
 
 
-def test_an_interrupted_or_incomplete_call_teaches_nothing() -> None:
+def test_a_call_that_timed_nothing_or_was_cancelled_teaches_nothing() -> None:
     record = Record()
     record.observe(0, DEFAULT, {}, wall_s=3.0)  # a worker that timed nothing
     assert not record.figures().observed
