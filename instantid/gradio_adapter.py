@@ -204,12 +204,17 @@ class UploadGuard:
             return
         status: list[int] = []
         body: list[bytes] = []
+        unparked: list[Path] = []
 
         async def watch(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
             elif message["type"] == "http.response.body" and status and status[0] == 200:
                 body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    # Bounded before the answer leaves: a client that uploads again on receiving it must find
+                    # the bound already applied (CI saw 11 of 10 when parking ran after the answer).
+                    unparked.extend(self._park(self._client(scope), b"".join(body)))
             await send(message)
 
         # Counted before the first await: no upload can start between the last one ending and the sweep.
@@ -222,8 +227,9 @@ class UploadGuard:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._delete_partial_files()
-        if status and status[0] == 200:
-            self._park(self._client(scope), b"".join(body))
+        if unparked:
+            # Gradio moves a file it could not rename in a background task, after the answer: parked now.
+            self._park(self._client(scope), json.dumps([str(p) for p in unparked]).encode())
 
     @staticmethod
     def _client(scope: dict) -> str:
@@ -234,11 +240,13 @@ class UploadGuard:
         client = scope.get("client")
         return str(client[0]) if client else "unknown"
 
-    def _park(self, client: str, body: bytes) -> None:
+    def _park(self, client: str, body: bytes) -> list[Path]:
+        """Parks the uploads the answer `body` names; returns those not on disk yet."""
         try:
             paths = [Path(p) for p in json.loads(body) if isinstance(p, str)]
         except ValueError:
-            return
+            return []
+        missing: list[Path] = []
         if len(self.parked) > MAX_TRACKED_CLIENTS:
             # Forget the addresses whose uploads are all gone (Gradio's sweep): one entry per address ever seen
             # would grow without end.
@@ -250,8 +258,10 @@ class UploadGuard:
             # this upload's now, the newest, and must not be deleted as the oldest one.
             for entry in [e for e in parked if e[0] == path]:
                 parked.remove(entry)
-            with contextlib.suppress(OSError):
+            try:
                 parked.append((path, path.stat().st_size))
+            except OSError:
+                missing.append(path)
         self._prune(client)
         while len(parked) > MAX_PARKED_UPLOADS or sum(size for _, size in parked) > self.max_bytes:
             path, _ = parked.popleft()
@@ -261,6 +271,7 @@ class UploadGuard:
                 path.unlink()
                 path.parent.rmdir()  # its hash folder, when nothing else is in it
         self._prune(client)
+        return missing
 
     def _prune(self, client: str) -> None:
         """Only what is still on disk counts (Gradio's sweep may have removed some)."""

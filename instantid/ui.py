@@ -667,8 +667,11 @@ def _wire_generate(
     # A number typed out of a slider's range is sent as typed, so that it is refused with its sentence.
     demo.load(None, None, None, js=KEEP_TYPED_NUMBERS_JS)
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    # `input`, not `change`: only a visitor's own choice resets them. A `change` also fired when a control
+    # got its value without the visitor (CI: the LCM box, mounted as the settings opened, wiped a typed
+    # Steps of 1000 back to 0 just before the click, and a 20-step run started instead of the refusal).
     for choice in ("speed", "enable_lcm"):
-        c[choice].change(automatic_steps, [c[choice]], [c["num_steps"], c["guidance_scale"]], **quiet)
+        c[choice].input(automatic_steps, [c[choice]], [c["num_steps"], c["guidance_scale"]], **quiet)
     if len(modes) > 1:
         _wire_mode_choice(c, modes, quiet)
     # While a run is in flight its controls (the mode buttons, the mode choice) are off: a click then started

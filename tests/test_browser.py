@@ -61,6 +61,9 @@ def page(browser, app_url: str):
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(app_url, wait_until="domcontentloaded")
     page.locator("#generate-button").wait_for(timeout=60_000)
+    # The page's load step has run (it sets this flag): before it, on a slow machine, a value typed into a box
+    # was overwritten when the app finished mounting (CI: Steps 1000 became 0 and a run started).
+    page.wait_for_function("() => window.__instantidKeepTypedNumbers === true", timeout=60_000)
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -341,6 +344,7 @@ def test_out_of_range_numbers_are_refused_not_clamped(page) -> None:
     page.get_by_text("Advanced settings").click()
     steps = page.get_by_role("spinbutton", name="Steps")
     steps.fill("1000")
+    expect(steps).to_have_value("1000")
     page.locator("#generate-button").click()  # the box loses focus here
     expect(page.get_by_text("Invalid num_steps=1000: must be an integer in 0..100.")).to_be_visible(timeout=30_000)
     expect(steps).to_have_value("1000")
