@@ -35,6 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from instantid.settings import CONTROL_TYPES, Settings  # light: no torch
+
 from . import SIZES
 
 GOAL_BYTES = 15e9  # the issue's "within 15 GB" (decimal, as GB is quoted everywhere here)
@@ -47,24 +49,29 @@ LCM_TARGETS = (
 
 
 def repo_ids(size: str) -> dict[str, str]:
+    defaults = Settings()
     return {
         "lcm_lora": f"instantid-bench/lcm-lora-sdxl-{size}",
         # The speeds' LoRAs, one file among others in their repos as on the Hub.
         "fast_lora": f"instantid-bench/Hyper-SD-{size}/Hyper-SDXL-8steps-CFG-lora.safetensors",
         "turbo_lora": f"instantid-bench/SDXL-Lightning-{size}/sdxl_lightning_4step_lora.safetensors",
-        "pose": f"instantid-bench/controlnet-openpose-sdxl-1.0-{size}",
-        "canny": f"instantid-bench/controlnet-canny-sdxl-1.0-{size}",
-        "depth": f"instantid-bench/controlnet-depth-sdxl-1.0-small-{size}",
-        "depth_estimator": f"instantid-bench/Depth-Anything-V2-Small-hf-{size}",
-        "pose_estimator": f"instantid-bench/vitpose-base-simple-{size}",
-        "person_detector": f"instantid-bench/rtdetr_r50vd_coco_o365-{size}",
+        # Each extra ControlNet and estimator checkpoint under its default repo's name (controlnet-canny-sdxl-1.0,
+        # Depth-Anything-V2-Small-hf, ...), as the control types declare them.
+        **{name: f"instantid-bench/{kind.checkpoint.split('/')[-1]}-{size}" for name, kind in CONTROL_TYPES.items()},
+        **{f: f"instantid-bench/{getattr(defaults, f).split('/')[-1]}-{size}" for f in _estimator_fields()},
     }
+
+
+def _estimator_fields() -> list[str]:
+    """The `Settings` fields of every estimator checkpoint, as the control types declare them."""
+    return [f for kind in CONTROL_TYPES.values() for f in kind.estimator_fields]
 
 
 def write_extras(cache: Path, size: str, log: Callable[[str], None] = lambda m: None) -> dict[str, str]:
     """Publish the optional parts' random checkpoints of `size` into `cache`, once (see the module docstring)."""
     import torch
 
+    from instantid.controls import estimator_writers
     from instantid.tiny import FP32, LORA_WEIGHTS, ModelShape, build_parts, file_lock, publish, write_lora
 
     shape = ModelShape.sdxl(SIZES[size])
@@ -77,12 +84,17 @@ def write_extras(cache: Path, size: str, log: Callable[[str], None] = lambda m: 
         **{key: (ids[key].split("/", 2)[2], lambda d, key=key: write_lora(
             d, unet(), LCM_TARGETS, rank=64, dtype=torch.float16, file_name=ids[key].split("/", 2)[2]))
            for key in ("fast_lora", "turbo_lora")},
-        "pose": ("config.json", lambda d: _write_controlnet(d, unet(), shape, 40, FP32, "OpenPoseXL2.safetensors")),
-        "canny": ("config.json", lambda d: _write_controlnet(d, unet(), shape, 41, both)),
-        "depth": ("config.json", lambda d: _write_controlnet(d, unet(), shape, 42, both, small=True)),
     }
-    for field_name in ("depth_estimator", "pose_estimator", "person_detector"):
-        writers[field_name] = ("config.json", functools.partial(_write_estimator, field_name, size))
+    # Every extra ControlNet, float32 plus an fp16 variant unless its released repo differs (see the docstring).
+    released: dict[str, dict[str, Any]] = {
+        "pose": {"variants": FP32, "single_file": "OpenPoseXL2.safetensors"}, "depth": {"small": True}
+    }
+    for seed, name in enumerate(CONTROL_TYPES, start=40):
+        options = {"variants": both, **released.get(name, {})}
+        writers[name] = ("config.json", lambda d, seed=seed, o=options: _write_controlnet(d, unet(), shape, seed, **o))
+    # The registry's writers: the released checkpoints' shapes at full and quick size, the tiny ones at micro.
+    for field_name, write in estimator_writers().items():
+        writers[field_name] = ("config.json", functools.partial(write, released_shape=size != "micro"))
     with file_lock(cache / ".instantid-bench.lock"):
         for key, (marker, write) in writers.items():
             log(f"writing {ids[key]} unless cached")
@@ -117,44 +129,6 @@ def _write_controlnet(
         os.link(folder / "diffusion_pytorch_model.safetensors", folder / single_file)
 
 
-def _write_estimator(field_name: str, size: str, folder: Path) -> None:
-    """Real-shaped estimators (transformers' default configs) at full and quick size; the tiny ones at micro."""
-    from instantid import tiny_controls
-
-    if size == "micro":
-        getattr(tiny_controls, f"save_tiny_{field_name}")(folder)
-        return
-    import torch
-    from transformers import (
-        DepthAnythingConfig,
-        DepthAnythingForDepthEstimation,
-        DPTImageProcessorPil,
-        RTDetrConfig,
-        RTDetrForObjectDetection,
-        RTDetrImageProcessorPil,
-        VitPoseConfig,
-        VitPoseForPoseEstimation,
-        VitPoseImageProcessorPil,
-    )
-
-    imagenet = {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
-    torch.manual_seed(0)
-    if field_name == "depth_estimator":
-        model: Any = DepthAnythingForDepthEstimation(DepthAnythingConfig(depth_estimation_type="relative"))
-        processor: Any = DPTImageProcessorPil(
-            size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14, resample=3, **imagenet
-        )
-    elif field_name == "pose_estimator":
-        model = VitPoseForPoseEstimation(VitPoseConfig(use_simple_decoder=True, num_labels=17))  # type: ignore[call-arg]
-        processor = VitPoseImageProcessorPil(size={"height": 256, "width": 192}, **imagenet)
-    else:
-        config = RTDetrConfig(id2label={0: "person", 1: "object"}, label2id={"person": 0, "object": 1})
-        model = RTDetrForObjectDetection(config)
-        processor = RTDetrImageProcessorPil(size={"height": 640, "width": 640}, do_normalize=False, do_pad=False)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
 def run_child(cache: Path, base_ids: dict[str, str], size: str) -> dict[str, Any]:
     """`Engine.load_all` with every part, in a fresh process; its figures."""
     import subprocess
@@ -175,8 +149,6 @@ def run_child(cache: Path, base_ids: dict[str, str], size: str) -> dict[str, Any
 
 
 def _settings(cache: str, size: str, base_model: str, instantid_repo: str) -> Any:
-    from instantid.settings import Settings
-
     ids = repo_ids(size)
     env = {
         "INSTANTID_PRESET": "real",
@@ -189,26 +161,22 @@ def _settings(cache: str, size: str, base_model: str, instantid_repo: str) -> An
         "HF_HUB_CACHE": cache,
         "HF_HUB_OFFLINE": "1",
     }
-    for name in ("pose", "canny", "depth"):
+    for name in CONTROL_TYPES:
         env[f"INSTANTID_CONTROLNET_{name.upper()}"] = ids[name]
-    for field_name in ("depth_estimator", "pose_estimator", "person_detector"):
+    for field_name in _estimator_fields():
         env[f"INSTANTID_{field_name.upper()}"] = ids[field_name]
     return Settings.from_env(env)
 
 
 def _modules(engine: Any) -> dict[str, Any]:
     """Every torch module the engine holds (the LoRA inside the UNet), by name."""
-    import torch
-
     out = {n: getattr(engine.pipe, n) for n in ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2")}
     out["resampler"] = engine.pipe.resampler
     out.update({f"controlnet_{n}": net for n, net in engine._extra_nets.items()})
     if engine.loras is not None and engine.loras.mode == "fused":  # held beside the UNet, not inside it
         out.update(engine.loras.modules())
     for name, est in engine._estimators.items():
-        for attr in ("model", "pose_model", "detector"):
-            if isinstance(getattr(est, attr, None), torch.nn.Module):
-                out[f"{name}_{attr}"] = getattr(est, attr)
+        out.update({f"{name}_{role}": module for role, module in est.modules().items()})
     return out
 
 

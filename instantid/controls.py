@@ -12,18 +12,22 @@ when, so nothing is loaded until a request selects that ControlNet. There is no 
 from __future__ import annotations
 
 import colorsys
+import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 import PIL.Image
 import torch
 
+from . import tiny_controls
 from .errors import CheckpointError, ImageError, InvalidParameter
-from .settings import CONTROL_TYPES
+from .settings import CONTROL_TYPES, ControlType, Settings
 
 # Files each estimator folder needs; the hub layer can pass these as `allow_patterns` so a snapshot
 # download skips READMEs and alternative weight formats.
@@ -273,6 +277,10 @@ class DepthEstimator:
         # Read from the weights, not remembered: on ZeroGPU they move to the GPU only inside a GPU call.
         return _device_of(self.model)
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Its torch modules by role, for the memory report."""
+        return {"model": self.model}
+
     @torch.inference_mode()
     def estimate(self, image: PIL.Image.Image) -> np.ndarray:
         """Raw model output resized to the photo, float32 `(height, width)`."""
@@ -358,6 +366,10 @@ class PoseEstimator:
     def device(self) -> torch.device:
         return _device_of(self.pose_model)
 
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Its torch modules by role, for the memory report."""
+        return {"pose_model": self.pose_model, **({"detector": self.detector} if self.detector is not None else {})}
+
     @torch.inference_mode()
     def detect_people(self, image: PIL.Image.Image) -> np.ndarray:
         """Person boxes `(n, 4)` as (x0, y0, x1, y1) in pixels, most confident first; never empty."""
@@ -416,6 +428,115 @@ class PoseEstimator:
         return draw_openpose(people, rgb.size, threshold=self.keypoint_threshold)
 
 
+# --- the registry ----------------------------------------------------------------------------------------
+
+
+class Estimator(Protocol):
+    """A model that makes a condition image from a photo: built by `from_folders` from one local folder per
+    `ControlType.estimator_fields` entry, in that order, then called on photos."""
+
+    @classmethod
+    def from_folders(cls, *folders: str | Path, device: str | torch.device = "cpu") -> Estimator: ...
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image: ...
+
+    def modules(self) -> dict[str, torch.nn.Module]: ...
+
+
+class WriteEstimator(Protocol):
+    """Writes a random estimator checkpoint into `folder`: tiny, or at the released checkpoint's shape."""
+
+    def __call__(self, folder: Path, *, released_shape: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class ControlCode:
+    """The code of one control type, by reference: `settings.CONTROL_TYPES[name]` declares the rest.
+
+    A kind with estimator fields has an `estimator` class and a writer per field; one without has a
+    `condition` maker (plain CPU work, photo -> image). `check_control` says when a piece is missing.
+    """
+
+    name: str
+    condition: ConditionFn | None = None
+    estimator: type[Estimator] | None = None
+    # Per estimator field: the writer of its random checkpoint (the tiny preset's, and the benchmarks').
+    writers: Mapping[str, WriteEstimator] = field(default_factory=dict)
+
+
+def check_control(kind: ControlType, code: ControlCode) -> None:
+    """Raise TypeError unless `code` has exactly the pieces `kind` needs, each callable with the right arguments."""
+
+    def fail(what: str) -> TypeError:
+        return TypeError(f"The {kind.name} control type's ControlCode {what}.")
+
+    def takes(fn: Any, what: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            inspect.signature(fn).bind(*args, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise fail(f"has {what} that cannot be called that way: {exc}") from None
+
+    if code.name != kind.name:
+        raise fail(f"is named {code.name!r}")
+    settings_fields = {f.name for f in dataclasses.fields(Settings)}
+    if missing := [f for f in kind.estimator_fields if f not in settings_fields]:
+        raise fail(f"reads estimator fields that Settings lacks: {', '.join(missing)}")
+    if set(code.writers) != set(kind.estimator_fields):
+        fields = sorted(kind.estimator_fields)
+        raise fail(f"has writers for {sorted(code.writers)}, not for exactly its estimator fields {fields}")
+    for field_name, write in code.writers.items():
+        takes(write, f"a writer for {field_name}", Path("folder"), released_shape=True)
+    if kind.has_estimator:
+        if code.estimator is None or code.condition is not None:
+            raise fail("needs an estimator class (it has estimator fields) and no condition maker")
+        for method in ("from_folders", "modules", "__call__"):
+            if not callable(getattr(code.estimator, method, None)):
+                raise fail(f"has an estimator {code.estimator!r} without {method}")
+        takes(code.estimator.from_folders, "an estimator", *kind.estimator_fields, device="cpu")
+    else:
+        if code.condition is None or code.estimator is not None:
+            raise fail("needs a condition maker (it has no estimator fields) and no estimator")
+        takes(code.condition, "a condition maker", PIL.Image.new("RGB", (1, 1)))
+
+
+def control_registry(kinds: Mapping[str, ControlType], codes: Sequence[ControlCode]) -> dict[str, ControlCode]:
+    """The code records by name, checked against the declarations: one per kind, each complete."""
+    registry = {code.name: code for code in codes}
+    if len(registry) != len(codes) or set(registry) != set(kinds):
+        raise TypeError(
+            f"The control code records {[c.name for c in codes]} do not match CONTROL_TYPES {list(kinds)}: "
+            "give each control type exactly one ControlCode."
+        )
+    for name, kind in kinds.items():
+        check_control(kind, registry[name])
+    return registry
+
+
+# Each control type's code, held by reference beside its declaration in `settings.CONTROL_TYPES` (which must
+# stay importable without torch, so it cannot hold these). Checked at import, so a type with a missing or
+# mismatched piece cannot even start.
+CONTROLS: dict[str, ControlCode] = control_registry(
+    CONTROL_TYPES,
+    (
+        ControlCode(
+            "pose",
+            estimator=PoseEstimator,
+            writers={
+                "pose_estimator": tiny_controls.save_pose_estimator,
+                "person_detector": tiny_controls.save_person_detector,
+            },
+        ),
+        ControlCode("canny", condition=canny_condition),
+        ControlCode("depth", estimator=DepthEstimator, writers={"depth_estimator": tiny_controls.save_depth_estimator}),
+    ),
+)
+
+
+def estimator_writers() -> dict[str, WriteEstimator]:
+    """The writer of every estimator checkpoint, by its `Settings` field, in declaration order."""
+    return {f: CONTROLS[name].writers[f] for name, kind in CONTROL_TYPES.items() for f in kind.estimator_fields}
+
+
 # --- dispatch ------------------------------------------------------------------------------------------
 
 
@@ -424,14 +545,14 @@ def make_condition(name: str, image: PIL.Image.Image, estimators: Mapping[str, C
 
     Types with an estimator read it from `estimators` (any callable photo -> image); only the entry for
     `name` is read, so a lazily loading Mapping loads nothing else. The others are plain CPU work, made by
-    this module's `<name>_condition`.
+    their record's `condition` maker.
     """
-    kind = CONTROL_TYPES.get(name)
-    if kind is None:
+    code = CONTROLS.get(name)
+    if code is None:
         raise InvalidParameter("controlnet", name, f"use one of {', '.join(CONTROL_TYPES)}")
     rgb = _as_rgb(image)
-    if not kind.estimator:
-        return globals()[f"{name}_condition"](rgb)
+    if code.condition is not None:
+        return code.condition(rgb)
     if name not in estimators:
         raise LookupError(f"No {name} estimator was given to make_condition; the engine must load it first.")
     return estimators[name](rgb)

@@ -158,9 +158,8 @@ class Engine:
         for name, net in list(self._extra_nets.items()):
             components[f"controlnet_{name}"] = net
         for name, est in list(self._estimators.items()):
-            for attr in ("model", "pose_model", "detector"):
-                if getattr(est, attr, None) is not None:
-                    components[f"{name}_{attr}"] = getattr(est, attr)
+            for role, module in est.modules().items():
+                components[f"{name}_{role}"] = module
         report = memory_report(
             components=components, profile=self.profile, reason=self.profile_reason, state=self.state
         )
@@ -229,7 +228,7 @@ class Engine:
         for name, kind in CONTROL_TYPES.items():
             if name in self.settings.controlnets:
                 parts.append((name, f"{name} ControlNet", lambda name=name: self._extra_controlnet(name)))
-                if kind.estimator:
+                if kind.has_estimator:
                     parts.append((name, f"{name} estimator", lambda name=name: self._estimator(name)))
         for key, label, load in parts:
             if key in self.unavailable:
@@ -719,7 +718,7 @@ class Engine:
         out: dict[str, tuple[float, Any]] = {}
         for name, strength in req.controlnets.items():
             # Plain CPU work (canny) is done here; an estimator is a GPU model, run in render.
-            image = resized if CONTROL_TYPES[name].estimator else controls.make_condition(name, resized, {})
+            image = resized if CONTROL_TYPES[name].has_estimator else controls.make_condition(name, resized, {})
             out[name] = (strength, image)
         return out
 
@@ -850,7 +849,7 @@ class Engine:
         extras = []
         for name, (strength, image) in job.controls.items():
             net = self._extra_controlnet(name)
-            if CONTROL_TYPES[name].estimator:
+            if CONTROL_TYPES[name].has_estimator:
                 image = controls.make_condition(name, image, {name: self._estimator(name)})
             extras.append(ExtraControl(name=name, net=net, image=image, scale=strength))
         return extras

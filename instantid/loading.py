@@ -54,16 +54,18 @@ def load_extra_controlnet(s: Settings, name: str, profile: Profile, record: Reco
 
 
 def load_estimator(s: Settings, name: str, device: str, record: Record = _ignore) -> Any:
-    """The model that makes the `name` ControlNet's condition image from a photo (`ControlType.estimator`)."""
-    from . import controls
+    """The model that makes the `name` ControlNet's condition image from a photo (its `ControlCode.estimator`)."""
+    from .controls import CONTROLS
 
-    kind = CONTROL_TYPES[name]
+    estimator = CONTROLS[name].estimator
+    if estimator is None:
+        raise ValueError(f"The {name} control type makes its condition without an estimator.")
     folders = []
-    for field_name in kind.estimator_fields:
+    for field_name in CONTROL_TYPES[name].estimator_fields:
         repo = getattr(s, field_name)
         folders.append(_snapshot(repo, s))
         record(field_name.replace("_", " "), repo, folders[-1])
-    return getattr(controls, kind.estimator).from_folders(*folders, device=device)
+    return estimator.from_folders(*folders, device=device)
 
 
 # Each speed's LoRA as the start-up, the status report and the checkpoint list name it.

@@ -22,19 +22,29 @@ class ControlType:
     """One kind of extra ControlNet, declared once: the request schema, the page, the loaders, the
     start-up plan and the tiny preset all read this entry.
 
-    Adding a kind: an entry in `CONTROL_TYPES` (plus a `Settings` field and its env variable per estimator
-    checkpoint), its condition maker in `instantid.controls`, and its tiny estimator in
-    `instantid.tiny_controls` (`save_tiny_<field>` for each estimator field).
+    This is the declaration (names, checkpoints, the `Settings` fields of its estimator); its code (the
+    condition maker or the estimator class, and the writers of its tiny estimator checkpoints) is held by
+    reference in `instantid.controls.CONTROLS`, whose import checks that the two registries agree. The
+    code lives there because this module must stay light (no torch, transformers or OpenCV).
+
+    Adding a kind: an entry here in `CONTROL_TYPES` (plus a `Settings` field and its
+    `INSTANTID_<FIELD>` variable per estimator checkpoint), its `ControlCode` record in `controls.CONTROLS`
+    with its condition maker or estimator class, and a writer per estimator field in
+    `instantid.tiny_controls`.
     """
 
     name: str
     label: str  # as the page names it
     checkpoint: str  # the default ControlNet repo; INSTANTID_CONTROLNET_<NAME> overrides it
     # `Settings` fields naming the checkpoints of the model that makes the condition image from a photo, in
-    # the order `controls.<estimator>.from_folders` takes them; none: the condition is plain CPU work
-    # (`controls.<name>_condition`), made in the CPU stage.
+    # the order its estimator's `from_folders` takes them; none: the condition is plain CPU work, made in
+    # the CPU stage.
     estimator_fields: tuple[str, ...] = ()
-    estimator: str = ""  # the class in `instantid.controls`
+
+    @property
+    def has_estimator(self) -> bool:
+        """Whether a model makes the condition (in the GPU stage) rather than plain CPU work."""
+        return bool(self.estimator_fields)
 
     @property
     def tiny_checkpoint(self) -> str:
@@ -45,13 +55,10 @@ CONTROL_TYPES: dict[str, ControlType] = {
     c.name: c
     for c in (
         ControlType(
-            "pose", "Pose", "thibaud/controlnet-openpose-sdxl-1.0", ("pose_estimator", "person_detector"),
-            "PoseEstimator",
+            "pose", "Pose", "thibaud/controlnet-openpose-sdxl-1.0", ("pose_estimator", "person_detector")
         ),
         ControlType("canny", "Canny", "diffusers/controlnet-canny-sdxl-1.0"),
-        ControlType(
-            "depth", "Depth", "diffusers/controlnet-depth-sdxl-1.0-small", ("depth_estimator",), "DepthEstimator"
-        ),
+        ControlType("depth", "Depth", "diffusers/controlnet-depth-sdxl-1.0-small", ("depth_estimator",)),
     )
 }
 CONTROLNET_NAMES = tuple(CONTROL_TYPES)

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
-from . import tiny_controls
+from .controls import estimator_writers
 from .hub import RepoRef, is_published, publish_folder
 from .settings import (
-    CONTROL_TYPES,
     TINY_BASE_MODEL,
     TINY_CONTROLNETS,
     TINY_FAST_LORA,
@@ -422,5 +421,5 @@ def ensure_tiny_checkpoints(settings: Settings) -> None:
         face_dir = cache / "face-models"
         if not (face_dir / "w600k_mbf.onnx").exists():
             copy_face_models(face_dir)
-        for field_name in [f for c in CONTROL_TYPES.values() for f in c.estimator_fields]:
-            publish(cache, tiny_estimator_repo(field_name), getattr(tiny_controls, f"save_tiny_{field_name}"))
+        for field_name, write in estimator_writers().items():
+            publish(cache, tiny_estimator_repo(field_name), write)

@@ -1,4 +1,5 @@
-"""Offline tests of the extra-ControlNet condition makers, with tiny seeded estimators written to tmp."""
+"""Offline tests of the extra-ControlNet condition makers and their registry, with tiny seeded estimators
+written to tmp."""
 
 from __future__ import annotations
 
@@ -12,21 +13,27 @@ from skimage.data import astronaut
 
 from instantid.controls import (
     COCO_KEYPOINTS,
+    CONTROLS,
     ESTIMATOR_FILES,
     OPENPOSE_KEYPOINTS,
     OPENPOSE_LIMBS,
     ConditionFn,
+    ControlCode,
     DepthEstimator,
     PoseEstimator,
     canny_condition,
+    check_control,
     coco_to_openpose,
+    control_registry,
     depth_to_image,
     draw_openpose,
+    estimator_writers,
     make_condition,
     openpose_colors,
 )
 from instantid.errors import CheckpointError, ImageError, InvalidParameter
-from instantid.tiny_controls import save_tiny_depth_estimator, save_tiny_person_detector, save_tiny_pose_estimator
+from instantid.settings import CONTROL_TYPES, ControlType
+from instantid.tiny_controls import save_depth_estimator, save_person_detector, save_pose_estimator
 
 SIZES = [(128, 128), (300, 200)]
 
@@ -37,13 +44,21 @@ def photo() -> PIL.Image.Image:
 
 
 @pytest.fixture(scope="module")
-def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def estimator_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every estimator checkpoint the registry writes, tiny, by its `Settings` field."""
     root = tmp_path_factory.mktemp("tiny_controls")
-    folders = {"depth": root / "depth", "pose": root / "pose", "detector": root / "detector"}
-    save_tiny_depth_estimator(folders["depth"])
-    save_tiny_pose_estimator(folders["pose"])
-    save_tiny_person_detector(folders["detector"])
-    return folders
+    for field_name, write in estimator_writers().items():
+        write(root / field_name)
+    return {field_name: root / field_name for field_name in estimator_writers()}
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(estimator_folders: dict[str, Path]) -> dict[str, Path]:
+    return {
+        "depth": estimator_folders["depth_estimator"],
+        "pose": estimator_folders["pose_estimator"],
+        "detector": estimator_folders["person_detector"],
+    }
 
 
 def _black(a: np.ndarray) -> np.ndarray:
@@ -103,8 +118,8 @@ def test_tiny_depth_estimator_output(
     assert np.array_equal(a, np.asarray(first))  # eval mode, no randomness
 
 
-def test_tiny_estimator_folders_are_small_and_complete(tiny_folders: dict[str, Path]) -> None:
-    for folder in tiny_folders.values():
+def test_tiny_estimator_folders_are_small_and_complete(estimator_folders: dict[str, Path]) -> None:
+    for folder in estimator_folders.values():
         names = {p.name for p in folder.iterdir()}
         assert set(ESTIMATOR_FILES) <= names, folder
         assert sum(p.stat().st_size for p in folder.iterdir()) < 400_000, folder
@@ -233,6 +248,7 @@ def test_pose_falls_back_to_whole_image(tiny_folders: dict[str, Path], photo: PI
     np.testing.assert_array_equal(no_detector.detect_people(image), [[0, 0, 300, 200]])
     assert len(no_detector.keypoints(image)) == 1
     assert no_detector(image).size == (300, 200)
+    assert list(no_detector.modules()) == ["pose_model"]  # the memory report lists what is there
 
 
 # --- dispatch ------------------------------------------------------------------------------------------
@@ -282,3 +298,105 @@ def test_make_condition_with_tiny_estimators(tiny_folders: dict[str, Path], phot
     for name in ("pose", "canny", "depth"):
         out = make_condition(name, image, estimators)
         assert out.size == (128, 96) and out.mode == "RGB"
+
+
+# --- the registry --------------------------------------------------------------------------------------
+
+
+def test_every_control_type_has_working_code(estimator_folders: dict[str, Path], photo: PIL.Image.Image) -> None:
+    """Each declared control type's record, used as the engine and the tiny preset use it: its writers make
+    the checkpoints its estimator loads (from its fields' folders, in order), and it makes a condition image."""
+    import torch
+
+    assert list(CONTROLS) == list(CONTROL_TYPES)
+    image = photo.resize((96, 64))
+    for name, kind in CONTROL_TYPES.items():
+        code = CONTROLS[name]
+        check_control(kind, code)
+        if kind.has_estimator:
+            assert code.estimator is not None and code.condition is None
+            estimator = code.estimator.from_folders(*(estimator_folders[f] for f in kind.estimator_fields))
+            modules = estimator.modules()
+            assert modules and all(isinstance(m, torch.nn.Module) for m in modules.values()), name
+            out = make_condition(name, image, {name: estimator})
+        else:
+            assert code.estimator is None and code.writers == {}
+            out = make_condition(name, image, {})
+        assert out.mode == "RGB" and out.size == (96, 64), name
+
+
+def test_the_writers_are_the_registrys_own() -> None:
+    """The tiny preset and the benchmarks write exactly the checkpoints the control types declare."""
+    fields = [f for kind in CONTROL_TYPES.values() for f in kind.estimator_fields]
+    assert list(estimator_writers()) == fields
+    assert estimator_writers()["depth_estimator"] is save_depth_estimator
+    assert {save_pose_estimator, save_person_detector} == set(CONTROLS["pose"].writers.values())
+
+
+class _NoModules:
+    """An estimator class that cannot say what it holds."""
+
+    @classmethod
+    def from_folders(cls, path: Path, device: str = "cpu") -> _NoModules:
+        return cls()
+
+    def __call__(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        return image
+
+
+def _write_nothing(folder: Path) -> None:  # no released_shape
+    pass
+
+
+_DEPTH = {"depth_estimator": save_depth_estimator}
+_BROKEN = {
+    "no writer": ("depth", ControlCode("depth", estimator=DepthEstimator), "writers"),
+    "a writer too many": (
+        "depth", ControlCode("depth", estimator=DepthEstimator, writers={**_DEPTH, "extra": save_depth_estimator}),
+        "writers",
+    ),
+    "one of two writers": (
+        "pose", ControlCode("pose", estimator=PoseEstimator, writers={"pose_estimator": save_pose_estimator}), "writers"
+    ),
+    "a writer without released_shape": (
+        "depth", ControlCode("depth", estimator=DepthEstimator, writers={"depth_estimator": _write_nothing}),
+        "released_shape",
+    ),
+    "no estimator": ("depth", ControlCode("depth", writers=_DEPTH), "estimator class"),
+    "a condition where an estimator goes": (
+        "depth", ControlCode("depth", condition=canny_condition, estimator=DepthEstimator, writers=_DEPTH), "estimator",
+    ),
+    "an estimator without modules": (
+        "depth", ControlCode("depth", estimator=_NoModules, writers=_DEPTH), "without modules",  # type: ignore[arg-type]
+    ),
+    "an estimator taking too few folders": (
+        "pose", ControlCode("pose", estimator=DepthEstimator, writers=dict(CONTROLS["pose"].writers)), "estimator",
+    ),
+    "no condition maker": ("canny", ControlCode("canny"), "condition maker"),
+    "an estimator without fields": ("canny", ControlCode("canny", estimator=DepthEstimator), "condition maker"),
+    "a condition maker taking no image": ("canny", ControlCode("canny", condition=lambda: None), "condition maker"),  # type: ignore[arg-type]
+    "another type's record": ("canny", ControlCode("depth", condition=canny_condition), "named 'depth'"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BROKEN))
+def test_a_record_missing_a_piece_fails(case: str) -> None:
+    name, code, message = _BROKEN[case]
+    with pytest.raises(TypeError, match=message):
+        check_control(CONTROL_TYPES[name], code)
+
+
+def test_the_registry_matches_the_declarations() -> None:
+    codes = list(CONTROLS.values())
+    assert control_registry(CONTROL_TYPES, codes) == CONTROLS
+    with pytest.raises(TypeError, match="exactly one ControlCode"):
+        control_registry(CONTROL_TYPES, codes[:-1])  # a declared type without code
+    with pytest.raises(TypeError, match="exactly one ControlCode"):
+        control_registry(CONTROL_TYPES, [*codes, codes[0]])  # two records for one type
+    with pytest.raises(TypeError, match="exactly one ControlCode"):
+        control_registry({n: k for n, k in CONTROL_TYPES.items() if n != "canny"}, codes)  # code for no type
+    # A declared estimator checkpoint needs its Settings field (and so its INSTANTID_<FIELD> variable).
+    lineart = ControlType("lineart", "Lineart", "me/lineart", ("lineart_estimator",))
+    code = ControlCode("lineart", estimator=DepthEstimator, writers={"lineart_estimator": save_depth_estimator})
+    with pytest.raises(TypeError, match="Settings lacks: lineart_estimator"):
+        check_control(lineart, code)

@@ -92,9 +92,8 @@ def _facts() -> dict:
     for name, net in engine._extra_nets.items():
         modules[f"controlnet_{name}"] = devices(net)
     for name, est in engine._estimators.items():
-        for attr in ("model", "pose_model", "detector"):
-            if getattr(est, attr, None) is not None:
-                modules[f"{name}_{attr}"] = devices(getattr(est, attr))
+        for role, module in est.modules().items():
+            modules[f"{name}_{role}"] = devices(module)
     return {
         "thread": threading.current_thread().name,
         "background_thread": engine._thread is not None,
