@@ -46,6 +46,9 @@ from .memory import Hardware, apply_profile, choose_profile, memory_report, prob
 from .requests import (
     DEFAULT_PROMPT,
     DEFAULT_SCHEDULER,
+    MODE_SPECS,
+    MODES,
+    PARAMS,
     SPEEDS,
     GenerateRequest,
     GenerateResult,
@@ -116,7 +119,7 @@ class Engine:
         self._state = LoadState()
         self._thread: threading.Thread | None = None
         self.pipe: Any = None
-        self.pipes: dict[str, Any] = {}  # restyle, swap -> its pipeline, on `pipe`'s modules
+        self.pipes: dict[str, Any] = {}  # a `Mode.pipeline` kind -> its pipeline, on `pipe`'s modules
         self.loras: LoraSwitch | None = None  # the speeds' LoRAs on the shared UNet (loras.py)
         self.face_analyzer: face_lib.FaceAnalyzer | None = None
         self._extra_nets: dict[str, Any] = {}
@@ -284,8 +287,9 @@ class Engine:
         self._state.loaded.extend(["base model", "IdentityNet", "ip-adapter"])
 
     def _share_modes(self) -> None:
-        """The restyle and swap pipelines, made here with the rest (never inside a GPU call): diffusers'
-        img2img and inpaint pipelines on the very modules of `self.pipe`, so no weight is held twice."""
+        """The pipelines the modes run with (`Mode.pipeline`), made here with the rest (never inside a GPU call):
+        `self.pipe` itself, and diffusers' img2img and inpaint pipelines on its very modules, so no weight is held
+        twice."""
         from .pipeline import mode_pipelines
 
         self.pipes = mode_pipelines(self.pipe)
@@ -379,7 +383,10 @@ class Engine:
         # The cpu profile's fewer steps are for the base sampler; a LoRA is distilled for its own count.
         steps = req.num_steps or ((speed.lora is None and self.profile.default_steps) or speed.steps)
         guidance = req.guidance_scale or speed.guidance
-        strength = req.strength if req.mode == "restyle" else 1.0
+        spec = MODE_SPECS[req.mode]
+        # Only a mode that takes `strength` runs part of the schedule (restyle); an inpainting one redraws its
+        # region from noise.
+        strength = req.strength if req.mode in PARAMS["strength"].modes else 1.0
         if min(int(steps * strength), steps) < 1:
             # diffusers would run no step at all and fail; say what works instead.
             raise InvalidParameter("strength", strength, f"runs no step of {steps}: use at least {1 / steps:.2f}")
@@ -391,20 +398,16 @@ class Engine:
 
         t0 = time.perf_counter()
         people: list[tuple[np.ndarray, face_lib.Face]] = []
-        if req.mode == "group":
+        if spec.people:
             embedding, ref_img, ref_face, faces_found, people = self._people(req, warnings)
         else:
             embedding, ref_img, ref_face, faces_found = self._identity(req, warnings)
         timings["faces_ms"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
-        if req.mode == "group":
-            canvas = self._group_scene(req, ref_img, ref_face, warnings, people)
-        else:
-            scene = {"generate": self._generate_scene, "restyle": self._restyle_scene, "swap": self._swap_scene}
-            canvas = scene[req.mode](req, ref_img, ref_face, warnings)
+        canvas = SCENES[req.mode](self, req, ref_img, ref_face, warnings, people)
         spots = canvas.pop("spots", [])
         if req.refines:
-            if req.mode == "group":
+            if spec.people:
                 identities, labels = [e for e, _ in people], list(req.person_names)
             else:
                 identities, labels = [embedding], ["the face"]
@@ -569,7 +572,13 @@ class Engine:
         mask = face_lib.face_mask(size, box) if req.enhance_face_region else None
         return face_lib.draw_keypoints(size, kps), mask, _shown_crop(face_lib.layout(image_size, size, face.bbox), size)
 
-    def _generate_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+    # A mode's scene: what its pipeline draws, from the request and the identity found (`_prepare`): the keypoint
+    # image, face mask, extra controls and size, plus what its pipeline kind needs (the photo to start from, the
+    # region to redraw, the people). `people` is each person's (embedding, face) for a mode of `Mode.people`.
+
+    def _generate_scene(
+        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+    ) -> dict:
         """Generate: the face layout (and extra ControlNets) from the pose photo, or else the face photo."""
         pose_img, pose_face = ref_img, ref_face
         if req.pose_image is not None:
@@ -636,7 +645,9 @@ class Engine:
                 "face_mask": None, "controls": {}, "width": size[0], "height": size[1], "group": group,
                 "spots": [by_person[k] for k in range(n)]}
 
-    def _restyle_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+    def _restyle_scene(
+        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+    ) -> dict:
         """Restyle: the source photo at the output size; the face layout from its largest face, or from the
         face photo's when the source has none."""
         source = self._decode(req.source_image, "photo to restyle", warnings)
@@ -655,7 +666,9 @@ class Engine:
                 "controls": self._prepare_controls(req, source, size, crop),
                 "init_image": source.convert("RGB").resize(size, box=crop), "spots": [spot]}
 
-    def _swap_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+    def _swap_scene(
+        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+    ) -> dict:
         """Face swap: a crop around the chosen face of the target, at the working size, with the region to redraw
         and where it goes back."""
         target = self._decode(req.target_image, "photo to swap a face into", warnings).convert("RGB")
@@ -858,7 +871,8 @@ class Engine:
     def _run_pipeline(self, job: Job, extras: list[Any], progress: ProgressFn | None) -> Any:
         import torch
 
-        pipe = self.pipe if job.mode in ("generate", "group") else self.pipes[job.mode]
+        kind = MODE_SPECS[job.mode].pipeline
+        pipe = self.pipes[kind]
         lora = SPEEDS[job.speed].lora
         # The switch and the pipelines share one UNet: folding a speed's LoRA in serves every mode.
         loras = self._lora(job.speed) if lora is not None else self.loras
@@ -867,11 +881,11 @@ class Engine:
         pipe.set_scheduler(job.scheduler)
         steps = job.total_steps  # refined faces' steps included: one progress bar for the whole GPU stage
         done = [0]  # steps of the passes before the one running (the image, then each refined face)
-        # What only restyle (img2img) and swap (inpaint) take; diffusers' own names.
+        # What only the img2img (restyle) and inpaint (swap) pipelines take; diffusers' own names.
         mode_args: dict[str, Any] = {}
-        if job.mode not in ("generate", "group"):
+        if kind != "base":
             mode_args = {"image": job.init_image, "strength": job.strength}
-        if job.mode == "swap":
+        if kind == "inpaint":
             mode_args["mask_image"] = job.mask_image
         if job.group:  # two or more people: per-person tokens, IdentityNet runs and regions
             mode_args["group"] = job.group
@@ -940,7 +954,7 @@ class Engine:
         from .pipeline import InstantIDOutput
 
         t0 = time.perf_counter()
-        pipe = self.pipes["swap"]
+        pipe = self.pipes["inpaint"]
         pipe.set_scheduler(job.scheduler)
         timings = dict(out.timings_ms)
         images = list(out.images)
@@ -1000,6 +1014,17 @@ class Engine:
         self.profile = nxt
         self.profile_reason += f"; switched to {nxt.name} after running out of GPU memory"
         return True
+
+
+# Each mode's scene (`Engine._prepare`), by the mode's name: a mode declared without its scene stops the import.
+SCENES: dict[str, Callable[..., dict]] = {
+    "generate": Engine._generate_scene,
+    "restyle": Engine._restyle_scene,
+    "swap": Engine._swap_scene,
+    "group": Engine._group_scene,
+}
+if set(SCENES) != set(MODES):
+    raise ImportError(f"the engine's scenes ({', '.join(SCENES)}) are not the declared modes ({', '.join(MODES)})")
 
 
 def _speed_warnings(req: GenerateRequest, guidance: float) -> list[str]:

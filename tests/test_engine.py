@@ -467,7 +467,7 @@ def test_restyle_strength_is_how_far_from_the_source(tiny_engine, photos) -> Non
     pixels cannot show closeness; the latents the denoising ends on can, against the source's own latents."""
     import torch
 
-    pipe = tiny_engine.pipes["restyle"]
+    pipe = tiny_engine.pipes["img2img"]
 
     def distance(strength: float) -> float:
         job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="restyle",
@@ -506,8 +506,9 @@ def test_restyle_face_layout_from_the_source_or_else_the_identity(tiny_engine, p
 
 def test_mode_pipelines_share_the_modules_and_the_memory(tiny_engine) -> None:
     base = tiny_engine.pipe
-    for mode in ("restyle", "swap"):
-        pipe = tiny_engine.pipes[mode]
+    assert tiny_engine.pipes["base"] is base
+    for kind in ("img2img", "inpaint"):
+        pipe = tiny_engine.pipes[kind]
         assert pipe is not base
         for name in ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "resampler"):
             assert getattr(pipe, name) is getattr(base, name)

@@ -227,8 +227,7 @@ def test_the_page_offers_group_with_its_own_inputs() -> None:
     from instantid.requests import params_for
     from instantid.settings import Settings
 
-    demo = ui.build_demo(api.generate, api.status, settings=Settings(), restyle_fn=api.restyle, swap_fn=api.swap,
-                         group_fn=api.group)
+    demo = ui.build_demo(api.ENDPOINTS, api.status, settings=Settings())
     info = demo.get_api_info()["named_endpoints"]
     names = [p["parameter_name"] for p in info["/group"]["parameters"]]
     assert names == list(params_for("group")) == list(inspect.signature(api.group).parameters)[:-1]

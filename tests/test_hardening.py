@@ -977,7 +977,7 @@ def test_uploads_stay_in_gradio_temp_and_are_cleaned(
     client.predict(handle_file(str(marker)), "a portrait", api_name="/generate", **FAST)
     assert [p for p in app.temp_dir.rglob(marker.name) if p.is_file()], "the upload is in Gradio's temp folder"
 
-    demo = ui.build_demo(api.generate, api.status, settings=tiny_settings)
+    demo = ui.build_demo({"generate": api.generate}, api.status, settings=tiny_settings)
     assert demo.delete_cache, "gr.Blocks(delete_cache=...) must be set, or uploads pile up on the Space's disk"
     frequency, age = demo.delete_cache
     assert 0 < frequency <= 3600 and 0 < age <= 86400
@@ -985,7 +985,7 @@ def test_uploads_stay_in_gradio_temp_and_are_cleaned(
     # The same Blocks on a one-second schedule, in this process: an upload is gone within seconds.
     monkeypatch.setattr(ui, "DELETE_CACHE", (1, 1))
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo = ui.build_demo(api.generate, api.status, settings=tiny_settings)
+    demo = ui.build_demo({"generate": api.generate}, api.status, settings=tiny_settings)
     port = apprunner.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
