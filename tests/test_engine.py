@@ -545,3 +545,78 @@ def test_restyle_and_swap_encode_in_the_vae_s_own_dtype(tiny_settings, photos) -
         assert restyle(engine, photos, num_steps=2, strength=1.0).images
         assert swap(engine, photos).images
         assert vae.dtype == torch.bfloat16 and vae.config.force_upcast is upcast
+
+
+# --- every declared parameter reaches the job ----------------------------------------------------------------
+
+PAIR = str(Path(__file__).resolve().parents[1] / "assets" / "two_people.jpg")
+
+
+def _reaches(photos) -> dict[str, tuple[str, dict, str, dict]]:
+    """Per parameter: (mode, the value(s) it is changed to, the `Job` field that must change, what the mode's
+    base request needs besides)."""
+    hanks, astronaut = str(photos["hanks"]), str(photos["astronaut"])
+    more = {"person_3": [hanks]}
+    return {
+        "face_image": ("generate", {"face_image": hanks}, "embedding", {}),
+        "source_image": ("restyle", {"source_image": astronaut}, "init_image", {}),
+        "target_image": ("swap", {"target_image": PAIR}, "init_image", {}),
+        "person_1": ("group", {"person_1": [str(photos["group"])]}, "embeddings", {}),
+        "person_2": ("group", {"person_2": [astronaut]}, "embeddings", {}),
+        "prompt": ("generate", {"prompt": "a knight"}, "prompt", {}),
+        "extra_face_images": ("generate", {"extra_face_images": [hanks]}, "embedding", {}),
+        "person_3": ("group", more, "people", {}),
+        "person_4": ("group", {"person_4": [astronaut]}, "people", more),
+        "names": ("group", {"names": "Ada, Ben"}, "people", {}),
+        "layout_image": ("group", {"layout_image": PAIR}, "keypoint_image", {}),
+        "order": ("group", {"order": "2,1"}, "group", {}),
+        "pose_image": ("generate", {"pose_image": hanks}, "keypoint_image", {}),
+        "negative_prompt": ("generate", {"negative_prompt": "blurry"}, "negative_prompt", {}),
+        "style": ("generate", {"style": "Neon"}, "prompt", {}),
+        "num_images": ("generate", {"num_images": 2}, "num_images", {}),
+        "width": ("generate", {"width": 256, "height": 128}, "width", {}),
+        "height": ("generate", {"width": 128, "height": 256}, "height", {}),
+        "strength": ("restyle", {"strength": 0.5}, "strength", {}),
+        "face_index": ("swap", {"face_index": 1}, "init_image", {}),
+        "num_steps": ("generate", {"num_steps": 7}, "num_steps", {}),
+        "guidance_scale": ("generate", {"guidance_scale": 3.0}, "guidance_scale", {}),
+        "identitynet_strength": ("generate", {"identitynet_strength": 1.0}, "identitynet_strength", {}),
+        "adapter_strength": ("generate", {"adapter_strength": 1.0}, "adapter_strength", {}),
+        "controlnets": ("generate", {"controlnets": {"canny": 0.5}}, "controls", {}),
+        "scheduler": ("generate", {"scheduler": "DEISMultistepScheduler"}, "scheduler", {}),
+        "speed": ("generate", {"speed": "turbo"}, "speed", {}),
+        "enable_lcm": ("generate", {"enable_lcm": True}, "speed", {}),
+        "seed": ("generate", {"seed": 5}, "seed", {}),
+        "randomize_seed": ("generate", {"randomize_seed": True}, "seed", {}),
+        "enhance_face_region": ("generate", {"enhance_face_region": False}, "face_mask", {}),
+        # t1.jpg's faces are small: laid out by it, both people's faces are refined by default (test_refine).
+        "refine_faces": ("group", {"refine_faces": "off"}, "refine", {"layout_image": str(photos["group"])}),
+    }
+
+
+def test_every_declared_parameter_reaches_the_job(tiny_engine, photos) -> None:
+    """Each parameter, changed alone through the API's path (`from_api`), changes what the GPU stage is given: a
+    declaration that nothing consumes (or a new one without its line here) fails."""
+    import pickle
+
+    from instantid.requests import PARAMS
+
+    bases = {
+        "generate": {"face_image": str(photos["astronaut"])},
+        "restyle": {"face_image": str(photos["astronaut"]), "source_image": str(photos["hanks"])},
+        "swap": {"face_image": str(photos["astronaut"]), "target_image": str(photos["group"])},
+        "group": {"person_1": [str(photos["astronaut"])], "person_2": [str(photos["hanks"])]},
+    }
+    reaches = _reaches(photos)
+    assert set(reaches) == set(PARAMS), "a parameter without its line here: say which job field it changes"
+
+    def job(mode: str, **values):
+        return tiny_engine.prepare(GenerateRequest.from_api({**bases[mode], "prompt": "", "seed": 1, **values}, mode))
+
+    for name, (mode, changed, field, extra) in reaches.items():
+        assert mode in PARAMS[name].modes, name
+        before, after = job(mode, **extra), job(mode, **extra, **changed)
+        assert pickle.dumps(getattr(before, field)) != pickle.dumps(getattr(after, field)), f"{name} -> {field}"
+    # No seed given: the engine draws one per request.
+    seeds = {tiny_engine.prepare(GenerateRequest.from_api({**bases["generate"], "prompt": ""})).seed for _ in range(3)}
+    assert len(seeds) > 1
