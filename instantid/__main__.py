@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .errors import CheckpointError, InvalidParameter, UserError
-from .requests import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODE_SPECS, MODES, GenerateRequest, params_for
+from .requests import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODE_SPECS, MODES, Request, params_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -210,7 +210,7 @@ def _generate(args: argparse.Namespace) -> int:
     values = {name: getattr(args, name) for name in params if hasattr(args, name)}
     if MODE_SPECS[mode].people:
         if len(people) > MAX_PEOPLE:  # more than the API's slots: the request's own check says so
-            GenerateRequest(mode=mode, people=people, names=values.get("names") or "")
+            Request(mode=mode, people=people, names=values.get("names") or "")
         values.update({f"person_{k + 1}": person for k, person in enumerate(people)})
     else:
         faces = [str(path) for path in values.pop("face_image")]
@@ -221,8 +221,8 @@ def _generate(args: argparse.Namespace) -> int:
         if name != "face_image":
             values[name] = str(values[name]) if values[name] else None
     try:
-        request = GenerateRequest.from_api(values, mode)
-        result = get_engine().generate(request)
+        request = Request.from_api(values, mode)
+        result = get_engine().run(request)
     except InvalidParameter as exc:
         raise _as_flag(exc, mode) from None
     paths = []

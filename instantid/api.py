@@ -30,11 +30,11 @@ from .requests import (
     MODE_SPECS,
     MODES,
     PARAMS,
-    GenerateRequest,
-    GenerateResult,
     Job,
     Param,
     Rendered,
+    Request,
+    Result,
     Step,
     image_seed,
     params_for,
@@ -140,7 +140,7 @@ def _wait_for_models(engine: Any, progress: Any) -> None:
         time.sleep(LOAD_POLL_S)
 
 
-def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
+def _gallery(result: Result) -> list[tuple[Any, str]]:
     items = []
     for index, image in enumerate(result.images):
         similarity = result.similarities[index] if index < len(result.similarities) else None
@@ -231,7 +231,7 @@ def _observe(job: Job, rendered: Rendered, wall_s: float) -> None:
         durations.RECORD.forget(id(job))
 
 
-def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
+def _run(request: Request, progress: Any, key: object) -> Iterator[Any]:
     """The three stages; yields `gr.skip()` after each denoising step, then the outputs.
 
     A generator so that Gradio's own cancel handling reaches it: when a client cancels or disconnects,
@@ -318,7 +318,7 @@ def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
             progress = gr.Progress()
         key = object()
         try:
-            yield from _run(GenerateRequest.from_api(values, mode), progress, key)
+            yield from _run(Request.from_api(values, mode), progress, key)
         except gr.Error:
             raise
         except UserError as exc:

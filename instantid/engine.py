@@ -50,13 +50,13 @@ from .requests import (
     MODES,
     PARAMS,
     SPEEDS,
-    GenerateRequest,
-    GenerateResult,
     GroupPerson,
     Job,
     Paste,
     Refine,
     Rendered,
+    Request,
+    Result,
     Step,
     image_seed,
     random_seed,
@@ -351,12 +351,12 @@ class Engine:
         finally:
             release_memory()
 
-    def generate(self, request: GenerateRequest, progress: ProgressFn | None = None) -> GenerateResult:
+    def run(self, request: Request, progress: ProgressFn | None = None) -> Result:
         """Run one request end to end. User-fixable problems raise `UserError` subclasses."""
         job = self.prepare(request)
         return self.finish(job, self.render(job, progress))
 
-    def prepare(self, request: GenerateRequest) -> Job:
+    def prepare(self, request: Request) -> Job:
         """The CPU stage: validate, decode the photos, find the faces, lay out every condition image.
 
         Needs the face models only (onnxruntime on the CPU), never the diffusion models or a GPU.
@@ -371,7 +371,7 @@ class Engine:
         finally:
             release_memory()  # decoded photos can be hundreds of MB, refused or not
 
-    def _prepare(self, req: GenerateRequest) -> Job:
+    def _prepare(self, req: Request) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         self.check(req)
         from .prompts import check_emphasis  # imports torch, as the engine's later stages do
@@ -449,7 +449,7 @@ class Engine:
         warnings += w
         return image
 
-    def _identity(self, req: GenerateRequest, warnings: list[str]) -> tuple[np.ndarray, Any, face_lib.Face, int]:
+    def _identity(self, req: Request, warnings: list[str]) -> tuple[np.ndarray, Any, face_lib.Face, int]:
         """The averaged identity embedding, the first face photo, its largest face and how many it holds."""
         analyzer = self.faces()
         embeddings = []
@@ -467,11 +467,11 @@ class Engine:
                 # all stay decoded at once (150 MB each), only their embeddings.
                 ref_img, ref_face, faces_found = img, face, count
             del img
-        assert ref_face is not None  # GenerateRequest holds at least one face photo
+        assert ref_face is not None  # Request holds at least one face photo
         return face_lib.average_embedding(embeddings), ref_img, ref_face, faces_found
 
     def _people(
-        self, req: GenerateRequest, warnings: list[str]
+        self, req: Request, warnings: list[str]
     ) -> tuple[np.ndarray, Any, face_lib.Face, int, list[tuple[np.ndarray, face_lib.Face]]]:
         """Group: each person's averaged embedding and the largest face of their first photo, in person order;
         and, as `_identity` gives them, the first person's embedding, first photo, face and face count."""
@@ -495,11 +495,11 @@ class Engine:
                     if k == 0:  # only one photo stays decoded: the first person's (one person: the layout)
                         ref_img, faces_found = img, count
                 del img
-            assert first is not None  # GenerateRequest gives every person a photo
+            assert first is not None  # Request gives every person a photo
             people.append((face_lib.average_embedding(embeddings), first))
         return people[0][0], ref_img, people[0][1], faces_found, people
 
-    def _size(self, req: GenerateRequest, image: Any) -> tuple[int, int]:
+    def _size(self, req: Request, image: Any) -> tuple[int, int]:
         """The output size: the request's, or from `image`."""
         return (req.width, req.height) if req.width else self._auto_size(image.size)
 
@@ -538,7 +538,7 @@ class Engine:
         return box, crop_size, size, kps, in_crop, in_work
 
     def _refine_plans(
-        self, req: GenerateRequest, size: tuple[int, int], spots: list[tuple[np.ndarray, Any]],
+        self, req: Request, size: tuple[int, int], spots: list[tuple[np.ndarray, Any]],
         identities: list[np.ndarray], labels: list[str], warnings: list[str],
     ) -> list[Refine]:
         """The faces on a `size` canvas (keypoints and box per person, where the layout put them) that are small
@@ -564,7 +564,7 @@ class Engine:
         return plans
 
     def _face_on_canvas(
-        self, req: GenerateRequest, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
+        self, req: Request, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
     ) -> tuple[Any, np.ndarray | None, tuple[float, float, float, float]]:
         """The keypoint image and face mask of `face` laid out on a `size` canvas, and the crop of its photo
         (x1, y1, x2, y2, photo pixels) that the canvas shows."""
@@ -577,7 +577,7 @@ class Engine:
     # region to redraw, the people). `people` is each person's (embedding, face) for a mode of `Mode.people`.
 
     def _generate_scene(
-        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
     ) -> dict:
         """Generate: the face layout (and extra ControlNets) from the pose photo, or else the face photo."""
         pose_img, pose_face = ref_img, ref_face
@@ -591,7 +591,7 @@ class Engine:
             pose_face = pose_faces[0]
         return self._posed_scene(req, pose_img, pose_face)
 
-    def _posed_scene(self, req: GenerateRequest, pose_img: Any, pose_face: face_lib.Face) -> dict:
+    def _posed_scene(self, req: Request, pose_img: Any, pose_face: face_lib.Face) -> dict:
         """One face laid out as `pose_face` sits in `pose_img` (Generate's scene; a group of one person's)."""
         size = self._size(req, pose_img)
         keypoint_image, mask, crop = self._face_on_canvas(req, pose_img.size, pose_face, size)
@@ -600,7 +600,7 @@ class Engine:
                 "width": size[0], "height": size[1], "spots": [self._placed(pose_img.size, pose_face, size)]}
 
     def _group_scene(
-        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str],
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str],
         people: list[tuple[np.ndarray, face_lib.Face]],
     ) -> dict:
         """Group: where each person's face goes (the layout photo's faces, left to right, in `req.person_order`;
@@ -646,7 +646,7 @@ class Engine:
                 "spots": [by_person[k] for k in range(n)]}
 
     def _restyle_scene(
-        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
     ) -> dict:
         """Restyle: the source photo at the output size; the face layout from its largest face, or from the
         face photo's when the source has none."""
@@ -667,7 +667,7 @@ class Engine:
                 "init_image": source.convert("RGB").resize(size, box=crop), "spots": [spot]}
 
     def _swap_scene(
-        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
     ) -> dict:
         """Face swap: a crop around the chosen face of the target, at the working size, with the region to redraw
         and where it goes back."""
@@ -695,7 +695,7 @@ class Engine:
             ),
         }
 
-    def check(self, req: GenerateRequest) -> None:
+    def check(self, req: Request) -> None:
         """Refuse, before any GPU time, what this server cannot run: a size over its limit, or parts that did
         not load at start-up. Cheap: no model is loaded for it."""
         limit = self.settings.max_output_side
@@ -721,7 +721,7 @@ class Engine:
             raise CheckpointError(f"{what} is not available on this server ({reason}): {fix}.")
 
     def _prepare_controls(
-        self, req: GenerateRequest, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
+        self, req: Request, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
     ) -> dict[str, tuple[float, Any]]:
         """Each extra ControlNet's input at the output size, cropped like the keypoint layout."""
         if not req.controlnets:
@@ -800,7 +800,7 @@ class Engine:
             stop.set()
             worker.join()
 
-    def finish(self, job: Job, rendered: Rendered) -> GenerateResult:
+    def finish(self, job: Job, rendered: Rendered) -> Result:
         """The CPU stage after the GPU: identity similarity of each image, warnings, timings."""
         t0 = time.perf_counter()
         images = list(rendered.images)
@@ -836,7 +836,7 @@ class Engine:
         refined = [plan.label for plan in job.refine]
         if refined:
             warnings.append(f"Refined small face(s), re-rendered at working size: {', '.join(refined)}.")
-        return GenerateResult(
+        return Result(
             images=images,
             seed=job.seed,
             similarities=sims,
@@ -1027,7 +1027,7 @@ if set(SCENES) != set(MODES):
     raise ImportError(f"the engine's scenes ({', '.join(SCENES)}) are not the declared modes ({', '.join(MODES)})")
 
 
-def _speed_warnings(req: GenerateRequest, guidance: float) -> list[str]:
+def _speed_warnings(req: Request, guidance: float) -> list[str]:
     """What a request asks that its speed ignores: a LoRA speed's own sampler, no guidance's negative prompt."""
     speed = req.sampling
     out = []

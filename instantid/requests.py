@@ -222,7 +222,7 @@ def check_controls(name: str, value: Any) -> dict[str, float]:
 class Param:
     """One request parameter, declared once. The API signature and its docstring (`instantid.api`), the
     page's controls (`instantid.ui`), the command-line flags (`instantid.__main__`) and validation (`check`)
-    are all made from these entries; `GenerateRequest` holds the checked values.
+    are all made from these entries; `Request` holds the checked values.
     """
 
     name: str
@@ -410,8 +410,8 @@ def _unset(value: Any, default: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class GenerateRequest:
-    """One request of any mode, checked when it is made (a `GenerateRequest` that exists is valid).
+class Request:
+    """One request of any mode, checked when it is made (a `Request` that exists is valid).
 
     The fields carry the `PARAMS` of the same name, with their declared defaults; the photos are in one list
     (`face_images`) and the people's in `people` (`GATHERED`); None (or 0) is "automatic" in `AUTOMATIC`. What
@@ -557,7 +557,7 @@ class GenerateRequest:
                 raise InvalidParameter(f.name, getattr(self, f.name), f"is not used by {self.mode} (only by {modes})")
 
     @classmethod
-    def from_api(cls, values: Mapping[str, Any], mode: str = "generate") -> GenerateRequest:
+    def from_api(cls, values: Mapping[str, Any], mode: str = "generate") -> Request:
         """The request that the `mode` endpoint's flat parameters (`params_for(mode)`, by name) describe; missing
         ones take defaults.
 
@@ -621,7 +621,7 @@ def _check_declaration(params: Mapping[str, Param], request: type) -> None:
             raise TypeError(f"parameter {name} names mode {mode!r}, which is not declared in MODE_SPECS")
 
 
-_check_declaration(PARAMS, GenerateRequest)
+_check_declaration(PARAMS, Request)
 
 
 def _file_path(item: Any) -> Any:
@@ -630,8 +630,8 @@ def _file_path(item: Any) -> Any:
 
 
 @dataclass
-class GenerateResult:
-    """What a generation returns. Images are PIL images; everything else is plain data."""
+class Result:
+    """What a request of any mode returns. Images are PIL images; everything else is plain data."""
 
     images: list[Any]
     seed: int

@@ -29,10 +29,10 @@ from instantid.requests import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     MAX_SEED,
-    GenerateRequest,
-    GenerateResult,
     Job,
     Rendered,
+    Request,
+    Result,
     Step,
 )
 from instantid.settings import Settings
@@ -90,7 +90,7 @@ class FakeEngine:
     def __init__(self, phase: str = "ready", error: Exception | None = None) -> None:
         self.phase = phase
         self.error = error
-        self.requests: list[GenerateRequest] = []
+        self.requests: list[Request] = []
         self.loads = 0
 
     @property
@@ -104,30 +104,30 @@ class FakeEngine:
         self.loads += 1
         self.phase = "ready"
 
-    def check(self, request: GenerateRequest) -> None:
+    def check(self, request: Request) -> None:
         pass
 
     # The three stages, as the API calls them; the fake's job is the validated request itself.
-    def prepare(self, request: GenerateRequest) -> GenerateRequest:
+    def prepare(self, request: Request) -> Request:
         self.requests.append(request)
         if self.error is not None:
             raise self.error
         return request
 
-    def render_steps(self, job: GenerateRequest, heartbeat_s: float | None = None):
+    def render_steps(self, job: Request, heartbeat_s: float | None = None):
         yield Step(1, 1)
         yield Rendered(images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(job.num_images)],
                        timings_ms={})
 
-    def finish(self, job: GenerateRequest, rendered: Rendered) -> GenerateResult:
+    def finish(self, job: Request, rendered: Rendered) -> Result:
         return self._result(job)
 
-    def generate(self, request: GenerateRequest, progress=None) -> GenerateResult:
+    def run(self, request: Request, progress=None) -> Result:
         return self._result(self.prepare(request))
 
-    def _result(self, request: GenerateRequest) -> GenerateResult:
+    def _result(self, request: Request) -> Result:
         n = request.num_images
-        return GenerateResult(
+        return Result(
             images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(n)],
             seed=request.seed if request.seed is not None else 1234,  # the engine draws a missing seed
             similarities=[0.61] + [None] * (n - 1),
@@ -447,9 +447,9 @@ def test_results_pickle() -> None:
     """ZeroGPU sends the request to its worker and the result back through pickle."""
     import pickle
 
-    request = GenerateRequest(face_images=[FACE], controlnets={"pose": 0.4}, seed=3)
+    request = Request(face_images=[FACE], controlnets={"pose": 0.4}, seed=3)
     assert pickle.loads(pickle.dumps(request)) == request
-    result = FakeEngine().generate(request)
+    result = FakeEngine().run(request)
     again = pickle.loads(pickle.dumps(result))
     assert again.seed == result.seed and again.images[0].tobytes() == result.images[0].tobytes()
 
