@@ -454,10 +454,14 @@ class Request:
     person_order: tuple[int, ...] = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.mode in MODE_SPECS and MODE_SPECS[self.mode].people:
+        if self.mode not in MODE_SPECS:
+            raise InvalidParameter("mode", self.mode, f"choose one of {', '.join(MODES)}")
+        if MODE_SPECS[self.mode].people:
             self._check_people()
         elif self.people:
-            raise InvalidParameter("people", f"{len(self.people)} person(s)", f"is used by group only, not {self.mode}")
+            takers = ", ".join(m.name for m in MODE_SPECS.values() if m.people)
+            raise InvalidParameter("people", f"{len(self.people)} person(s)",
+                                   f"is used by {takers} only, not {self.mode}")
         faces = self.face_images
         if not faces:
             raise UserError("No face photo: add a photo of the person's face (API: face_image).")

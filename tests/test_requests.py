@@ -92,6 +92,8 @@ def test_each_mode_is_one_record() -> None:
         request = Request(mode=mode.name, face_images=["face.png"], people=[["a.png"], ["b.png"]] if
                                   mode.people else (), **({mode.photo: "photo.png"} if mode.photo else {}))
         assert request.refines is (mode.refines and mode.name in PARAMS["refine_faces"].modes)
+    with pytest.raises(requests.InvalidParameter, match="mode='paint': choose one of generate, restyle, swap, group"):
+        Request(face_images=["face.png"], mode="paint")
     with pytest.raises(ValueError, match="pipeline 'video' is not one of"):
         Mode("x", "X", "X", "", "", "", "video")
     with pytest.raises(ValueError, match="before_after needs a photo"):
