@@ -356,7 +356,7 @@ PARAMS: dict[str, Param] = {
         # No seed given is a random one, on every front end (the page's Randomize box draws it, on by default);
         # the seed used is always returned, so any image can be made again.
         Param("seed", "integer", None, f"Random seed, 0 to {MAX_SEED}; the same seed and settings give the same "
-              "images. Not given (null): a random one; the seed used is returned.", "Seed", lo=0, hi=MAX_SEED,
+              "images. Not given (or null): a random one; the seed used is returned.", "Seed", lo=0, hi=MAX_SEED,
               step=1),
         Param("randomize_seed", "boolean", False, "Ignore seed and pick a random one (the seed used is returned)."),
         Param("enhance_face_region", "boolean", True, "Confine the identity conditioning to the face region, "
