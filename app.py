@@ -81,10 +81,7 @@ def mcp_enabled() -> bool:
     return True
 
 
-demo = build_demo(
-    api.generate, api.status, settings=settings, examples=examples(), restyle_fn=api.restyle, swap_fn=api.swap,
-    group_fn=api.group, sample_memory=True,
-)
+demo = build_demo(api.ENDPOINTS, api.status, settings=settings, examples=examples(), sample_memory=True)
 demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 
 if is_zerogpu():

@@ -276,7 +276,7 @@ def child_main(variant: Variant, n: int, start: int = 0) -> dict[str, Any]:
     from instantid.loading import resampler_dtype
     from instantid.memory import PROFILES, probe_hardware
     from instantid.pipeline import face_tokens
-    from instantid.requests import GenerateRequest, Rendered
+    from instantid.requests import Rendered, Request
     from instantid.settings import Settings
 
     env = {"INSTANTID_PRESET": "real"}
@@ -310,7 +310,7 @@ def child_main(variant: Variant, n: int, start: int = 0) -> dict[str, Any]:
                 if not variant.same_photo:
                     engine.faces().clear_cache()
                 t: dict[str, float] = {}
-                job = _timed(t, "prepare_ms", lambda: engine.prepare(GenerateRequest(face_images=[data])))
+                job = _timed(t, "prepare_ms", lambda: engine.prepare(Request(face_images=[data])))
                 _timed(t, "resampler_ms", lambda: face_tokens(resampler, job.embedding, cpu, uncond_cache))
                 with PIL.Image.open(io.BytesIO(data)) as photo:
                     output = photo.convert("RGB").resize((job.width, job.height), PIL.Image.Resampling.BILINEAR)

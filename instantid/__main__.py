@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .errors import CheckpointError, InvalidParameter, UserError
-from .requests import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODES, GenerateRequest, params_for
+from .requests import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODE_SPECS, MODES, Request, params_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,14 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     p.commands = {}
 
-    helps = {
-        "generate": "generate images of the person in --face",
-        "restyle": "redraw --source under the prompt and style with the identity of --face",
-        "swap": "replace a face of --target (--face-index, 0 = the largest) by the person in --face",
-        "group": "a group portrait of two to four people (--person, once per person), each keeping their identity",
-    }
     for mode in MODES:
-        g = p.commands[mode] = sub.add_parser(mode, help=helps[mode])
+        g = p.commands[mode] = sub.add_parser(mode, help=MODE_SPECS[mode].command_help)
         _add_request_flags(g, mode)
         g.add_argument("--out", required=True, type=Path, help="output PNG; with --num-images N, _1.._N are added")
         g.add_argument("--json", action="store_true", help="print the result summary as JSON")
@@ -200,7 +194,7 @@ def _as_flag(exc: InvalidParameter, mode: str) -> UserError:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    """`generate`, `restyle` or `swap` (args.command): one request, its images written to --out."""
+    """A mode's command (args.command): one request, its images written to --out."""
     from .engine import get_engine
 
     mode = args.command
@@ -214,9 +208,9 @@ def _generate(args: argparse.Namespace) -> int:
     _check_out(args.out)
     _check_not_an_input(args, photos)
     values = {name: getattr(args, name) for name in params if hasattr(args, name)}
-    if mode == "group":
+    if MODE_SPECS[mode].people:
         if len(people) > MAX_PEOPLE:  # more than the API's slots: the request's own check says so
-            GenerateRequest(mode=mode, people=people, names=values.get("names") or "")
+            Request(mode=mode, people=people, names=values.get("names") or "")
         values.update({f"person_{k + 1}": person for k, person in enumerate(people)})
     else:
         faces = [str(path) for path in values.pop("face_image")]
@@ -227,8 +221,8 @@ def _generate(args: argparse.Namespace) -> int:
         if name != "face_image":
             values[name] = str(values[name]) if values[name] else None
     try:
-        request = GenerateRequest.from_api(values, mode)
-        result = get_engine().generate(request)
+        request = Request.from_api(values, mode)
+        result = get_engine().run(request)
     except InvalidParameter as exc:
         raise _as_flag(exc, mode) from None
     paths = []

@@ -2,8 +2,8 @@
 
 Their signatures and docstrings are the public API documentation (Gradio reads the parameter names
 from the signature and the descriptions from the `Args:` sections). `generate`, `restyle`, `swap` and `group` are
-made by one factory (`_endpoint`) from the declaration of the request's parameters
-(`instantid.requests.params_for(mode)`), as are the page's controls.
+made by one factory (`_endpoint`) from the declarations of the modes (`instantid.requests.MODE_SPECS`) and of
+the request's parameters (`instantid.requests.params_for(mode)`), as are the page's controls.
 
 No torch here: the engine is imported on first use. A request runs in three stages: the engine's
 `prepare` (CPU: validation, decoding, faces, condition images) and `finish` (CPU: identity check) run
@@ -26,7 +26,19 @@ import spaces
 
 from . import durations
 from .errors import InvalidParameter, UserError
-from .requests import PARAMS, GenerateRequest, GenerateResult, Job, Param, Rendered, Step, image_seed, params_for
+from .requests import (
+    MODE_SPECS,
+    MODES,
+    PARAMS,
+    Job,
+    Param,
+    Rendered,
+    Request,
+    Result,
+    Step,
+    image_seed,
+    params_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +140,7 @@ def _wait_for_models(engine: Any, progress: Any) -> None:
         time.sleep(LOAD_POLL_S)
 
 
-def _gallery(result: GenerateResult) -> list[tuple[Any, str]]:
+def _gallery(result: Result) -> list[tuple[Any, str]]:
     items = []
     for index, image in enumerate(result.images):
         similarity = result.similarities[index] if index < len(result.similarities) else None
@@ -166,7 +178,8 @@ def _signature(params: dict[str, Param]) -> inspect.Signature:
     """The endpoint's signature, from the declaration: Gradio names the API's parameters after it."""
     plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
     made = [
-        inspect.Parameter(p.name, plain, annotation=_TYPES[p.kind], **({} if p.required else {"default": p.default}))
+        inspect.Parameter(p.name, plain, annotation=_TYPES[p.kind] | None if p.default is None else _TYPES[p.kind],
+                          **({} if p.required else {"default": p.default}))
         for p in params.values()
     ]
     # Gradio injects its progress tracker through this default.
@@ -218,7 +231,7 @@ def _observe(job: Job, rendered: Rendered, wall_s: float) -> None:
         durations.RECORD.forget(id(job))
 
 
-def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
+def _run(request: Request, progress: Any, key: object) -> Iterator[Any]:
     """The three stages; yields `gr.skip()` after each denoising step, then the outputs.
 
     A generator so that Gradio's own cancel handling reaches it: when a client cancels or disconnects,
@@ -275,19 +288,6 @@ def _run(request: GenerateRequest, progress: Any, key: object) -> Iterator[Any]:
     yield _gallery(result), int(result.seed), similarities, result.keypoint_image, info
 
 
-SUMMARIES = {
-    "generate": "Generate images of the person in a face photo, in the scene the prompt describes (InstantID on "
-    "SDXL).",
-    "restyle": "Restyle a photo: redraw source_image under the prompt and style with the identity of the person in "
-    "face_image (InstantID on SDXL img2img); strength says how far from the source.",
-    "swap": "Face swap: replace a face of target_image (face_index, 0 = the largest) by the person in face_image "
-    "(InstantID on SDXL inpainting); every pixel away from that face keeps the target's value.",
-    "group": "Group portrait: two to four people (person_1 .. person_4, one photo or several each) in one image, "
-    "each keeping their own identity in their own place; the faces are placed as in layout_image (left to right, "
-    "or in the given order) or side by side. The similarities are per image, {name: score} per person.",
-}
-
-
 def _call_error(mode: str, kwargs: dict[str, Any], exc: TypeError) -> str:
     """Python's own TypeError, as the sentence a caller of the endpoint function (MCP, a script) can act on:
     a keyword of another mode is named with the modes that take it."""
@@ -318,7 +318,7 @@ def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
             progress = gr.Progress()
         key = object()
         try:
-            yield from _run(GenerateRequest.from_api(values, mode), progress, key)
+            yield from _run(Request.from_api(values, mode), progress, key)
         except gr.Error:
             raise
         except UserError as exc:
@@ -332,14 +332,19 @@ def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
     # Gradio and MCP name the tool after the function and read its parameters from the signature.
     endpoint.__name__ = endpoint.__qualname__ = mode
     endpoint.__signature__ = _signature(params)  # type: ignore[attr-defined]
-    endpoint.__doc__ = _docstring(SUMMARIES[mode], params, OUTPUTS_DOC)
+    endpoint.__doc__ = _docstring(MODE_SPECS[mode].summary, params, OUTPUTS_DOC)
     return endpoint
 
 
-generate = _endpoint("generate")
-restyle = _endpoint("restyle")
-swap = _endpoint("swap")
-group = _endpoint("group")
+# One endpoint per mode (`instantid.requests.MODE_SPECS`), served as /<mode>.
+ENDPOINTS: dict[str, Callable[..., Iterator[Any]]] = {mode: _endpoint(mode) for mode in MODES}
+
+
+def __getattr__(name: str) -> Any:
+    # `api.generate`, `api.swap`, ...: each mode's endpoint by its name, with no line per mode here.
+    if name in ENDPOINTS:
+        return ENDPOINTS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def status() -> dict[str, Any]:

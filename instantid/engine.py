@@ -46,14 +46,17 @@ from .memory import Hardware, apply_profile, choose_profile, memory_report, prob
 from .requests import (
     DEFAULT_PROMPT,
     DEFAULT_SCHEDULER,
+    MODE_SPECS,
+    MODES,
+    PARAMS,
     SPEEDS,
-    GenerateRequest,
-    GenerateResult,
     GroupPerson,
     Job,
     Paste,
     Refine,
     Rendered,
+    Request,
+    Result,
     Step,
     image_seed,
     random_seed,
@@ -116,7 +119,7 @@ class Engine:
         self._state = LoadState()
         self._thread: threading.Thread | None = None
         self.pipe: Any = None
-        self.pipes: dict[str, Any] = {}  # restyle, swap -> its pipeline, on `pipe`'s modules
+        self.pipes: dict[str, Any] = {}  # a `Mode.pipeline` kind -> its pipeline, on `pipe`'s modules
         self.loras: LoraSwitch | None = None  # the speeds' LoRAs on the shared UNet (loras.py)
         self.face_analyzer: face_lib.FaceAnalyzer | None = None
         self._extra_nets: dict[str, Any] = {}
@@ -283,8 +286,9 @@ class Engine:
         self._state.loaded.extend(["base model", "IdentityNet", "ip-adapter"])
 
     def _share_modes(self) -> None:
-        """The restyle and swap pipelines, made here with the rest (never inside a GPU call): diffusers'
-        img2img and inpaint pipelines on the very modules of `self.pipe`, so no weight is held twice."""
+        """The pipelines the modes run with (`Mode.pipeline`), made here with the rest (never inside a GPU call):
+        `self.pipe` itself, and diffusers' img2img and inpaint pipelines on its very modules, so no weight is held
+        twice."""
         from .pipeline import mode_pipelines
 
         self.pipes = mode_pipelines(self.pipe)
@@ -346,12 +350,12 @@ class Engine:
         finally:
             release_memory()
 
-    def generate(self, request: GenerateRequest, progress: ProgressFn | None = None) -> GenerateResult:
+    def run(self, request: Request, progress: ProgressFn | None = None) -> Result:
         """Run one request end to end. User-fixable problems raise `UserError` subclasses."""
         job = self.prepare(request)
         return self.finish(job, self.render(job, progress))
 
-    def prepare(self, request: GenerateRequest) -> Job:
+    def prepare(self, request: Request) -> Job:
         """The CPU stage: validate, decode the photos, find the faces, lay out every condition image.
 
         Needs the face models only (onnxruntime on the CPU), never the diffusion models or a GPU.
@@ -366,7 +370,7 @@ class Engine:
         finally:
             release_memory()  # decoded photos can be hundreds of MB, refused or not
 
-    def _prepare(self, req: GenerateRequest) -> Job:
+    def _prepare(self, req: Request) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         self.check(req)
         from .prompts import check_emphasis  # imports torch, as the engine's later stages do
@@ -378,7 +382,10 @@ class Engine:
         # The cpu profile's fewer steps are for the base sampler; a LoRA is distilled for its own count.
         steps = req.num_steps or ((speed.lora is None and self.profile.default_steps) or speed.steps)
         guidance = req.guidance_scale or speed.guidance
-        strength = req.strength if req.mode == "restyle" else 1.0
+        spec = MODE_SPECS[req.mode]
+        # Only a mode that takes `strength` runs part of the schedule (restyle); an inpainting one redraws its
+        # region from noise.
+        strength = req.strength if req.mode in PARAMS["strength"].modes else 1.0
         if min(int(steps * strength), steps) < 1:
             # diffusers would run no step at all and fail; say what works instead.
             raise InvalidParameter("strength", strength, f"runs no step of {steps}: use at least {1 / steps:.2f}")
@@ -390,20 +397,16 @@ class Engine:
 
         t0 = time.perf_counter()
         people: list[tuple[np.ndarray, face_lib.Face]] = []
-        if req.mode == "group":
+        if spec.people:
             embedding, ref_img, ref_face, faces_found, people = self._people(req, warnings)
         else:
             embedding, ref_img, ref_face, faces_found = self._identity(req, warnings)
         timings["faces_ms"] = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
-        if req.mode == "group":
-            canvas = self._group_scene(req, ref_img, ref_face, warnings, people)
-        else:
-            scene = {"generate": self._generate_scene, "restyle": self._restyle_scene, "swap": self._swap_scene}
-            canvas = scene[req.mode](req, ref_img, ref_face, warnings)
+        canvas = SCENES[req.mode](self, req, ref_img, ref_face, warnings, people)
         spots = canvas.pop("spots", [])
         if req.refines:
-            if req.mode == "group":
+            if spec.people:
                 identities, labels = [e for e, _ in people], list(req.person_names)
             else:
                 identities, labels = [embedding], ["the face"]
@@ -445,7 +448,7 @@ class Engine:
         warnings += w
         return image
 
-    def _identity(self, req: GenerateRequest, warnings: list[str]) -> tuple[np.ndarray, Any, face_lib.Face, int]:
+    def _identity(self, req: Request, warnings: list[str]) -> tuple[np.ndarray, Any, face_lib.Face, int]:
         """The averaged identity embedding, the first face photo, its largest face and how many it holds."""
         analyzer = self.faces()
         embeddings = []
@@ -463,11 +466,11 @@ class Engine:
                 # all stay decoded at once (150 MB each), only their embeddings.
                 ref_img, ref_face, faces_found = img, face, count
             del img
-        assert ref_face is not None  # GenerateRequest holds at least one face photo
+        assert ref_face is not None  # Request holds at least one face photo
         return face_lib.average_embedding(embeddings), ref_img, ref_face, faces_found
 
     def _people(
-        self, req: GenerateRequest, warnings: list[str]
+        self, req: Request, warnings: list[str]
     ) -> tuple[np.ndarray, Any, face_lib.Face, int, list[tuple[np.ndarray, face_lib.Face]]]:
         """Group: each person's averaged embedding and the largest face of their first photo, in person order;
         and, as `_identity` gives them, the first person's embedding, first photo, face and face count."""
@@ -491,11 +494,11 @@ class Engine:
                     if k == 0:  # only one photo stays decoded: the first person's (one person: the layout)
                         ref_img, faces_found = img, count
                 del img
-            assert first is not None  # GenerateRequest gives every person a photo
+            assert first is not None  # Request gives every person a photo
             people.append((face_lib.average_embedding(embeddings), first))
         return people[0][0], ref_img, people[0][1], faces_found, people
 
-    def _size(self, req: GenerateRequest, image: Any) -> tuple[int, int]:
+    def _size(self, req: Request, image: Any) -> tuple[int, int]:
         """The output size: the request's, or from `image`."""
         return (req.width, req.height) if req.width else self._auto_size(image.size)
 
@@ -534,7 +537,7 @@ class Engine:
         return box, crop_size, size, kps, in_crop, in_work
 
     def _refine_plans(
-        self, req: GenerateRequest, size: tuple[int, int], spots: list[tuple[np.ndarray, Any]],
+        self, req: Request, size: tuple[int, int], spots: list[tuple[np.ndarray, Any]],
         identities: list[np.ndarray], labels: list[str], warnings: list[str],
     ) -> list[Refine]:
         """The faces on a `size` canvas (keypoints and box per person, where the layout put them) that are small
@@ -560,7 +563,7 @@ class Engine:
         return plans
 
     def _face_on_canvas(
-        self, req: GenerateRequest, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
+        self, req: Request, image_size: tuple[int, int], face: face_lib.Face, size: tuple[int, int]
     ) -> tuple[Any, np.ndarray | None, tuple[float, float, float, float]]:
         """The keypoint image and face mask of `face` laid out on a `size` canvas, and the crop of its photo
         (x1, y1, x2, y2, photo pixels) that the canvas shows."""
@@ -568,7 +571,13 @@ class Engine:
         mask = face_lib.face_mask(size, box) if req.enhance_face_region else None
         return face_lib.draw_keypoints(size, kps), mask, _shown_crop(face_lib.layout(image_size, size, face.bbox), size)
 
-    def _generate_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+    # A mode's scene: what its pipeline draws, from the request and the identity found (`_prepare`): the keypoint
+    # image, face mask, extra controls and size, plus what its pipeline kind needs (the photo to start from, the
+    # region to redraw, the people). `people` is each person's (embedding, face) for a mode of `Mode.people`.
+
+    def _generate_scene(
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+    ) -> dict:
         """Generate: the face layout (and extra ControlNets) from the pose photo, or else the face photo."""
         pose_img, pose_face = ref_img, ref_face
         if req.pose_image is not None:
@@ -581,7 +590,7 @@ class Engine:
             pose_face = pose_faces[0]
         return self._posed_scene(req, pose_img, pose_face)
 
-    def _posed_scene(self, req: GenerateRequest, pose_img: Any, pose_face: face_lib.Face) -> dict:
+    def _posed_scene(self, req: Request, pose_img: Any, pose_face: face_lib.Face) -> dict:
         """One face laid out as `pose_face` sits in `pose_img` (Generate's scene; a group of one person's)."""
         size = self._size(req, pose_img)
         keypoint_image, mask, crop = self._face_on_canvas(req, pose_img.size, pose_face, size)
@@ -590,7 +599,7 @@ class Engine:
                 "width": size[0], "height": size[1], "spots": [self._placed(pose_img.size, pose_face, size)]}
 
     def _group_scene(
-        self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str],
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str],
         people: list[tuple[np.ndarray, face_lib.Face]],
     ) -> dict:
         """Group: where each person's face goes (the layout photo's faces, left to right, in `req.person_order`;
@@ -635,7 +644,9 @@ class Engine:
                 "face_mask": None, "controls": {}, "width": size[0], "height": size[1], "group": group,
                 "spots": [by_person[k] for k in range(n)]}
 
-    def _restyle_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+    def _restyle_scene(
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+    ) -> dict:
         """Restyle: the source photo at the output size; the face layout from its largest face, or from the
         face photo's when the source has none."""
         source = self._decode(req.source_image, "photo to restyle", warnings)
@@ -654,7 +665,9 @@ class Engine:
                 "controls": self._prepare_controls(req, source, size, crop),
                 "init_image": source.convert("RGB").resize(size, box=crop), "spots": [spot]}
 
-    def _swap_scene(self, req: GenerateRequest, ref_img: Any, ref_face: face_lib.Face, warnings: list[str]) -> dict:
+    def _swap_scene(
+        self, req: Request, ref_img: Any, ref_face: face_lib.Face, warnings: list[str], people: list[Any],
+    ) -> dict:
         """Face swap: a crop around the chosen face of the target, at the working size, with the region to redraw
         and where it goes back."""
         target = self._decode(req.target_image, "photo to swap a face into", warnings).convert("RGB")
@@ -681,7 +694,7 @@ class Engine:
             ),
         }
 
-    def check(self, req: GenerateRequest) -> None:
+    def check(self, req: Request) -> None:
         """Refuse, before any GPU time, what this server cannot run: a size over its limit, or parts that did
         not load at start-up. Cheap: no model is loaded for it."""
         limit = self.settings.max_output_side
@@ -707,7 +720,7 @@ class Engine:
             raise CheckpointError(f"{what} is not available on this server ({reason}): {fix}.")
 
     def _prepare_controls(
-        self, req: GenerateRequest, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
+        self, req: Request, pose_img: Any, size: tuple[int, int], crop: tuple[float, float, float, float]
     ) -> dict[str, tuple[float, Any]]:
         """Each extra ControlNet's input at the output size, cropped like the keypoint layout."""
         if not req.controlnets:
@@ -786,7 +799,7 @@ class Engine:
             stop.set()
             worker.join()
 
-    def finish(self, job: Job, rendered: Rendered) -> GenerateResult:
+    def finish(self, job: Job, rendered: Rendered) -> Result:
         """The CPU stage after the GPU: identity similarity of each image, warnings, timings."""
         t0 = time.perf_counter()
         images = list(rendered.images)
@@ -822,7 +835,7 @@ class Engine:
         refined = [plan.label for plan in job.refine]
         if refined:
             warnings.append(f"Refined small face(s), re-rendered at working size: {', '.join(refined)}.")
-        return GenerateResult(
+        return Result(
             images=images,
             seed=job.seed,
             similarities=sims,
@@ -857,7 +870,8 @@ class Engine:
     def _run_pipeline(self, job: Job, extras: list[Any], progress: ProgressFn | None) -> Any:
         import torch
 
-        pipe = self.pipe if job.mode in ("generate", "group") else self.pipes[job.mode]
+        kind = MODE_SPECS[job.mode].pipeline
+        pipe = self.pipes[kind]
         lora = SPEEDS[job.speed].lora
         # The switch and the pipelines share one UNet: folding a speed's LoRA in serves every mode.
         loras = self._lora(job.speed) if lora is not None else self.loras
@@ -866,11 +880,11 @@ class Engine:
         pipe.set_scheduler(job.scheduler)
         steps = job.total_steps  # refined faces' steps included: one progress bar for the whole GPU stage
         done = [0]  # steps of the passes before the one running (the image, then each refined face)
-        # What only restyle (img2img) and swap (inpaint) take; diffusers' own names.
+        # What only the img2img (restyle) and inpaint (swap) pipelines take; diffusers' own names.
         mode_args: dict[str, Any] = {}
-        if job.mode not in ("generate", "group"):
+        if kind != "base":
             mode_args = {"image": job.init_image, "strength": job.strength}
-        if job.mode == "swap":
+        if kind == "inpaint":
             mode_args["mask_image"] = job.mask_image
         if job.group:  # two or more people: per-person tokens, IdentityNet runs and regions
             mode_args["group"] = job.group
@@ -939,7 +953,7 @@ class Engine:
         from .pipeline import InstantIDOutput
 
         t0 = time.perf_counter()
-        pipe = self.pipes["swap"]
+        pipe = self.pipes["inpaint"]
         pipe.set_scheduler(job.scheduler)
         timings = dict(out.timings_ms)
         images = list(out.images)
@@ -1001,7 +1015,18 @@ class Engine:
         return True
 
 
-def _speed_warnings(req: GenerateRequest, guidance: float) -> list[str]:
+# Each mode's scene (`Engine._prepare`), by the mode's name: a mode declared without its scene stops the import.
+SCENES: dict[str, Callable[..., dict]] = {
+    "generate": Engine._generate_scene,
+    "restyle": Engine._restyle_scene,
+    "swap": Engine._swap_scene,
+    "group": Engine._group_scene,
+}
+if set(SCENES) != set(MODES):
+    raise ImportError(f"the engine's scenes ({', '.join(SCENES)}) are not the declared modes ({', '.join(MODES)})")
+
+
+def _speed_warnings(req: Request, guidance: float) -> list[str]:
     """What a request asks that its speed ignores: a LoRA speed's own sampler, no guidance's negative prompt."""
     speed = req.sampling
     out = []

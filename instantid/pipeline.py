@@ -47,6 +47,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .errors import InvalidParameter
 from .prompts import encode_prompts
+from .requests import PARAMS
 from .resampler import Resampler
 
 SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -356,8 +357,8 @@ class InstantIDMixin:
         face_embedding: np.ndarray | torch.Tensor,
         keypoint_image: PIL.Image.Image,
         extra_controls: Sequence[ExtraControl] = (),
-        identitynet_strength: float = 0.8,
-        adapter_strength: float = 0.8,
+        identitynet_strength: float = PARAMS["identitynet_strength"].default,
+        adapter_strength: float = PARAMS["adapter_strength"].default,
         face_mask: np.ndarray | None = None,
         height: int = 1024,
         width: int = 1024,
@@ -382,9 +383,9 @@ class InstantIDMixin:
         only in that person's region; `face_embedding`, `keypoint_image` and `face_mask` are then not used.
         `group_residuals` says how the people's IdentityNet residuals combine: "mask" (each in its region) or "sum".
         """
-        for name, value in (("identitynet_strength", identitynet_strength), ("adapter_strength", adapter_strength)):
-            if not 0.0 <= float(value) <= 1.5:
-                raise InvalidParameter(name, value, "must be in 0..1.5")
+        # The request's own declaration: one default and one range for every caller.
+        identitynet_strength = PARAMS["identitynet_strength"].check(identitynet_strength)
+        adapter_strength = PARAMS["adapter_strength"].check(adapter_strength)
         if height % 8 or width % 8:
             raise InvalidParameter("height/width", (height, width), "must be multiples of 8")
         timings: dict[str, float] = {}
@@ -536,8 +537,9 @@ def share_pipeline(base: InstantIDMixin, cls: type[InstantIDMixin]) -> Any:
 
 
 def mode_pipelines(base: InstantIDPipeline) -> dict[str, Any]:
-    """The pipelines of the modes other than generate (which is `base` itself), on `base`'s modules."""
+    """The pipelines a mode can run with (`instantid.requests.PIPELINES`), all on `base`'s modules."""
     return {
-        "restyle": share_pipeline(base, InstantIDImg2ImgPipeline),
-        "swap": share_pipeline(base, InstantIDInpaintPipeline),
+        "base": base,
+        "img2img": share_pipeline(base, InstantIDImg2ImgPipeline),
+        "inpaint": share_pipeline(base, InstantIDInpaintPipeline),
     }

@@ -29,9 +29,8 @@ MAX_PROMPT_CHARS = 2000
 MAX_STRENGTH = 1.5
 # The largest output side a server may allow (INSTANTID_MAX_OUTPUT_SIDE; its default is 1280).
 MAX_SIDE = 4096
-# refine_faces: "auto" is the mode's own default (on for the modes in REFINE_BY_DEFAULT).
+# refine_faces: "auto" is the mode's own default (`Mode.refines`).
 REFINE_CHOICES: tuple[str, ...] = ("auto", "on", "off")
-REFINE_BY_DEFAULT: tuple[str, ...] = ("group",)
 # Face numbers a swap may ask for (0 = the largest); a photo holds rarely more, the detector finds few more.
 MAX_FACE_INDEX = 99
 
@@ -96,8 +95,68 @@ SPEEDS: dict[str, Speed] = {
 SPEED_CHOICES: tuple[str, ...] = ("quality", "fast", "turbo")
 DEFAULT_SPEED = "quality"
 
-# The things a request can ask for; each is an API endpoint, a command and a choice on the page.
-MODES: tuple[str, ...] = ("generate", "restyle", "swap", "group")
+# The pipelines a mode can run with: text to image, img2img (a photo redrawn) and inpainting (a region redrawn).
+PIPELINES: tuple[str, ...] = ("base", "img2img", "inpaint")
+_CONTROLS_LABEL = "Extra ControlNets (from the pose photo, or the face photo)"
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One thing a request can ask for, declared once: it is an API endpoint and a command of its name and a
+    choice on the page. The API docstring, the command's help, the page's labels and the request's checks read
+    it; the engine runs it with `pipeline` and draws it with its scene (`instantid.engine.SCENES`, one per mode,
+    checked at import). Which parameters it takes is each `Param`'s `modes`.
+    """
+
+    name: str
+    label: str  # the page's mode choice
+    button: str  # the page's run button
+    photos_label: str  # the page's accordion of optional photos
+    summary: str  # the API docstring's first paragraph
+    command_help: str  # `python -m instantid --help`'s line
+    pipeline: str  # one of PIPELINES
+    photo: str = ""  # its own photo, required (a Param name), e.g. the photo to restyle
+    photo_what: str = ""  # that photo, as a sentence names it ("a photo to restyle")
+    people: bool = False  # identities from person_1 .. person_N, else from face_image and its extras
+    refines: bool = False  # refine_faces "auto": re-render small faces by default
+    controls_label: str = ""  # the page's label of the extra ControlNets; "": the mode takes none
+    before_after: bool = False  # the page shows its own photo and the first result as before/after
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"mode {self.name}: pipeline {self.pipeline!r} is not one of {PIPELINES}")
+        if bool(self.photo) != bool(self.photo_what) or (self.before_after and not self.photo):
+            raise ValueError(f"mode {self.name}: photo and photo_what go together, and before_after needs a photo")
+
+
+MODE_SPECS: dict[str, Mode] = {
+    m.name: m
+    for m in (
+        Mode("generate", "Generate", "Generate", "More photos and a pose reference",
+             "Generate images of the person in a face photo, in the scene the prompt describes (InstantID on SDXL).",
+             "generate images of the person in --face", "base", controls_label=_CONTROLS_LABEL),
+        Mode("restyle", "Restyle", "Restyle", "More photos of the same person",
+             "Restyle a photo: redraw source_image under the prompt and style with the identity of the person in "
+             "face_image (InstantID on SDXL img2img); strength says how far from the source.",
+             "redraw --source under the prompt and style with the identity of --face", "img2img",
+             photo="source_image", photo_what="a photo to restyle",
+             controls_label="Extra ControlNets (from the photo to restyle)"),
+        Mode("swap", "Face swap", "Swap face", "More photos of the same person",
+             "Face swap: replace a face of target_image (face_index, 0 = the largest) by the person in face_image "
+             "(InstantID on SDXL inpainting); every pixel away from that face keeps the target's value.",
+             "replace a face of --target (--face-index, 0 = the largest) by the person in --face", "inpaint",
+             photo="target_image", photo_what="a photo to swap a face into", before_after=True),
+        Mode("group", "Group", "Make group portrait", "More people and a layout photo",
+             "Group portrait: two to four people (person_1 .. person_4, one photo or several each) in one image, "
+             "each keeping their own identity in their own place; the faces are placed as in layout_image (left to "
+             "right, or in the given order) or side by side. The similarities are per image, {name: score} per "
+             "person.",
+             "a group portrait of two to four people (--person, once per person), each keeping their identity",
+             "base", people=True, refines=True),
+    )
+}
+# The modes' names, in the order the API, the command line and the page list them.
+MODES: tuple[str, ...] = tuple(MODE_SPECS)
 # Group portraits: people per image (one photo slot each in the API: person_1 .. person_4).
 MAX_PEOPLE = 4
 # Photos of one person (averaged into one identity), as for the face photo and its extras.
@@ -163,7 +222,7 @@ def check_controls(name: str, value: Any) -> dict[str, float]:
 class Param:
     """One request parameter, declared once. The API signature and its docstring (`instantid.api`), the
     page's controls (`instantid.ui`), the command-line flags (`instantid.__main__`) and validation (`check`)
-    are all made from these entries; `GenerateRequest` holds the checked values.
+    are all made from these entries; `Request` holds the checked values.
     """
 
     name: str
@@ -207,9 +266,11 @@ class Param:
 
 _STRENGTH: dict[str, Any] = {"kind": "number", "lo": 0, "hi": MAX_STRENGTH, "step": 0.05}
 _SIDE: dict[str, Any] = {"kind": "integer", "default": 0, "lo": 0, "hi": MAX_SIDE, "step": 64, "info": "0 = automatic"}
-_NOT_SWAP = ("generate", "restyle")
-_SIZED = ("generate", "restyle", "group")  # the modes whose output size can be chosen
-_ONE_FACE = ("generate", "restyle", "swap")  # the modes with one identity (face_image and its extras)
+_CONTROLLED = tuple(m.name for m in MODE_SPECS.values() if m.controls_label)  # the modes with extra ControlNets
+# The modes that draw a whole picture: its size can be chosen and its small faces refined. An inpainting mode
+# redraws a crop at the working size (a face swap's is its face's).
+_PICTURE = tuple(m.name for m in MODE_SPECS.values() if m.pipeline != "inpaint")
+_ONE_FACE = tuple(m.name for m in MODE_SPECS.values() if not m.people)  # one identity: face_image and its extras
 _AUTO_STEPS = ", ".join(f"{s.steps} {s.name}" for s in SPEEDS.values())
 _AUTO_GUIDANCE = ", ".join(f"{s.guidance:g} {s.name}" if s.guidance > 1 else f"off {s.name}" for s in SPEEDS.values())
 
@@ -256,9 +317,9 @@ PARAMS: dict[str, Param] = {
         Param("num_images", "integer", 1, f"How many images to make (1 to {MAX_IMAGES}), from consecutive seeds.",
               "Number of images", lo=1, hi=MAX_IMAGES, step=1, section="main"),
         Param("width", help="Output width in pixels, a multiple of 64; 0 sizes the output from the photo (short "
-              "side 1024).", label="Width", modes=_SIZED, **_SIDE),
+              "side 1024).", label="Width", modes=_PICTURE, **_SIDE),
         Param("height", help="Output height in pixels, a multiple of 64; 0 sizes it from the photo. Set both or "
-              "neither.", label="Height", modes=_SIZED, **_SIDE),
+              "neither.", label="Height", modes=_PICTURE, **_SIDE),
         Param("strength", "number", DEFAULT_RESTYLE_STRENGTH, "How far the result may move from the source photo, 0 to "
               "1: low keeps its colours and shapes, 1 redraws it entirely (only the steps x strength last denoising "
               "steps run).", "Restyle strength", lo=0, hi=1, step=0.05, flag="--strength", section="main",
@@ -281,7 +342,7 @@ PARAMS: dict[str, Param] = {
               f"pose photo (or the face photo; restyle: the source photo), each with its strength, 0 to 1.5 "
               f"({DEFAULT_CONTROLNET_STRENGTH} when not given): in the API a mapping such as {{\"pose\": 0.4}} or a "
               "list of names.",
-              "Extra ControlNets (from the pose photo, or the face photo)", flag="--controlnet", modes=_NOT_SWAP),
+              _CONTROLS_LABEL, flag="--controlnet", modes=_CONTROLLED),
         Param("scheduler", "choice", DEFAULT_SCHEDULER, 'Sampler, e.g. "EulerDiscreteScheduler" or '
               '"DPMSolverMultistepScheduler-Karras".', "Scheduler", choices=SCHEDULERS),
         Param("speed", "choice", DEFAULT_SPEED, "quality: 30 steps with guidance, any scheduler; fast: 8 steps "
@@ -292,8 +353,11 @@ PARAMS: dict[str, Param] = {
         Param("enable_lcm", "boolean", False, "The earlier fast mode, with the LCM LoRA (5 steps, guidance 1.5); "
               "speed fast or turbo gives better images in the same time.", "LCM fast mode", flag="--lcm",
               info="few steps, lower quality; prefer Speed"),
-        Param("seed", "integer", 42, f"Random seed, 0 to {MAX_SEED}; the same seed and settings give the same "
-              "images.", "Seed", lo=0, hi=MAX_SEED, step=1),
+        # No seed given is a random one, on every front end (the page's Randomize box draws it, on by default);
+        # the seed used is always returned, so any image can be made again.
+        Param("seed", "integer", None, f"Random seed, 0 to {MAX_SEED}; the same seed and settings give the same "
+              "images. Not given (or null): a random one; the seed used is returned.", "Seed", lo=0, hi=MAX_SEED,
+              step=1),
         Param("randomize_seed", "boolean", False, "Ignore seed and pick a random one (the seed used is returned)."),
         Param("enhance_face_region", "boolean", True, "Confine the identity conditioning to the face region, "
               "leaving the rest to the prompt.", "Enhance face region"),
@@ -303,7 +367,7 @@ PARAMS: dict[str, Param] = {
               "short side at full working size with its person's identity (a face swap onto the image: crop, "
               "inpaint, feathered paste-back, same seed); each such face costs one more render. auto: on for "
               "group, off for generate and restyle.", "Refine small faces", choices=REFINE_CHOICES,
-              flag="--refine-faces", modes=("generate", "restyle", "group"),
+              flag="--refine-faces", modes=_PICTURE,
               info="auto: on for Group, off otherwise; each small face costs one more render"),
     )
 }
@@ -318,6 +382,22 @@ def params_for(mode: str) -> dict[str, Param]:
 
 # Request fields where None means "automatic": the mode's default steps and guidance (0 too), a random seed.
 AUTOMATIC = ("num_steps", "guidance_scale", "seed")
+# The parameters that reach the request gathered into a field of another name (`from_api` does it): the face
+# photos into one list, the person slots into the people, randomize_seed into a seed of None. Every other
+# parameter is the request's field of its own name, with the declaration's default (`_check_declaration`).
+GATHERED: dict[str, str] = {
+    "face_image": "face_images",
+    "extra_face_images": "face_images",
+    **{f"person_{k}": "people" for k in range(1, MAX_PEOPLE + 1)},
+    "randomize_seed": "seed",
+}
+# The request's fields that are no parameter: what `GATHERED` fills, the mode, and what the checks work out.
+DERIVED: tuple[str, ...] = ("face_images", "people", "mode", "notes", "person_names", "person_order")
+
+
+def _default(name: str) -> Any:
+    """A request field's default: its parameter's declaration, the one place defaults are written."""
+    return PARAMS[name].default
 
 
 def _unset(value: Any, default: Any) -> bool:
@@ -330,42 +410,43 @@ def _unset(value: Any, default: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class GenerateRequest:
-    """One generation request, checked when it is made (a `GenerateRequest` that exists is valid).
+class Request:
+    """One request of any mode, checked when it is made (a `Request` that exists is valid).
 
-    The fields carry the `PARAMS` of the same name, with the photos in one list (`face_images`) and None
-    (or 0) for "automatic" in `AUTOMATIC`. What depends on the server (its largest output side, the
-    profile's image count, parts that did not load) is the engine's to check.
+    The fields carry the `PARAMS` of the same name, with their declared defaults; the photos are in one list
+    (`face_images`) and the people's in `people` (`GATHERED`); None (or 0) is "automatic" in `AUTOMATIC`. What
+    depends on the server (its largest output side, the profile's image count, parts that did not load) is the
+    engine's to check.
     """
 
     face_images: Sequence[ImageInput] = ()  # group: left empty, the people's photos are in `people`
-    prompt: str = ""
-    negative_prompt: str = ""
-    pose_image: ImageInput | None = None
-    style: str = NO_STYLE
-    num_images: int = 1
-    width: int = 0  # 0 = automatic from the face (or pose) photo
-    height: int = 0
-    num_steps: int | None = None
-    guidance_scale: float | None = None
-    identitynet_strength: float = DEFAULT_STRENGTH
-    adapter_strength: float = DEFAULT_STRENGTH
-    controlnets: Mapping[str, float] = field(default_factory=dict)
-    scheduler: str = DEFAULT_SCHEDULER
-    enable_lcm: bool = False
-    speed: str = DEFAULT_SPEED
-    seed: int | None = None  # None = random; the result says which seed was used
-    enhance_face_region: bool = True
+    prompt: str = _default("prompt")
+    negative_prompt: str = _default("negative_prompt")
+    pose_image: ImageInput | None = _default("pose_image")
+    style: str = _default("style")
+    num_images: int = _default("num_images")
+    width: int = _default("width")  # 0 = automatic from the face (or pose) photo
+    height: int = _default("height")
+    num_steps: int | None = _default("num_steps")  # 0 or None = the speed's own
+    guidance_scale: float | None = _default("guidance_scale")
+    identitynet_strength: float = _default("identitynet_strength")
+    adapter_strength: float = _default("adapter_strength")
+    controlnets: Mapping[str, float] | None = _default("controlnets")  # checked into a mapping ({} = none)
+    scheduler: str = _default("scheduler")
+    enable_lcm: bool = _default("enable_lcm")
+    speed: str = _default("speed")
+    seed: int | None = _default("seed")  # None = random; the result says which seed was used
+    enhance_face_region: bool = _default("enhance_face_region")
     mode: str = "generate"  # one of MODES
-    source_image: ImageInput | None = None  # restyle: the photo to redraw
-    strength: float = DEFAULT_RESTYLE_STRENGTH  # restyle: how far from the source
-    target_image: ImageInput | None = None  # swap: the photo whose face is replaced
-    face_index: int = 0  # swap: 0 = the target's largest face
+    source_image: ImageInput | None = _default("source_image")  # restyle: the photo to redraw
+    strength: float = _default("strength")  # restyle: how far from the source
+    target_image: ImageInput | None = _default("target_image")  # swap: the photo whose face is replaced
+    face_index: int = _default("face_index")  # swap: 0 = the target's largest face
     people: Sequence[Sequence[ImageInput]] = ()  # group: each person's photo(s), in person order
-    names: str = ""  # group: comma-separated, in person order ("" = Person 1, Person 2, ...)
-    layout_image: ImageInput | None = None  # group: the photo whose faces give the layout
-    order: str = ""  # group: person numbers for the layout's faces, left to right ("" = 1, 2, ...)
-    refine_faces: str = "auto"  # one of REFINE_CHOICES; `refines` says what it means for this mode
+    names: str = _default("names")  # group: comma-separated, in person order ("" = Person 1, Person 2, ...)
+    layout_image: ImageInput | None = _default("layout_image")  # group: the photo whose faces give the layout
+    order: str = _default("order")  # group: person numbers for the layout's faces, left to right ("" = 1, 2, ...)
+    refine_faces: str = _default("refine_faces")  # one of REFINE_CHOICES; `refines` says what it means for this mode
     # What the checks adjusted, for the result's warnings (control characters removed from a prompt).
     notes: tuple[str, ...] = field(default=(), init=False, compare=False)
     # Group: each person's name (given or "Person k") and the person on each layout face, left to right (0-based).
@@ -373,10 +454,14 @@ class GenerateRequest:
     person_order: tuple[int, ...] = field(default=(), init=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.mode == "group":
+        if self.mode not in MODE_SPECS:
+            raise InvalidParameter("mode", self.mode, f"choose one of {', '.join(MODES)}")
+        if MODE_SPECS[self.mode].people:
             self._check_people()
         elif self.people:
-            raise InvalidParameter("people", f"{len(self.people)} person(s)", f"is used by group only, not {self.mode}")
+            takers = ", ".join(m.name for m in MODE_SPECS.values() if m.people)
+            raise InvalidParameter("people", f"{len(self.people)} person(s)",
+                                   f"is used by {takers} only, not {self.mode}")
         faces = self.face_images
         if not faces:
             raise UserError("No face photo: add a photo of the person's face (API: face_image).")
@@ -412,7 +497,7 @@ class GenerateRequest:
     def refines(self) -> bool:
         """Whether small faces are re-rendered after the image ("auto": the mode's default)."""
         if self.refine_faces == "auto":
-            return self.mode in REFINE_BY_DEFAULT
+            return MODE_SPECS[self.mode].refines
         return self.refine_faces == "on"
 
     @property
@@ -466,19 +551,17 @@ class GenerateRequest:
     def _check_mode(self) -> None:
         """The mode's own photo is there, and no other mode's parameter was changed from its default."""
         params = params_for(self.mode)
-        own = {"restyle": ("source_image", "a photo to restyle"),
-               "swap": ("target_image", "a photo to swap a face into")}
-        if self.mode in own:
-            name, what = own[self.mode]
-            if _unset(getattr(self, name), None):
-                raise UserError(f"No {what.split(' ', 1)[1]}: add {what} (API: {name}).")
+        spec = MODE_SPECS[self.mode]
+        if spec.photo and _unset(getattr(self, spec.photo), None):
+            what = spec.photo_what
+            raise UserError(f"No {what.split(' ', 1)[1]}: add {what} (API: {spec.photo}).")
         for f in fields(self):
             if f.name in PARAMS and f.name not in params and not _unset(getattr(self, f.name), PARAMS[f.name].default):
                 modes = ", ".join(PARAMS[f.name].modes)
                 raise InvalidParameter(f.name, getattr(self, f.name), f"is not used by {self.mode} (only by {modes})")
 
     @classmethod
-    def from_api(cls, values: Mapping[str, Any], mode: str = "generate") -> GenerateRequest:
+    def from_api(cls, values: Mapping[str, Any], mode: str = "generate") -> Request:
         """The request that the `mode` endpoint's flat parameters (`params_for(mode)`, by name) describe; missing
         ones take defaults.
 
@@ -488,12 +571,14 @@ class GenerateRequest:
         unknown = set(values) - set(params)
         if unknown:
             raise InvalidParameter(sorted(unknown)[0], values[sorted(unknown)[0]], f"use {', '.join(params)}")
-        given: dict[str, Any] = {"mode": mode}
+        given: dict[str, Any] = {}
         for name, param in params.items():
             value = values.get(name, param.default)
             given[name] = param.default if value is None and param.kind != "boolean" else value
-        kwargs = {name: value for name, value in given.items() if name in {f.name for f in fields(cls)}}
-        if mode == "group":
+        # Every parameter is a field of its own name or gathered below: none is dropped (`_check_declaration`).
+        kwargs: dict[str, Any] = {name: value for name, value in given.items() if name not in GATHERED}
+        kwargs["mode"] = mode
+        if MODE_SPECS[mode].people:
             # One photo alone stands for a list of one.
             given_slots = [given[f"person_{k}"] for k in range(1, MAX_PEOPLE + 1)]
             slots = [
@@ -508,12 +593,39 @@ class GenerateRequest:
             extras = PARAMS["extra_face_images"].check(given["extra_face_images"]) or []
             faces = [given["face_image"], *[_file_path(x) for x in extras]]
             kwargs["face_images"] = [face for face in faces if face]
-        for name in ("pose_image", "source_image", "target_image", "layout_image"):
-            if name in given:
+        for name in given:
+            if PARAMS[name].kind == "image" and name in kwargs:
                 kwargs[name] = given[name] or None
-        if PARAMS["randomize_seed"].check(given["randomize_seed"]) or ("seed" in values and values["seed"] is None):
+        if PARAMS["randomize_seed"].check(given["randomize_seed"]):
             kwargs["seed"] = None
         return cls(**kwargs)
+
+
+def _check_declaration(params: Mapping[str, Param], request: type) -> None:
+    """Every declared parameter reaches the request: a field of its name with the declared default, or one
+    `GATHERED` into another field; every field is a parameter or `DERIVED`. Run at import: a declaration that
+    nothing takes (or a default written twice that drifted) stops the app from starting, never drops a value."""
+    taken = {f.name: f for f in fields(request)}
+    for name, param in params.items():
+        if name in GATHERED:
+            if GATHERED[name] not in taken:
+                raise TypeError(f"parameter {name} is gathered into {GATHERED[name]}, which {request.__name__} lacks")
+            continue
+        if name not in taken:
+            raise TypeError(f"parameter {name} is declared but {request.__name__} has no field for it: add the "
+                            "field (its default from the declaration) or gather it in from_api (GATHERED)")
+        if taken[name].default is not param.default and taken[name].default != param.default:
+            raise TypeError(f"parameter {name}: {request.__name__}'s default {taken[name].default!r} is not the "
+                            f"declared {param.default!r}; take it from the declaration (_default)")
+    for name in taken:
+        if name not in params and name not in DERIVED:
+            raise TypeError(f"{request.__name__}.{name} is no declared parameter: declare it in PARAMS")
+    for name, mode in ((n, m) for n, p in params.items() for m in p.modes):
+        if mode not in MODE_SPECS:
+            raise TypeError(f"parameter {name} names mode {mode!r}, which is not declared in MODE_SPECS")
+
+
+_check_declaration(PARAMS, Request)
 
 
 def _file_path(item: Any) -> Any:
@@ -522,8 +634,8 @@ def _file_path(item: Any) -> Any:
 
 
 @dataclass
-class GenerateResult:
-    """What a generation returns. Images are PIL images; everything else is plain data."""
+class Result:
+    """What a request of any mode returns. Images are PIL images; everything else is plain data."""
 
     images: list[Any]
     seed: int

@@ -1,8 +1,9 @@
 """Gradio builders: the Generate tab (with its modes: Generate, Restyle, Face swap, Group) and the Status tab.
 
-`build_demo` receives the functions it wires up (the real ones live in `instantid.api`; tests pass
-fakes), so nothing here imports torch or the engine. The generate function's parameters must be in
-the order of `generate_inputs` below: Gradio names the API parameters after the function's signature.
+`build_demo` receives the functions it wires up, one per mode (the real ones live in `instantid.api`; tests
+pass fakes), so nothing here imports torch or the engine. Each takes its mode's parameters in the order
+`instantid.requests.params_for(mode)` declares: Gradio names the API parameters after the function's signature.
+The modes' labels and buttons are their records' (`instantid.requests.MODE_SPECS`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .requests import (
     DEFAULT_CONTROLNET_STRENGTH,
     MAX_SEED,
     MAX_STRENGTH,
+    MODE_SPECS,
     MODES,
     PARAMS,
     SPEEDS,
@@ -116,13 +118,14 @@ def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
     shown = {p.name: mode in p.modes for p in own if p.label and p.kind != "controls"}
     shown.update({f"{m}_btn": m == mode for m in modes})
     shown["controls"] = mode in PARAMS["controlnets"].modes
-    shown["before_after"] = mode == "swap"
+    shown["before_after"] = MODE_SPECS[mode].before_after
     shown.update({f"{m}_examples": m == mode for m in modes})
     return shown
 
 
 def before_after(target: str | None, gallery: Sequence[Any] | None) -> tuple[str, str] | None:
-    """Face swap's before/after: the target photo and the first result (a gallery item is (path, caption))."""
+    """A mode's before/after (`Mode.before_after`, Face swap's): its own photo and the first result (a gallery
+    item is (path, caption))."""
     if not target or not gallery:
         return None
     first = gallery[0]
@@ -400,13 +403,6 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
                           + f"; {PROFILES['cpu'].default_steps} quality on a CPU-only server)"},
 }
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
-MODE_LABELS = {"generate": "Generate", "restyle": "Restyle", "swap": "Face swap", "group": "Group"}
-MODE_BUTTONS = {"generate": "Generate", "restyle": "Restyle", "swap": "Swap face", "group": "Make group portrait"}
-# Labels that name a mode's own photos: only Generate takes a pose photo; Restyle's extra ControlNets read
-# the photo it redraws (Face swap takes none).
-PHOTOS_LABELS = {"generate": "More photos and a pose reference", "restyle": "More photos of the same person",
-                 "swap": "More photos of the same person", "group": "More people and a layout photo"}
-CONTROLS_LABELS = {"generate": PARAMS["controlnets"].label, "restyle": "Extra ControlNets (from the photo to restyle)"}
 # Presses the first of the buttons (element ids) that is shown; a hidden one has no offsetParent.
 PRESS_SHOWN_BUTTON_JS = """() => {
     const shown = BUTTONS.map((id) => document.getElementById(id)).find((b) => b && b.offsetParent !== null);
@@ -442,7 +438,7 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
 
 def _controlnet_inputs(p: Param, mode: str) -> tuple[Any, list[Any]]:
     """The page's face of the `controlnets` mapping: a box per type and a strength slider each."""
-    chosen = gr.CheckboxGroup(label=CONTROLS_LABELS.get(mode, p.label), choices=list(CONTROL_TYPES), value=[])
+    chosen = gr.CheckboxGroup(label=MODE_SPECS[mode].controls_label or p.label, choices=list(CONTROL_TYPES), value=[])
     with gr.Row():
         strengths = [
             gr.Slider(label=f"{c.label} strength", minimum=0, maximum=MAX_STRENGTH, step=0.05,
@@ -476,14 +472,14 @@ def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
     sections = {name: [p for p in params.values() if p.section == name] for name in ("main", "photos", "advanced")}
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
-            c["mode"] = gr.Radio([MODE_LABELS[m] for m in modes], value=MODE_LABELS[modes[0]], label="Mode",
+            c["mode"] = gr.Radio([MODE_SPECS[m].label for m in modes], value=MODE_SPECS[modes[0]].label, label="Mode",
                                  visible=len(modes) > 1, elem_id="mode")
             for p in sections["main"]:
                 c[p.name] = _mode_control(c, p, settings, modes)
             for mode in modes:
-                c[f"{mode}_btn"] = gr.Button(MODE_BUTTONS[mode], variant="primary", visible=mode == modes[0],
+                c[f"{mode}_btn"] = gr.Button(MODE_SPECS[mode].button, variant="primary", visible=mode == modes[0],
                                              elem_id=f"{mode}-button")
-            with gr.Accordion(PHOTOS_LABELS[modes[0]], open=False) as c["photos"]:
+            with gr.Accordion(MODE_SPECS[modes[0]].photos_label, open=False) as c["photos"]:
                 for p in sections["photos"]:
                     c[p.name] = _mode_control(c, p, settings, modes)
             with gr.Accordion("Advanced settings", open=False):
@@ -517,23 +513,20 @@ def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
 
 
 def build_demo(
-    generate_fn: Callable[..., Any],
+    fns: Mapping[str, Callable[..., Any]],
     status_fn: Callable[[], Mapping[str, Any]],
     *,
     settings: Settings,
     examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-    restyle_fn: Callable[..., Any] | None = None,
-    swap_fn: Callable[..., Any] | None = None,
-    group_fn: Callable[..., Any] | None = None,
     sample_memory: bool = False,
 ) -> gr.Blocks:
     """Build the Blocks app.
 
-    generate_fn, restyle_fn, swap_fn, group_fn: each takes the inputs `instantid.requests.params_for(mode)`
-      declares (same order, same names as `instantid.api.generate` / `restyle` / `swap` / `group`, plus an optional
-      `progress=gr.Progress()`), yields `gr.skip()` while it works and then (gallery, seed, similarities,
-      keypoint image, timings); raises gr.Error for user-facing problems. A mode without its function is
-      not offered (nor its endpoint).
+    fns: per mode (`instantid.requests.MODES`), its function, e.g. {"generate": api.generate, "swap": api.swap}
+      (`instantid.api.ENDPOINTS` holds every mode's). Each takes the inputs `instantid.requests.params_for(mode)`
+      declares (same order, same names, plus an optional `progress=gr.Progress()`), yields `gr.skip()` while it
+      works and then (gallery, seed, similarities, keypoint image, timings); raises gr.Error for user-facing
+      problems. A mode without its function is not offered (nor its endpoint); the first offered is shown first.
     status_fn: returns the engine's JSON-ready report.
     examples: per mode, rows of that mode's inputs by parameter name (every row of a mode names the same
       ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,
@@ -542,8 +535,11 @@ def build_demo(
       so the Status tab's chart holds the server's history whenever it is opened (the app does; tests that
       only build a demo need no thread). Without it the chart grows only while someone has the tab open.
     """
-    fns = {"generate": generate_fn, "restyle": restyle_fn, "swap": swap_fn, "group": group_fn}
-    modes = [mode for mode in MODES if fns[mode] is not None]
+    if unknown := sorted(set(fns) - set(MODES)):
+        raise ValueError(f"build_demo: no mode {unknown[0]!r}; the modes are {', '.join(MODES)}")
+    modes = [mode for mode in MODES if mode in fns]
+    if not modes:
+        raise ValueError("build_demo: give the function of one mode at least, e.g. {'generate': api.generate}")
     with gr.Blocks(title="InstantID", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="intro")
         if settings.preset == "tiny":
@@ -621,7 +617,8 @@ def _examples(
     if any(list(row) != names for row in rows):
         raise ValueError(f"every {mode} example must name the same inputs, in the same order: {names}")
     # Shown like a run from the button: the summary line, and for a swap the before/after view.
-    shown = [*outputs, c["summary"], *([c["before_after"]] if mode == "swap" else [])]
+    spec = MODE_SPECS[mode]
+    shown = [*outputs, c["summary"], *([c["before_after"]] if spec.before_after else [])]
 
     # Each example is generated on its first click, in the queue like a run from the button (so with its step
     # progress), then served from memory. Gradio's lazy example cache ran that first generation outside the
@@ -641,7 +638,7 @@ def _examples(
                         yield item
                         continue
                     line = timings_line(item[4])
-                    extra = [before_after(given["target_image"], item[0])] if mode == "swap" else []
+                    extra = [before_after(given[spec.photo], item[0])] if spec.before_after else []
                     cached[index] = [*item, timings_line(item[4], done=EXAMPLE_DONE), *extra]
                     yield [*item, line, *extra]
                 return
@@ -651,7 +648,7 @@ def _examples(
     examples = gr.Examples(
         examples=[list(row.values()) for row in rows],
         inputs=[c[name] for name in names],
-        label=f"{MODE_LABELS[mode]} examples (click one: generated once, then shown again at once)",
+        label=f"{spec.label} examples (click one: generated once, then shown again at once)",
     )
     examples.dataset.click(
         run_example, [examples.dataset], shown, api_visibility="private", show_progress_on=[c["gallery"]]
@@ -700,8 +697,8 @@ def _wire_generate(
         event.success(end_run, None, run_controls, **quiet)
         event.failure(end_run, None, run_controls, **quiet)
         event.success(timings_line, [c["timings"]], [c["summary"]], **quiet)
-        if mode == "swap":
-            event.success(before_after, [c["target_image"], c["gallery"]], [c["before_after"]], **quiet)
+        if MODE_SPECS[mode].before_after:
+            event.success(before_after, [c[MODE_SPECS[mode].photo], c["gallery"]], [c["before_after"]], **quiet)
     # The prompt box has two lines, so Gradio submits it on Shift+Enter (Enter starts a new line). It runs
     # the mode shown by pressing that mode's button in the page: one path, the button's, for every run.
     buttons = json.dumps([f"{mode}-button" for mode in modes])
@@ -718,7 +715,7 @@ def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]
     shown_targets = len(targets)
     results = [c["gallery"], c["seed_used"], c["similarities"], c["keypoints"], c["timings"], c["summary"]]
     targets += [c["photos"], *results]
-    by_label = {MODE_LABELS[m]: m for m in modes}
+    by_label = {MODE_SPECS[m].label: m for m in modes}
 
     def show_mode(label: str) -> list[Any]:
         mode = by_label.get(label, modes[0])
@@ -726,10 +723,10 @@ def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]
         updates = [gr.update(visible=shown[n], **({"value": None} if n == "before_after" else {}))
                    for n in names if n != "controls"]
         if "controls" in names:
-            relabel = {"label": CONTROLS_LABELS[mode]} if mode in CONTROLS_LABELS else {}
+            relabel = {"label": MODE_SPECS[mode].controls_label} if MODE_SPECS[mode].controls_label else {}
             updates.append(gr.update(visible=shown["controls"], **relabel))
         updates += [gr.update(visible=shown["controls"])] * (shown_targets - len(updates))
-        return [*updates, gr.update(label=PHOTOS_LABELS[mode]), None, None, None, None, None, ""]
+        return [*updates, gr.update(label=MODE_SPECS[mode].photos_label), None, None, None, None, None, ""]
 
     c["mode"].change(show_mode, [c["mode"]], targets, **quiet)
 

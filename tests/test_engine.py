@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from instantid.errors import InvalidParameter, NoFaceError
-from instantid.requests import GenerateRequest
+from instantid.requests import Request
 
 
 def pixels(result) -> np.ndarray:
@@ -22,7 +22,7 @@ def run(engine, photos, **kw):
     kw.setdefault("prompt", "a portrait")
     kw.setdefault("num_steps", 2)
     kw.setdefault("seed", 7)
-    return engine.generate(GenerateRequest(**kw))
+    return engine.run(Request(**kw))
 
 
 def test_result_fields(tiny_engine, photos) -> None:
@@ -123,8 +123,8 @@ def test_user_errors(tiny_engine, photos) -> None:
 
 def test_progress_and_interrupt(tiny_engine, photos) -> None:
     seen: list[tuple[int, int]] = []
-    r = tiny_engine.generate(
-        GenerateRequest(face_images=[photos["astronaut"]], num_steps=3, seed=1),
+    r = tiny_engine.run(
+        Request(face_images=[photos["astronaut"]], num_steps=3, seed=1),
         progress=lambda i, n: seen.append((i, n)),
     )
     assert seen[-3:] == [(1, 3), (2, 3), (3, 3)]
@@ -137,7 +137,7 @@ def test_progress_and_interrupt(tiny_engine, photos) -> None:
         raise Cancelled
 
     with pytest.raises(Cancelled):
-        tiny_engine.generate(GenerateRequest(face_images=[photos["astronaut"]], num_steps=3), progress=cancel)
+        tiny_engine.run(Request(face_images=[photos["astronaut"]], num_steps=3), progress=cancel)
     assert run(tiny_engine, photos).images  # not poisoned
 
 
@@ -147,7 +147,7 @@ def test_three_stages_are_generate_and_their_hand_overs_pickle(tiny_engine, phot
 
     from instantid.requests import Rendered, Step
 
-    request = GenerateRequest(face_images=[photos["astronaut"]], prompt="a portrait", num_steps=2, seed=7,
+    request = Request(face_images=[photos["astronaut"]], prompt="a portrait", num_steps=2, seed=7,
                               controlnets={"canny": 0.4, "depth": 0.4})
     job = pickle.loads(pickle.dumps(tiny_engine.prepare(request)))
     assert job.seed == 7 and set(job.controls) == {"canny", "depth"} and job.face_mask.shape == (job.height, job.width)
@@ -155,11 +155,11 @@ def test_three_stages_are_generate_and_their_hand_overs_pickle(tiny_engine, phot
     assert events[:-1] == [Step(1, 2), Step(2, 2)] and isinstance(events[-1], Rendered)
     rendered = pickle.loads(pickle.dumps(events[-1]))
     staged = tiny_engine.finish(job, rendered)
-    assert np.array_equal(pixels(staged), pixels(tiny_engine.generate(request)))
+    assert np.array_equal(pixels(staged), pixels(tiny_engine.run(request)))
 
 
 def test_closing_the_gpu_stage_stops_it_at_the_next_step(tiny_engine, photos) -> None:
-    job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], num_steps=50, seed=1))
+    job = tiny_engine.prepare(Request(face_images=[photos["astronaut"]], num_steps=50, seed=1))
     steps = tiny_engine.render_steps(job)
     assert next(steps).done == 1
     steps.close()  # returns once the pipeline thread has stopped: the next request finds the pipeline free
@@ -211,7 +211,7 @@ def test_a_cpu_machine_short_of_ram_loads_and_runs_in_bfloat16(tiny_settings, ph
     assert engine.profile.dtype == "bfloat16" and "-> bfloat16 weights" in engine.profile_reason
     face, target = str(photos["astronaut"]), str(photos["group"])
     for mode, extra in (("generate", {}), ("restyle", {"source_image": face}), ("swap", {"target_image": target})):
-        result = engine.generate(GenerateRequest(face_images=[face], prompt="a portrait", num_steps=2, mode=mode,
+        result = engine.run(Request(face_images=[face], prompt="a portrait", num_steps=2, mode=mode,
                                                  **extra))
         assert len(result.images) == 1 and np.asarray(result.images[0]).std() > 0, mode
     dtypes = {c["name"]: c["dtype"] for c in engine.report()["components"]}
@@ -308,9 +308,9 @@ def test_layout_keeps_the_face_in_frame(src, out, box, expected) -> None:
 def test_the_cpu_profile_default_steps_apply_only_when_automatic(tiny_engine, photos) -> None:
     assert tiny_engine.profile.name == "cpu" and tiny_engine.profile.default_steps == 20
     face = [photos["astronaut"]]
-    assert tiny_engine.prepare(GenerateRequest(face_images=face)).num_steps == 20
-    assert tiny_engine.prepare(GenerateRequest(face_images=face, num_steps=30)).num_steps == 30
-    assert tiny_engine.prepare(GenerateRequest(face_images=face, enable_lcm=True)).num_steps == 5
+    assert tiny_engine.prepare(Request(face_images=face)).num_steps == 20
+    assert tiny_engine.prepare(Request(face_images=face, num_steps=30)).num_steps == 30
+    assert tiny_engine.prepare(Request(face_images=face, enable_lcm=True)).num_steps == 5
 
 
 def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
@@ -343,7 +343,7 @@ def in_mode(mode, engine, photos, **kw):
     kw.setdefault(field, photos[photo])
     kw.setdefault("num_steps", steps)
     kw.setdefault("seed", 7)
-    return engine.generate(GenerateRequest(mode=mode, **kw))
+    return engine.run(Request(mode=mode, **kw))
 
 
 swap = functools.partial(in_mode, "swap")
@@ -390,7 +390,7 @@ def test_swap_scores_the_face_it_swapped_not_the_largest(tiny_engine, photos) ->
 
     group = decoded(photos["group"]).astype(np.uint8)
     found = tiny_engine.faces().detect(group)
-    job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="swap",
+    job = tiny_engine.prepare(Request(face_images=[photos["astronaut"]], mode="swap",
                                               target_image=photos["group"], face_index=1, num_steps=2, seed=3))
     rendered = Rendered(images=[job.init_image], timings_ms={})
     own = tiny_engine.finish(dataclasses.replace(job, embedding=found[1].embedding), rendered).similarities[0]
@@ -411,7 +411,7 @@ def test_swap_refusals(tiny_engine, photos) -> None:
     from instantid.errors import UserError
 
     with pytest.raises(UserError, match="photo to swap a face into"):
-        GenerateRequest(face_images=[photos["astronaut"]], mode="swap")
+        Request(face_images=[photos["astronaut"]], mode="swap")
     with pytest.raises(InvalidParameter, match="width=128: is not used by swap"):
         swap(tiny_engine, photos, width=128, height=128)
 
@@ -467,10 +467,10 @@ def test_restyle_strength_is_how_far_from_the_source(tiny_engine, photos) -> Non
     pixels cannot show closeness; the latents the denoising ends on can, against the source's own latents."""
     import torch
 
-    pipe = tiny_engine.pipes["restyle"]
+    pipe = tiny_engine.pipes["img2img"]
 
     def distance(strength: float) -> float:
-        job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="restyle",
+        job = tiny_engine.prepare(Request(face_images=[photos["astronaut"]], mode="restyle",
                                                   source_image=photos["hanks"], num_steps=10, strength=strength))
         assert job.init_image.size == (job.width, job.height) and job.denoising_steps == int(10 * strength)
         last: dict[str, torch.Tensor] = {}
@@ -506,8 +506,9 @@ def test_restyle_face_layout_from_the_source_or_else_the_identity(tiny_engine, p
 
 def test_mode_pipelines_share_the_modules_and_the_memory(tiny_engine) -> None:
     base = tiny_engine.pipe
-    for mode in ("restyle", "swap"):
-        pipe = tiny_engine.pipes[mode]
+    assert tiny_engine.pipes["base"] is base
+    for kind in ("img2img", "inpaint"):
+        pipe = tiny_engine.pipes[kind]
         assert pipe is not base
         for name in ("unet", "controlnet", "vae", "text_encoder", "text_encoder_2", "resampler"):
             assert getattr(pipe, name) is getattr(base, name)
@@ -519,7 +520,7 @@ def test_a_swap_job_pickles_without_its_target(tiny_engine, photos) -> None:
     """ZeroGPU pickles the job into its worker: the target photo stays in the main process, where finish uses it."""
     import pickle
 
-    job = tiny_engine.prepare(GenerateRequest(face_images=[photos["astronaut"]], mode="swap",
+    job = tiny_engine.prepare(Request(face_images=[photos["astronaut"]], mode="swap",
                                               target_image=photos["group"], num_steps=2, seed=3))
     sent = pickle.loads(pickle.dumps(job))
     assert sent.paste is None and job.paste is not None
@@ -544,3 +545,78 @@ def test_restyle_and_swap_encode_in_the_vae_s_own_dtype(tiny_settings, photos) -
         assert restyle(engine, photos, num_steps=2, strength=1.0).images
         assert swap(engine, photos).images
         assert vae.dtype == torch.bfloat16 and vae.config.force_upcast is upcast
+
+
+# --- every declared parameter reaches the job ----------------------------------------------------------------
+
+PAIR = str(Path(__file__).resolve().parents[1] / "assets" / "two_people.jpg")
+
+
+def _reaches(photos) -> dict[str, tuple[str, dict, str, dict]]:
+    """Per parameter: (mode, the value(s) it is changed to, the `Job` field that must change, what the mode's
+    base request needs besides)."""
+    hanks, astronaut = str(photos["hanks"]), str(photos["astronaut"])
+    more = {"person_3": [hanks]}
+    return {
+        "face_image": ("generate", {"face_image": hanks}, "embedding", {}),
+        "source_image": ("restyle", {"source_image": astronaut}, "init_image", {}),
+        "target_image": ("swap", {"target_image": PAIR}, "init_image", {}),
+        "person_1": ("group", {"person_1": [str(photos["group"])]}, "embeddings", {}),
+        "person_2": ("group", {"person_2": [astronaut]}, "embeddings", {}),
+        "prompt": ("generate", {"prompt": "a knight"}, "prompt", {}),
+        "extra_face_images": ("generate", {"extra_face_images": [hanks]}, "embedding", {}),
+        "person_3": ("group", more, "people", {}),
+        "person_4": ("group", {"person_4": [astronaut]}, "people", more),
+        "names": ("group", {"names": "Ada, Ben"}, "people", {}),
+        "layout_image": ("group", {"layout_image": PAIR}, "keypoint_image", {}),
+        "order": ("group", {"order": "2,1"}, "group", {}),
+        "pose_image": ("generate", {"pose_image": hanks}, "keypoint_image", {}),
+        "negative_prompt": ("generate", {"negative_prompt": "blurry"}, "negative_prompt", {}),
+        "style": ("generate", {"style": "Neon"}, "prompt", {}),
+        "num_images": ("generate", {"num_images": 2}, "num_images", {}),
+        "width": ("generate", {"width": 256, "height": 128}, "width", {}),
+        "height": ("generate", {"width": 128, "height": 256}, "height", {}),
+        "strength": ("restyle", {"strength": 0.5}, "strength", {}),
+        "face_index": ("swap", {"face_index": 1}, "init_image", {}),
+        "num_steps": ("generate", {"num_steps": 7}, "num_steps", {}),
+        "guidance_scale": ("generate", {"guidance_scale": 3.0}, "guidance_scale", {}),
+        "identitynet_strength": ("generate", {"identitynet_strength": 1.0}, "identitynet_strength", {}),
+        "adapter_strength": ("generate", {"adapter_strength": 1.0}, "adapter_strength", {}),
+        "controlnets": ("generate", {"controlnets": {"canny": 0.5}}, "controls", {}),
+        "scheduler": ("generate", {"scheduler": "DEISMultistepScheduler"}, "scheduler", {}),
+        "speed": ("generate", {"speed": "turbo"}, "speed", {}),
+        "enable_lcm": ("generate", {"enable_lcm": True}, "speed", {}),
+        "seed": ("generate", {"seed": 5}, "seed", {}),
+        "randomize_seed": ("generate", {"randomize_seed": True}, "seed", {}),
+        "enhance_face_region": ("generate", {"enhance_face_region": False}, "face_mask", {}),
+        # t1.jpg's faces are small: laid out by it, both people's faces are refined by default (test_refine).
+        "refine_faces": ("group", {"refine_faces": "off"}, "refine", {"layout_image": str(photos["group"])}),
+    }
+
+
+def test_every_declared_parameter_reaches_the_job(tiny_engine, photos) -> None:
+    """Each parameter, changed alone through the API's path (`from_api`), changes what the GPU stage is given: a
+    declaration that nothing consumes (or a new one without its line here) fails."""
+    import pickle
+
+    from instantid.requests import PARAMS
+
+    bases = {
+        "generate": {"face_image": str(photos["astronaut"])},
+        "restyle": {"face_image": str(photos["astronaut"]), "source_image": str(photos["hanks"])},
+        "swap": {"face_image": str(photos["astronaut"]), "target_image": str(photos["group"])},
+        "group": {"person_1": [str(photos["astronaut"])], "person_2": [str(photos["hanks"])]},
+    }
+    reaches = _reaches(photos)
+    assert set(reaches) == set(PARAMS), "a parameter without its line here: say which job field it changes"
+
+    def job(mode: str, **values):
+        return tiny_engine.prepare(Request.from_api({**bases[mode], "prompt": "", "seed": 1, **values}, mode))
+
+    for name, (mode, changed, field, extra) in reaches.items():
+        assert mode in PARAMS[name].modes, name
+        before, after = job(mode, **extra), job(mode, **extra, **changed)
+        assert pickle.dumps(getattr(before, field)) != pickle.dumps(getattr(after, field)), f"{name} -> {field}"
+    # No seed given: the engine draws one per request.
+    seeds = {tiny_engine.prepare(Request.from_api({**bases["generate"], "prompt": ""})).seed for _ in range(3)}
+    assert len(seeds) > 1

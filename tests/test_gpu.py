@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from instantid.requests import GenerateRequest
+from instantid.requests import Request
 
 pytestmark = pytest.mark.gpu
 
@@ -22,11 +22,11 @@ def test_profiles_generate(tiny_settings, photos, profile_name: str) -> None:
     engine = Engine(settings)
     assert engine.profile.name == profile_name
     # All three extra controls: the depth and pose estimators run on the GPU in the large profile.
-    request = GenerateRequest(face_images=[photos["astronaut"]], prompt="x", num_steps=2, seed=1,
+    request = Request(face_images=[photos["astronaut"]], prompt="x", num_steps=2, seed=1,
                               controlnets={"canny": 0.4, "depth": 0.4, "pose": 0.4})
     torch.cuda.reset_peak_memory_stats()
-    a = engine.generate(request)
-    b = engine.generate(request)
+    a = engine.run(request)
+    b = engine.run(request)
     # Model offload keeps the face embedding on the execution device: a mismatch would raise above.
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     report = engine.report()
@@ -44,7 +44,7 @@ def test_resident_start_up_on_a_real_gpu(tiny_settings, photos) -> None:
     assert engine.unavailable == {} and {"fast", "turbo", "lcm"} <= set(engine.loras.names)
     nets = [engine.pipe.unet, *engine._extra_nets.values(), engine._estimators["depth"].model]
     assert all(next(n.parameters()).device.type == "cuda" for n in nets)
-    request = GenerateRequest(face_images=[photos["astronaut"]], prompt="x", num_steps=2, seed=1, enable_lcm=True,
+    request = Request(face_images=[photos["astronaut"]], prompt="x", num_steps=2, seed=1, enable_lcm=True,
                               controlnets={"depth": 0.4, "pose": 0.4})
     job = engine.prepare(request)
     result = engine.finish(job, engine.render(job))
@@ -62,10 +62,10 @@ def test_restyle_and_swap_on_every_profile(tiny_settings, photos, profile_name: 
     engine = Engine(dataclasses.replace(tiny_settings, memory_profile=profile_name))
     face = [photos["astronaut"]]
     requests = [
-        GenerateRequest(face_images=face, mode="restyle", source_image=photos["hanks"], num_steps=4, seed=1),
-        GenerateRequest(face_images=face, mode="swap", target_image=photos["group"], num_steps=2, seed=1),
-        GenerateRequest(face_images=face, num_steps=2, seed=1),
+        Request(face_images=face, mode="restyle", source_image=photos["hanks"], num_steps=4, seed=1),
+        Request(face_images=face, mode="swap", target_image=photos["group"], num_steps=2, seed=1),
+        Request(face_images=face, num_steps=2, seed=1),
     ]
-    first = [np.asarray(engine.generate(r).images[0]) for r in requests]
-    again = [np.asarray(engine.generate(r).images[0]) for r in requests]
+    first = [np.asarray(engine.run(r).images[0]) for r in requests]
+    again = [np.asarray(engine.run(r).images[0]) for r in requests]
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instantid.errors import InvalidParameter, NoFaceError, UserError
-from instantid.requests import GenerateRequest
+from instantid.requests import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 ASTRONAUT, HOPPER, PAIR = (str(ROOT / "assets" / name) for name in ("astronaut.jpg", "grace_hopper.jpg",
@@ -24,13 +24,13 @@ def group(engine, people, **kw):
     kw.setdefault("prompt", "two friends")
     kw.setdefault("num_steps", 2)
     kw.setdefault("seed", 7)
-    return engine.generate(GenerateRequest(mode="group", people=people, **kw))
+    return engine.run(Request(mode="group", people=people, **kw))
 
 
 @pytest.mark.parametrize("layout", [None, PAIR])
 def test_one_person_is_generate_pixel_for_pixel(tiny_engine, layout) -> None:
     """Same photo, same layout (the layout photo as Generate's pose photo, or the face photo itself), same seed."""
-    alone = tiny_engine.generate(GenerateRequest(face_images=[HOPPER], pose_image=layout, prompt="a portrait",
+    alone = tiny_engine.run(Request(face_images=[HOPPER], pose_image=layout, prompt="a portrait",
                                                  num_steps=2, seed=5))
     one = group(tiny_engine, [[HOPPER]], layout_image=layout, prompt="a portrait", seed=5, names="Grace")
     assert np.array_equal(pixels(alone), pixels(one))
@@ -40,7 +40,7 @@ def test_one_person_is_generate_pixel_for_pixel(tiny_engine, layout) -> None:
 def test_group_layout_follows_the_photo_and_the_order(tiny_engine) -> None:
     """Faces assigned left to right from the layout photo; "2,1" swaps who stands where."""
     def centres(order: str) -> list[float]:
-        job = tiny_engine.prepare(GenerateRequest(mode="group", people=[[ASTRONAUT], [HOPPER]], layout_image=PAIR,
+        job = tiny_engine.prepare(Request(mode="group", people=[[ASTRONAUT], [HOPPER]], layout_image=PAIR,
                                                   order=order, num_steps=2, seed=1))
         assert len(job.group) == 2 and (job.width, job.height) == (256, 128)  # the pair photo is 2:1
         regions = [p.region for p in job.group]
@@ -55,7 +55,7 @@ def test_group_layout_follows_the_photo_and_the_order(tiny_engine) -> None:
 
 
 def test_automatic_layout_places_everyone_side_by_side(tiny_engine) -> None:
-    job = tiny_engine.prepare(GenerateRequest(mode="group", people=[[ASTRONAUT], [HOPPER], [ASTRONAUT]], seed=1))
+    job = tiny_engine.prepare(Request(mode="group", people=[[ASTRONAUT], [HOPPER], [ASTRONAUT]], seed=1))
     assert job.width > job.height and len(job.group) == 3
     xs = [float(np.argwhere(p.region)[:, 1].mean()) for p in job.group]
     assert xs == sorted(xs) and all(p.region.sum() > 0 for p in job.group)
@@ -117,8 +117,8 @@ def _identitynet_outputs(engine, job) -> list[tuple[torch.Tensor, ...]]:
 
 def test_identitynet_residual_of_a_person_depends_only_on_their_inputs(tiny_engine) -> None:
     """One IdentityNet run per person per step, in person order; A's run is the same whoever B is."""
-    job = tiny_engine.prepare(GenerateRequest(mode="group", people=[[ASTRONAUT], [HOPPER]], layout_image=PAIR))
-    other = tiny_engine.prepare(GenerateRequest(mode="group", people=[[ASTRONAUT], [ASTRONAUT]], layout_image=PAIR,
+    job = tiny_engine.prepare(Request(mode="group", people=[[ASTRONAUT], [HOPPER]], layout_image=PAIR))
+    other = tiny_engine.prepare(Request(mode="group", people=[[ASTRONAUT], [ASTRONAUT]], layout_image=PAIR,
                                                 order="1,2"))
     # B changes in identity (and, with the layout photo's other face, keeps the place): only B's run changes.
     first, second = _identitynet_outputs(tiny_engine, job), _identitynet_outputs(tiny_engine, other)
@@ -138,7 +138,7 @@ def test_changing_b_changes_b_s_region_far_more_than_a_s(tiny_engine, photos) ->
     for name, b in (("hopper", HOPPER), ("hanks", str(photos["hanks"]))):
         result = group(tiny_engine, [[ASTRONAUT], [b]], layout_image=PAIR, num_steps=4, seed=2, width=512, height=256)
         runs[name] = pixels(result)[0].astype(np.float64)
-    job = tiny_engine.prepare(GenerateRequest(mode="group", people=[[ASTRONAUT], [HOPPER]], layout_image=PAIR,
+    job = tiny_engine.prepare(Request(mode="group", people=[[ASTRONAUT], [HOPPER]], layout_image=PAIR,
                                               width=512, height=256))
     change = np.abs(runs["hopper"] - runs["hanks"]).mean(axis=2)
     in_a, in_b = (change[p.region > 0].mean() for p in job.group)
@@ -153,19 +153,19 @@ def test_group_refusals_say_what_and_who(tiny_engine, photos) -> None:
     with pytest.raises(NoFaceError, match="photo 2 of Person 2"):
         group(tiny_engine, [[ASTRONAUT], [HOPPER, str(photos["noface"])]])
     with pytest.raises(UserError, match="5 people: a group portrait holds at most 4"):
-        GenerateRequest(mode="group", people=[[ASTRONAUT]] * 5)
+        Request(mode="group", people=[[ASTRONAUT]] * 5)
     with pytest.raises(UserError, match=r"No photo of Ben \(person 2\)"):
-        GenerateRequest(mode="group", people=[[ASTRONAUT], []], names="Ada, Ben")
+        Request(mode="group", people=[[ASTRONAUT], []], names="Ada, Ben")
     with pytest.raises(UserError, match=r"No photo of Cy \(person 3\)"):
-        GenerateRequest(mode="group", people=[[ASTRONAUT], [HOPPER]], names="Ada, Ben, Cy")
+        Request(mode="group", people=[[ASTRONAUT], [HOPPER]], names="Ada, Ben, Cy")
     with pytest.raises(UserError, match="No photo of person 2"):
-        GenerateRequest.from_api({"person_1": [ASTRONAUT], "person_3": [HOPPER], "prompt": "x"}, "group")
+        Request.from_api({"person_1": [ASTRONAUT], "person_3": [HOPPER], "prompt": "x"}, "group")
     with pytest.raises(InvalidParameter, match="order='1,1': list each person's number once, e.g. 1,2"):
-        GenerateRequest(mode="group", people=[[ASTRONAUT], [HOPPER]], order="1,1")
+        Request(mode="group", people=[[ASTRONAUT], [HOPPER]], order="1,1")
     with pytest.raises(InvalidParameter, match="names='Ada': is given twice"):
-        GenerateRequest(mode="group", people=[[ASTRONAUT], [HOPPER]], names="Ada, Ada")
+        Request(mode="group", people=[[ASTRONAUT], [HOPPER]], names="Ada, Ada")
     with pytest.raises(InvalidParameter, match="pose_image"):
-        GenerateRequest(mode="group", people=[[ASTRONAUT]], pose_image=PAIR)
+        Request(mode="group", people=[[ASTRONAUT]], pose_image=PAIR)
     assert group(tiny_engine, [[ASTRONAUT], [HOPPER]]).images  # the engine still serves the next request
 
 
@@ -227,8 +227,7 @@ def test_the_page_offers_group_with_its_own_inputs() -> None:
     from instantid.requests import params_for
     from instantid.settings import Settings
 
-    demo = ui.build_demo(api.generate, api.status, settings=Settings(), restyle_fn=api.restyle, swap_fn=api.swap,
-                         group_fn=api.group)
+    demo = ui.build_demo(api.ENDPOINTS, api.status, settings=Settings())
     info = demo.get_api_info()["named_endpoints"]
     names = [p["parameter_name"] for p in info["/group"]["parameters"]]
     assert names == list(params_for("group")) == list(inspect.signature(api.group).parameters)[:-1]

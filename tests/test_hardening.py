@@ -33,7 +33,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from instantid import errors
-from instantid.requests import MAX_PROMPT_CHARS, GenerateRequest
+from instantid.requests import MAX_PROMPT_CHARS, Request
 from tests import apprunner, hostile
 
 FAST = {"num_steps": 1, "seed": 1}
@@ -76,11 +76,11 @@ def assert_clean_refusal(r: subprocess.CompletedProcess[str], fragment: str) -> 
     assert "Traceback" not in r.stderr
 
 
-def engine_request(face: Any, **kw: Any) -> GenerateRequest:
+def engine_request(face: Any, **kw: Any) -> Request:
     kw.setdefault("prompt", "a portrait")
     for key, value in FAST.items():
         kw.setdefault(key, value)
-    return GenerateRequest(face_images=[face], **kw)
+    return Request(face_images=[face], **kw)
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -219,9 +219,9 @@ def test_engine_hostile_upload(tiny_engine, corpus: dict[str, Path], case: hosti
     path = corpus[case.name]
     if case.expect == hostile.REFUSE:
         with pytest.raises(getattr(errors, case.error), match=re.escape(case.message)):
-            tiny_engine.generate(engine_request(str(path)))
+            tiny_engine.run(engine_request(str(path)))
         return
-    result = tiny_engine.generate(engine_request(str(path)))
+    result = tiny_engine.run(engine_request(str(path)))
     assert len(result.images) == 1 and result.images[0].size == (result.width, result.height)
     assert result.faces_found == case.faces
     if case.message:
@@ -329,7 +329,7 @@ PROMPTS = {
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_engine_prompts(tiny_engine, photos: dict[str, Path], name: str) -> None:
     prompt, warning = PROMPTS[name]
-    result = tiny_engine.generate(engine_request(str(photos["astronaut"]), prompt=prompt))
+    result = tiny_engine.run(engine_request(str(photos["astronaut"]), prompt=prompt))
     assert len(result.images) == 1
     if warning is None:
         assert not result.warnings, result.warnings
@@ -338,7 +338,7 @@ def test_engine_prompts(tiny_engine, photos: dict[str, Path], name: str) -> None
 
 
 def test_control_characters_are_stripped_before_the_encoders() -> None:
-    req = GenerateRequest(face_images=["x"], prompt="a\x00b\x1b[1mc\td\ne\r\ud800f 👩🏽‍🚀", negative_prompt="\x07x")
+    req = Request(face_images=["x"], prompt="a\x00b\x1b[1mc\td\ne\r\ud800f 👩🏽‍🚀", negative_prompt="\x07x")
     assert req.prompt == "ab[1mc\td\nef 👩🏽‍🚀" and req.negative_prompt == "x"
     assert req.notes == (
         "Removed 4 control character(s) from the prompt.", "Removed 1 control character(s) from the negative prompt."
@@ -347,7 +347,7 @@ def test_control_characters_are_stripped_before_the_encoders() -> None:
 
 def test_engine_prompt_too_long(tiny_engine, photos: dict[str, Path]) -> None:
     with pytest.raises(errors.InvalidParameter, match=f"prompt=.*at most {MAX_PROMPT_CHARS} characters"):
-        tiny_engine.generate(engine_request(str(photos["astronaut"]), prompt=LONG_PROMPT))
+        tiny_engine.run(engine_request(str(photos["astronaut"]), prompt=LONG_PROMPT))
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
@@ -422,7 +422,7 @@ PARAM_IDS = [re.sub(r"[^A-Za-z0-9_=.-]+", "", str(api)) for _, api, _ in BAD_PAR
 @pytest.mark.parametrize(("fields", "api", "pattern"), BAD_PARAMETERS, ids=PARAM_IDS)
 def test_engine_rejects_bad_parameter(tiny_engine, photos, fields: dict, api: dict, pattern: str) -> None:
     with pytest.raises(errors.InvalidParameter, match=pattern):
-        tiny_engine.generate(engine_request(str(photos["astronaut"]), **{**FAST, **fields}))
+        tiny_engine.run(engine_request(str(photos["astronaut"]), **{**FAST, **fields}))
 
 
 @pytest.mark.parametrize(("fields", "api", "pattern"), BAD_PARAMETERS, ids=PARAM_IDS)
@@ -600,7 +600,7 @@ def test_api_refuses_loose_types(client: Client, photos: dict[str, Path], values
     ],
 )
 def test_engine_refuses_loose_types(tiny_engine, photos: dict[str, Path], fields: dict, pattern: str) -> None:
-    """The command line and Python callers get the same strict reading (GenerateRequest checks itself)."""
+    """The command line and Python callers get the same strict reading (Request checks itself)."""
     with pytest.raises(errors.InvalidParameter, match=pattern):
         tiny_engine.prepare(engine_request(str(photos["astronaut"]), **fields))
 
@@ -638,7 +638,7 @@ RSS_SCRIPT = """
 import json, os, sys, threading
 import psutil
 from instantid.engine import Engine
-from instantid.requests import GenerateRequest
+from instantid.requests import Request
 from instantid.settings import Settings
 from tests import hostile
 
@@ -649,7 +649,7 @@ process = psutil.Process()
 
 def prepare(data):
     try:
-        engine.prepare(GenerateRequest(face_images=[data]))
+        engine.prepare(Request(face_images=[data]))
     except Exception:
         pass
 
@@ -715,7 +715,7 @@ def test_missing_checkpoint_is_named_and_a_later_request_retries(
     )
     engine = Engine(settings)
     with pytest.raises(errors.CheckpointError) as caught:
-        engine.generate(engine_request(str(photos["astronaut"])))
+        engine.run(engine_request(str(photos["astronaut"])))
     assert all(word in str(caught.value) for word in expected), str(caught.value)
     assert engine.state["phase"] == "error" and "retries" in engine.state["message"]
 
@@ -724,7 +724,7 @@ def test_missing_checkpoint_is_named_and_a_later_request_retries(
         publish_folder(cache, "acme/later-sdxl", cached_snapshot(tiny_cache, TINY_BASE_MODEL))
     else:
         publish_folder(cache, "acme/instantid", iid)
-    result = engine.generate(engine_request(str(photos["astronaut"])))
+    result = engine.run(engine_request(str(photos["astronaut"])))
     assert len(result.images) == 1 and engine.state["phase"] == "ready"
 
 
@@ -783,10 +783,10 @@ def gpu_like(spare_engine, monkeypatch: pytest.MonkeyPatch):
 
 def test_oom_frees_and_retries_once_with_a_leaner_profile(gpu_like, photos: dict[str, Path]) -> None:
     engine, placed, freed = gpu_like
-    reference = engine.generate(engine_request(str(photos["astronaut"]), seed=5))
+    reference = engine.run(engine_request(str(photos["astronaut"]), seed=5))
     flaky = FlakyPipe(engine.pipe, failures=1)
     engine.pipe = flaky
-    result = engine.generate(engine_request(str(photos["astronaut"]), seed=5))
+    result = engine.run(engine_request(str(photos["astronaut"]), seed=5))
     assert flaky.calls == 2 and placed == ["medium"] and freed
     assert flaky.held_alive_at_retry == [False], "the failed attempt's tensors must be freed before the retry"
     assert engine.profile.name == "medium" and "switched to medium" in engine.profile_reason
@@ -799,10 +799,10 @@ def test_oom_twice_is_a_clear_error_and_the_engine_serves_on(gpu_like, photos: d
     real = engine.pipe
     engine.pipe = FlakyPipe(real, failures=2)
     with pytest.raises(errors.OutOfMemoryError, match="ran out of memory.*medium profile.*smaller size"):
-        engine.generate(engine_request(str(photos["astronaut"])))
+        engine.run(engine_request(str(photos["astronaut"])))
     assert placed == ["medium"] and len(freed) == 2
     engine.pipe = real
-    assert len(engine.generate(engine_request(str(photos["astronaut"]))).images) == 1
+    assert len(engine.run(engine_request(str(photos["astronaut"]))).images) == 1
 
 
 def test_oom_without_a_leaner_profile_is_a_clear_error(gpu_like, photos: dict[str, Path]) -> None:
@@ -813,7 +813,7 @@ def test_oom_without_a_leaner_profile_is_a_clear_error(gpu_like, photos: dict[st
     flaky = FlakyPipe(engine.pipe, failures=1)
     engine.pipe = flaky
     with pytest.raises(errors.OutOfMemoryError, match="zerogpu profile, no leaner one.*fewer images"):
-        engine.generate(engine_request(str(photos["astronaut"])))
+        engine.run(engine_request(str(photos["astronaut"])))
     assert flaky.calls == 1 and placed == []
 
 
@@ -833,7 +833,7 @@ def test_an_exception_mid_request_never_poisons_the_shared_pipeline(tiny_engine,
     from diffusers import ControlNetModel
 
     face = str(photos["astronaut"])
-    baseline = pixels(tiny_engine.generate(engine_request(face, num_steps=2, seed=11)))
+    baseline = pixels(tiny_engine.run(engine_request(face, num_steps=2, seed=11)))
     hooks = _hook_counts(tiny_engine.pipe)
 
     # 1. The caller's progress callback raises after the first step (a request with other switches on).
@@ -842,7 +842,7 @@ def test_an_exception_mid_request_never_poisons_the_shared_pipeline(tiny_engine,
             raise Injected
 
     with pytest.raises(Injected):
-        tiny_engine.generate(
+        tiny_engine.run(
             engine_request(face, num_steps=3, adapter_strength=0.2, controlnets={"canny": 0.5}, enable_lcm=False,
                            scheduler="DPMSolverMultistepScheduler-Karras"),
             progress=explode,
@@ -861,7 +861,7 @@ def test_an_exception_mid_request_never_poisons_the_shared_pipeline(tiny_engine,
     unet.forward = failing_forward
     try:
         with pytest.raises(RuntimeError, match="injected"):
-            tiny_engine.generate(
+            tiny_engine.run(
                 engine_request(face, num_steps=3, enhance_face_region=False, controlnets={"depth": 0.4})
             )
     finally:
@@ -869,7 +869,7 @@ def test_an_exception_mid_request_never_poisons_the_shared_pipeline(tiny_engine,
 
     assert type(tiny_engine.pipe.controlnet) is ControlNetModel, "the per-call MultiControlNet was put back"
     assert _hook_counts(tiny_engine.pipe) == hooks, "no per-call hook outlives its call"
-    assert np.array_equal(pixels(tiny_engine.generate(engine_request(face, num_steps=2, seed=11))), baseline)
+    assert np.array_equal(pixels(tiny_engine.run(engine_request(face, num_steps=2, seed=11))), baseline)
 
 
 # A minute or more of denoising on two cores: long enough that a worker that is not freed shows.
@@ -977,7 +977,7 @@ def test_uploads_stay_in_gradio_temp_and_are_cleaned(
     client.predict(handle_file(str(marker)), "a portrait", api_name="/generate", **FAST)
     assert [p for p in app.temp_dir.rglob(marker.name) if p.is_file()], "the upload is in Gradio's temp folder"
 
-    demo = ui.build_demo(api.generate, api.status, settings=tiny_settings)
+    demo = ui.build_demo({"generate": api.generate}, api.status, settings=tiny_settings)
     assert demo.delete_cache, "gr.Blocks(delete_cache=...) must be set, or uploads pile up on the Space's disk"
     frequency, age = demo.delete_cache
     assert 0 < frequency <= 3600 and 0 < age <= 86400
@@ -985,7 +985,7 @@ def test_uploads_stay_in_gradio_temp_and_are_cleaned(
     # The same Blocks on a one-second schedule, in this process: an upload is gone within seconds.
     monkeypatch.setattr(ui, "DELETE_CACHE", (1, 1))
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    demo = ui.build_demo(api.generate, api.status, settings=tiny_settings)
+    demo = ui.build_demo({"generate": api.generate}, api.status, settings=tiny_settings)
     port = apprunner.free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

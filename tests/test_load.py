@@ -23,7 +23,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 
-from instantid.requests import GenerateRequest
+from instantid.requests import Request
 from tests import apprunner
 
 CLIENTS = 8
@@ -54,8 +54,8 @@ def test_memory_is_stable_over_sequential_requests(tiny_engine, photos: dict[str
     faces = [str(photos["astronaut"]), str(photos["hanks"]), str(photos["group"])]
 
     def one(i: int) -> None:
-        request = GenerateRequest(face_images=[faces[i % 3]], prompt=f"portrait number {i}", num_steps=1, seed=i)
-        assert len(tiny_engine.generate(request).images) == 1
+        request = Request(face_images=[faces[i % 3]], prompt=f"portrait number {i}", num_steps=1, seed=i)
+        assert len(tiny_engine.run(request).images) == 1
 
     for i in range(3):  # warm-up: first-call allocations, caches, lazily built schedulers
         one(i)

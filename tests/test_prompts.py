@@ -30,7 +30,7 @@ from instantid.prompts import (
     parse_emphasis,
     weighted_tokens,
 )
-from instantid.requests import MAX_PROMPT_CHARS, GenerateRequest
+from instantid.requests import MAX_PROMPT_CHARS, Request
 
 CPU = torch.device("cpu")
 OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"
@@ -199,8 +199,8 @@ def test_a_prompt_of_2000_characters_is_read_in_full(pipe) -> None:
 
 def generate(engine, photos, prompt: str, **kw):
     kw.setdefault("num_steps", 2)
-    request = GenerateRequest(face_images=[photos["astronaut"]], prompt=prompt, seed=5, **kw)
-    result = engine.generate(request)
+    request = Request(face_images=[photos["astronaut"]], prompt=prompt, seed=5, **kw)
+    result = engine.run(request)
     return result, np.stack([np.asarray(im, dtype=np.int16) for im in result.images])
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from instantid import durations
 from instantid.errors import InvalidParameter
-from instantid.requests import GenerateRequest
+from instantid.requests import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 ASTRONAUT, HOPPER = (str(ROOT / "assets" / name) for name in ("astronaut.jpg", "grace_hopper.jpg"))
@@ -26,11 +26,11 @@ def test_group_refines_its_small_faces_and_nothing_else(tiny_engine, photos) -> 
     unrefined image's."""
     common = {"mode": "group", "people": [[ASTRONAUT], [HOPPER]], "names": "Ada, Ben", "layout_image":
               str(photos["group"]), "prompt": "two friends", "num_steps": 2, "seed": 3}
-    request = GenerateRequest(**common)
+    request = Request(**common)
     job = tiny_engine.prepare(request)
     assert [plan.label for plan in job.refine] == ["Ada", "Ben"]
     refined = tiny_engine.finish(job, tiny_engine.render(job))
-    plain = tiny_engine.generate(GenerateRequest(**common, refine_faces="off"))
+    plain = tiny_engine.run(Request(**common, refine_faces="off"))
     assert plain.refined == [] and not any("Refined" in w for w in plain.warnings)
     assert refined.refined == ["Ada", "Ben"]
     assert "Refined small face(s), re-rendered at working size: Ada, Ben." in refined.warnings
@@ -51,8 +51,8 @@ def test_generate_and_restyle_refine_only_when_asked(tiny_engine, photos) -> Non
     asked counts each refined face in each image, through the whole schedule, at its working size."""
     common = {"face_images": [HOPPER], "pose_image": str(photos["group"]), "prompt": "a portrait", "num_steps": 2,
               "seed": 5, "num_images": 2}
-    auto = tiny_engine.prepare(GenerateRequest(**common))
-    on = tiny_engine.prepare(GenerateRequest(**common, refine_faces="on"))
+    auto = tiny_engine.prepare(Request(**common))
+    on = tiny_engine.prepare(Request(**common, refine_faces="on"))
     assert auto.refine == [] and [plan.label for plan in on.refine] == ["the face"]
     plan = on.refine[0]
     shape, base = durations.shape_of(on), durations.shape_of(auto)
@@ -67,15 +67,15 @@ def test_generate_and_restyle_refine_only_when_asked(tiny_engine, photos) -> Non
     assert result.refined == ["the face"] and len(result.images) == 2
 
     restyle = {"face_images": [HOPPER], "source_image": str(photos["group"]), "mode": "restyle", "num_steps": 2}
-    assert tiny_engine.prepare(GenerateRequest(**restyle)).refine == []
-    assert len(tiny_engine.prepare(GenerateRequest(**restyle, refine_faces="on")).refine) == 1
+    assert tiny_engine.prepare(Request(**restyle)).refine == []
+    assert len(tiny_engine.prepare(Request(**restyle, refine_faces="on")).refine) == 1
 
 
 def test_refine_faces_is_checked() -> None:
     with pytest.raises(InvalidParameter, match="choose one of auto, on, off"):
-        GenerateRequest(face_images=[HOPPER], refine_faces="yes")
+        Request(face_images=[HOPPER], refine_faces="yes")
     with pytest.raises(InvalidParameter, match="is not used by swap"):
-        GenerateRequest(face_images=[HOPPER], mode="swap", target_image=HOPPER, refine_faces="on")
-    assert GenerateRequest(mode="group", people=[[HOPPER]]).refines
-    assert not GenerateRequest(mode="group", people=[[HOPPER]], refine_faces="off").refines
-    assert not GenerateRequest(face_images=[HOPPER]).refines
+        Request(face_images=[HOPPER], mode="swap", target_image=HOPPER, refine_faces="on")
+    assert Request(mode="group", people=[[HOPPER]]).refines
+    assert not Request(mode="group", people=[[HOPPER]], refine_faces="off").refines
+    assert not Request(face_images=[HOPPER]).refines

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from instantid.errors import InvalidParameter, SettingsError, UserError
-from instantid.requests import GenerateRequest
+from instantid.requests import Request
 from instantid.settings import Settings
 
 
@@ -85,20 +85,20 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
 def test_request_validation_names_parameter_and_range(kw: dict, name: str) -> None:
     kw = {"face_images": ["x.png"], **kw}
     with pytest.raises(InvalidParameter) as info:
-        GenerateRequest(**kw)
+        Request(**kw)
     assert info.value.name == name and str(info.value).startswith(f"Invalid {name}=")
 
 
 def test_a_request_without_a_photo_says_what_to_do() -> None:
     with pytest.raises(UserError, match="No face photo: add a photo of the person's face"):
-        GenerateRequest(face_images=[])
+        Request(face_images=[])
 
 
 def test_request_automatic_values_stay_open_for_the_engine() -> None:
     """0 and None both mean "automatic": the engine fills them per mode and profile (LCM: 5 steps, 1.5)."""
     for value in (None, 0):
-        r = GenerateRequest(face_images=["x"], num_steps=value, guidance_scale=value)
+        r = Request(face_images=["x"], num_steps=value, guidance_scale=value)
         assert (r.num_steps, r.guidance_scale, r.seed) == (None, None, None)
-    assert GenerateRequest(face_images=["x"], seed=0).seed == 0, "seed 0 is a seed"
-    r = GenerateRequest(face_images=["x"], num_steps=8, guidance_scale=2, seed=5, controlnets=["canny"])
+    assert Request(face_images=["x"], seed=0).seed == 0, "seed 0 is a seed"
+    r = Request(face_images=["x"], num_steps=8, guidance_scale=2, seed=5, controlnets=["canny"])
     assert (r.num_steps, r.guidance_scale, r.seed, r.controlnets) == (8, 2.0, 5, {"canny": 0.4})

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instantid.errors import CheckpointError, InvalidParameter
-from instantid.requests import SPEEDS, GenerateRequest
+from instantid.requests import SPEEDS, Request
 
 
 def snapshot(engine) -> dict[str, torch.Tensor]:
@@ -18,11 +18,11 @@ def snapshot(engine) -> dict[str, torch.Tensor]:
     return {f"{n}.{k}": v.detach().clone() for n, net in nets.items() for k, v in net.state_dict().items()}
 
 
-def request(photos, **kw) -> GenerateRequest:
+def request(photos, **kw) -> Request:
     kw.setdefault("face_images", [photos["astronaut"]])
     kw.setdefault("prompt", "a portrait")
     kw.setdefault("seed", 3)
-    return GenerateRequest(**kw)
+    return Request(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def test_each_speed_samples_as_its_card_says(speed_engine, photos) -> None:
 
 def test_lcm_is_a_speed_of_its_own() -> None:
     with pytest.raises(InvalidParameter, match="speed='fast'.*switch LCM off"):
-        GenerateRequest(face_images=["x.png"], enable_lcm=True, speed="fast")
+        Request(face_images=["x.png"], enable_lcm=True, speed="fast")
     with pytest.raises(InvalidParameter, match="speed='warp': choose one of quality, fast, turbo"):
-        GenerateRequest(face_images=["x.png"], speed="warp")
+        Request(face_images=["x.png"], speed="warp")
 
 
 def test_switching_speeds_fifty_times_restores_every_weight_exactly(speed_engine, photos) -> None:
@@ -124,10 +124,10 @@ def test_fused_weights_give_the_adapters_output(speed_engine) -> None:
 
 
 def test_every_speed_generates_and_quality_comes_back(speed_engine, photos) -> None:
-    quality = speed_engine.generate(request(photos, num_steps=2))
+    quality = speed_engine.run(request(photos, num_steps=2))
     images = {}
     for name in ("fast", "turbo", "quality"):
-        images[name] = speed_engine.generate(request(photos, speed=name, num_steps=2))
+        images[name] = speed_engine.run(request(photos, speed=name, num_steps=2))
     assert not np.array_equal(np.asarray(images["fast"].images[0]), np.asarray(quality.images[0]))
     assert not np.array_equal(np.asarray(images["turbo"].images[0]), np.asarray(images["fast"].images[0]))
     assert np.array_equal(np.asarray(images["quality"].images[0]), np.asarray(quality.images[0]))

@@ -29,10 +29,10 @@ from instantid.requests import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     MAX_SEED,
-    GenerateRequest,
-    GenerateResult,
     Job,
     Rendered,
+    Request,
+    Result,
     Step,
 )
 from instantid.settings import Settings
@@ -90,7 +90,7 @@ class FakeEngine:
     def __init__(self, phase: str = "ready", error: Exception | None = None) -> None:
         self.phase = phase
         self.error = error
-        self.requests: list[GenerateRequest] = []
+        self.requests: list[Request] = []
         self.loads = 0
 
     @property
@@ -104,30 +104,30 @@ class FakeEngine:
         self.loads += 1
         self.phase = "ready"
 
-    def check(self, request: GenerateRequest) -> None:
+    def check(self, request: Request) -> None:
         pass
 
     # The three stages, as the API calls them; the fake's job is the validated request itself.
-    def prepare(self, request: GenerateRequest) -> GenerateRequest:
+    def prepare(self, request: Request) -> Request:
         self.requests.append(request)
         if self.error is not None:
             raise self.error
         return request
 
-    def render_steps(self, job: GenerateRequest, heartbeat_s: float | None = None):
+    def render_steps(self, job: Request, heartbeat_s: float | None = None):
         yield Step(1, 1)
         yield Rendered(images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(job.num_images)],
                        timings_ms={})
 
-    def finish(self, job: GenerateRequest, rendered: Rendered) -> GenerateResult:
+    def finish(self, job: Request, rendered: Rendered) -> Result:
         return self._result(job)
 
-    def generate(self, request: GenerateRequest, progress=None) -> GenerateResult:
+    def run(self, request: Request, progress=None) -> Result:
         return self._result(self.prepare(request))
 
-    def _result(self, request: GenerateRequest) -> GenerateResult:
+    def _result(self, request: Request) -> Result:
         n = request.num_images
-        return GenerateResult(
+        return Result(
             images=[Image.new("RGB", (64, 64), (i * 40, 0, 0)) for i in range(n)],
             seed=request.seed if request.seed is not None else 1234,  # the engine draws a missing seed
             similarities=[0.61] + [None] * (n - 1),
@@ -154,7 +154,7 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
 
 
 def test_named_endpoints_with_fakes() -> None:
-    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
     endpoints = demo.get_api_info()["named_endpoints"]
     assert set(endpoints) == {"/generate", "/status"}, "cheap UI steps must stay out of the API"
     generate = endpoints["/generate"]
@@ -170,7 +170,7 @@ def test_real_api_functions_match_the_components() -> None:
     """The API names come from api.generate's signature; the components are listed in the same order."""
     assert list(inspect.signature(api.generate).parameters)[:-1] == API_PARAMETERS
     example = {"face_image": FACE, "prompt": "a knight", "style": "Mars"}
-    demo = ui.build_demo(api.generate, api.status, settings=Settings(), examples={"generate": [example]})
+    demo = ui.build_demo({"generate": api.generate}, api.status, settings=Settings(), examples={"generate": [example]})
     info = demo.get_api_info()["named_endpoints"]
     params = {p["parameter_name"]: p for p in info["/generate"]["parameters"]}
     assert not params["face_image"]["parameter_has_default"]
@@ -179,6 +179,7 @@ def test_real_api_functions_match_the_components() -> None:
     assert params["num_steps"]["parameter_default"] == 0
     assert params["guidance_scale"]["parameter_default"] == 0
     assert params["randomize_seed"]["parameter_default"] is False
+    assert params["seed"]["parameter_has_default"] and params["seed"]["parameter_default"] is None  # random
     assert params["controlnets"]["parameter_default"] is None
     assert info["/generate"]["description"].startswith("Generate images of the person")
 
@@ -221,7 +222,7 @@ def test_speed_and_lcm_go_back_to_automatic() -> None:
     """The page used to send Steps 30 and Guidance 5 (5 and 1.5 with LCM): the cpu profile's automatic 20 steps
     never applied there. 0 is "automatic", as in the API: it follows the speed, LCM and the profile."""
     assert ui.automatic_steps(True) == ui.automatic_steps("turbo") == (0, 0.0)
-    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
     config = demo.get_config_file()
     by_id = {c["id"]: c for c in config["components"]}
     steps, guidance = (next(c for c in config["components"] if c["props"].get("label") == label)
@@ -314,7 +315,7 @@ def test_the_status_tab_shows_the_server_s_history_to_every_visitor(monkeypatch:
     a reload, or a visitor opening the tab, started it again from one point."""
     clock = iter([1000.0, 1004.0, 1008.0, 1012.0])
     monkeypatch.setattr(ui, "time", types.SimpleNamespace(time=lambda: next(clock), sleep=time.sleep))
-    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
     by_fn = _deps(demo)
     (tick,) = [d for d in by_fn["refresh"] if d.targets[0][1] == "tick"]
     opened = [d for d in by_fn["refresh"] if d is not tick]
@@ -446,9 +447,9 @@ def test_results_pickle() -> None:
     """ZeroGPU sends the request to its worker and the result back through pickle."""
     import pickle
 
-    request = GenerateRequest(face_images=[FACE], controlnets={"pose": 0.4}, seed=3)
+    request = Request(face_images=[FACE], controlnets={"pose": 0.4}, seed=3)
     assert pickle.loads(pickle.dumps(request)) == request
-    result = FakeEngine().generate(request)
+    result = FakeEngine().run(request)
     again = pickle.loads(pickle.dumps(result))
     assert again.seed == result.seed and again.images[0].tobytes() == result.images[0].tobytes()
 
@@ -491,7 +492,8 @@ def test_invalid_parameter_message_is_a_sentence() -> None:
 
 
 def _demo_with_modes() -> gr.Blocks:
-    return ui.build_demo(api.generate, api.status, settings=Settings(), restyle_fn=api.restyle, swap_fn=api.swap)
+    fns = {mode: api.ENDPOINTS[mode] for mode in ("generate", "restyle", "swap")}
+    return ui.build_demo(fns, api.status, settings=Settings())
 
 
 def test_each_mode_is_its_named_endpoint_with_its_own_parameters() -> None:
@@ -542,7 +544,7 @@ def test_each_mode_shows_its_own_examples(page: Page) -> None:
 )
 def test_examples_that_name_other_inputs_are_refused(rows: list[dict[str, Any]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        ui.build_demo(api.generate, api.status, settings=Settings(), examples={"generate": rows})
+        ui.build_demo({"generate": api.generate}, api.status, settings=Settings(), examples={"generate": rows})
 
 
 # A value each kind of input must refuse as sent (Gradio alone would convert it, or fail without a name).
@@ -609,8 +611,8 @@ def page() -> Iterator[Page]:
         "generate": [{"face_image": FACE, "prompt": "a knight", "style": "Mars"}],
         "swap": [{"face_image": FACE, "target_image": FACE, "face_index": 0, "prompt": "a knight"}],
     }
-    demo = ui.build_demo(fake(api.generate), fake_status, settings=Settings(), examples=examples,
-                         restyle_fn=fake(api.restyle), swap_fn=fake(api.swap))
+    fns = {mode: fake(api.ENDPOINTS[mode]) for mode in ("generate", "restyle", "swap")}
+    demo = ui.build_demo(fns, fake_status, settings=Settings(), examples=examples)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
@@ -745,7 +747,7 @@ def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> Non
         yield from fake_generate(**kwargs)
 
     rows = [{"face_image": FACE, "prompt": "a knight"}, {"face_image": FACE, "prompt": "a queen"}]
-    demo = ui.build_demo(counting, fake_status, settings=Settings(), examples={"generate": rows})
+    demo = ui.build_demo({"generate": counting}, fake_status, settings=Settings(), examples={"generate": rows})
     (click,) = _deps(demo)["run_example"]
     assert click.queue and click.api_visibility == "private" and [b.label for b in click.show_progress_on] == [
         "Results"], "queued like the button's run, progress over the gallery, no API"
@@ -763,6 +765,6 @@ def test_status_tab_words() -> None:
     assert loading.startswith("**Models:** loading `") and loading.endswith("50 % — base model")
     header = ui.format_memory(REPORT).splitlines()[0]
     assert all(cell.strip() for cell in header.strip("|").split("|")), header
-    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
+    demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
     (plot,) = [b for b in demo.blocks.values() if isinstance(b, gr.LinePlot)]
     assert plot.color_title and plot.color_title != "series"
