@@ -10,7 +10,9 @@ Per-request values (the adapter scale and the face-region masks) arrive through 
 Group portraits (`ip_people` = n > 1): n sets of face tokens, one per person, ride after the text tokens; each
 set gets its own attention (its own softmax: the people never compete for a query) and acts only where that
 person's region mask is 1. Outside a person's region their term is multiplied by exactly 0, so their tokens
-cannot change the output there: locality is exact, not approximate.
+cannot change the output there: locality is exact, not approximate. (That is the pipeline's shared pass,
+`group_passes="shared"`; by default it runs the UNet once per person instead, each pass with one person's
+tokens through the single-face path, masked to that person's region.)
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ PRIOR_CONTROL_S = 3.0
 PRIOR_SAFETY = 1.5
 PRIOR_MIN_S = 15
 
-# Each ControlNet pass beyond the first (an extra ControlNet; in a group, another person's IdentityNet) adds
+# Each ControlNet pass beyond the first in a UNet pass (an extra ControlNet) adds
 # this share of a step's cost (measured on an H200: +33 %; a second run on another H200: +22 %; the larger kept).
 CONTROLNET_PASS_SHARE = 0.33
 
@@ -64,9 +64,11 @@ RECENT = 20
 class Shape:
     """What a GPU call's cost depends on, from the prepared job.
 
-    `controlnet_passes` counts the ControlNet runs per step: the IdentityNet once, plus each extra ControlNet;
-    a group request (one IdentityNet pass per person) adds its people here. Speeds need nothing of their own:
-    a few-step LoRA is fused, so its steps cost the base UNet's, and its steps and guidance are in the job.
+    `controlnet_passes` counts the ControlNet runs per UNet pass: the IdentityNet once, plus each extra
+    ControlNet. `unet_passes` counts the UNet passes per step: a group portrait runs one per person, each with
+    that person's IdentityNet run (`InstantIDPipeline._person_pass_hooks`), so n people cost about n steps.
+    Speeds need nothing of their own: a few-step LoRA is fused, so its steps cost the base UNet's, and its
+    steps and guidance are in the job.
     """
 
     steps: int  # denoising steps that really run (a restyle's steps x strength)
@@ -74,6 +76,7 @@ class Shape:
     megapixels: float
     guided: bool  # guidance > 1: the UNet runs a batch of 2 per image
     controlnet_passes: int = 1
+    unet_passes: int = 1
     extra_controls: int = 0  # extra controls whose condition is made in the GPU call (an estimator may run)
     # Refined faces (refine_faces): each is a face swap onto each image, one image of `refine_megapixels` (the
     # largest of their working sizes) through `refine_steps` steps with one ControlNet pass.
@@ -87,10 +90,11 @@ class Shape:
 
     @property
     def step_units(self) -> float:
-        """Steps x batch items x megapixels x ControlNet weight: what one figure's per-step cost multiplies."""
+        """Steps x batch items x megapixels x UNet passes x ControlNet weight: what one figure's per-step cost
+        multiplies."""
         weight = 1 + CONTROLNET_PASS_SHARE * max(0, self.controlnet_passes - 1)
         refine = self.refine_passes * self.refine_steps * (2 if self.guided else 1) * self.refine_megapixels
-        return self.steps * self.batch * self.megapixels * weight + refine
+        return self.steps * self.batch * self.megapixels * self.unet_passes * weight + refine
 
     @property
     def decode_units(self) -> float:
@@ -110,8 +114,9 @@ def shape_of(job: Any) -> Shape:
         images=max(1, int(job.num_images)),
         megapixels=pixels / MEGAPIXEL,
         guided=float(job.guidance_scale) > 1,
-        # A group portrait runs the IdentityNet once per person.
-        controlnet_passes=people + extra,
+        controlnet_passes=1 + extra,
+        # A group portrait runs the UNet and the IdentityNet once per person per step.
+        unet_passes=people,
         extra_controls=extra,
         # Each small face chosen in prepare is redrawn in every image, through the whole schedule (strength 1).
         refine_passes=len(refine) * max(1, int(job.num_images)),

@@ -7,6 +7,9 @@ added around it rather than by forking the loop:
   processors (attention.py) find them at the end of `encoder_hidden_states`;
 - forward pre-hooks give the IdentityNet the face tokens alone and any extra ControlNet the text tokens
   alone; a forward hook multiplies the IdentityNet residuals by the face-region mask;
+- a group portrait (two or more people) runs the UNet once per person per step, each run with that person's
+  face tokens and IdentityNet residuals alone, and keeps each run's prediction only inside that person's region
+  (hooks on the UNet, `_person_pass_hooks`);
 - the hooks and the masks live only for one call (registered in `__call__`, removed in `finally`).
 
 The resampler is a registered sub-model, so `.to()`, `enable_model_cpu_offload` and `save_pretrained`
@@ -220,12 +223,21 @@ class InstantIDMixin:
         face_mask: np.ndarray | None,
         regions: Sequence[np.ndarray] = (),
         combine: str = "mask",
+        passes: str = "person",
     ) -> Iterator[None]:
         n_face = self.num_face_tokens
         identitynet = self.controlnet
         handles = []
         if len(regions) > 1:
-            handles += self._group_identitynet_hooks(identitynet, regions, combine)
+            if passes not in ("person", "shared"):
+                raise InvalidParameter("group_passes", passes, "use person or shared")
+            residuals: list[Any] = [None] * len(regions)
+            handles += self._group_identitynet_hooks(identitynet, regions, combine, residuals)
+            if passes == "person":
+                if extras:
+                    raise InvalidParameter("extra_controls", [e.name for e in extras],
+                                           "a group portrait's per-person passes take no extra ControlNets")
+                handles += self._person_pass_hooks(regions, residuals)
             identitynet_nets = [identitynet] * len(regions)
         else:
             identitynet_nets = [identitynet]
@@ -275,13 +287,14 @@ class InstantIDMixin:
                 self.controlnet = identitynet
 
     def _group_identitynet_hooks(
-        self, identitynet: torch.nn.Module, regions: Sequence[np.ndarray], combine: str
+        self, identitynet: torch.nn.Module, regions: Sequence[np.ndarray], combine: str, residuals: list[Any]
     ) -> list[Any]:
         """Hooks that make the IdentityNet, called once per person per step (nets 0..n-1 of this call's
         MultiControlNetModel, in person order), see person k's face tokens alone, and (`combine` "mask") keep
-        its residuals only inside person k's region; "sum" adds them unmasked (measured against masking in
+        its residuals only inside person k's region; "sum" leaves them unmasked (measured against masking in
         BENCHMARKS.md). Each run sees only its own person's keypoints and tokens: person A's residual depends
-        on A's inputs alone."""
+        on A's inputs alone. Person k's residuals of the running step are left in `residuals[k]` for the
+        per-person UNet passes (the MultiControlNetModel hands the UNet only their sum)."""
         if combine not in ("mask", "sum"):
             raise InvalidParameter("combine", combine, "use mask or sum")
         n_face, people = self.num_face_tokens, len(regions)
@@ -307,14 +320,94 @@ class InstantIDMixin:
         def own_region(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             k = calls[0] % people
             calls[0] += 1
-            if combine == "sum":
-                return output
-            down, mid = output[0], output[1]
-            return [d * resized(k, d) for d in down], mid * resized(k, mid)
+            if combine == "mask":
+                output = [d * resized(k, d) for d in output[0]], output[1] * resized(k, output[1])
+            residuals[k] = output
+            # MultiControlNetModel adds the later people's mid residuals into the first one's in place: it gets a
+            # copy, so that residuals[0] stays person 0's own.
+            return output[0], output[1].clone()
 
         return [
             identitynet.register_forward_pre_hook(own_tokens, with_kwargs=True),
             identitynet.register_forward_hook(own_region, with_kwargs=True),
+        ]
+
+    def _person_pass_hooks(self, regions: Sequence[np.ndarray], residuals: list[Any]) -> list[Any]:
+        """Hooks that make each UNet call of a group portrait one pass per person: pass k sees the text tokens,
+        person k's face tokens alone (acting in k's region) and person k's IdentityNet residuals alone; inside
+        person k's region the prediction is pass k's, outside every region it is the mean of the passes.
+
+        Why: with one shared pass, person B's identity also reaches A's face through everything in the UNet that
+        mixes positions (its GroupNorms' statistics over the whole image, self-attention, convolutions): B's
+        change showed up in A's face at about half its strength in B's own (BENCHMARKS.md, "group locality").
+        In its own pass A's face is computed without B's identity at all; B reaches it only as image content,
+        through the latents of the steps before. The idea is regional sampling with one denoising pass per
+        region, composited every step (MultiDiffusion, Bar-Tal et al. 2023).
+
+        The pre-hook turns the pipeline's UNet call into person 0's pass; the forward hook runs the others
+        (calling the UNet again, its hooks stepped over) and composites. Hooks, not a replaced `forward`:
+        accelerate's offload hooks live on `forward` and are re-installed during a call."""
+        n_face, people = self.num_face_tokens, len(regions)
+        bases = [torch.from_numpy(np.ascontiguousarray(r, dtype=np.float32))[None, None] for r in regions]
+        state: dict[str, Any] = {"inner": False}
+        cache: dict[tuple[int, torch.Size, torch.device], torch.Tensor] = {}
+
+        def inside(k: int, size: torch.Size, device: torch.device) -> torch.Tensor:
+            # Nearest, as the IP-attention masks: a latent cell is in a person's region or out of it.
+            if (k, size, device) not in cache:
+                cache[k, size, device] = F.interpolate(bases[k], size=size, mode="nearest").to(device) > 0
+            return cache[k, size, device]
+
+        def person_kwargs(kwargs: dict[str, Any], k: int) -> dict[str, Any]:
+            states = kwargs["encoder_hidden_states"]
+            text = states.shape[1] - people * n_face
+            attention = dict(kwargs.get("cross_attention_kwargs") or {})
+            masks = attention.pop("ip_masks")
+            attention.pop("ip_people", None)
+            down, mid = residuals[k]
+            return {
+                **kwargs,
+                "encoder_hidden_states": torch.cat(
+                    [states[:, :text], states[:, text + k * n_face : text + (k + 1) * n_face]], dim=1
+                ),
+                # One person's tokens: the single-face path of the IP processors, masked to k's region.
+                "cross_attention_kwargs": {**attention, "ip_masks": {n: m[k : k + 1] for n, m in masks.items()}},
+                "down_block_additional_residuals": down,
+                "mid_block_additional_residual": mid,
+            }
+
+        def first_pass(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            if state["inner"]:
+                return None
+            if any(r is None for r in residuals):
+                raise RuntimeError("the IdentityNet did not run for every person before the UNet")
+            state["kwargs"] = kwargs
+            return args, person_kwargs(kwargs, 0)
+
+        def other_passes(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if state["inner"]:
+                return None
+            full = state.pop("kwargs")
+            predictions = [output[0]]
+            state["inner"] = True
+            try:
+                for k in range(1, people):
+                    predictions.append(module(*args, **person_kwargs(full, k))[0])
+            finally:
+                state["inner"] = False
+            residuals[:] = [None] * people  # the next step's IdentityNet runs fill them again
+            first = predictions[0]
+            size = first.shape[-2:]
+            # Outside the regions no pass is preferred: their mean. Inside, pass k's exactly (torch.where, not a
+            # weighted sum, so that person k's region holds nothing computed with another person's identity).
+            composite = torch.stack(predictions).mean(dim=0)
+            for k in range(people):
+                composite = torch.where(inside(k, size, first.device), predictions[k], composite)
+            return (composite, *output[1:])
+
+        return [
+            self.unet.register_forward_pre_hook(first_pass, with_kwargs=True),
+            self.unet.register_forward_hook(other_passes, with_kwargs=True),
         ]
 
     @contextlib.contextmanager
@@ -370,6 +463,7 @@ class InstantIDMixin:
         output_type: str = "pil",
         group: Sequence[Any] = (),
         group_residuals: str = "mask",
+        group_passes: str = "person",
         **kwargs: Any,
     ) -> InstantIDOutput:
         """Images of the identity in `face_embedding`, posed by `keypoint_image`.
@@ -379,9 +473,12 @@ class InstantIDMixin:
         img2img and inpaint variants take their own arguments (`image`, `mask_image`, `strength`) in `kwargs`.
 
         `group` (two or more people, each with `embedding`, `keypoint_image` and `region`, as
-        `instantid.requests.GroupPerson`): one set of face tokens and one IdentityNet run per person, each acting
-        only in that person's region; `face_embedding`, `keypoint_image` and `face_mask` are then not used.
-        `group_residuals` says how the people's IdentityNet residuals combine: "mask" (each in its region) or "sum".
+        `instantid.requests.GroupPerson`): one set of face tokens, one IdentityNet run and (by default) one UNet
+        pass per person, each acting only in that person's region; `face_embedding`, `keypoint_image` and
+        `face_mask` are then not used.
+        `group_residuals` says whether each person's IdentityNet residuals are kept only in their region ("mask")
+        or left whole ("sum"); `group_passes` whether the UNet runs once per person per step, each pass kept in its
+        person's region ("person"), or once for everyone ("shared"); both measured in BENCHMARKS.md.
         """
         # The request's own declaration: one default and one range for every caller.
         identitynet_strength = PARAMS["identitynet_strength"].check(identitynet_strength)
@@ -413,7 +510,7 @@ class InstantIDMixin:
             scales = [float(identitynet_strength)] * len(keypoints) + [float(e.scale) for e in extra_controls]
 
         t1 = time.perf_counter()
-        hooks = self._controlnet_hooks(extra_controls, face_mask, regions, group_residuals)
+        hooks = self._controlnet_hooks(extra_controls, face_mask, regions, group_residuals, group_passes)
         with hooks, self._encode_in_vae_dtype():
             out = super().__call__(  # type: ignore[misc]
                 **{self._control_arg: images},

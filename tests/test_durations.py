@@ -69,7 +69,8 @@ def test_a_restyle_asks_for_the_steps_it_runs() -> None:
 
 
 def test_controlnet_passes_are_the_hook_for_more_per_step_work() -> None:
-    """Each pass beyond the IdentityNet's adds its share of a step (an extra ControlNet now; a group's people later)."""
+    """Each pass beyond the IdentityNet's adds its share of a step (an extra ControlNet; a group's people are
+    UNet passes, tests/test_group.py)."""
     one = Shape(steps=10, images=1, megapixels=1.0, guided=True)
     three = Shape(steps=10, images=1, megapixels=1.0, guided=True, controlnet_passes=3)
     assert three.step_units == pytest.approx(one.step_units * (1 + 2 * durations.CONTROLNET_PASS_SHARE))
