@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import PIL.Image
@@ -21,6 +23,55 @@ def cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.Compl
     return subprocess.run(
         [sys.executable, "-m", "instantid", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+# The refusals below are each a whole `python -m instantid` process (its exit status and its one line of stderr,
+# libraries' noise included, are what is tested), and most of their time is imports: one core each. The module
+# runs them a few at a time from one fixture, so a 2-core machine runs two at once, and each test reads its own.
+WORKERS = 3
+
+
+@dataclass
+class Job:
+    argv: list[str]
+    folder: Path  # the job's own folder: its --out and any files it made
+    env: dict[str, str] | None = None  # None: tiny_env
+    before: dict[Path, bytes] = field(default_factory=dict)  # photos that must be unchanged after the run
+
+
+def run_jobs(env: dict[str, str], jobs: dict[str, Job]) -> dict[str, subprocess.CompletedProcess[str]]:
+    def one(name: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+        return name, cli(jobs[name].env or env, *jobs[name].argv)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return dict(pool.map(one, list(jobs)))
+
+
+@dataclass
+class Runs:
+    jobs: dict[str, Job]
+    results: dict[str, subprocess.CompletedProcess[str]]
+
+    def __getitem__(self, name: str) -> subprocess.CompletedProcess[str]:
+        return self.results[name]
+
+
+@pytest.fixture(scope="module")
+def refusals(tiny_env, photos, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Every refusal of this module, each its own process in its own folder, run a few at a time."""
+    def folder(name: str) -> Path:
+        return tmp_path_factory.mktemp(name.replace(":", "-"))
+
+    jobs: dict[str, Job] = {}
+    for i, (args, _) in enumerate(USER_ERRORS):
+        jobs[f"user:{i}"] = user_error_job(photos, folder(f"user:{i}"), args)
+    for i, (args, _) in enumerate(GROUP_ERRORS):
+        jobs[f"group:{i}"] = group_error_job(photos, folder(f"group:{i}"), args)
+    for i, (args, _) in enumerate(MODE_ERRORS):
+        jobs[f"mode:{i}"] = mode_error_job(photos, folder(f"mode:{i}"), args)
+    for i, (mode, out, _) in enumerate(OVERWRITES):
+        jobs[f"overwrite:{i}"] = overwrite_job(photos, folder(f"overwrite:{i}"), mode, out)
+    return Runs(jobs, run_jobs(tiny_env, jobs))
 
 
 def test_generate_writes_pngs(tiny_env, photos, tmp_path: Path) -> None:
@@ -108,20 +159,24 @@ def test_refine_faces_flag(tiny_env, photos, tmp_path: Path) -> None:
     assert "warning: Refined small face(s), re-rendered at working size: the face." in r.stderr
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--person", "{astronaut}", "--person", "{noface}", "--names", "Ada,Ben"], "No face found in the photo of"),
-        (["--person", "{astronaut}", "--person", "{hanks}", "--layout", "{astronaut}"], "layout photo has 1 face(s)"),
-        (["--person", "{astronaut}"] * 5, "5 people: a group portrait holds at most 4"),
-        (["--person", "{astronaut}", "--names", "Ada,Ben"], "No photo of Ben (person 2)"),
-        (["--person", "{astronaut}", "--person", "{missing}"], "no such file"),
-        (["--names", "Ada"], "--person"),
-    ],
-)
-def test_group_errors_exit_2(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:
-    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg")}
-    r = cli(tiny_env, "group", *[a.format(**names) for a in args], "--out", str(tmp_path / "o.png"), "--steps", "2")
+GROUP_ERRORS = [
+    (["--person", "{astronaut}", "--person", "{noface}", "--names", "Ada,Ben"], "No face found in the photo of"),
+    (["--person", "{astronaut}", "--person", "{hanks}", "--layout", "{astronaut}"], "layout photo has 1 face(s)"),
+    (["--person", "{astronaut}"] * 5, "5 people: a group portrait holds at most 4"),
+    (["--person", "{astronaut}", "--names", "Ada,Ben"], "No photo of Ben (person 2)"),
+    (["--person", "{astronaut}", "--person", "{missing}"], "no such file"),
+    (["--names", "Ada"], "--person"),
+]
+
+
+def group_error_job(photos: dict[str, Path], folder: Path, args: list[str]) -> Job:
+    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(folder / "nope.jpg")}
+    return Job(["group", *[a.format(**names) for a in args], "--out", str(folder / "o.png"), "--steps", "2"], folder)
+
+
+@pytest.mark.parametrize(("index", "message"), [(i, m) for i, (_, m) in enumerate(GROUP_ERRORS)])
+def test_group_errors_exit_2(refusals, index: int, message: str) -> None:
+    r = refusals[f"group:{index}"]
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
 
@@ -133,41 +188,42 @@ def test_group_out_never_overwrites_a_person_photo(tiny_env, photos, tmp_path: P
     assert r.returncode == 2 and "is the --person photo" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["swap", "--target", "{noface}"], "No face found in the photo to swap a face into"),
-        (["swap", "--target", "{group}", "--face-index", "6"], "--face-index 6: the photo has 6 face(s)"),
-        (["swap", "--target", "{missing}"], "no such file"),
-        (["swap"], "--target"),
-        (["swap", "--target", "{group}", "--width", "128"],
-         "unrecognized arguments: --width 128 (see python -m instantid swap --help)"),
-        (["restyle", "--source", "{hanks}", "--strength", "1.5"], "--strength 1.5: must be a number in 0..1"),
-        (["restyle"], "--source"),
-    ],
-)
-def test_restyle_and_swap_errors_exit_2(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:
-    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg")}
-    argv = [a.format(**names) for a in args] + ["--face", str(photos["astronaut"]), "--out", str(tmp_path / "o.png")]
-    r = cli(tiny_env, *argv, "--steps", "2")
+MODE_ERRORS = [
+    (["swap", "--target", "{noface}"], "No face found in the photo to swap a face into"),
+    (["swap", "--target", "{group}", "--face-index", "6"], "--face-index 6: the photo has 6 face(s)"),
+    (["swap", "--target", "{missing}"], "no such file"),
+    (["swap"], "--target"),
+    (["swap", "--target", "{group}", "--width", "128"],
+     "unrecognized arguments: --width 128 (see python -m instantid swap --help)"),
+    (["restyle", "--source", "{hanks}", "--strength", "1.5"], "--strength 1.5: must be a number in 0..1"),
+    (["restyle"], "--source"),
+]
+
+
+def mode_error_job(photos: dict[str, Path], folder: Path, args: list[str]) -> Job:
+    names = {**{k: str(v) for k, v in photos.items()}, "missing": str(folder / "nope.jpg")}
+    argv = [a.format(**names) for a in args] + ["--face", str(photos["astronaut"]), "--out", str(folder / "o.png")]
+    return Job([*argv, "--steps", "2"], folder)
+
+
+@pytest.mark.parametrize(("index", "message"), [(i, m) for i, (_, m) in enumerate(MODE_ERRORS)])
+def test_restyle_and_swap_errors_exit_2(refusals, index: int, message: str) -> None:
+    r = refusals[f"mode:{index}"]
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize(
-    ("mode", "out", "flag"),
-    [
-        ("swap", "{target}", "--target"),
-        ("swap", "{sub}/../target.png", "--target"),
-        ("swap", "{face}", "--face"),
-        ("swap", "{link}", "--face"),  # a symlink to the face photo
-        ("restyle", "{source}", "--source"),
-        ("generate", "{pose}", "--pose"),  # two images: pose_1.png, the pose photo, would be written
-    ],
-)
-def test_out_never_overwrites_an_input_photo(
-    tiny_env, photos, tmp_path: Path, mode: str, out: str, flag: str
-) -> None:
+OVERWRITES = [
+    ("swap", "{target}", "--target"),
+    ("swap", "{sub}/../target.png", "--target"),
+    ("swap", "{face}", "--face"),
+    ("swap", "{link}", "--face"),  # a symlink to the face photo
+    ("restyle", "{source}", "--source"),
+    ("generate", "{pose}", "--pose"),  # two images: pose_1.png, the pose photo, would be written
+]
+
+
+def overwrite_job(photos: dict[str, Path], tmp_path: Path, mode: str, out: str) -> Job:
     face, target, source = tmp_path / "face.png", tmp_path / "target.png", tmp_path / "source.png"
     PIL.Image.open(photos["astronaut"]).save(face)
     PIL.Image.open(photos["group"]).save(target)
@@ -182,11 +238,16 @@ def test_out_never_overwrites_an_input_photo(
     argv = [mode, "--face", str(face), "--prompt", "x", "--steps", "2", "--out", str(out_path)]
     argv += {"swap": ["--target", str(target)], "restyle": ["--source", str(source)],
              "generate": ["--pose", str(tmp_path / "pose_1.png"), "--num-images", "2"]}[mode]
-    r = cli(tiny_env, *argv)
+    return Job(argv, tmp_path, before=before)
+
+
+@pytest.mark.parametrize(("index", "flag"), [(i, flag) for i, (*_, flag) in enumerate(OVERWRITES)])
+def test_out_never_overwrites_an_input_photo(refusals, index: int, flag: str) -> None:
+    r, before = refusals[f"overwrite:{index}"], refusals.jobs[f"overwrite:{index}"].before
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "overwrite" in lines[0], r.stderr
-    assert {p: p.read_bytes() for p in before} == before, "an input photo was changed"
+    assert before and {p: p.read_bytes() for p in before} == before, "an input photo was changed"
 
 
 def test_faces_lists_largest_first(tiny_env, photos, tmp_path: Path) -> None:
@@ -219,38 +280,42 @@ def test_status_is_the_memory_report(tiny_env) -> None:
     assert report["state"]["phase"] == "not loaded" and report["host"]["process_rss"] > 0
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--face", "{noface}"], "No face found in the face photo"),
-        (["--face", "{missing}"], "no such file"),
-        (["--face", "{notimage}"], "face photo"),
-        # Each refusal names the flag as the user typed it, not the API's parameter.
-        (["--face", "{astronaut}", "--steps", "1000"], "--steps 1000: must be an integer in 0..100"),
-        (["--face", "{astronaut}", "--lcm", "--steps", "60"], "--steps 60: use 1..50 with LCM"),
-        (["--face", "{astronaut}", "--scheduler", "Nope"], "--scheduler 'Nope'"),
-        (["--face", "{astronaut}", "--style", "Cubism"], "--style 'Cubism'"),
-        (["--face", "{astronaut}", "--width", "100", "--height", "128"], "--width 100"),
-        (["--face", "{astronaut}", "--width", "128"], "--width/--height 128 0: set both or neither"),
-        (["--face", "{astronaut}", "--controlnet", "sketch"], "--controlnet 'sketch'"),
-        (["--face", "{astronaut}", "--controlnet", "canny=2"], "--controlnet canny=2.0: must be a number in 0..1.5"),
-        (["--face", "{astronaut}", "--wat"], "unrecognized arguments: --wat (see python -m instantid generate --help)"),
-        (["--face", "{newline}"], "'{tmp}/a\\nb.png': no such file"),
-        (["--face", "{tmp}"], "is a folder"),
-        (["--face", "{astronaut}", "--identity-strength", "abc"], "--identity-strength"),
-        (["--face", "{astronaut}", "--pose", "{noface}"], "pose photo"),
-    ],
-)
-def test_user_errors_exit_2_with_one_line(tiny_env, photos, tmp_path: Path, args: list[str], message: str) -> None:
+USER_ERRORS = [
+    (["--face", "{noface}"], "No face found in the face photo"),
+    (["--face", "{missing}"], "no such file"),
+    (["--face", "{notimage}"], "face photo"),
+    # Each refusal names the flag as the user typed it, not the API's parameter.
+    (["--face", "{astronaut}", "--steps", "1000"], "--steps 1000: must be an integer in 0..100"),
+    (["--face", "{astronaut}", "--lcm", "--steps", "60"], "--steps 60: use 1..50 with LCM"),
+    (["--face", "{astronaut}", "--scheduler", "Nope"], "--scheduler 'Nope'"),
+    (["--face", "{astronaut}", "--style", "Cubism"], "--style 'Cubism'"),
+    (["--face", "{astronaut}", "--width", "100", "--height", "128"], "--width 100"),
+    (["--face", "{astronaut}", "--width", "128"], "--width/--height 128 0: set both or neither"),
+    (["--face", "{astronaut}", "--controlnet", "sketch"], "--controlnet 'sketch'"),
+    (["--face", "{astronaut}", "--controlnet", "canny=2"], "--controlnet canny=2.0: must be a number in 0..1.5"),
+    (["--face", "{astronaut}", "--wat"], "unrecognized arguments: --wat (see python -m instantid generate --help)"),
+    (["--face", "{newline}"], "'{tmp}/a\\nb.png': no such file"),
+    (["--face", "{tmp}"], "is a folder"),
+    (["--face", "{astronaut}", "--identity-strength", "abc"], "--identity-strength"),
+    (["--face", "{astronaut}", "--pose", "{noface}"], "pose photo"),
+]
+
+
+def user_error_job(photos: dict[str, Path], tmp_path: Path, args: list[str]) -> Job:
     notimage = tmp_path / "notes.png"
     notimage.write_text("this is not an image")
     names = {**{k: str(v) for k, v in photos.items()}, "missing": str(tmp_path / "nope.jpg"), "notimage": str(notimage),
              "newline": str(tmp_path / "a\nb.png"), "tmp": str(tmp_path)}
-    message = message.format(tmp=tmp_path)
     argv = ["generate", *[a.format(**names) for a in args], "--out", str(tmp_path / "o.png"), "--steps", "2"]
     if "--steps" in args:
         argv = argv[:-2]
-    r = cli(tiny_env, *argv)
+    return Job(argv, tmp_path)
+
+
+@pytest.mark.parametrize(("index", "message"), [(i, m) for i, (_, m) in enumerate(USER_ERRORS)])
+def test_user_errors_exit_2_with_one_line(refusals, index: int, message: str) -> None:
+    r = refusals[f"user:{index}"]
+    message = message.format(tmp=refusals.jobs[f"user:{index}"].folder)
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
