@@ -218,12 +218,11 @@ def test_the_step_before_a_generation_never_waits_behind_one(page: Page) -> None
         assert any("the function was reached" in line for line in stream.iter_lines())
 
 
-def test_speed_and_lcm_go_back_to_automatic() -> None:
+def test_speed_and_lcm_go_back_to_automatic(page: Page) -> None:
     """The page used to send Steps 30 and Guidance 5 (5 and 1.5 with LCM): the cpu profile's automatic 20 steps
     never applied there. 0 is "automatic", as in the API: it follows the speed, LCM and the profile."""
     assert ui.automatic_steps(True) == ui.automatic_steps("turbo") == (0, 0.0)
-    demo = ui.build_demo(fake_generate, fake_status, settings=Settings())
-    config = demo.get_config_file()
+    config = page.config
     by_id = {c["id"]: c for c in config["components"]}
     steps, guidance = (next(c for c in config["components"] if c["props"].get("label") == label)
                        for label in ("Steps", "Guidance scale"))
@@ -805,7 +804,7 @@ def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> Non
         assert again[-1].startswith(ui.EXAMPLE_DONE) and again[:5] == shown[:5] and calls == ["a queen"]
 
 
-def test_status_tab_words() -> None:
+def test_status_tab_words(page: Page) -> None:
     """"ready — ready in 24.2 s", an empty header cell over the memory figures, a legend titled "series"."""
     ready = {"state": {"phase": "ready", "message": "ready in 24.2 s (cpu profile)"}}
     assert ui.format_load_state(ready) == "**Models:** ready in 24.2 s (cpu profile)"
@@ -813,6 +812,5 @@ def test_status_tab_words() -> None:
     assert loading.startswith("**Models:** loading `") and loading.endswith("50 % — base model")
     header = ui.format_memory(REPORT).splitlines()[0]
     assert all(cell.strip() for cell in header.strip("|").split("|")), header
-    config = ui.build_demo(fake_generate, fake_status, settings=Settings()).get_config_file()
-    (plot,) = [c["props"] for c in config["components"] if c["type"] == "nativeplot"]
+    (plot,) = [c["props"] for c in page.config["components"] if c["type"] == "nativeplot"]
     assert plot["color_title"] and plot["color_title"] != "series"
