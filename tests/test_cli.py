@@ -64,13 +64,16 @@ class Runs:
         return self.results[name]
 
 
-JOBS: dict[str, Callable[[Setup], dict[str, Job]]] = {}
+JOBS: dict[str, tuple[Callable[[Setup], dict[str, Job]], str | None]] = {}
 
 
-def processes(make: Callable[[Setup], dict[str, Job]]) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Declare the processes a test reads (by name, from the `runs` fixture)."""
+def processes(
+    make: Callable[[Setup], dict[str, Job]], per_case: str | None = None
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Declare the processes a test reads (by name, from the `runs` fixture); `per_case`: a parametrized test's
+    case `index` reads the job `<per_case>:<index>` alone."""
     def register(test: Callable[..., None]) -> Callable[..., None]:
-        JOBS[test.__name__] = make
+        JOBS[test.__name__] = (make, per_case)
         return test
 
     return register
@@ -80,9 +83,14 @@ def processes(make: Callable[[Setup], dict[str, Job]]) -> Callable[[Callable[...
 def runs(request: pytest.FixtureRequest, tiny_env, photos, face_models_dir, tmp_path_factory) -> Runs:
     """The processes of this module's selected tests, run `WORKERS` at a time (the generations first, so the
     quick refusals fill in beside them)."""
-    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    items = [item for item in request.session.items if item.module is request.module]
     setup = Setup(tiny_env, photos, face_models_dir, tmp_path_factory)
-    jobs = {name: job for test, make in JOBS.items() if test in selected for name, job in make(setup).items()}
+    jobs: dict[str, Job] = {}
+    for test, (make, per_case) in JOBS.items():
+        cases = [item for item in items if item.originalname == test]
+        if cases:
+            wanted = None if per_case is None else {f"{per_case}:{item.callspec.params['index']}" for item in cases}
+            jobs.update({name: job for name, job in make(setup).items() if wanted is None or name in wanted})
     with ThreadPoolExecutor(WORKERS) as pool:
         results = pool.map(lambda job: cli(job.env or tiny_env, *job.argv), jobs.values())
         return Runs(jobs, dict(zip(jobs, results, strict=True)))
@@ -323,7 +331,7 @@ def _group_errors(s: Setup) -> dict[str, Job]:
     return jobs
 
 
-@processes(_group_errors)
+@processes(_group_errors, per_case="group-error")
 @pytest.mark.parametrize(("index", "message"), [(i, m) for i, (_, m) in enumerate(GROUP_ERRORS)])
 def test_group_errors_exit_2(runs: Runs, index: int, message: str) -> None:
     r = runs[f"group-error:{index}"]
@@ -367,7 +375,7 @@ def _mode_errors(s: Setup) -> dict[str, Job]:
     return jobs
 
 
-@processes(_mode_errors)
+@processes(_mode_errors, per_case="mode-error")
 @pytest.mark.parametrize(("index", "message"), [(i, m) for i, (_, m) in enumerate(MODE_ERRORS)])
 def test_restyle_and_swap_errors_exit_2(runs: Runs, index: int, message: str) -> None:
     r = runs[f"mode-error:{index}"]
@@ -407,7 +415,7 @@ def _overwrites(s: Setup) -> dict[str, Job]:
     return jobs
 
 
-@processes(_overwrites)
+@processes(_overwrites, per_case="overwrite")
 @pytest.mark.parametrize(("index", "flag"), [(i, flag) for i, (*_, flag) in enumerate(OVERWRITES)])
 def test_out_never_overwrites_an_input_photo(runs: Runs, index: int, flag: str) -> None:
     r, before = runs[f"overwrite:{index}"], runs.jobs[f"overwrite:{index}"].before
@@ -453,7 +461,7 @@ def _user_errors(s: Setup) -> dict[str, Job]:
     return jobs
 
 
-@processes(_user_errors)
+@processes(_user_errors, per_case="user-error")
 @pytest.mark.parametrize(("index", "message"), [(i, m) for i, (_, m) in enumerate(USER_ERRORS)])
 def test_user_errors_exit_2_with_one_line(runs: Runs, index: int, message: str) -> None:
     r = runs[f"user-error:{index}"]
