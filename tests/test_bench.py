@@ -6,7 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,20 +24,66 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _last_json(cmd: list[str], timeout: int = 400) -> dict:
+def _last_json(cmd: list[str], timeout: int = 600) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # a `python -m` process
-def test_load_memory_micro(tmp_path: Path) -> None:
+@dataclass
+class BenchRuns:
+    cache: Path  # load-memory's Hugging Face cache
+    parts_cache: Path  # the all-parts run's: the micro checkpoints and every optional part
+    runs: dict[str, Future]
+
+    def result(self, name: str) -> dict[str, Any]:
+        return self.runs[name].result()
+
+
+@pytest.fixture(scope="module")
+def bench_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchRuns]:
+    """The bench's own runs that the selected tests read, each in its own processes, started together: they wait on
+    their children, and each child is mostly imports and micro models on one core, so a 2-core machine ran them
+    one after the other with a core idle. Nothing here asserts a time: running side by side changes no assertion."""
+    import torch
+
+    from bench import overhead
+
+    cache, parts_cache = tmp_path_factory.mktemp("bench") / "hub", tmp_path_factory.mktemp("all-parts") / "hub"
+    commands: dict[str, Any] = {
+        "load-memory": lambda: _last_json([sys.executable, "-m", "bench", "load-memory", "--size", "micro",
+                                           "--cache", str(cache), "--cpu-profile"]),
+        "all-parts": lambda: _all_parts_run(parts_cache),
+        "overhead": lambda: overhead.run(requests=3, what_ifs=False, log=lambda m: None),
+        "gpu": lambda: _last_json([sys.executable, "-m", "instantid", "bench", "gpu"]),
+    }
+    if torch.cuda.is_available():  # the real benchmark would run, not the dry run
+        del commands["gpu"]
+    readers = {"test_load_memory_micro": "load-memory", "test_load_memory_all_parts_micro": "all-parts",
+               "test_overhead_three_requests": "overhead", "test_gpu_dry_run_through_the_cli": "gpu"}
+    wanted = {readers.get(item.originalname) for item in request.session.items if item.module is request.module}
+    commands = {name: run for name, run in commands.items() if name in wanted}
+    with ThreadPoolExecutor(max(1, len(commands))) as pool:
+        runs = {name: pool.submit(run) for name, run in commands.items()}
+        yield BenchRuns(cache, parts_cache, runs)
+
+
+def _all_parts_run(cache: Path) -> dict[str, Any]:
+    """The micro checkpoints and every optional part written in this process, then Engine.load_all in its own."""
+    from bench import all_parts
+    from bench.load_memory import write_checkpoints
+
+    info = write_checkpoints(cache, "micro")
+    all_parts.write_extras(cache, "micro")
+    return all_parts.run_child(cache, {k: info[k] for k in ("base_model", "instantid_repo")}, "micro")
+
+
+@pytest.mark.slow  # `python -m` processes
+def test_load_memory_micro(bench_runs: BenchRuns) -> None:
     from bench import summary
 
-    cache = tmp_path / "hub"
-    out = _last_json(
-        [sys.executable, "-m", "bench", "load-memory", "--size", "micro", "--cache", str(cache), "--cpu-profile"]
-    )
+    cache = bench_runs.cache
+    out = bench_runs.result("load-memory")
     # The cpu profile's own loads: bfloat16 holds the fp16 weights' bytes, float32 twice them.
     bf16, fp32 = out["cpu_profile"]["cpu-bf16"], out["cpu_profile"]["cpu-float32"]
     assert bf16["weights_bytes"] == pytest.approx(out["weights_bytes"], rel=0.02)
@@ -122,10 +172,10 @@ def test_face_model_architectures_have_antelopev2_sizes() -> None:
 
 
 @pytest.mark.slow  # three requests, each in its own process
-def test_overhead_three_requests() -> None:
+def test_overhead_three_requests(bench_runs: BenchRuns) -> None:
     from bench import overhead
 
-    out = overhead.run(requests=3, what_ifs=False, log=lambda m: None)
+    out = bench_runs.result("overhead")
     for key in ("median_ms", "p90_ms", "stages_median_ms", "baseline_median_ms", "baseline_stages_median_ms"):
         assert key in out, key
     assert out["requests"] == 3
@@ -159,13 +209,13 @@ def test_resampler_what_ifs_report_their_distance_from_float32() -> None:
 
 
 @pytest.mark.slow  # a `python -m` process
-def test_gpu_dry_run_through_the_cli() -> None:
+def test_gpu_dry_run_through_the_cli(bench_runs: BenchRuns) -> None:
     """`python -m instantid bench gpu` without CUDA runs the CPU-sized form of every profile."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the real benchmark would run, not the dry run")
-    out = _last_json([sys.executable, "-m", "instantid", "bench", "gpu"], timeout=600)
+    out = bench_runs.result("gpu")
     assert out["dry_run"] is True and out["benchmark"] == "gpu"
     assert not out["skipped"], out["skipped"]
     assert not [r for r in out["rows"] if "error" in r], out["rows"]
@@ -217,20 +267,19 @@ def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
     assert "unknown benchmark" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # a `python -m` process
-def test_load_memory_all_parts_micro(tmp_path: Path) -> None:
+@pytest.mark.slow  # `python -m` processes
+def test_load_memory_all_parts_micro(bench_runs: BenchRuns) -> None:
     """`--all-parts`: Engine.load_all loads every optional part from the bench's repos, all in fp16, and the
     figures add up (the micro size keeps it to seconds; the base loaders are the test above's)."""
     from bench import all_parts
-    from bench.load_memory import _snapshot, write_checkpoints
+    from bench.load_memory import _snapshot
 
-    info = write_checkpoints(tmp_path, "micro")
-    ids = all_parts.write_extras(tmp_path, "micro")
+    cache, out = bench_runs.parts_cache, bench_runs.result("all-parts")
+    ids = all_parts.repo_ids("micro")
     # The real repos' formats: openpose float32 only (with a single-file checkpoint beside it), canny with fp16.
-    pose = {p.name for p in _snapshot(tmp_path, ids["pose"]).iterdir()}
+    pose = {p.name for p in _snapshot(cache, ids["pose"]).iterdir()}
     assert {"diffusion_pytorch_model.safetensors", "OpenPoseXL2.safetensors"} <= pose
-    assert "diffusion_pytorch_model.fp16.safetensors" in {p.name for p in _snapshot(tmp_path, ids["canny"]).iterdir()}
-    out = all_parts.run_child(tmp_path, {k: info[k] for k in ("base_model", "instantid_repo")}, "micro")
+    assert "diffusion_pytorch_model.fp16.safetensors" in {p.name for p in _snapshot(cache, ids["canny"]).iterdir()}
     loaded = set(out["parts_loaded"])
     assert {"LCM-LoRA", "pose ControlNet", "canny ControlNet", "depth ControlNet"} <= loaded
     assert {"pose estimator", "depth estimator"} <= loaded

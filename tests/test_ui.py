@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -218,12 +219,11 @@ def test_the_step_before_a_generation_never_waits_behind_one(page: Page) -> None
         assert any("the function was reached" in line for line in stream.iter_lines())
 
 
-def test_speed_and_lcm_go_back_to_automatic() -> None:
+def test_speed_and_lcm_go_back_to_automatic(page: Page) -> None:
     """The page used to send Steps 30 and Guidance 5 (5 and 1.5 with LCM): the cpu profile's automatic 20 steps
     never applied there. 0 is "automatic", as in the API: it follows the speed, LCM and the profile."""
     assert ui.automatic_steps(True) == ui.automatic_steps("turbo") == (0, 0.0)
-    demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
-    config = demo.get_config_file()
+    config = page.config
     by_id = {c["id"]: c for c in config["components"]}
     steps, guidance = (next(c for c in config["components"] if c["props"].get("label") == label)
                        for label in ("Steps", "Guidance scale"))
@@ -316,14 +316,18 @@ def test_the_status_tab_shows_the_server_s_history_to_every_visitor(monkeypatch:
     clock = iter([1000.0, 1004.0, 1008.0, 1012.0])
     monkeypatch.setattr(ui, "time", types.SimpleNamespace(time=lambda: next(clock), sleep=time.sleep))
     demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
-    by_fn = _deps(demo)
-    (tick,) = [d for d in by_fn["refresh"] if d.targets[0][1] == "tick"]
-    opened = [d for d in by_fn["refresh"] if d is not tick]
-    assert opened and not tick.inputs and not any(d.inputs for d in opened), "no per-session history input"
-    for _ in range(3):  # one visitor with the tab open
-        tick.fn()
-    plot = opened[0].fn()[2]  # another visitor (or a reload) opens the tab
-    assert sorted(set(plot["seconds"])) == [-12.0, -8.0, -4.0, 0.0]
+    with served(demo) as (url, config):
+        kinds = {c["id"]: c["type"] for c in config["components"]}
+        refreshes = events_named(config, "refresh")
+        (tick,) = [d for d in refreshes if d["targets"][0][1] == "tick"]
+        opened = [d for d in refreshes if d is not tick]
+        assert opened and not tick["inputs"] and not any(d["inputs"] for d in opened), "no per-session history input"
+        for _ in range(3):  # one visitor with the tab open
+            run_step(url, tick["id"], [])
+        plot = run_step(url, opened[0]["id"], [])[opened[0]["outputs"].index(
+            next(i for i in opened[0]["outputs"] if kinds[i] == "nativeplot"))]  # another visitor opens the tab
+    seconds = plot["columns"].index("seconds")
+    assert sorted({row[seconds] for row in plot["data"]}) == [-12.0, -8.0, -4.0, 0.0]
 
 
 def test_status_rendering_survives_an_empty_report() -> None:
@@ -660,6 +664,46 @@ def queue_call(page: Page, fn_index: int, data: list[Any]) -> dict[str, Any]:
     raise AssertionError("the event never completed")
 
 
+def queue_messages(url: str, fn_index: int, data: list[Any]) -> list[dict[str, Any]]:
+    """Run a queued event as the browser does (queue join, then its stream): every message, to the last."""
+    session = uuid.uuid4().hex
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).raise_for_status()
+    messages = []
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                messages.append(json.loads(line[6:]))
+                if messages[-1].get("msg") == "process_completed":
+                    return messages
+    raise AssertionError(f"the event never completed: {messages}")
+
+
+def run_step(url: str, fn_index: int, data: list[Any]) -> list[Any]:
+    """Run one of the page's cheap steps (queue=False) as the browser does, POST /run/predict: its outputs."""
+    body = {"data": data, "fn_index": fn_index, "session_hash": uuid.uuid4().hex}
+    r = httpx.post(f"{url}gradio_api/run/predict", json=body, timeout=30)
+    r.raise_for_status()
+    return r.json()["data"]
+
+
+@contextlib.contextmanager
+def served(demo: gr.Blocks) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`demo` served in this process: its URL and its config (GET /config, what the browser builds it from)."""
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        yield url, httpx.get(f"{url}config", timeout=30).json()
+    finally:
+        demo.close()
+
+
+def events_named(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The events of function `name` in a served config (Gradio names repeats name, name_1, ...)."""
+    return [d for d in config["dependencies"] if re.fullmatch(rf"{name}(_\d+)?", str(d["api_name"]))]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -672,63 +716,61 @@ def test_before_after_pairs_the_target_with_the_first_result() -> None:
     assert ui.before_after(None, [("/r1.png", "")]) is None and ui.before_after("/t.png", []) is None
 
 
-def _deps(demo: gr.Blocks) -> dict[str, list[Any]]:
-    by_fn: dict[str, list[Any]] = {}
-    for dep in demo.fns.values():
-        by_fn.setdefault(getattr(dep.fn, "__name__", None), []).append(dep)
-    return by_fn
-
-
-def test_a_run_switches_its_controls_off_until_it_ends() -> None:
+def test_a_run_switches_its_controls_off_until_it_ends(page: Page) -> None:
     """A second click during a run started nothing, yet drew a new seed into the Seed box: the mode buttons and
     the mode choice are off from the run's start to its end, whether it succeeds or fails."""
-    demo = _demo_with_modes()
-    by_fn = _deps(demo)
+    components = {c["id"]: c["props"] for c in page.config["components"]}
     controls = {"Generate", "Restyle", "Swap face", "Mode"}
-    for begin in by_fn["begin_run"]:
-        labels = {getattr(b, "label", None) or getattr(b, "value", None) for b in begin.outputs[-4:]}
-        assert labels == controls
-    off = by_fn["begin_run"][0].fn(7, False, [], 0.4, 0.4, 0.4)
-    assert off[:8] == ui.start_run(7, False, [], 0.4, 0.4, 0.4)
+    begins = events_named(page.config, "begin_run")
+    assert len(begins) == 3
+    for begin in begins:
+        assert {components[i].get("label") or components[i].get("value") for i in begin["outputs"][-4:]} == controls
+    done = queue_call(page, begins[0]["id"], [7, False, [], 0.4, 0.4, 0.4])
+    off = done["output"]["data"]
+    # ui.start_run's outputs as the page gets them (the cleared gallery comes as an empty one).
+    assert off[:8] == [7, {}, [], None, None, None, None, ""] and ui.start_run(7, False, [], 0.4, 0.4, 0.4) == (
+        7, {}, None, None, None, None, None, "")
     assert [u["interactive"] for u in off[8:]] == [False] * 4
-    ends = by_fn["end_run"]
-    assert sorted((d.trigger_only_on_success, d.trigger_only_on_failure) for d in ends) == (
+    ends = events_named(page.config, "end_run")
+    assert sorted((d["trigger_only_on_success"], d["trigger_only_on_failure"]) for d in ends) == (
         [(False, True)] * 3 + [(True, False)] * 3
     ), "back on after a success and after a failure (the page runs no .then step after a failed run)"
-    assert [u["interactive"] for u in ends[0].fn()] == [True] * 4
-    runs = {id(d) for d in by_fn["generate"] + by_fn["restyle"] + by_fn["swap"]}
-    assert all(demo.fns[d.trigger_after] and id(demo.fns[d.trigger_after]) in runs for d in ends)
+    runs = {d["id"]: d["api_name"] for d in page.config["dependencies"]}
+    assert sorted(runs[d["trigger_after"]] for d in ends) == sorted(["generate", "restyle", "swap"] * 2)
+    for end in ends:
+        assert end["outputs"] == begins[0]["outputs"][-4:]
+        assert [u["interactive"] for u in run_step(page.url, end["id"], [])] == [True] * 4
 
 
-def test_the_mode_choice_relabels_the_photos_and_clears_the_last_mode_s_results() -> None:
+def test_the_mode_choice_relabels_the_photos_and_clears_the_last_mode_s_results(page: Page) -> None:
     """Restyle and Face swap showed "More photos and a pose reference" and a ControlNet label naming the pose
     photo; one mode's results stayed on screen in the next."""
-    demo = _demo_with_modes()
-    by_fn = _deps(demo)
-    (dep,) = by_fn["show_mode"]
+    components = {c["id"]: c for c in page.config["components"]}
+    (dep,) = events_named(page.config, "show_mode")
+    kinds = [components[i]["type"] for i in dep["outputs"]]
     # It shows and hides the columns around a mode's own inputs, never an input: Gradio answers an update with a
     # new instance of the component for that session, without guard_input's checks (a face index of 150 got
     # Gradio's own "Value 150 is greater than maximum value 99." after a mode switch).
-    inputs = {id(b) for mode in ("generate", "restyle", "swap") for b in by_fn[mode][0].inputs}
-    assert not inputs & {id(b) for b in dep.outputs}
-    assert sum(isinstance(b, gr.Column) for b in dep.outputs) >= 8
-    photos = next(b for b in dep.outputs if isinstance(b, gr.Accordion))
-    controls = next(b for b in dep.outputs if isinstance(b, gr.CheckboxGroup))
-    results = [b for b in dep.outputs if getattr(b, "label", None) in
+    events = page_events(page)
+    inputs = {i for mode in ("generate", "restyle", "swap") for i in events[mode]["inputs"]}
+    assert not inputs & set(dep["outputs"])
+    assert kinds.count("column") >= 8
+    photos, controls = kinds.index("accordion"), kinds.index("checkboxgroup")
+    results = [n for n, i in enumerate(dep["outputs"]) if components[i]["props"].get("label") in
                ("Results", "Seed", "Identity similarity", "Face keypoints", "Timings (ms)")]
-    summary = next(b for b in dep.outputs if isinstance(b, gr.Markdown))
-    before_after = next(b for b in dep.outputs if isinstance(b, gr.ImageSlider))
+    summary, before_after = kinds.index("markdown"), kinds.index("imageslider")
     assert len(results) == 5
     for mode, photos_label, controls_label in (
         ("Restyle", "More photos of the same person", "Extra ControlNets (from the photo to restyle)"),
         ("Face swap", "More photos of the same person", None),
         ("Generate", "More photos and a pose reference", "Extra ControlNets (from the pose photo, or the face photo)"),
     ):
-        updates = {id(b): u for b, u in zip(dep.outputs, dep.fn(mode), strict=True)}
-        assert updates[id(photos)]["label"] == photos_label
-        assert updates[id(controls)].get("label") == controls_label
-        assert all(updates[id(b)] is None for b in results)
-        assert updates[id(summary)] == "" and updates[id(before_after)]["value"] is None
+        updates = run_step(page.url, dep["id"], [mode])
+        assert len(updates) == len(kinds)
+        assert updates[photos]["label"] == photos_label
+        assert updates[controls].get("label") == controls_label
+        assert [updates[n] for n in results] == [[], None, None, None, None], "an empty gallery, no figures"
+        assert updates[summary] == "" and updates[before_after]["value"] is None
 
 
 def test_a_cached_example_says_it_comes_from_the_cache() -> None:
@@ -748,16 +790,23 @@ def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> Non
 
     rows = [{"face_image": FACE, "prompt": "a knight"}, {"face_image": FACE, "prompt": "a queen"}]
     demo = ui.build_demo({"generate": counting}, fake_status, settings=Settings(), examples={"generate": rows})
-    (click,) = _deps(demo)["run_example"]
-    assert click.queue and click.api_visibility == "private" and [b.label for b in click.show_progress_on] == [
-        "Results"], "queued like the button's run, progress over the gallery, no API"
-    first = list(click.fn((1, None)))
-    assert len(first) == 2 and first[-1][-1].startswith("Done in") and calls == ["a queen"]
-    (again,) = list(click.fn((1, None)))
-    assert again[-1].startswith(ui.EXAMPLE_DONE) and again[:5] == first[-1][:5] and calls == ["a queen"]
+    with served(demo) as (url, config):
+        labels = {c["id"]: c["props"].get("label") for c in config["components"]}
+        (click,) = events_named(config, "run_example")
+        assert click["queue"] is not False and click["api_visibility"] == "private" and [
+            labels[i] for i in click["show_progress_on"]] == ["Results"], "queued like a run, progress over the gallery"
+        assert calls == [], "nothing generated before a click"
+        first = queue_messages(url, click["id"], [1])  # the browser sends the clicked example's number
+        # Its progress (the skip while it works) and its result both came in the click's own event.
+        assert [m["msg"] for m in first if m["msg"] in ("process_generating", "process_completed")] == [
+            "process_generating", "process_generating", "process_completed"]
+        shown = first[-1]["output"]["data"]
+        assert first[-1]["success"] and shown[-1].startswith("Done in") and calls == ["a queen"]
+        again = queue_messages(url, click["id"], [1])[-1]["output"]["data"]
+        assert again[-1].startswith(ui.EXAMPLE_DONE) and again[:5] == shown[:5] and calls == ["a queen"]
 
 
-def test_status_tab_words() -> None:
+def test_status_tab_words(page: Page) -> None:
     """"ready — ready in 24.2 s", an empty header cell over the memory figures, a legend titled "series"."""
     ready = {"state": {"phase": "ready", "message": "ready in 24.2 s (cpu profile)"}}
     assert ui.format_load_state(ready) == "**Models:** ready in 24.2 s (cpu profile)"
@@ -765,6 +814,5 @@ def test_status_tab_words() -> None:
     assert loading.startswith("**Models:** loading `") and loading.endswith("50 % — base model")
     header = ui.format_memory(REPORT).splitlines()[0]
     assert all(cell.strip() for cell in header.strip("|").split("|")), header
-    demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
-    (plot,) = [b for b in demo.blocks.values() if isinstance(b, gr.LinePlot)]
-    assert plot.color_title and plot.color_title != "series"
+    (plot,) = [c["props"] for c in page.config["components"] if c["type"] == "nativeplot"]
+    assert plot["color_title"] and plot["color_title"] != "series"
