@@ -664,9 +664,10 @@ def _wire_generate(
     # A number typed out of a slider's range is sent as typed, so that it is refused with its sentence.
     demo.load(None, None, None, js=KEEP_TYPED_NUMBERS_JS)
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    # `input`, not `change`: only a visitor's own choice resets them. A `change` also fired when a control
-    # got its value without the visitor (CI: the LCM box, mounted as the settings opened, wiped a typed
-    # Steps of 1000 back to 0 just before the click, and a 20-step run started instead of the refusal).
+    # `input`, not `change`: only a visitor's own choice resets them (a `change` also fires when a value is
+    # set without the visitor). Once in CI a typed Steps of 1000 was back at 0 by the click and a 20-step run
+    # started instead of the refusal; these two events are the only writers of Steps, so the likeliest cause is
+    # such a `change` (not reproduced since, in 10 runs with and without load).
     for choice in ("speed", "enable_lcm"):
         c[choice].input(automatic_steps, [c[choice]], [c["num_steps"], c["guidance_scale"]], **quiet)
     if len(modes) > 1:
