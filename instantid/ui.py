@@ -667,7 +667,7 @@ def _wire_generate(
     # `input`, not `change`: only a visitor's own choice resets them (a `change` also fires when a value is
     # set without the visitor). Once in CI a typed Steps of 1000 was back at 0 by the click and a 20-step run
     # started instead of the refusal; these two events are the only writers of Steps, so the likeliest cause is
-    # such a `change` (not reproduced since, in 10 runs with and without load).
+    # such a `change` (the same steps passed 12 more tries before this switch, with and without CPU load).
     for choice in ("speed", "enable_lcm"):
         c[choice].input(automatic_steps, [c[choice]], [c["num_steps"], c["guidance_scale"]], **quiet)
     if len(modes) > 1:
