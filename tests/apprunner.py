@@ -5,6 +5,7 @@ One place for starting and stopping it, shared by the app, browser, hardening an
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -21,6 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180
 # In the shared app's environment (conftest's tiny_app), as HF_TOKEN on a Space: it must never be shown.
 SECRET_TOKEN = "hf_hardeningTestSecret0123456789abcdef"
+
+
+def call_events(base: str, api_name: str, body: str, timeout: float = 120) -> tuple[str, Any]:
+    """POST `body` (JSON text, sent as given) to `<base>gradio_api/call/<api_name>` as any HTTP client would, and
+    read its event stream to the end: ("complete" | "error" | the last event seen, its data or None)."""
+    url = f"{base.rstrip('/')}/gradio_api/call/{api_name}"
+    answer = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+    answer.raise_for_status()
+    event = ""
+    with httpx.stream("GET", f"{url}/{answer.json()['event_id']}", timeout=timeout) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                return event, json.loads(line[6:])
+    return event, None
 
 
 def free_port() -> int:

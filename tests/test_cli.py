@@ -54,6 +54,10 @@ class Setup:
     def folder(self, name: str) -> Path:
         return self.tmp.mktemp(name.replace(":", "-"))
 
+    def names(self, folder: Path, **more: str) -> dict[str, str]:
+        """What an error table's `{name}` fields stand for: the test photos, and `missing` (no such file)."""
+        return {**{k: str(v) for k, v in self.photos.items()}, "missing": str(folder / "nope.jpg"), **more}
+
 
 @dataclass
 class Runs:
@@ -325,7 +329,7 @@ def _group_errors(s: Setup) -> dict[str, Job]:
     jobs = {}
     for i, (args, _) in enumerate(GROUP_ERRORS):
         folder = s.folder(f"group-error:{i}")
-        names = {**{k: str(v) for k, v in s.photos.items()}, "missing": str(folder / "nope.jpg")}
+        names = s.names(folder)
         argv = ["group", *[a.format(**names) for a in args], "--out", str(folder / "o.png"), "--steps", "2"]
         jobs[f"group-error:{i}"] = Job(argv, folder)
     return jobs
@@ -369,7 +373,7 @@ def _mode_errors(s: Setup) -> dict[str, Job]:
     jobs = {}
     for i, (args, _) in enumerate(MODE_ERRORS):
         folder = s.folder(f"mode-error:{i}")
-        names = {**{k: str(v) for k, v in s.photos.items()}, "missing": str(folder / "nope.jpg")}
+        names = s.names(folder)
         argv = [*[a.format(**names) for a in args], "--face", str(s.photos["astronaut"])]
         jobs[f"mode-error:{i}"] = Job([*argv, "--out", str(folder / "o.png"), "--steps", "2"], folder)
     return jobs
@@ -452,8 +456,7 @@ def _user_errors(s: Setup) -> dict[str, Job]:
         tmp_path = s.folder(f"user-error:{i}")
         notimage = tmp_path / "notes.png"
         notimage.write_text("this is not an image")
-        names = {**{k: str(v) for k, v in s.photos.items()}, "missing": str(tmp_path / "nope.jpg"),
-                 "notimage": str(notimage), "newline": str(tmp_path / "a\nb.png"), "tmp": str(tmp_path)}
+        names = s.names(tmp_path, notimage=str(notimage), newline=str(tmp_path / "a\nb.png"), tmp=str(tmp_path))
         argv = ["generate", *[a.format(**names) for a in args], "--out", str(tmp_path / "o.png"), "--steps", "2"]
         if "--steps" in args:
             argv = argv[:-2]

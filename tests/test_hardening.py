@@ -467,20 +467,7 @@ def generate_payload(client: Client, **values: Any) -> dict[str, Any]:
 
 def raw_generate(client: Client, **values: Any) -> tuple[str, Any]:
     """POST /call/generate and read its event stream: ("complete" | "error", data)."""
-    base = client.src.rstrip("/") + "/gradio_api"
-    body = json.dumps(generate_payload(client, **values))
-    r = httpx.post(f"{base}/call/generate", content=body, headers={"content-type": "application/json"}, timeout=30)
-    r.raise_for_status()
-    event_id = r.json()["event_id"]
-    event, data = "", None
-    with httpx.stream("GET", f"{base}/call/generate/{event_id}", timeout=120) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event in ("complete", "error"):
-                data = json.loads(line[6:])
-                break
-    return event, data
+    return apprunner.call_events(client.src, "generate", json.dumps(generate_payload(client, **values)))
 
 
 def upload(client: Client, path: Path) -> dict[str, Any]:

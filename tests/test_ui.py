@@ -7,7 +7,6 @@ import functools
 import inspect
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from instantid.requests import (
     Step,
 )
 from instantid.settings import Settings
+from tests.apprunner import call_events, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FACE = str(ROOT / "assets" / "astronaut.jpg")
@@ -636,17 +636,8 @@ def page_events(page: Page) -> dict[str, dict[str, Any]]:
 
 def call(page: Page, api_name: str, data: list[Any]) -> tuple[str, str | None]:
     """POST /call/<api_name> as any HTTP client would, and read its event stream: (event, error message)."""
-    base = f"{page.url}gradio_api/call/{api_name}"
-    event_id = httpx.post(base, json={"data": data}, timeout=30).json()["event_id"]
-    event = ""
-    with httpx.stream("GET", f"{base}/{event_id}", timeout=60) as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event in ("complete", "error"):
-                data = json.loads(line[6:])
-                return event, data.get("error") if isinstance(data, dict) else None
-    return event, None
+    event, answer = call_events(page.url, api_name, json.dumps({"data": data}), timeout=60)
+    return event, answer.get("error") if isinstance(answer, dict) else None
 
 
 def queue_call(page: Page, fn_index: int, data: list[Any]) -> dict[str, Any]:
@@ -702,12 +693,6 @@ def served(demo: gr.Blocks) -> Iterator[tuple[str, dict[str, Any]]]:
 def events_named(config: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """The events of function `name` in a served config (Gradio names repeats name, name_1, ...)."""
     return [d for d in config["dependencies"] if re.fullmatch(rf"{name}(_\d+)?", str(d["api_name"]))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_before_after_pairs_the_target_with_the_first_result() -> None:
