@@ -5,9 +5,11 @@ Hugging Face Spaces imports this module and serves `demo`; `python app.py` launc
 variable read by `instantid.settings`; see the README.
 """
 
-# `spaces` must be imported before anything touches CUDA: on ZeroGPU it patches torch.cuda so the
+# First, before anything loads torch: the package sets OpenMP's wait policy (instantid/__init__.py). It imports
+# no torch, so `spaces` below still comes before anything touches CUDA: on ZeroGPU it patches torch.cuda so the
 # models can be placed on "cuda" at start-up while the real GPU is attached only inside @spaces.GPU.
-import spaces  # noqa: I001, F401 - import order matters here
+import instantid  # noqa: I001, F401 - import order matters here
+import spaces  # noqa: F401 - import order matters here
 
 import importlib.util
 import logging

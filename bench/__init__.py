@@ -6,6 +6,7 @@ appends a row (date, machine, exact command, figures, baseline from the same run
 - load-memory: host RAM to load the whole pipeline, against the official demo's loading (bench/load_memory.py)
 - overhead: per-request CPU work outside the denoising loop and VAE decode (bench/overhead.py)
 - gpu: seconds per image and peak VRAM per memory profile against plain diffusers (bench/gpu.py)
+- cpu-contention: a command-line generation beside another, by OpenMP wait policy (bench/cpu_contention.py)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("load-memory", "overhead", "gpu")
+BENCHMARKS = ("load-memory", "overhead", "gpu", "cpu-contention")
 # Checkpoint sizes: SDXL with every width divided by this (`instantid.tiny.ModelShape.sdxl`).
 SIZES = {"full": 1, "quick": 4, "micro": 16}
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,10 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
         from . import gpu
 
         return gpu.run(quick=quick, dry_run=options.get("dry_run"), log=log)
+    if name == "cpu-contention":
+        from . import cpu_contention
+
+        return cpu_contention.run(quick=quick, log=log)
     raise ValueError(f"unknown benchmark {name!r}")
 
 
@@ -258,6 +263,16 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
         if result.get("skipped"):
             figures += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())
         baseline = "plain diffusers SDXL ControlNet pipeline: " + (cell(plain) or "no rows")
+    elif name == "cpu-contention":
+        m = result["median_s"]
+        figures = (
+            f"beside a looping generation, medians of {result['rounds']}: product defaults {m['defaults']} s, "
+            f"**{result['defaults_vs_passive']} x PASSIVE by hand** (goal <= 1.5: "
+            f"{'met' if result['goal_met'] else 'missed'}); what-if ACTIVE by hand {m['active_by_hand']} s "
+            f"({result['active_vs_passive']} x); quiet machine {result['quiet_defaults_s']} s; "
+            f"load average {result['loadavg'][0]} -> {result['loadavg'][1]}"
+        )
+        baseline = f"OMP_WAIT_POLICY=PASSIVE set by hand for both processes: {m['passive_by_hand']} s"
     else:
         figures, baseline = json.dumps(result, default=str)[:300], ""
     return figures, baseline

@@ -98,10 +98,11 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float = 15) -> None:
         proc.wait()
 
 
-def start_app(tmp: Path, cache: Path, script: str = "app.py", **env: str) -> App:
+def start_app(tmp: Path, cache: Path, script: str = "app.py", command: list[str] | None = None, **env: str) -> App:
     """Start the app and wait until it serves its page; `env` adds or overrides environment variables.
 
-    `script` runs instead of app.py (a harness that sets the app up, then runs app.py as __main__).
+    `script` runs instead of app.py (a harness that sets the app up, then runs app.py as __main__); `command`
+    instead of `python script` (e.g. the README's `bash scripts/run.sh`).
     """
     port = free_port()
     temp_dir = tmp / "gradio-temp"
@@ -121,8 +122,8 @@ def start_app(tmp: Path, cache: Path, script: str = "app.py", **env: str) -> App
     log_path = tmp / "app.log"
     with log_path.open("wb") as log:
         # Its own session: one process group holding the app and whatever it forks, stopped as one.
-        proc = subprocess.Popen([sys.executable, script], cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(command or [sys.executable, script], cwd=ROOT, env=full, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     app = App(proc, f"http://127.0.0.1:{port}/", log_path, temp_dir)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
