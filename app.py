@@ -19,11 +19,11 @@ from typing import Any
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from instantid import api
-from instantid.gradio_adapter import upload_guard
-from instantid.memory import is_zerogpu
+from instantid.frontends import api
+from instantid.frontends.gradio_adapter import upload_guard
+from instantid.models.memory import is_zerogpu
 from instantid.settings import get_settings
-from instantid.ui import build_demo
+from instantid.frontends.ui import build_demo
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT / "assets"
@@ -107,7 +107,7 @@ def launch(**kwargs) -> None:
         "theme": gr.themes.Soft(),
         "mcp_server": mcp_enabled(),
         "footer_links": ["api", "gradio", "settings"],
-        # Refuse oversized uploads at the door; instantid.images checks bytes and pixels again.
+        # Refuse oversized uploads at the door; instantid.vision.images checks bytes and pixels again.
         "max_file_size": settings.max_upload_bytes,
         # Only our assets need serving besides Gradio's own cache (examples are read from here).
         "allowed_paths": [str(ASSETS)],

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 BENCHMARKS = ("load-memory", "overhead", "gpu", "cpu-contention")
-# Checkpoint sizes: SDXL with every width divided by this (`instantid.tiny.ModelShape.sdxl`).
+# Checkpoint sizes: SDXL with every width divided by this (`instantid.models.tiny.ModelShape.sdxl`).
 SIZES = {"full": 1, "quick": 4, "micro": 16}
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"

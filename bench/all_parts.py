@@ -71,8 +71,8 @@ def write_extras(cache: Path, size: str, log: Callable[[str], None] = lambda m: 
     """Publish the optional parts' random checkpoints of `size` into `cache`, once (see the module docstring)."""
     import torch
 
-    from instantid.controls import estimator_writers
-    from instantid.tiny import FP32, LORA_WEIGHTS, ModelShape, build_parts, file_lock, publish, write_lora
+    from instantid.models.controls import estimator_writers
+    from instantid.models.tiny import FP32, LORA_WEIGHTS, ModelShape, build_parts, file_lock, publish, write_lora
 
     shape = ModelShape.sdxl(SIZES[size])
     unet = functools.cache(lambda: build_parts(shape, "meta")["unet"])
@@ -101,7 +101,7 @@ def write_extras(cache: Path, size: str, log: Callable[[str], None] = lambda m: 
             publish(cache, "/".join(ids[key].split("/")[:2]), write, marker)  # the repo: a LoRA's id names its file
         faces = cache / "face-models"
         if not (faces / "w600k_mbf.onnx").exists():
-            from instantid.tiny import copy_face_models
+            from instantid.models.tiny import copy_face_models
 
             copy_face_models(faces)
     return ids
@@ -114,7 +114,7 @@ def _write_controlnet(
     import torch
     from diffusers import ControlNetModel
 
-    from instantid.tiny import save_model
+    from instantid.models.tiny import save_model
 
     with torch.device("meta"):
         net = ControlNetModel.from_unet(unet, **shape.controlnet)
@@ -188,9 +188,9 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
     import psutil
     import transformers  # noqa: F401
 
-    import instantid.controls  # noqa: F401
+    import instantid.models.controls  # noqa: F401
     from instantid.engine import Engine
-    from instantid.memory import PROFILES, component_info
+    from instantid.models.memory import PROFILES, component_info
 
     from .load_memory import RSSWatch, _imports, _touch
 

@@ -56,8 +56,8 @@ def _timed(env: dict[str, str], out: Path) -> float:
 
 
 def run(quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from instantid.models.tiny import ensure_tiny_checkpoints
     from instantid.settings import Settings
-    from instantid.tiny import ensure_tiny_checkpoints
 
     rounds = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="bench-cpu-") as tmp:

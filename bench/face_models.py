@@ -348,7 +348,7 @@ def full_size_face_models(cache: Path | None = None, log: Callable[[str], None] 
 
     About 12 s and 280 MB the first time; later calls (and other processes) reuse the files.
     """
-    from instantid.tiny import file_lock
+    from instantid.models.tiny import file_lock
 
     folder = (cache or cache_dir()) / f"antelopev2-random-v{FORMAT_VERSION}"
     if (folder / DETECTOR).is_file() and (folder / RECOGNIZER).is_file():

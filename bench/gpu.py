@@ -8,7 +8,7 @@ ones cost: the work per step depends on shapes, not values.
 Rows (each profile that fits the GPU; the wall-clock budget skips the rest and says so):
 - `plain`: diffusers' own `StableDiffusionXLControlNetPipeline` with the same UNet and ControlNet,
   everything resident (the baseline), alternating with
-- `large`: `InstantIDPipeline` placed by `instantid.memory.apply_profile` with everything resident;
+- `large`: `InstantIDPipeline` placed by `instantid.models.memory.apply_profile` with everything resident;
   both at every speed (quality 30 steps, fast 8, turbo 4 without guidance, LCM 5), the speed's LoRA folded in,
   5 repeats each, median and spread;
 - `medium`: model CPU offload (the IdentityNet stays on the GPU), quality and turbo (peft adapter);
@@ -153,7 +153,7 @@ def _phases(quick: bool) -> list[tuple[str, Callable[[Plan, Any], list[dict[str,
 
 
 def _fits(name: str, total_vram: int, plan: Plan) -> tuple[bool, str]:
-    from instantid.memory import LARGE_MIN_BYTES, MEDIUM_MIN_BYTES
+    from instantid.models.memory import LARGE_MIN_BYTES, MEDIUM_MIN_BYTES
 
     if plan.dry_run:
         return True, ""
@@ -175,7 +175,7 @@ def _dtype(name: str) -> Any:
 def _build(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
     """The SDXL ControlNet pipeline's parts and ip-adapter.bin's content, random, allocated on the device in
     the plan's dtype from the start (nothing to download, no host copy)."""
-    from instantid.tiny import ModelShape, build_parts, ip_adapter_payload
+    from instantid.models.tiny import ModelShape, build_parts, ip_adapter_payload
 
     from . import SIZES
 
@@ -186,9 +186,9 @@ def _build(plan: Plan) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _instantid(parts: dict[str, Any], payload: dict[str, Any], plan: Plan) -> Any:
     """InstantID on the same UNet and ControlNet objects as the plain pipeline, so the comparison is fair."""
-    from instantid.attention import install_ip_processors
-    from instantid.pipeline import InstantIDPipeline
-    from instantid.resampler import build_resampler
+    from instantid.models.attention import install_ip_processors
+    from instantid.models.pipeline import InstantIDPipeline
+    from instantid.models.resampler import build_resampler
 
     resampler = build_resampler(payload["image_proj"], source="bench", dtype=_dtype(plan.dtype), device=plan.device)
     install_ip_processors(parts["unet"], payload["ip_adapter"], resampler.config.num_queries, source="bench")
@@ -200,8 +200,8 @@ def _instantid(parts: dict[str, Any], payload: dict[str, Any], plan: Plan) -> An
 def _load_loras(pipe: Any, plan: Plan, mode: str, names: tuple[str, ...] = ("fast", "turbo", "lcm")) -> Any:
     """The engine's `LoraSwitch` on `pipe`, with a random LoRA per speed of lcm-lora-sdxl's layers and rank, in fp16
     as released (the real fast and turbo LoRAs adapt a similar set: what a step costs does not depend on it)."""
-    from instantid.loras import LoraSwitch
-    from instantid.tiny import write_lora
+    from instantid.models.loras import LoraSwitch
+    from instantid.models.tiny import write_lora
 
     loras = LoraSwitch(pipe, mode)
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +213,7 @@ def _load_loras(pipe: Any, plan: Plan, mode: str, names: tuple[str, ...] = ("fas
 
 
 def _profile(name: str, plan: Plan) -> Any:
-    from instantid.memory import PROFILES
+    from instantid.models.memory import PROFILES
 
     base = PROFILES["medium" if name == "small-fp8" else name]
     profile = replace(base, name=name, vae_dtype="bfloat16" if not plan.dry_run else "float32")
@@ -242,7 +242,7 @@ def _layerwise_fp8(pipe: Any, plan: Plan) -> None:
 
 
 def _inputs(plan: Plan) -> dict[str, Any]:
-    from instantid import faces as face_lib
+    from instantid.vision import faces as face_lib
 
     r = plan.resolution
     # A face in the middle of a portrait: eyes, nose, mouth corners, at the scale of a 1024 px image.
@@ -316,7 +316,7 @@ def _figures(times: list[float]) -> dict[str, Any]:
 
 def _speed_runs(plan: Plan) -> list[tuple[str, int, float, str]]:
     """(speed, steps, guidance, scheduler) per speed, as the engine runs them (`requests.SPEEDS`)."""
-    from instantid.requests import SPEEDS
+    from instantid.request.requests import SPEEDS
 
     return [(s.name, plan.steps if plan.dry_run else s.steps, s.guidance, s.scheduler or "EulerDiscreteScheduler")
             for s in SPEEDS.values()]
@@ -385,8 +385,8 @@ def _resident_phase(plan: Plan, log: Any) -> list[dict[str, Any]]:
     """
     from diffusers import StableDiffusionXLControlNetPipeline
 
-    from instantid.memory import apply_profile
-    from instantid.pipeline import SCHEDULER_FACTORIES
+    from instantid.models.memory import apply_profile
+    from instantid.models.pipeline import SCHEDULER_FACTORIES
 
     parts, payload = _build(plan)
     inputs = _inputs(plan)
@@ -436,7 +436,7 @@ def _extra_controlnet_row(pipe: Any, parts: dict[str, Any], plan: Plan, inputs: 
     """
     import copy
 
-    from instantid.pipeline import ExtraControl
+    from instantid.models.pipeline import ExtraControl
 
     net = copy.deepcopy(parts["controlnet"])
     extra = (ExtraControl(name="canny", net=net, image=inputs["keypoint_image"], scale=0.4),)
@@ -449,7 +449,7 @@ def _extra_controlnet_row(pipe: Any, parts: dict[str, Any], plan: Plan, inputs: 
 
 def _offload_phase(name: str, plan: Plan, log: Any) -> list[dict[str, Any]]:
     """Placed by `apply_profile`; quality, then turbo with its LoRA the profile's way (peft adapters here)."""
-    from instantid.memory import apply_profile
+    from instantid.models.memory import apply_profile
 
     pipe = _instantid(*_build(plan), plan)
     profile = _profile(name, plan)

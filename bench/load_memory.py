@@ -1,10 +1,10 @@
 """load-memory: host RAM the engine needs to load the whole pipeline, against the official demo's way.
 
 Random SDXL-architecture checkpoints in the real repos' file layouts are written once into a local
-Hugging Face cache (`write_checkpoints`, with `instantid.tiny`'s builder); then fresh subprocesses each
+Hugging Face cache (`write_checkpoints`, with `instantid.models.tiny`'s builder); then fresh subprocesses each
 import everything first, note their resident set, load, and report how far RSS rose (peak and end):
 
-- `engine`: `instantid.loading.load_pipeline` with a GPU-class fp16 profile placed on the CPU (the
+- `engine`: `instantid.models.loading.load_pipeline` with a GPU-class fp16 profile placed on the CPU (the
   `large` profile with device "cpu"), so the weights stay fp16 and host RAM is what is measured;
 - with `cpu_profile`, also the `cpu` profile's own load, as a machine without a GPU runs it: bfloat16
   below 22 GiB of RAM (HF's free CPU basic), and float32 above (quick and micro sizes only: at full size
@@ -60,8 +60,8 @@ def write_checkpoints(cache: Path, size: str, log: Callable[[str], None] = lambd
     """
     import torch
 
-    from instantid.hub import is_published
-    from instantid.tiny import ModelShape, build_parts, file_lock, publish, write_instantid, write_sdxl
+    from instantid.models.hub import is_published
+    from instantid.models.tiny import ModelShape, build_parts, file_lock, publish, write_instantid, write_sdxl
 
     shape = ModelShape.sdxl(SIZES[size])
     parts = functools.cache(lambda: build_parts(shape, "meta"))  # written tensor by tensor, never in RAM
@@ -102,7 +102,7 @@ def _link_fp16_only(base_snapshot: Path, folder: Path) -> None:
 
 
 def _snapshot(cache: Path, repo_id: str) -> Path:
-    from instantid.hub import cached_snapshot
+    from instantid.models.hub import cached_snapshot
 
     snapshot = cached_snapshot(cache, repo_id)
     if snapshot is None:
@@ -339,15 +339,15 @@ def _imports() -> None:
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: F401
 
-    import instantid.attention
     import instantid.engine
-    import instantid.loading
-    import instantid.pipeline
-    import instantid.resampler  # noqa: F401
+    import instantid.models.attention
+    import instantid.models.loading
+    import instantid.models.pipeline
+    import instantid.models.resampler  # noqa: F401
 
 
 def _module_bytes(modules: dict[str, Any]) -> int:
-    from instantid.memory import component_info
+    from instantid.models.memory import component_info
 
     return sum(int(component_info(n, m)["bytes"]) for n, m in modules.items() if m is not None)
 
@@ -357,8 +357,8 @@ def _load_engine(
 ) -> tuple[dict[str, Any], str]:
     from dataclasses import replace
 
-    from instantid.loading import load_pipeline
-    from instantid.memory import CPU_BF16, PROFILES
+    from instantid.models.loading import load_pipeline
+    from instantid.models.memory import CPU_BF16, PROFILES
     from instantid.settings import Settings
 
     settings = Settings.from_env(
@@ -389,8 +389,8 @@ def _load_baseline(cache: str, base: str, repo: str, watch: RSSWatch) -> tuple[d
     from huggingface_hub import snapshot_download
     from torch import nn
 
-    from instantid.attention import IPAttnProcessor, SelfAttnProcessor
-    from instantid.resampler import Resampler, ResamplerConfig
+    from instantid.models.attention import IPAttnProcessor, SelfAttnProcessor
+    from instantid.models.resampler import Resampler, ResamplerConfig
 
     iid = Path(snapshot_download(repo, cache_dir=cache, local_files_only=True))
     controlnet = ControlNetModel.from_pretrained(str(iid / "ControlNetModel"), dtype=torch.float16)

@@ -7,7 +7,7 @@ wheel), with GPU-sized (1024 px) outputs:
 1. prepare: `Engine.prepare` on the uploaded file's bytes: validation, decoding, face detection and one
    recognition, keypoint image and face mask, and handing the decode's memory back (every photo is new to
    the engine: its photo cache is emptied before each request, except in the "same photo again" what-if);
-2. resampler: `instantid.pipeline.face_tokens` with the released resampler shape (1280 wide, 4 layers,
+2. resampler: `instantid.models.pipeline.face_tokens` with the released resampler shape (1280 wide, 4 layers,
    20 heads, 16 queries, 2048 out) in the cpu profile's dtype: the first thing the render stage does,
    on the CPU only where there is no GPU (on a GPU it is GPU time);
 3. finish: `Engine.finish` on an output-sized image (the photo resized to the output size stands in for
@@ -100,8 +100,8 @@ def _resampler(dtype: Any) -> Any:
     quantised dynamically to int8 (a what-if for CPUs without bf16)."""
     import torch
 
-    from instantid.resampler import build_resampler
-    from instantid.tiny import ModelShape, resampler_state_dict
+    from instantid.models.resampler import build_resampler
+    from instantid.models.tiny import ModelShape, resampler_state_dict
 
     state = resampler_state_dict(**ModelShape.sdxl().resampler)
     if dtype != torch.qint8:
@@ -273,10 +273,10 @@ def child_main(variant: Variant, n: int, start: int = 0) -> dict[str, Any]:
     import torch
 
     from instantid.engine import Engine
-    from instantid.loading import resampler_dtype
-    from instantid.memory import PROFILES, probe_hardware
-    from instantid.pipeline import face_tokens
-    from instantid.requests import Rendered, Request
+    from instantid.models.loading import resampler_dtype
+    from instantid.models.memory import PROFILES, probe_hardware
+    from instantid.models.pipeline import face_tokens
+    from instantid.request.requests import Rendered, Request
     from instantid.settings import Settings
 
     env = {"INSTANTID_PRESET": "real"}
@@ -394,7 +394,7 @@ def _face_folder(face_models: str, folder: Path) -> None:
         for name in (DETECTOR, RECOGNIZER):
             (folder / name).symlink_to(source / name)  # 280 MB: linked, not copied, for each process
         return
-    from instantid.tiny import copy_face_models
+    from instantid.models.tiny import copy_face_models
 
     copy_face_models(folder)
 
@@ -416,7 +416,7 @@ def _baseline_request(folder: Path, resampler: Any, short_side: int) -> Callable
     import torch
     from insightface.app import FaceAnalysis
 
-    from instantid import faces as face_lib
+    from instantid.vision import faces as face_lib
 
     app = FaceAnalysis(name=str(folder), providers=["CPUExecutionProvider"])
     app.prepare(ctx_id=0, det_size=(640, 640))

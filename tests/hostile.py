@@ -27,7 +27,7 @@ from PIL import Image
 ACCEPT = "accept"
 REFUSE = "refuse"
 
-# The refusal sentences come from instantid.images / instantid.faces; tests match these fragments.
+# The refusal sentences come from instantid.vision.images / instantid.vision.faces; tests match these fragments.
 NOT_AN_IMAGE = "not an image we can read"
 DAMAGED = "truncated or damaged"
 TOO_LARGE = "too large"

@@ -23,8 +23,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from instantid.gradio_adapter import MAX_PARKED_UPLOAD_LIMITS, MAX_PARKED_UPLOADS, PARTIAL_PREFIX, UploadGuard
-from instantid.requests import MAX_SEED
+from instantid.frontends.gradio_adapter import MAX_PARKED_UPLOAD_LIMITS, MAX_PARKED_UPLOADS, PARTIAL_PREFIX, UploadGuard
+from instantid.request.requests import MAX_SEED
 from tests import apprunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_view_api_tells_the_types_the_server_checks(client: Client) -> None:
 def test_a_keyword_of_another_mode_is_named(client: Client) -> None:
     """gradio_client refuses it itself before sending (its TypeError names it); the endpoint function, as MCP or a
     script calls it, says which modes take it."""
-    from instantid import api
+    from instantid.frontends import api
 
     with pytest.raises(TypeError, match="`width`"):
         client.predict(handle_file(str(FACE)), handle_file(str(FACE)), "x", width=128, api_name="/swap")

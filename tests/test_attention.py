@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from instantid.attention import IPAttnProcessor, SelfAttnProcessor, install_ip_processors
 from instantid.errors import CheckpointError
-from instantid.tiny import ModelShape, build_unet, ip_adapter_state_dict
+from instantid.models.attention import IPAttnProcessor, SelfAttnProcessor, install_ip_processors
+from instantid.models.tiny import ModelShape, build_unet, ip_adapter_state_dict
 
 
 @pytest.fixture()
@@ -84,8 +84,8 @@ def test_processor_math(unet) -> None:
 @pytest.mark.parametrize("size", [(1024, 832), (1016, 760), (128, 128)])
 def test_face_mask_reaches_attention_by_nearest_sampling(size: tuple[int, int]) -> None:
     """Every attention cell takes the pixel mask's value at floor(cell * pixels / cells): 0 or 1, no blend."""
-    from instantid.faces import face_mask
-    from instantid.pipeline import mask_pyramid
+    from instantid.models.pipeline import mask_pyramid
+    from instantid.vision.faces import face_mask
 
     width, height = size
     pixels = face_mask((width, height), (width * 0.31 + 0.4, height * 0.27 + 0.6, width * 0.69, height * 0.71))

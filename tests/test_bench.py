@@ -120,8 +120,8 @@ def test_checkpoints_are_loadable_and_shaped_like_the_release(tmp_path: Path) ->
     from safetensors import safe_open
 
     from bench.load_memory import _snapshot, write_checkpoints
-    from instantid.loading import load_ip_adapter_file
-    from instantid.resampler import ResamplerConfig
+    from instantid.models.loading import load_ip_adapter_file
+    from instantid.models.resampler import ResamplerConfig
 
     info = write_checkpoints(tmp_path, "micro")
     again = write_checkpoints(tmp_path, "micro")
@@ -145,7 +145,7 @@ def test_full_size_shapes_match_sdxl() -> None:
     """Full size is real SDXL: the parameter counts of the released checkpoints."""
     import torch
 
-    from instantid.tiny import ModelShape, build_parts, ip_adapter_payload
+    from instantid.models.tiny import ModelShape, build_parts, ip_adapter_payload
 
     shape = ModelShape.sdxl()
     parts = build_parts(shape, "meta")
@@ -185,8 +185,8 @@ def test_overhead_three_requests(bench_runs: BenchRuns) -> None:
 
 def test_overhead_what_if_path_runs_in_process() -> None:
     from bench import overhead
-    from instantid.loading import resampler_dtype
-    from instantid.memory import PROFILES
+    from instantid.models.loading import resampler_dtype
+    from instantid.models.memory import PROFILES
 
     out = overhead.child_main(overhead.WHAT_IFS[0], 1)
     # bfloat16 where the CPU has native bf16 matmuls, float32 elsewhere (an AMD EPYC without it failed here).

@@ -16,9 +16,9 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from instantid.hub import publish_folder
-from instantid.requests import DEFAULT_PROMPT
-from instantid.tiny import ModelShape, build_parts, write_instantid, write_sdxl
+from instantid.models.hub import publish_folder
+from instantid.models.tiny import ModelShape, build_parts, write_instantid, write_sdxl
+from instantid.request.requests import DEFAULT_PROMPT
 
 
 def cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:

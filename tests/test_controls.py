@@ -11,7 +11,8 @@ import PIL.Image
 import pytest
 from skimage.data import astronaut
 
-from instantid.controls import (
+from instantid.errors import CheckpointError, ImageError, InvalidParameter
+from instantid.models.controls import (
     COCO_KEYPOINTS,
     CONTROLS,
     ESTIMATOR_FILES,
@@ -31,9 +32,8 @@ from instantid.controls import (
     make_condition,
     openpose_colors,
 )
-from instantid.errors import CheckpointError, ImageError, InvalidParameter
+from instantid.models.tiny_controls import save_depth_estimator, save_person_detector, save_pose_estimator
 from instantid.settings import CONTROL_TYPES, ControlType
-from instantid.tiny_controls import save_depth_estimator, save_person_detector, save_pose_estimator
 
 SIZES = [(128, 128), (300, 200)]
 

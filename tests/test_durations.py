@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from instantid import api, durations, ui
-from instantid.durations import MAX_DURATION_S, Figures, Record, Shape, ask_seconds, shape_of
-from instantid.requests import Job
+from instantid.frontends import api, ui
+from instantid.request import durations
+from instantid.request.durations import MAX_DURATION_S, Figures, Record, Shape, ask_seconds, shape_of
+from instantid.request.requests import Job
 
 # A default request on the real models: 30 guided steps at the automatic 1024x1280, one image.
 DEFAULT = Shape(steps=30, images=1, megapixels=1024 * 1280 / 2**20, guided=True)

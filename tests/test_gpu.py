@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from instantid.requests import Request
+from instantid.request.requests import Request
 
 pytestmark = pytest.mark.gpu
 

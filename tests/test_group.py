@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instantid.errors import InvalidParameter, NoFaceError, UserError
-from instantid.requests import Request
+from instantid.request.requests import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 ASTRONAUT, HOPPER, PAIR = (str(ROOT / "assets" / name) for name in ("astronaut.jpg", "grace_hopper.jpg",
@@ -68,8 +68,8 @@ def test_automatic_layout_places_everyone_side_by_side(tiny_engine) -> None:
 def test_attention_locality_is_exact() -> None:
     """Changing person B's face tokens changes the IP attention's output inside B's region, and not one value
     outside it."""
-    from instantid.attention import IPAttnProcessor
-    from instantid.tiny import ModelShape, build_unet
+    from instantid.models.attention import IPAttnProcessor
+    from instantid.models.tiny import ModelShape, build_unet
 
     unet = build_unet(ModelShape.tiny())
     attn = next(m for n, m in unet.named_modules() if n.endswith("attn2"))
@@ -206,8 +206,8 @@ def test_group_refusals_say_what_and_who(tiny_engine, photos) -> None:
 
 def test_each_person_is_scored_on_their_own_face(tiny_engine) -> None:
     """On a real photo of the two people: each face is matched to the right person, each person once."""
-    from instantid.faces import match_people
-    from instantid.images import image_to_array, load_image
+    from instantid.vision.faces import match_people
+    from instantid.vision.images import image_to_array, load_image
 
     analyzer = tiny_engine.faces()
 
@@ -227,7 +227,7 @@ def test_each_person_is_scored_on_their_own_face(tiny_engine) -> None:
 
 
 def test_the_group_result_names_each_person(tiny_engine) -> None:
-    from instantid.api import _gallery
+    from instantid.frontends.api import _gallery
 
     result = group(tiny_engine, [[ASTRONAUT], [HOPPER]], names="Ada, Ben", num_images=2)
     assert [list(row) for row in result.person_similarities] == [["Ada", "Ben"]] * 2
@@ -242,7 +242,7 @@ def test_zerogpu_duration_grows_with_the_people() -> None:
     by the observed figures."""
     from types import SimpleNamespace
 
-    from instantid.durations import Figures, ask_seconds, shape_of
+    from instantid.request.durations import Figures, ask_seconds, shape_of
 
     def job(people: int) -> SimpleNamespace:
         return SimpleNamespace(width=1280, height=832, controls={}, denoising_steps=30, num_images=1,
@@ -260,8 +260,8 @@ def test_zerogpu_duration_grows_with_the_people() -> None:
 def test_the_page_offers_group_with_its_own_inputs() -> None:
     import inspect
 
-    from instantid import api, ui
-    from instantid.requests import params_for
+    from instantid.frontends import api, ui
+    from instantid.request.requests import params_for
     from instantid.settings import Settings
 
     demo = ui.build_demo(api.ENDPOINTS, api.status, settings=Settings())

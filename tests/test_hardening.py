@@ -33,7 +33,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from instantid import errors
-from instantid.requests import MAX_PROMPT_CHARS, Request
+from instantid.request.requests import MAX_PROMPT_CHARS, Request
 from tests import apprunner, hostile
 
 FAST = {"num_steps": 1, "seed": 1}
@@ -93,7 +93,7 @@ def pixels(result: Any) -> np.ndarray:
 
 
 # --- the command line ------------------------------------------------------------------------------
-# In process, `instantid.__main__.main` (argument parsing, the engine, error printing, exit status) runs
+# In process, `instantid.frontends.cli.main` (argument parsing, the engine, error printing, exit status) runs
 # against the shared tiny engine in milliseconds per refusal. A few runs are real `python -m instantid`
 # processes (2-3 s each for a refusal, about 10 s for a tiny generation), in one pool started by the first
 # test that needs them.
@@ -113,7 +113,7 @@ CLI_PARAMETERS = [
 ]
 
 # Each hostile upload is decided once, where the decision is made (`test_hostile_upload_is_decided`: the
-# engine's CPU stage, which decodes with instantid.images and finds the faces). The front ends only carry
+# engine's CPU stage, which decodes with instantid.vision.images and finds the faces). The front ends only carry
 # that decision: a few cases each show that a refusal, a bomb, a missing face and an accepted photo (with
 # its warning or its orientation) come through intact, in each front end's own form.
 THROUGH_ENGINE = ["truncated_jpeg", "no_face", "rgb16", "exif_rotate_6", "many_faces"]
@@ -139,7 +139,7 @@ def upload_args(path: Path, out: Path) -> list[str]:
 def cli_main(tiny_engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     """`python -m instantid ...` in this process, on the shared tiny engine: (exit status, stdout, stderr)."""
     import instantid.engine as engine_mod
-    from instantid.__main__ import main
+    from instantid.frontends.cli import main
 
     monkeypatch.setattr(engine_mod, "_engine", tiny_engine)
 
@@ -625,7 +625,7 @@ RSS_SCRIPT = """
 import json, os, sys, threading
 import psutil
 from instantid.engine import Engine
-from instantid.requests import Request
+from instantid.request.requests import Request
 from instantid.settings import Settings
 from tests import hostile
 
@@ -677,7 +677,7 @@ def test_missing_checkpoint_is_named_and_a_later_request_retries(
 ) -> None:
     """The Hub is unreachable (offline) and the cache lacks a repo or a file: a clear error, then recovery."""
     from instantid.engine import Engine
-    from instantid.hub import cached_snapshot, publish_folder
+    from instantid.models.hub import cached_snapshot, publish_folder
     from instantid.settings import TINY_BASE_MODEL, TINY_INSTANTID_REPO
 
     cache = tmp_path / "hub"
@@ -755,7 +755,7 @@ def spare_engine(tiny_settings):
 def gpu_like(spare_engine, monkeypatch: pytest.MonkeyPatch):
     """The spare engine pretending to run the `large` GPU profile; placement calls are recorded, not run."""
     import instantid.engine as engine_mod
-    from instantid.memory import PROFILES
+    from instantid.models.memory import PROFILES
 
     placed: list[str] = []
     freed: list[int] = []
@@ -793,7 +793,7 @@ def test_oom_twice_is_a_clear_error_and_the_engine_serves_on(gpu_like, photos: d
 
 
 def test_oom_without_a_leaner_profile_is_a_clear_error(gpu_like, photos: dict[str, Path]) -> None:
-    from instantid.memory import PROFILES
+    from instantid.models.memory import PROFILES
 
     engine, placed, _ = gpu_like
     engine.profile = PROFILES["zerogpu"]
@@ -861,7 +861,7 @@ def test_an_exception_mid_request_never_poisons_the_shared_pipeline(tiny_engine,
 
 # A minute or more of denoising on two cores: long enough that a worker that is not freed shows.
 LONG_JOB = {"num_steps": 100, "width": 512, "height": 512}
-STOPPED = "generation stopped: the client cancelled or disconnected"  # logged by instantid.api
+STOPPED = "generation stopped: the client cancelled or disconnected"  # logged by instantid.frontends.api
 
 
 def _wait_for_denoising(job: Any, timeout: float = 60) -> None:
@@ -927,7 +927,7 @@ class _Payload:
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     import torch
 
-    from instantid.loading import load_ip_adapter_file
+    from instantid.models.loading import load_ip_adapter_file
 
     marker = tmp_path / "pwned"
     path = tmp_path / "ip-adapter.bin"
@@ -958,7 +958,7 @@ def test_uploads_stay_in_gradio_temp_and_are_cleaned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Uploads land only in Gradio's temp folder, and the app's own Blocks deletes them on a schedule."""
-    from instantid import api, ui
+    from instantid.frontends import api, ui
 
     marker = photos["hanks"]
     client.predict(handle_file(str(marker)), "a portrait", api_name="/generate", **FAST)

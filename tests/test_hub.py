@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from instantid.errors import CheckpointError
-from instantid.hub import (
+from instantid.models.hub import (
     RepoRef,
     choose_weights,
     face_model_files,
@@ -138,9 +138,9 @@ def test_preload_plan_is_what_the_resident_start_up_fetches(tiny_settings, monke
     import dataclasses
 
     import instantid.engine as engine_mod
-    import instantid.hub as hub_mod
-    import instantid.loading as loading_mod
-    from instantid.__main__ import preload_yaml
+    import instantid.models.hub as hub_mod
+    import instantid.models.loading as loading_mod
+    from instantid.frontends.cli import preload_yaml
 
     fetched: set[tuple[str, str]] = set()
     real_fetch = hub_mod.fetch

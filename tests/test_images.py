@@ -1,4 +1,4 @@
-"""instantid.images against a hostile corpus generated at run time (no binary files are committed)."""
+"""instantid.vision.images against a hostile corpus generated at run time (no binary files are committed)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from instantid.errors import ImageError, UserError
-from instantid.images import image_to_array, load_image
+from instantid.vision.images import image_to_array, load_image
 
 MAX_BYTES = 25 * 2**20
 MAX_PIXELS = 50_000_000

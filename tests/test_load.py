@@ -23,7 +23,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import QueueError
 
-from instantid.requests import Request
+from instantid.request.requests import Request
 from tests import apprunner
 
 CLIENTS = 8

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from instantid import memory
 from instantid.errors import SettingsError
-from instantid.memory import (
+from instantid.models import memory
+from instantid.models.memory import (
     GIB,
     PROFILES,
     Hardware,
@@ -510,7 +510,7 @@ def test_apply_profile_group_offload(low_cpu_mem_usage: bool | None) -> None:
 def test_apply_cpu_profile_to_a_real_tiny_pipeline_without_touching_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     from diffusers import StableDiffusionXLControlNetPipeline
 
-    from instantid.tiny import ModelShape, build_parts
+    from instantid.models.tiny import ModelShape, build_parts
 
     pipe = StableDiffusionXLControlNetPipeline(**build_parts(ModelShape.tiny()))
 
@@ -538,9 +538,9 @@ def test_loaded_pipeline_keeps_nothing_of_the_ip_adapter_file(tiny_settings, pro
     import gc
     from dataclasses import replace
 
-    from instantid.loading import load_pipeline
-    from instantid.memory import PROFILES
-    from instantid.tiny import ensure_tiny_checkpoints
+    from instantid.models.loading import load_pipeline
+    from instantid.models.memory import PROFILES
+    from instantid.models.tiny import ensure_tiny_checkpoints
 
     ensure_tiny_checkpoints(tiny_settings)
     # Placed on the CPU either way: what is checked is what stays mapped in host memory.

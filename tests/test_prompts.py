@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from instantid.errors import InvalidParameter
-from instantid.prompts import (
+from instantid.request.prompts import (
     MAX_WEIGHT,
     PromptEmbeds,
     WeightedTokens,
@@ -30,7 +30,7 @@ from instantid.prompts import (
     parse_emphasis,
     weighted_tokens,
 )
-from instantid.requests import MAX_PROMPT_CHARS, Request
+from instantid.request.requests import MAX_PROMPT_CHARS, Request
 
 CPU = torch.device("cpu")
 OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"

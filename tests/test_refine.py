@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from instantid import durations
 from instantid.errors import InvalidParameter
-from instantid.requests import Request
+from instantid.request import durations
+from instantid.request.requests import Request
 
 ROOT = Path(__file__).resolve().parents[1]
 ASTRONAUT, HOPPER = (str(ROOT / "assets" / name) for name in ("astronaut.jpg", "grace_hopper.jpg"))

@@ -8,8 +8,8 @@ import inspect
 
 import pytest
 
-from instantid import requests
-from instantid.requests import (
+from instantid.request import requests
+from instantid.request.requests import (
     DERIVED,
     GATHERED,
     MODE_SPECS,
@@ -101,8 +101,8 @@ def test_each_mode_is_one_record() -> None:
 
 
 def test_the_front_ends_read_the_records() -> None:
-    from instantid import api
-    from instantid.__main__ import _parser
+    from instantid.frontends import api
+    from instantid.frontends.cli import _parser
 
     assert list(api.ENDPOINTS) == list(MODES)
     commands = _parser().commands
@@ -128,8 +128,8 @@ def test_every_mode_has_its_scene_in_the_engine() -> None:
 
 def test_no_seed_given_is_a_random_seed_everywhere() -> None:
     """One rule: a seed not given is a random one (the engine draws it; the seed used is returned)."""
-    from instantid import api
-    from instantid.__main__ import _parser
+    from instantid.frontends import api
+    from instantid.frontends.cli import _parser
 
     assert PARAMS["seed"].default is None and Request(face_images=["a.png"]).seed is None
     assert Request.from_api({"face_image": "a.png", "prompt": ""}).seed is None

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from instantid.errors import CheckpointError
-from instantid.resampler import Resampler, ResamplerConfig, build_resampler
-from instantid.tiny import resampler_state_dict
+from instantid.models.resampler import Resampler, ResamplerConfig, build_resampler
+from instantid.models.tiny import resampler_state_dict
 
 
 def released_shape_state_dict() -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from instantid.errors import InvalidParameter, SettingsError, UserError
-from instantid.requests import Request
+from instantid.request.requests import Request
 from instantid.settings import Settings
 
 

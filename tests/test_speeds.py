@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from instantid.errors import CheckpointError, InvalidParameter
-from instantid.requests import SPEEDS, Request
+from instantid.request.requests import SPEEDS, Request
 
 
 def snapshot(engine) -> dict[str, torch.Tensor]:
@@ -87,8 +87,8 @@ def test_switching_speeds_fifty_times_restores_every_weight_exactly(speed_engine
 
 def test_fused_weights_give_the_adapters_output(speed_engine) -> None:
     """The folded weights compute what peft's adapter layers compute (linear and 3x3 convolution layers)."""
-    from instantid.loading import load_speed_lora
-    from instantid.loras import LoraSwitch
+    from instantid.models.loading import load_speed_lora
+    from instantid.models.loras import LoraSwitch
 
     unet = speed_engine.pipe.unet
     cfg = unet.config
@@ -148,7 +148,7 @@ def test_a_speed_whose_lora_failed_is_refused_with_the_reason(tiny_settings, pho
 
 def test_speed_defaults_are_declared_once() -> None:
     """The page's and the API's help name each speed's steps from the same records the engine uses."""
-    from instantid.requests import PARAMS
+    from instantid.request.requests import PARAMS
 
     for s in SPEEDS.values():
         assert f"{s.steps} {s.name}" in PARAMS["num_steps"].info

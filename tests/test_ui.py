@@ -23,9 +23,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from instantid import api, ui
 from instantid.errors import InvalidParameter, NoFaceError
-from instantid.requests import (
+from instantid.frontends import api, ui
+from instantid.request.requests import (
     DEFAULT_GUIDANCE,
     DEFAULT_STEPS,
     MAX_SEED,
@@ -482,7 +482,8 @@ def test_gpu_stage_errors_cross_the_worker_with_their_message(engine: FakeEngine
 
 
 def test_ui_and_api_do_not_import_torch() -> None:
-    code = "import sys, instantid.ui, instantid.api; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, instantid.frontends.ui, instantid.frontends.api; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
@@ -501,7 +502,7 @@ def _demo_with_modes() -> gr.Blocks:
 
 
 def test_each_mode_is_its_named_endpoint_with_its_own_parameters() -> None:
-    from instantid.requests import params_for
+    from instantid.request.requests import params_for
 
     info = _demo_with_modes().get_api_info()["named_endpoints"]
     assert set(info) == {"/generate", "/restyle", "/swap", "/status"}, "the mode choice stays out of the API"

@@ -20,7 +20,7 @@ import pytest
 
 from tests.apprunner import App, start_app
 
-STOPPED = "generation stopped: the client cancelled or disconnected"  # logged by instantid.api
+STOPPED = "generation stopped: the client cancelled or disconnected"  # logged by instantid.frontends.api
 
 
 class DeviceAPI:
@@ -114,7 +114,7 @@ def test_durations_start_from_the_prior_then_follow_what_the_worker_measured(
     app's record must not have seen a GPU call yet."""
     from gradio_client import Client, handle_file
 
-    from instantid import durations
+    from instantid.request import durations
 
     app, device, facts = zerogpu
     assert device.paths().count("/schedule") == 0, "must run before any other GPU call of this module"
@@ -199,7 +199,7 @@ def test_an_unavailable_part_is_refused_with_its_reason(zerogpu: tuple[App, Devi
 def test_generation_runs_in_the_zerogpu_worker(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:
     from gradio_client import Client, handle_file
 
-    from instantid import durations
+    from instantid.request import durations
 
     app, device, _ = zerogpu
     client = Client(app.url, verbose=False)

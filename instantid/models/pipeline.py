@@ -48,9 +48,9 @@ from diffusers import (
 from diffusers.models import MultiControlNetModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .errors import InvalidParameter
-from .prompts import encode_prompts
-from .requests import PARAMS
+from ..errors import InvalidParameter
+from ..request.prompts import encode_prompts
+from ..request.requests import PARAMS
 from .resampler import Resampler
 
 SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -473,7 +473,7 @@ class InstantIDMixin:
         img2img and inpaint variants take their own arguments (`image`, `mask_image`, `strength`) in `kwargs`.
 
         `group` (two or more people, each with `embedding`, `keypoint_image` and `region`, as
-        `instantid.requests.GroupPerson`): one set of face tokens, one IdentityNet run and (by default) one UNet
+        `instantid.request.requests.GroupPerson`): one set of face tokens, one IdentityNet run and (by default) one UNet
         pass per person, each acting only in that person's region; `face_embedding`, `keypoint_image` and
         `face_mask` are then not used.
         `group_residuals` says whether each person's IdentityNet residuals are kept only in their region ("mask")
@@ -634,7 +634,7 @@ def share_pipeline(base: InstantIDMixin, cls: type[InstantIDMixin]) -> Any:
 
 
 def mode_pipelines(base: InstantIDPipeline) -> dict[str, Any]:
-    """The pipelines a mode can run with (`instantid.requests.PIPELINES`), all on `base`'s modules."""
+    """The pipelines a mode can run with (`instantid.request.requests.PIPELINES`), all on `base`'s modules."""
     return {
         "base": base,
         "img2img": share_pipeline(base, InstantIDImg2ImgPipeline),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # Sequence length -> (batch or 1, sequence, 1) mask, built once per request for every UNet resolution.
 IPMasks = Mapping[int, torch.Tensor]

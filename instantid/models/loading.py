@@ -10,8 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import faces as face_lib
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..settings import CONTROL_TYPES, Settings
+from ..vision import faces as face_lib
 from .hub import (
     RepoRef,
     choose_weights,
@@ -25,7 +26,6 @@ from .hub import (
     resolve_face_models,
 )
 from .memory import Profile, apply_profile, torch_dtype
-from .settings import CONTROL_TYPES, Settings
 
 Record = Callable[[str, Any, Path], None]
 
@@ -74,7 +74,7 @@ LORA_LABELS = {"fast": "fast LoRA", "turbo": "turbo LoRA", "lcm": "LCM-LoRA"}
 
 def load_speed_lora(loras: Any, s: Settings, name: str, record: Record = _ignore) -> None:
     """The LoRA of speed `name` (`requests.SPEEDS`: fast, turbo, lcm) into the engine's `LoraSwitch`, off."""
-    from .requests import SPEEDS
+    from ..request.requests import SPEEDS
 
     field_name = SPEEDS[name].lora
     assert field_name is not None, f"speed {name} runs on the base weights"
@@ -343,7 +343,7 @@ def loader_files(s: Settings) -> dict[tuple[str, str], list[str]]:
         *component_files(files, "/".join(p for p in (repo.subfolder, "ControlNetModel") if p)),
         ip_adapter_file(repo, files),
     ])
-    from .requests import SPEEDS
+    from ..request.requests import SPEEDS
 
     for speed in SPEEDS.values():
         if speed.lora is not None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import InvalidParameter, UserError
-from .settings import CONTROLNET_NAMES
+from ..errors import InvalidParameter, UserError
+from ..settings import CONTROLNET_NAMES
 from .styles import NO_STYLE, STYLE_NAMES
 
 # An image as any caller may hand it over: a path, raw bytes, a PIL image or an RGB uint8 array.
@@ -220,9 +220,9 @@ def check_controls(name: str, value: Any) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Param:
-    """One request parameter, declared once. The API signature and its docstring (`instantid.api`), the
-    page's controls (`instantid.ui`), the command-line flags (`instantid.__main__`) and validation (`check`)
-    are all made from these entries; `Request` holds the checked values.
+    """One request parameter, declared once. The API signature and its docstring (`instantid.frontends.api`),
+    the page's controls (`instantid.frontends.ui`), the command-line flags (`instantid.frontends.cli`) and validation
+    (`check`) are all made from these entries; `Request` holds the checked values.
     """
 
     name: str
@@ -261,7 +261,7 @@ class Param:
             return check_controls(self.name, value)
         if self.kind == "images" and value is not None and not isinstance(value, (list, tuple)):
             raise InvalidParameter(self.name, value, "must be a list of photos")
-        return value  # photos: `instantid.images` checks them when it decodes them
+        return value  # photos: `instantid.vision.images` checks them when it decodes them
 
 
 _STRENGTH: dict[str, Any] = {"kind": "number", "lo": 0, "hi": MAX_STRENGTH, "step": 0.05}

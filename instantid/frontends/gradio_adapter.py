@@ -4,7 +4,7 @@ Why it exists: Gradio offers no public hook between an API payload and a compone
 Its refusals do not name the parameter ("Value 1000 is greater than maximum value 100." - which of 19?),
 a value of the wrong type becomes an anonymous server error, it would read "false" as true and round
 3.7 to 4, and a `gr.Image` opens every upload with PIL before our code sees it (so a file that is not an
-image, or a bomb, would also end as an anonymous error instead of `instantid.images`' sentence).
+image, or a bomb, would also end as an anonymous error instead of `instantid.vision.images`' sentence).
 
 `guard_input` wraps one component instance's `preprocess` (a public method, replaced on the instance: a
 subclass would make Gradio write a `.pyi` stub beside this file). Everything else in the app uses public
@@ -26,8 +26,8 @@ import pydantic
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
-from .errors import InvalidParameter
-from .requests import Param, format_bound
+from ..errors import InvalidParameter
+from ..request.requests import Param, format_bound
 
 
 def input_error(component: Any, name: str, value: Any, exc: Exception) -> str:

@@ -1,9 +1,9 @@
 """Gradio builders: the Generate tab (with its modes: Generate, Restyle, Face swap, Group) and the Status tab.
 
-`build_demo` receives the functions it wires up, one per mode (the real ones live in `instantid.api`; tests
+`build_demo` receives the functions it wires up, one per mode (the real ones live in `instantid.frontends.api`; tests
 pass fakes), so nothing here imports torch or the engine. Each takes its mode's parameters in the order
-`instantid.requests.params_for(mode)` declares: Gradio names the API parameters after the function's signature.
-The modes' labels and buttons are their records' (`instantid.requests.MODE_SPECS`).
+`instantid.request.requests.params_for(mode)` declares: Gradio names the API parameters after the function's signature.
+The modes' labels and buttons are their records' (`instantid.request.requests.MODE_SPECS`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from .gradio_adapter import KEEP_TYPED_NUMBERS_JS, guard_input
-from .memory import PROFILES
-from .requests import (
+from ..models.memory import PROFILES
+from ..request.requests import (
     DEFAULT_CONTROLNET_STRENGTH,
     MAX_SEED,
     MAX_STRENGTH,
@@ -32,7 +31,8 @@ from .requests import (
     params_for,
     random_seed,
 )
-from .settings import CONTROL_TYPES, Settings
+from ..settings import CONTROL_TYPES, Settings
+from .gradio_adapter import KEEP_TYPED_NUMBERS_JS, guard_input
 
 STATUS_REFRESH_S = 4.0
 # Samples of the memory plot the server keeps (one every 4 s: the last 10 minutes).
@@ -416,7 +416,7 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
     options = {"label": p.label or p.name, "visible": bool(p.label) and visible, **({"info": p.info} if p.info else {}),
                **PAGE_OPTIONS.get(p.name, {})}
     if p.kind == "image":
-        # image_mode=None: the file is handed over untouched, `instantid.images` decodes it.
+        # image_mode=None: the file is handed over untouched, `instantid.vision.images` decodes it.
         return gr.Image(type="filepath", image_mode=None, sources=PHOTO_SOURCES, **{"height": 240, **options})
     if p.kind == "images":
         return gr.File(file_count="multiple", file_types=["image"], type="filepath", **options)
@@ -458,7 +458,7 @@ def _mode_control(c: dict[str, Any], p: Param, settings: Settings, modes: Sequen
     which the mode choice shows and hides. Never the input itself: Gradio answers an update of a component
     (visibility too) with a new instance of it for that session, without `guard_input`'s checks (a face index
     of 150 got Gradio's own "Value 150 is greater than maximum value 99." after a mode switch, and a photo
-    would be decoded by Gradio before `instantid.images` checks it)."""
+    would be decoded by Gradio before `instantid.vision.images` checks it)."""
     if not p.label or not set(modes) - set(p.modes) or p.kind == "controls":
         return make_control(p, settings, visible=modes[0] in p.modes)
     with gr.Column(visible=modes[0] in p.modes, min_width=0) as c[f"{p.name}_box"]:
@@ -522,11 +522,12 @@ def build_demo(
 ) -> gr.Blocks:
     """Build the Blocks app.
 
-    fns: per mode (`instantid.requests.MODES`), its function, e.g. {"generate": api.generate, "swap": api.swap}
-      (`instantid.api.ENDPOINTS` holds every mode's). Each takes the inputs `instantid.requests.params_for(mode)`
-      declares (same order, same names, plus an optional `progress=gr.Progress()`), yields `gr.skip()` while it
-      works and then (gallery, seed, similarities, keypoint image, timings); raises gr.Error for user-facing
-      problems. A mode without its function is not offered (nor its endpoint); the first offered is shown first.
+    fns: per mode (`instantid.request.requests.MODES`), its function, e.g. {"generate": api.generate, "swap": api.swap}
+      (`instantid.frontends.api.ENDPOINTS` holds every mode's). Each takes the inputs
+      `instantid.request.requests.params_for(mode)` declares (same order, same names, plus an optional
+      `progress=gr.Progress()`), yields `gr.skip()` while it works and then (gallery, seed, similarities,
+      keypoint image, timings); raises gr.Error for user-facing problems.
+      A mode without its function is not offered (nor its endpoint); the first offered is shown first.
     status_fn: returns the engine's JSON-ready report.
     examples: per mode, rows of that mode's inputs by parameter name (every row of a mode names the same
       ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .errors import CheckpointError, ImageError, NoFaceError
+from ..errors import CheckpointError, ImageError, NoFaceError
 
 DETECTION_MAX_SIDE = 1536
 MIN_FACE_WIDTH = 32

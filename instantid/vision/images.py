@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import ImageError
+from ..errors import ImageError
 
 ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
 

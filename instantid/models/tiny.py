@@ -25,9 +25,7 @@ from typing import Any
 
 import torch
 
-from .controls import estimator_writers
-from .hub import RepoRef, is_published, publish_folder
-from .settings import (
+from ..settings import (
     TINY_BASE_MODEL,
     TINY_CONTROLNETS,
     TINY_FAST_LORA,
@@ -37,6 +35,8 @@ from .settings import (
     Settings,
     tiny_estimator_repo,
 )
+from .controls import estimator_writers
+from .hub import RepoRef, is_published, publish_folder
 
 # SDXL base 1.0's scheduler_config.json.
 SCHEDULER_CONFIG = {

@@ -25,9 +25,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..errors import CheckpointError, ImageError, InvalidParameter
+from ..settings import CONTROL_TYPES, ControlType, Settings
 from . import tiny_controls
-from .errors import CheckpointError, ImageError, InvalidParameter
-from .settings import CONTROL_TYPES, ControlType, Settings
 
 # Files each estimator folder needs; the hub layer can pass these as `allow_patterns` so a snapshot
 # download skips READMEs and alternative weight formats.

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import SettingsError
-from .settings import MEMORY_PROFILES
+from ..errors import SettingsError
+from ..settings import MEMORY_PROFILES
 
 GIB = 1024**3
 

@@ -35,7 +35,7 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .errors import InvalidParameter
+from ..errors import InvalidParameter
 
 ROUND_FACTOR = 1.1  # "(words)"
 SQUARE_FACTOR = 1 / 1.1  # "[words]"

@@ -1,0 +1,1 @@
+"""Vision: untrusted image decoding (images), face detection and embeddings (faces)."""
