@@ -190,7 +190,8 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
 
     import instantid.models.controls  # noqa: F401
     from instantid.engine import Engine
-    from instantid.models.memory import PROFILES, component_info
+    from instantid.models.memory import PROFILES
+    from instantid.models.memory_report import component_info
 
     from .load_memory import RSSWatch, _imports, _touch
 

@@ -242,7 +242,7 @@ def _layerwise_fp8(pipe: Any, plan: Plan) -> None:
 
 
 def _inputs(plan: Plan) -> dict[str, Any]:
-    from instantid.vision import faces as face_lib
+    from instantid.vision import geometry
 
     r = plan.resolution
     # A face in the middle of a portrait: eyes, nose, mouth corners, at the scale of a 1024 px image.
@@ -250,8 +250,8 @@ def _inputs(plan: Plan) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     return {
         "face_embedding": (rng.standard_normal(512) * 1.2).astype(np.float32),
-        "keypoint_image": face_lib.draw_keypoints((r, r), kps),
-        "face_mask": face_lib.face_mask((r, r), (0.3 * r, 0.25 * r, 0.7 * r, 0.75 * r)),
+        "keypoint_image": geometry.draw_keypoints((r, r), kps),
+        "face_mask": geometry.face_mask((r, r), (0.3 * r, 0.25 * r, 0.7 * r, 0.75 * r)),
     }
 
 
@@ -316,7 +316,7 @@ def _figures(times: list[float]) -> dict[str, Any]:
 
 def _speed_runs(plan: Plan) -> list[tuple[str, int, float, str]]:
     """(speed, steps, guidance, scheduler) per speed, as the engine runs them (`requests.SPEEDS`)."""
-    from instantid.request.requests import SPEEDS
+    from instantid.request.declaration import SPEEDS
 
     return [(s.name, plan.steps if plan.dry_run else s.steps, s.guidance, s.scheduler or "EulerDiscreteScheduler")
             for s in SPEEDS.values()]

@@ -347,7 +347,7 @@ def _imports() -> None:
 
 
 def _module_bytes(modules: dict[str, Any]) -> int:
-    from instantid.models.memory import component_info
+    from instantid.models.memory_report import component_info
 
     return sum(int(component_info(n, m)["bytes"]) for n, m in modules.items() if m is not None)
 

@@ -416,7 +416,7 @@ def _baseline_request(folder: Path, resampler: Any, short_side: int) -> Callable
     import torch
     from insightface.app import FaceAnalysis
 
-    from instantid.vision import faces as face_lib
+    from instantid.vision import geometry
 
     app = FaceAnalysis(name=str(folder), providers=["CPUExecutionProvider"])
     app.prepare(ctx_id=0, det_size=(640, 640))
@@ -437,7 +437,7 @@ def _baseline_request(folder: Path, resampler: Any, short_side: int) -> Callable
         t: dict[str, float] = {}
         img = _timed(t, "decode_ms", lambda: resize_like_demo(PIL.Image.open(io.BytesIO(data)).convert("RGB")))
         info = _timed(t, "faces_ms", lambda: largest(app.get(cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2BGR))))
-        _timed(t, "keypoints_ms", lambda: face_lib.draw_keypoints(img.size, info.kps))
+        _timed(t, "keypoints_ms", lambda: geometry.draw_keypoints(img.size, info.kps))
 
         def encode() -> Any:
             emb = torch.from_numpy(np.asarray(info.embedding, np.float32)).reshape(1, 1, -1)

@@ -24,7 +24,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from instantid.frontends.gradio_adapter import MAX_PARKED_UPLOAD_LIMITS, MAX_PARKED_UPLOADS, PARTIAL_PREFIX, UploadGuard
-from instantid.request.requests import MAX_SEED
+from instantid.request.declaration import MAX_SEED
 from tests import apprunner
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -85,7 +85,7 @@ def test_processor_math(unet) -> None:
 def test_face_mask_reaches_attention_by_nearest_sampling(size: tuple[int, int]) -> None:
     """Every attention cell takes the pixel mask's value at floor(cell * pixels / cells): 0 or 1, no blend."""
     from instantid.models.pipeline import mask_pyramid
-    from instantid.vision.faces import face_mask
+    from instantid.vision.geometry import face_mask
 
     width, height = size
     pixels = face_mask((width, height), (width * 0.31 + 0.4, height * 0.27 + 0.6, width * 0.69, height * 0.71))

@@ -286,25 +286,6 @@ def test_chosen_size_keeps_the_face_proportions(tiny_engine, photos) -> None:
     assert shape_ratio(wide) == pytest.approx(shape_ratio(square), rel=0.1)
 
 
-@pytest.mark.parametrize(
-    ("src", "out", "box", "expected"),
-    [
-        # Same aspect: a plain scale, no offset.
-        ((512, 768), (1024, 1536), (100, 100, 200, 200), (2.0, 0.0, 0.0)),
-        # A wide output of a tall portrait with the face near the top: the crop follows the face...
-        ((512, 1024), (1024, 512), (200, 50, 300, 150), (2.0, 0.0, -0.0)),
-        # ...and for a face in the middle it is centred on the face.
-        ((512, 1024), (1024, 512), (200, 462, 300, 562), (2.0, 0.0, -768.0)),
-        # A face at the very bottom: clamped so the canvas stays inside the photo.
-        ((512, 1024), (1024, 512), (200, 950, 300, 1024), (2.0, 0.0, -1536.0)),
-    ],
-)
-def test_layout_keeps_the_face_in_frame(src, out, box, expected) -> None:
-    from instantid.vision.faces import layout
-
-    assert layout(src, out, box) == pytest.approx(expected)
-
-
 def test_the_cpu_profile_default_steps_apply_only_when_automatic(tiny_engine, photos) -> None:
     assert tiny_engine.profile.name == "cpu" and tiny_engine.profile.default_steps == 20
     face = [photos["astronaut"]]
@@ -317,7 +298,7 @@ def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
     """requests.py names them without importing diffusers (the UI must not pull torch in); the pipeline
     builds them: the two lists must not drift apart."""
     from instantid.models.pipeline import SCHEDULER_FACTORIES
-    from instantid.request.requests import SCHEDULERS, SPEEDS
+    from instantid.request.declaration import SCHEDULERS, SPEEDS
 
     # Besides the offered ones, each speed's own sampler (LCM's included), which no request names.
     assert set(SCHEDULER_FACTORIES) == {*SCHEDULERS, *(s.scheduler for s in SPEEDS.values() if s.scheduler)}
@@ -351,7 +332,7 @@ restyle = functools.partial(in_mode, "restyle")
 
 
 def test_swap_keeps_every_pixel_outside_the_feathered_region(tiny_engine, photos) -> None:
-    from instantid.vision import faces
+    from instantid.vision import geometry
 
     target = decoded(photos["group"])
     result = swap(tiny_engine, photos, face_index=1)
@@ -359,10 +340,10 @@ def test_swap_keeps_every_pixel_outside_the_feathered_region(tiny_engine, photos
     assert out.shape == target.shape and (result.width, result.height) == (target.shape[1], target.shape[0])
     # The region, as the engine derives it: the target's second-largest face, its crop and feathered mask.
     face = tiny_engine.analyze(photos["group"])[1]
-    x1, y1, x2, y2 = faces.swap_crop((target.shape[1], target.shape[0]), face.bbox)
+    x1, y1, x2, y2 = geometry.swap_crop((target.shape[1], target.shape[0]), face.bbox)
     local = face.bbox - np.array([x1, y1, x1, y1])
     region = np.zeros(target.shape[:2], dtype=np.float32)
-    region[y1:y2, x1:x2] = faces.swap_region((x2 - x1, y2 - y1), local)
+    region[y1:y2, x1:x2] = geometry.swap_region((x2 - x1, y2 - y1), local)
     assert np.array_equal(out[region == 0], target[region == 0])
     core = region == 1.0  # inside the face: the tiny models paint noise, nothing like the photo
     assert core.sum() > 100 and np.abs(out[core] - target[core]).mean() > 10
@@ -448,18 +429,6 @@ def test_a_face_cut_by_the_edge_is_swapped_where_it_is_inside_the_photo(tiny_eng
     out = pixels(swap(tiny_engine, photos, target_image=path))[0]
     changed = np.argwhere(np.any(out != cut, axis=-1))
     assert len(changed) > 0 and changed[:, 1].min() == 0 and changed[:, 1].max() < face.bbox[2] + face.width
-
-
-def test_a_face_cut_by_the_edge_is_refused_not_cropped_outside() -> None:
-    from instantid.errors import ImageError
-    from instantid.vision.faces import swap_crop
-
-    # A crop near an edge moves inside the photo; where the photo is smaller than it, it is cut to the photo.
-    assert swap_crop((1000, 800), (10, 700, 110, 790)) == (0, 580, 220, 800)
-    assert swap_crop((150, 150), (50, 50, 100, 100)) == (20, 20, 130, 130)  # centred on the face
-    assert swap_crop((100, 100), (20, 20, 80, 80)) == (0, 0, 100, 100)
-    with pytest.raises(ImageError, match="cut by the edge"):
-        swap_crop((1000, 800), (-40, 100, 60, 200))
 
 
 def test_restyle_strength_is_how_far_from_the_source(tiny_engine, photos) -> None:
@@ -599,7 +568,7 @@ def test_every_declared_parameter_reaches_the_job(tiny_engine, photos) -> None:
     declaration that nothing consumes (or a new one without its line here) fails."""
     import pickle
 
-    from instantid.request.requests import PARAMS
+    from instantid.request.declaration import PARAMS
 
     bases = {
         "generate": {"face_image": str(photos["astronaut"])},

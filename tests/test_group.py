@@ -261,7 +261,7 @@ def test_the_page_offers_group_with_its_own_inputs() -> None:
     import inspect
 
     from instantid.frontends import api, ui
-    from instantid.request.requests import params_for
+    from instantid.request.declaration import params_for
     from instantid.settings import Settings
 
     demo = ui.build_demo(api.ENDPOINTS, api.status, settings=Settings())

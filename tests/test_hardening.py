@@ -33,7 +33,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from instantid import errors
-from instantid.request.requests import MAX_PROMPT_CHARS, Request
+from instantid.request.declaration import MAX_PROMPT_CHARS
+from instantid.request.requests import Request
 from tests import apprunner, hostile
 
 FAST = {"num_steps": 1, "seed": 1}

@@ -19,14 +19,11 @@ from instantid.models.memory import (
     Hardware,
     apply_profile,
     choose_profile,
-    component_info,
     container_memory,
-    format_bytes,
-    gpu_memory,
     leaner_profile,
-    memory_report,
     probe_hardware,
 )
+from instantid.models.memory_report import component_info, format_bytes, gpu_memory, host_memory, memory_report
 from instantid.settings import MEMORY_PROFILES
 
 
@@ -306,7 +303,7 @@ def test_gpu_memory_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_host_memory_is_sane() -> None:
-    host = memory.host_memory()
+    host = host_memory()
     assert 0 < int(host["available"]) <= int(host["total"])  # type: ignore[call-overload]
     assert 0 < int(host["process_rss"]) <= int(host["process_rss_peak"]) < int(host["total"])  # type: ignore[call-overload]
     assert 0 <= float(host["used_percent"]) <= 100  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from instantid.errors import InvalidParameter
+from instantid.request.declaration import MAX_PROMPT_CHARS
 from instantid.request.prompts import (
     MAX_WEIGHT,
     PromptEmbeds,
@@ -30,7 +31,7 @@ from instantid.request.prompts import (
     parse_emphasis,
     weighted_tokens,
 )
-from instantid.request.requests import MAX_PROMPT_CHARS, Request
+from instantid.request.requests import Request
 
 CPU = torch.device("cpu")
 OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"

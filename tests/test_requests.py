@@ -9,18 +9,8 @@ import inspect
 import pytest
 
 from instantid.request import requests
-from instantid.request.requests import (
-    DERIVED,
-    GATHERED,
-    MODE_SPECS,
-    MODES,
-    PARAMS,
-    Mode,
-    Param,
-    Request,
-    _check_declaration,
-    params_for,
-)
+from instantid.request.declaration import DERIVED, GATHERED, MODE_SPECS, MODES, PARAMS, Mode, Param, params_for
+from instantid.request.requests import Request, _check_declaration
 
 BOGUS = Param("eta", "number", 0.0, "A parameter nothing takes.", "Eta", lo=0, hi=10)
 
@@ -117,10 +107,11 @@ def test_the_front_ends_read_the_records() -> None:
 
 
 def test_every_mode_has_its_scene_in_the_engine() -> None:
-    from instantid.engine import SCENES, Engine
+    from instantid.request import scenes
+    from instantid.request.scenes import SCENES
 
     assert set(SCENES) == set(MODES)
-    assert all(callable(scene) and getattr(Engine, scene.__name__) is scene for scene in SCENES.values())
+    assert all(callable(scene) and getattr(scenes, scene.__name__) is scene for scene in SCENES.values())
 
 
 # --- the seed ----------------------------------------------------------------------------------------------------

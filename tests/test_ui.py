@@ -25,16 +25,8 @@ from PIL import Image
 
 from instantid.errors import InvalidParameter, NoFaceError
 from instantid.frontends import api, ui
-from instantid.request.requests import (
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    MAX_SEED,
-    Job,
-    Rendered,
-    Request,
-    Result,
-    Step,
-)
+from instantid.request.declaration import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED
+from instantid.request.requests import Job, Rendered, Request, Result, Step
 from instantid.settings import Settings
 from tests.apprunner import call_events, free_port
 
@@ -502,7 +494,7 @@ def _demo_with_modes() -> gr.Blocks:
 
 
 def test_each_mode_is_its_named_endpoint_with_its_own_parameters() -> None:
-    from instantid.request.requests import params_for
+    from instantid.request.declaration import params_for
 
     info = _demo_with_modes().get_api_info()["named_endpoints"]
     assert set(info) == {"/generate", "/restyle", "/swap", "/status"}, "the mode choice stays out of the API"

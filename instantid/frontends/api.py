@@ -26,19 +26,8 @@ import spaces
 
 from ..errors import InvalidParameter, UserError
 from ..request import durations
-from ..request.requests import (
-    MODE_SPECS,
-    MODES,
-    PARAMS,
-    Job,
-    Param,
-    Rendered,
-    Request,
-    Result,
-    Step,
-    image_seed,
-    params_for,
-)
+from ..request.declaration import MODE_SPECS, MODES, PARAMS, Param, image_seed, params_for
+from ..request.requests import Job, Rendered, Request, Result, Step
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import warnings
 from pathlib import Path
 
 from ..errors import CheckpointError, InvalidParameter, UserError
-from ..request.requests import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODE_SPECS, MODES, Request, params_for
+from ..request.declaration import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODE_SPECS, MODES, params_for
+from ..request.requests import Request
 
 
 class _Parser(argparse.ArgumentParser):

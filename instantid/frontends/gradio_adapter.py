@@ -27,7 +27,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
 from ..errors import InvalidParameter
-from ..request.requests import Param, format_bound
+from ..request.declaration import Param, format_bound
 
 
 def input_error(component: Any, name: str, value: Any, exc: Exception) -> str:

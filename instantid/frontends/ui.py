@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from ..models.memory import PROFILES
-from ..request.requests import (
+from ..request.declaration import (
     DEFAULT_CONTROLNET_STRENGTH,
     MAX_SEED,
     MAX_STRENGTH,

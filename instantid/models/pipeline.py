@@ -49,8 +49,8 @@ from diffusers.models import MultiControlNetModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import InvalidParameter
+from ..request.declaration import PARAMS
 from ..request.prompts import encode_prompts
-from ..request.requests import PARAMS
 from .resampler import Resampler
 
 SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
