@@ -193,9 +193,9 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
     from instantid.models.memory import PROFILES
     from instantid.models.memory_report import component_info
 
-    from .load_memory import RSSWatch, _imports, _touch
+    from .rss import RSSWatch, import_all, touch
 
-    _imports()
+    import_all()
     gc.collect()
     # What the machine could still give: on a shared machine the kernel reclaims file pages beyond it.
     available = int(psutil.virtual_memory().available)
@@ -219,7 +219,7 @@ def child_main(cache: str, size: str, base_model: str, instantid_repo: str) -> d
             raise RuntimeError(f"not everything loaded: {engine.state.get('error')} {engine.unavailable}")
         gc.collect()
         modules = _modules(engine)
-        _touch(modules)
+        touch(modules)
         watch.mark("every weight paged in")
     parts = {n: int(component_info(n, m)["bytes"]) for n, m in modules.items()}
     return {

@@ -316,7 +316,7 @@ def _figures(times: list[float]) -> dict[str, Any]:
 
 def _speed_runs(plan: Plan) -> list[tuple[str, int, float, str]]:
     """(speed, steps, guidance, scheduler) per speed, as the engine runs them (`requests.SPEEDS`)."""
-    from instantid.request.declaration import SPEEDS
+    from instantid.declaration import SPEEDS
 
     return [(s.name, plan.steps if plan.dry_run else s.steps, s.guidance, s.scheduler or "EulerDiscreteScheduler")
             for s in SPEEDS.values()]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .declaration import SPEEDS
 from .errors import BusyError, UserError
 from .models.loading import (
     LORA_LABELS,
@@ -39,7 +40,6 @@ from .models.loading import (
 from .models.loras import LoraSwitch
 from .models.memory import Hardware, apply_profile, choose_profile, probe_hardware
 from .models.memory_report import memory_report
-from .request.declaration import SPEEDS
 from .request.finish import finish as finish_job
 from .request.prepare import check as check_request
 from .request.prepare import prepare as prepare_job

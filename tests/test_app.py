@@ -23,8 +23,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from instantid.declaration import MAX_SEED
 from instantid.frontends.gradio_adapter import MAX_PARKED_UPLOAD_LIMITS, MAX_PARKED_UPLOADS, PARTIAL_PREFIX, UploadGuard
-from instantid.request.declaration import MAX_SEED
 from tests import apprunner
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from instantid.frontends import api, ui
+from instantid.frontends import api, status_tab
 from instantid.request import durations
 from instantid.request.durations import MAX_DURATION_S, Figures, Record, Shape, ask_seconds, shape_of
 from instantid.request.requests import Job
@@ -191,13 +191,13 @@ def test_the_status_tab_shows_asked_and_used_seconds() -> None:
     record.ask(2, DEFAULT, factor=1.5)
     record.observe(2, DEFAULT, _timings(9.0, 0.3, gpu_s=9.9), wall_s=11.5, mode="restyle")
     report = {"state": {"phase": "ready"}, "durations": record.report(1.5)}
-    profile_text = ui.render_status(report, [], now=0.0)[4]
-    table = ui.format_durations(report)
+    profile_text = status_tab.render_status(report, [], now=0.0)[4]
+    table = status_tab.format_durations(report)
     assert table in profile_text
     lines = table.splitlines()
     assert "x1.5" in lines[0] and "120 s" in lines[0] and "x 1.3" in lines[0]
     rows = [line for line in lines if line.startswith("| restyle") or line.startswith("| generate")]
     assert rows == ["| restyle | 30 | 1 | 1.25 | 16 s (observed) | 11.5 s | 9.9 s |",
                     "| generate | 30 | 1 | 1.25 | 34 s (prior) | 12.0 s | 9.9 s |"], "newest first"
-    assert "nothing observed yet" in ui.format_durations({"durations": Record().report(1.0)})
-    assert ui.format_durations({}) == ""
+    assert "nothing observed yet" in status_tab.format_durations({"durations": Record().report(1.0)})
+    assert status_tab.format_durations({}) == ""

@@ -297,8 +297,8 @@ def test_the_cpu_profile_default_steps_apply_only_when_automatic(tiny_engine, ph
 def test_the_scheduler_names_the_api_offers_are_the_pipeline_s() -> None:
     """requests.py names them without importing diffusers (the UI must not pull torch in); the pipeline
     builds them: the two lists must not drift apart."""
+    from instantid.declaration import SCHEDULERS, SPEEDS
     from instantid.models.pipeline import SCHEDULER_FACTORIES
-    from instantid.request.declaration import SCHEDULERS, SPEEDS
 
     # Besides the offered ones, each speed's own sampler (LCM's included), which no request names.
     assert set(SCHEDULER_FACTORIES) == {*SCHEDULERS, *(s.scheduler for s in SPEEDS.values() if s.scheduler)}
@@ -568,7 +568,7 @@ def test_every_declared_parameter_reaches_the_job(tiny_engine, photos) -> None:
     declaration that nothing consumes (or a new one without its line here) fails."""
     import pickle
 
-    from instantid.request.declaration import PARAMS
+    from instantid.declaration import PARAMS
 
     bases = {
         "generate": {"face_image": str(photos["astronaut"])},

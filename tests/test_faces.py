@@ -12,14 +12,10 @@ import pytest
 from PIL import Image
 
 from instantid.errors import CheckpointError, NoFaceError
+from instantid.vision import face_models
 from instantid.vision import faces as faces_module
-from instantid.vision.faces import (
-    Face,
-    FaceAnalyzer,
-    average_embedding,
-    cosine_similarity,
-    find_face_models,
-)
+from instantid.vision.face_models import find_face_models
+from instantid.vision.faces import Face, FaceAnalyzer, average_embedding, cosine_similarity
 from instantid.vision.geometry import KPS_COLORS, draw_keypoints
 
 DETECTOR = "scrfd_500m_bnkps.onnx"
@@ -96,8 +92,8 @@ def test_find_face_models_by_content_when_names_say_nothing(tmp_path, model_dir,
     shutil.copy(model_dir / RECOGNIZER, tmp_path / "model_a.onnx")
     shutil.copy(_vectron_dir() / "2d106det.onnx", tmp_path / "model_c.onnx")
     opened: list[str] = []
-    real = faces_module._onnx_role
-    monkeypatch.setattr(faces_module, "_onnx_role", lambda p: opened.append(p.name) or real(p))
+    real = face_models._onnx_role
+    monkeypatch.setattr(face_models, "_onnx_role", lambda p: opened.append(p.name) or real(p))
     det, rec = find_face_models(tmp_path)
     assert (det.name, rec.name) == ("model_b.onnx", "model_a.onnx")
     assert sorted(opened) == ["model_a.onnx", "model_b.onnx", "model_c.onnx"]  # each parsed once
@@ -109,8 +105,8 @@ def test_antelopev2_names_are_identified_without_opening_the_other_models(tmp_pa
     for name in ("1k3d68.onnx", "2d106det.onnx", "genderage.onnx"):
         (tmp_path / name).write_bytes(b"never opened")
     opened: list[str] = []
-    real = faces_module._onnx_role
-    monkeypatch.setattr(faces_module, "_onnx_role", lambda p: opened.append(p.name) or real(p))
+    real = face_models._onnx_role
+    monkeypatch.setattr(face_models, "_onnx_role", lambda p: opened.append(p.name) or real(p))
     det, rec = find_face_models(tmp_path)
     assert (det.name, rec.name) == ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
     assert opened == []

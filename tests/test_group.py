@@ -260,8 +260,8 @@ def test_zerogpu_duration_grows_with_the_people() -> None:
 def test_the_page_offers_group_with_its_own_inputs() -> None:
     import inspect
 
+    from instantid.declaration import params_for
     from instantid.frontends import api, ui
-    from instantid.request.declaration import params_for
     from instantid.settings import Settings
 
     demo = ui.build_demo(api.ENDPOINTS, api.status, settings=Settings())

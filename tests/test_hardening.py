@@ -33,7 +33,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from instantid import errors
-from instantid.request.declaration import MAX_PROMPT_CHARS
+from instantid.declaration import MAX_PROMPT_CHARS
 from instantid.request.requests import Request
 from tests import apprunner, hostile
 

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+from instantid.declaration import MAX_PROMPT_CHARS
 from instantid.errors import InvalidParameter
-from instantid.request.declaration import MAX_PROMPT_CHARS
-from instantid.request.prompts import (
+from instantid.models.prompts import (
     MAX_WEIGHT,
     PromptEmbeds,
     WeightedTokens,

@@ -8,8 +8,8 @@ import inspect
 
 import pytest
 
+from instantid.declaration import DERIVED, GATHERED, MODE_SPECS, MODES, PARAMS, Mode, Param, params_for
 from instantid.request import requests
-from instantid.request.declaration import DERIVED, GATHERED, MODE_SPECS, MODES, PARAMS, Mode, Param, params_for
 from instantid.request.requests import Request, _check_declaration
 
 BOGUS = Param("eta", "number", 0.0, "A parameter nothing takes.", "Eta", lo=0, hi=10)

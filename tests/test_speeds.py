@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from instantid.declaration import SPEEDS
 from instantid.errors import CheckpointError, InvalidParameter
-from instantid.request.declaration import SPEEDS
 from instantid.request.requests import Request
 
 
@@ -149,7 +149,7 @@ def test_a_speed_whose_lora_failed_is_refused_with_the_reason(tiny_settings, pho
 
 def test_speed_defaults_are_declared_once() -> None:
     """The page's and the API's help name each speed's steps from the same records the engine uses."""
-    from instantid.request.declaration import PARAMS
+    from instantid.declaration import PARAMS
 
     for s in SPEEDS.values():
         assert f"{s.steps} {s.name}" in PARAMS["num_steps"].info

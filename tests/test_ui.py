@@ -23,9 +23,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from instantid.declaration import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED
 from instantid.errors import InvalidParameter, NoFaceError
-from instantid.frontends import api, ui
-from instantid.request.declaration import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED
+from instantid.frontends import api, status_tab, ui
 from instantid.request.requests import Job, Rendered, Request, Result, Step
 from instantid.settings import Settings
 from tests.apprunner import call_events, free_port
@@ -237,10 +237,10 @@ def test_randomize_seed_handler() -> None:
 
 
 def test_status_rendering() -> None:
-    load, memory, plot, table, profile, raw, samples = ui.render_status(REPORT, [], now=1000.0)
+    load, memory, plot, table, profile, raw, samples = status_tab.render_status(REPORT, [], now=1000.0)
     assert "loading" in load and "50 %" in load and "base model" in load
     assert "16.00 GiB" in memory and "3.00 GiB" in memory and "no GPU" in memory
-    assert list(table.columns) == ui.STATUS_COLUMNS
+    assert list(table.columns) == status_tab.STATUS_COLUMNS
     assert table.iloc[0]["component"] == "unet" and table.iloc[0]["parameters"] == "2.57 B"
     assert "`cpu`" in profile and "no CUDA device" in profile
     assert raw == REPORT
@@ -248,18 +248,18 @@ def test_status_rendering() -> None:
 
     gpu = {"name": "NVIDIA L4", "total": 24 * 1024**3, "free": 20 * 1024**3, "allocated": 2 * 1024**3,
            "reserved": 3 * 1024**3, "peak_allocated": 5 * 1024**3, "emulated": False}
-    _, memory, plot, *_ = ui.render_status({**REPORT, "gpu": gpu}, samples, now=1004.0)
+    _, memory, plot, *_ = status_tab.render_status({**REPORT, "gpu": gpu}, samples, now=1004.0)
     assert "NVIDIA L4" in memory and "4.00 GiB of 24.00 GiB" in memory and "5.00 GiB" in memory
     assert {"process RSS", "GPU allocated", "GPU reserved"} == set(plot["series"])
 
     zero = {"emulated": True, "name": "ZeroGPU slice", "note": "only attached during a generation"}
-    _, memory, *_ = ui.render_status({**REPORT, "gpu": zero}, [], now=1.0)
+    _, memory, *_ = status_tab.render_status({**REPORT, "gpu": zero}, [], now=1.0)
     assert "only attached during a generation" in memory
 
 
 def test_status_says_what_a_ready_server_is_doing() -> None:
     busy = {**REPORT, "state": {"phase": "ready", "message": "ready in 3.0 s", "activity": "generating (step 3 of 30)"}}
-    assert "ready in 3.0 s; generating (step 3 of 30)" in ui.format_load_state(busy)
+    assert "ready in 3.0 s; generating (step 3 of 30)" in status_tab.format_load_state(busy)
 
 
 def test_timings_read_as_one_line() -> None:
@@ -274,14 +274,14 @@ def test_timings_read_as_one_line() -> None:
 
 def test_status_samples_are_capped() -> None:
     samples: list = []
-    for i in range(ui.MAX_SAMPLES + 10):
-        samples = ui.add_sample(samples, REPORT, now=float(i))
-    assert len(samples) == ui.MAX_SAMPLES
+    for i in range(status_tab.MAX_SAMPLES + 10):
+        samples = status_tab.add_sample(samples, REPORT, now=float(i))
+    assert len(samples) == status_tab.MAX_SAMPLES
     assert samples[0]["t"] == 10.0
 
 
 def test_memory_history_is_one_spaced_bounded_list() -> None:
-    history = ui.MemoryHistory(max_samples=5, min_gap_s=2.0)
+    history = status_tab.MemoryHistory(max_samples=5, min_gap_s=2.0)
     for now in (0.0, 1.0, 2.0, 3.5, 4.0):  # 1.0 and 3.5 come too soon after the newest: not added
         history.record(REPORT, now=now)
     assert [s["t"] for s in history.samples()] == [0.0, 2.0, 4.0]
@@ -292,8 +292,8 @@ def test_memory_history_is_one_spaced_bounded_list() -> None:
 
 def test_memory_history_is_sampled_without_any_visitor() -> None:
     reports = iter(range(1, 10_000))
-    history = ui.MemoryHistory(min_gap_s=0.0)
-    history.start(lambda: {"host": {"process_rss": next(reports) * ui.GIB}}, every_s=0.01)
+    history = status_tab.MemoryHistory(min_gap_s=0.0)
+    history.start(lambda: {"host": {"process_rss": next(reports) * status_tab.GIB}}, every_s=0.01)
     for _ in range(1000):  # polled: the thread's pace on a loaded machine is not this test's business
         if len(history.samples()) >= 3:
             break
@@ -323,7 +323,7 @@ def test_the_status_tab_shows_the_server_s_history_to_every_visitor(monkeypatch:
 
 
 def test_status_rendering_survives_an_empty_report() -> None:
-    load, memory, plot, table, profile, raw, samples = ui.render_status({}, None, now=0.0)
+    load, memory, plot, table, profile, raw, samples = status_tab.render_status({}, None, now=0.0)
     assert "unknown" in load and "n/a" in memory and table.empty and plot.empty
 
 
@@ -494,7 +494,7 @@ def _demo_with_modes() -> gr.Blocks:
 
 
 def test_each_mode_is_its_named_endpoint_with_its_own_parameters() -> None:
-    from instantid.request.declaration import params_for
+    from instantid.declaration import params_for
 
     info = _demo_with_modes().get_api_info()["named_endpoints"]
     assert set(info) == {"/generate", "/restyle", "/swap", "/status"}, "the mode choice stays out of the API"
@@ -787,10 +787,10 @@ def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> Non
 def test_status_tab_words(page: Page) -> None:
     """"ready — ready in 24.2 s", an empty header cell over the memory figures, a legend titled "series"."""
     ready = {"state": {"phase": "ready", "message": "ready in 24.2 s (cpu profile)"}}
-    assert ui.format_load_state(ready) == "**Models:** ready in 24.2 s (cpu profile)"
-    loading = ui.format_load_state({"state": {"phase": "loading", "progress": 0.5, "message": "base model"}})
+    assert status_tab.format_load_state(ready) == "**Models:** ready in 24.2 s (cpu profile)"
+    loading = status_tab.format_load_state({"state": {"phase": "loading", "progress": 0.5, "message": "base model"}})
     assert loading.startswith("**Models:** loading `") and loading.endswith("50 % — base model")
-    header = ui.format_memory(REPORT).splitlines()[0]
+    header = status_tab.format_memory(REPORT).splitlines()[0]
     assert all(cell.strip() for cell in header.strip("|").split("|")), header
     (plot,) = [c["props"] for c in page.config["components"] if c["type"] == "nativeplot"]
     assert plot["color_title"] and plot["color_title"] != "series"

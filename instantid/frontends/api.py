@@ -2,8 +2,8 @@
 
 Their signatures and docstrings are the public API documentation (Gradio reads the parameter names
 from the signature and the descriptions from the `Args:` sections). `generate`, `restyle`, `swap` and `group` are
-made by one factory (`_endpoint`) from the declarations of the modes (`instantid.request.requests.MODE_SPECS`) and of
-the request's parameters (`instantid.request.requests.params_for(mode)`), as are the page's controls.
+made by one factory (`_endpoint`) from the declarations of the modes (`instantid.declaration.MODE_SPECS`) and of
+the request's parameters (`instantid.declaration.params_for(mode)`), as are the page's controls.
 
 No torch here: the engine is imported on first use. A request runs in three stages: the engine's
 `prepare` (CPU: validation, decoding, faces, condition images) and `finish` (CPU: identity check) run
@@ -24,9 +24,9 @@ from typing import Any
 import gradio as gr
 import spaces
 
+from ..declaration import MODE_SPECS, MODES, PARAMS, Param, image_seed, params_for
 from ..errors import InvalidParameter, UserError
 from ..request import durations
-from ..request.declaration import MODE_SPECS, MODES, PARAMS, Param, image_seed, params_for
 from ..request.requests import Job, Rendered, Request, Result, Step
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def _endpoint(mode: str) -> Callable[..., Iterator[Any]]:
     return endpoint
 
 
-# One endpoint per mode (`instantid.request.requests.MODE_SPECS`), served as /<mode>.
+# One endpoint per mode (`instantid.declaration.MODE_SPECS`), served as /<mode>.
 ENDPOINTS: dict[str, Callable[..., Iterator[Any]]] = {mode: _endpoint(mode) for mode in MODES}
 
 

@@ -14,8 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..declaration import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODE_SPECS, MODES, params_for
 from ..errors import CheckpointError, InvalidParameter, UserError
-from ..request.declaration import DEFAULT_CONTROLNET_STRENGTH, MAX_PEOPLE, MODE_SPECS, MODES, params_for
 from ..request.requests import Request
 
 
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_request_flags(g: argparse.ArgumentParser, mode: str) -> None:
-    """One flag per parameter of `mode`, made from its declaration (`instantid.request.requests.params_for`)."""
+    """One flag per parameter of `mode`, made from its declaration (`instantid.declaration.params_for`)."""
     for p in params_for(mode).values():
         if p.name == "person_1":
             # One flag for the four slots: repeated once per person, each time with that person's photo(s).

@@ -26,8 +26,8 @@ import pydantic
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
+from ..declaration import Param, format_bound
 from ..errors import InvalidParameter
-from ..request.declaration import Param, format_bound
 
 
 def input_error(component: Any, name: str, value: Any, exc: Exception) -> str:

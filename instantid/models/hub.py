@@ -221,7 +221,7 @@ def ip_adapter_file(repo: RepoRef, files: list[str]) -> str:
 def face_model_files(repo: RepoRef, files: list[str]) -> list[str]:
     """The insightface detector(s) and recognizer(s) in a repo folder, by the same naming rule as the
     folder search in `faces`; the other antelopev2 models (landmarks, gender/age) are never fetched."""
-    from ..vision.faces import role_by_name
+    from ..vision.face_models import role_by_name
 
     onnx = [f for f in files if f.endswith(".onnx") and posixpath.dirname(f) == repo.subfolder]
     roles = {f: role_by_name(posixpath.basename(f)) for f in onnx}

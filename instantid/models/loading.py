@@ -74,7 +74,7 @@ LORA_LABELS = {"fast": "fast LoRA", "turbo": "turbo LoRA", "lcm": "LCM-LoRA"}
 
 def load_speed_lora(loras: Any, s: Settings, name: str, record: Record = _ignore) -> None:
     """The LoRA of speed `name` (`requests.SPEEDS`: fast, turbo, lcm) into the engine's `LoraSwitch`, off."""
-    from ..request.declaration import SPEEDS
+    from ..declaration import SPEEDS
 
     field_name = SPEEDS[name].lora
     assert field_name is not None, f"speed {name} runs on the base weights"
@@ -343,7 +343,7 @@ def loader_files(s: Settings) -> dict[tuple[str, str], list[str]]:
         *component_files(files, "/".join(p for p in (repo.subfolder, "ControlNetModel") if p)),
         ip_adapter_file(repo, files),
     ])
-    from ..request.declaration import SPEEDS
+    from ..declaration import SPEEDS
 
     for speed in SPEEDS.values():
         if speed.lora is not None:

@@ -48,9 +48,9 @@ from diffusers import (
 from diffusers.models import MultiControlNetModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..declaration import PARAMS
 from ..errors import InvalidParameter
-from ..request.declaration import PARAMS
-from ..request.prompts import encode_prompts
+from .prompts import encode_prompts
 from .resampler import Resampler
 
 SCHEDULER_FACTORIES: dict[str, tuple[type, dict[str, Any]]] = {
@@ -634,7 +634,7 @@ def share_pipeline(base: InstantIDMixin, cls: type[InstantIDMixin]) -> Any:
 
 
 def mode_pipelines(base: InstantIDPipeline) -> dict[str, Any]:
-    """The pipelines a mode can run with (`instantid.request.requests.PIPELINES`), all on `base`'s modules."""
+    """The pipelines a mode can run with (`instantid.declaration.PIPELINES`), all on `base`'s modules."""
     return {
         "base": base,
         "img2img": share_pipeline(base, InstantIDImg2ImgPipeline),

@@ -13,21 +13,21 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from ..declaration import DEFAULT_PROMPT, DEFAULT_SCHEDULER, MODE_SPECS, PARAMS, random_seed
 from ..errors import BusyError, CheckpointError, ImageError, InvalidParameter
 from ..settings import CONTROL_TYPES
+from ..styles import apply_style
 from ..vision import geometry
 from ..vision.faces import Face, average_embedding
 from ..vision.images import image_to_array
-from .declaration import DEFAULT_PROMPT, DEFAULT_SCHEDULER, MODE_SPECS, PARAMS, random_seed
 from .requests import Job, Refine, Request
 from .scenes import SCENES, Workshop
-from .styles import apply_style
 
 
 def prepare(req: Request, ws: Workshop, started: float) -> Job:
     """The request's job; `started` is the wall clock when the request came in (the stages may run in different
     processes). The engine checks first what this server cannot run (`Engine.check`)."""
-    from .prompts import check_emphasis  # imports torch, as the later stages do
+    from ..models.prompts import check_emphasis
 
     # Before any photo is decoded or GPU time asked for: the styles' templates add no emphasis.
     check_emphasis(req.prompt, "prompt")

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..declaration import MODE_SPECS, image_seed
 from ..errors import OutOfMemoryError
 from ..settings import CONTROL_TYPES
 from ..vision import geometry
-from .declaration import MODE_SPECS, image_seed
 from .requests import Job, Rendered, Step
 
 log = logging.getLogger("instantid")

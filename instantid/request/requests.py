@@ -12,8 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidParameter, UserError
-from .declaration import (
+from ..declaration import (
     AUTOMATIC,
     DEFAULT_SPEED,
     DERIVED,
@@ -30,6 +29,7 @@ from .declaration import (
     Speed,
     params_for,
 )
+from ..errors import InvalidParameter, UserError
 
 
 def _default(name: str) -> Any:

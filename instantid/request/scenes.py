@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import PIL.Image
 
+from ..declaration import MODES
 from ..errors import InvalidParameter, NoFaceError
 from ..models.memory import Profile
 from ..settings import CONTROL_TYPES, Settings
 from ..vision import geometry
 from ..vision.faces import Face, FaceAnalyzer
 from ..vision.images import image_to_array, load_image
-from .declaration import MODES
 from .requests import GroupPerson, Paste, Request
 
 TINY_SHORT_SIDE = 128  # the tiny preset's noise images need no more; keeps CPU requests instant

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from ..errors import InvalidParameter
-from ..settings import CONTROLNET_NAMES
+from .errors import InvalidParameter
+from .settings import CONTROLNET_NAMES
 from .styles import NO_STYLE, STYLE_NAMES
 
 # An image as any caller may hand it over: a path, raw bytes, a PIL image or an RGB uint8 array.
