@@ -306,7 +306,7 @@ def test_the_status_tab_shows_the_server_s_history_to_every_visitor(monkeypatch:
     """The chart's history was kept per browser session (a gr.State) and sampled only while that tab was open:
     a reload, or a visitor opening the tab, started it again from one point."""
     clock = iter([1000.0, 1004.0, 1008.0, 1012.0])
-    monkeypatch.setattr(ui, "time", types.SimpleNamespace(time=lambda: next(clock), sleep=time.sleep))
+    monkeypatch.setattr(status_tab, "time", types.SimpleNamespace(time=lambda: next(clock), sleep=time.sleep))
     demo = ui.build_demo({"generate": fake_generate}, fake_status, settings=Settings())
     with served(demo) as (url, config):
         kinds = {c["id"]: c["type"] for c in config["components"]}
