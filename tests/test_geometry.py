@@ -147,3 +147,44 @@ def test_a_face_cut_by_the_edge_is_refused_not_cropped_outside() -> None:
     assert swap_crop((100, 100), (20, 20, 80, 80)) == (0, 0, 100, 100)
     with pytest.raises(ImageError, match="cut by the edge"):
         swap_crop((1000, 800), (-40, 100, 60, 200))
+
+
+# --- a photo's face on the canvas ------------------------------------------------------------------
+
+
+class _Face:
+    bbox = (100.0, 50.0, 200.0, 170.0)
+    kps = np.array([[120, 90], [180, 90], [150, 120], [125, 150], [175, 150]], np.float32)
+
+
+def test_a_placed_face_and_the_shown_crop_follow_the_layout() -> None:
+    from instantid.vision.geometry import face_on_canvas, placed, shown_crop
+
+    image_size, size = (400, 300), (256, 128)
+    scale, ox, oy = layout(image_size, size, _Face.bbox)
+    kps, box = placed(image_size, _Face, size)
+    np.testing.assert_allclose(kps, _Face.kps * scale + np.array([ox, oy]), rtol=1e-6)
+    assert box == pytest.approx((100 * scale + ox, 50 * scale + oy, 200 * scale + ox, 170 * scale + oy))
+    # The crop of the photo the canvas shows maps back onto the whole canvas.
+    x1, y1, x2, y2 = shown_crop((scale, ox, oy), size)
+    assert ((x1 * scale + ox, y1 * scale + oy), (x2 * scale + ox, y2 * scale + oy)) == (
+        pytest.approx((0, 0)), pytest.approx(size))
+    drawing, mask, crop = face_on_canvas(image_size, _Face, size, enhance=True)
+    assert drawing.size == size and crop == pytest.approx((x1, y1, x2, y2))
+    assert np.array_equal(mask, face_mask(size, box))
+    assert face_on_canvas(image_size, _Face, size, enhance=False)[1] is None
+
+
+def test_a_redrawn_face_is_its_crop_at_working_size() -> None:
+    from instantid.vision.geometry import redraw_geometry
+
+    # A photo too low for a square crop: the crop is cut to it, and is scaled unevenly to the working size.
+    box, crop_size, size, kps, in_crop, in_work = redraw_geometry(
+        (1000, 200), _Face.bbox, _Face.kps, short_side=128, max_side=1280
+    )
+    assert box == swap_crop((1000, 200), _Face.bbox) and crop_size == (box[2] - box[0], box[3] - box[1])
+    assert size == output_size(*crop_size, short_side=128, max_side=1280)
+    sx, sy = size[0] / crop_size[0], size[1] / crop_size[1]
+    np.testing.assert_allclose(kps, (_Face.kps - np.array(box[:2])) * np.array([sx, sy]), rtol=1e-5)
+    assert in_crop == pytest.approx((100 - box[0], 50 - box[1], 200 - box[0], 170 - box[1]))
+    assert in_work == pytest.approx((in_crop[0] * sx, in_crop[1] * sy, in_crop[2] * sx, in_crop[3] * sy))
