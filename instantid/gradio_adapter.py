@@ -602,6 +602,7 @@ def adapt_mcp(server: Any, max_upload_bytes: int, max_upload_pixels: int) -> Non
     get_fn_description = server.get_fn_description
     postprocess = server.postprocess_output_data
     pop_returned_state = server.pop_returned_state
+    execute_with_progress = server._execute_tool_with_progress
     gradio_file_sentence = server._file_data_tool_description
 
     def input_schema(tool_name: str, parameters: dict[str, str] | None = None) -> Any:
@@ -648,8 +649,17 @@ def adapt_mcp(server: Any, max_upload_bytes: int, max_upload_pixels: int) -> Non
     server.get_input_schema = input_schema
     server.get_fn_description = fn_description
     server.convert_strings_to_filedata = photos.convert
+    async def with_progress(job: Any, progress_token: Any) -> Any:
+        # A client that asks for progress got a refusal as "Error: <sentence>" (Gradio's title before the
+        # message), where one that does not gets the sentence alone, as the HTTP API gives it.
+        try:
+            return await execute_with_progress(job, progress_token)
+        except RuntimeError as exc:
+            raise RuntimeError(str(exc).removeprefix("Error: ")) from None
+
     server.postprocess_output_data = output
     server.pop_returned_state = outputs
+    server._execute_tool_with_progress = with_progress
 
 
 def app_lifespan(demo: Any, max_upload_bytes: int, max_upload_pixels: int) -> Any:

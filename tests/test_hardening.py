@@ -619,6 +619,17 @@ def test_no_log_record_carries_a_payload_whole() -> None:
     assert short == "short message"
 
 
+def test_an_unexpected_error_reaches_the_client_without_server_paths() -> None:
+    """What `guard_requests` sends for an exception other than gr.Error escaping Gradio's processing."""
+    from instantid.gradio_adapter import client_sentence
+
+    said = client_sentence(FileNotFoundError(2, "No such file", f"{apprunner.ROOT}/assets/x.jpg"))
+    assert str(apprunner.ROOT) not in said and "(a path on the server)" in said and "No such file" in said
+    said = client_sentence(ValueError("Cannot move ../../etc/passwd or ~/secret or /srv/app/ok.png; see http://x/y"))
+    assert "passwd" not in said and "secret" not in said and "/srv" not in said and "http://x/y" in said, said
+    assert len(client_sentence(ValueError("x" * 100_000))) < 400
+
+
 # --- 3b. strict types: what Gradio would convert is refused as sent ---------------------------------
 
 LOOSE_VALUES = [

@@ -143,7 +143,7 @@ def test_every_tool_returns_images_through_the_official_client(app: apprunner.Ap
 
 def test_a_refusal_is_an_mcp_error_with_the_api_sentence(app: apprunner.App, photos: dict[str, Path]) -> None:
     """A photo without a face and an out-of-range value: isError results, each with the sentence the HTTP API
-    gives for the same request."""
+    gives for the same request, also for a client that asks for progress (which then sees the steps)."""
     client = Client(app.url, verbose=False)
     expected = []
     for photo, extra in ((photos["noface"], FAST), (ASSETS / "astronaut.jpg", {"num_steps": 1000})):
@@ -151,18 +151,29 @@ def test_a_refusal_is_an_mcp_error_with_the_api_sentence(app: apprunner.App, pho
             client.predict(handle_file(str(photo)), "a portrait", api_name="/generate", **extra)
         expected.append(str(caught.value))
 
+    progress: list[str] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append(message or "")
+
     async def work(session: ClientSession) -> list[types.CallToolResult]:
+        noface = {"face_image": data_url(photos["noface"]), "prompt": "a portrait", **FAST}
         return [
-            await session.call_tool("generate", {"face_image": data_url(photos["noface"]), "prompt": "a portrait",
-                                                 **FAST}),
+            await session.call_tool("generate", noface),
             await session.call_tool("generate", {"face_image": data_url(ASSETS / "astronaut.jpg"),
                                                  "prompt": "a portrait", "num_steps": 1000}),
+            # A client that asks for progress (a progress token): Gradio's other path, the same sentence.
+            await session.call_tool("generate", noface, progress_callback=on_progress),
+            await session.call_tool("generate", {"face_image": data_url(ASSETS / "astronaut.jpg"), "prompt": "x",
+                                                 "num_steps": 2, "seed": 1}, progress_callback=on_progress),
         ]
 
-    results = in_session(app, "sse", work)
-    for result, sentence in zip(results, expected, strict=True):
+    *refused, generated = in_session(app, "sse", work)
+    for result, sentence in zip(refused, [*expected, expected[0]], strict=True):
         assert result.isError and texts_of(result) == [sentence], (texts_of(result), sentence)
     assert "face" in expected[0].lower() and "num_steps=1000" in expected[1]
+    assert not generated.isError and len(images_of(generated)) == 2, texts_of(generated)
+    assert any("Step" in message for message in progress), progress
 
 
 def test_a_url_that_is_not_an_upload_is_refused_unfetched(app: apprunner.App) -> None:
