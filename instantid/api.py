@@ -165,20 +165,18 @@ def estimate(mode: str, values: Mapping[str, Any]) -> str:
             return ""
         shape, speed = _settings_shape(mode, values, *known)
         figures = durations.RECORD.figures()
-        what = durations.describe("", shape)
+        head = f"**GPU time** ({durations.describe('', shape)}, speed {speed})"
         if is_zerogpu():
             factor, cap = _duration_factor(), _duration_cap()
             refusal = durations.over_cap(shape, figures, factor, cap, speed)
             if refusal is not None:
-                return f"**GPU time: over the limit, would be refused.** {refusal.replace('This request', 'It')}"
+                return f"{head}: over the limit, would be refused. {refusal.replace('This request', 'It')}"
             seconds = durations.needed_seconds(shape, figures, factor)
-            return (f"**GPU time:** about {seconds:.0f} s of your ZeroGPU quota ({what}, speed {speed}); one call "
-                    f"may take {cap} s.")
+            return f"{head}: about {seconds:.0f} s of your ZeroGPU quota; one call may take {cap} s."
         if not figures.observed:
             return ""
         seconds = durations.predicted_seconds(shape, figures)
-        return (f"**Expected time on this hardware:** about {seconds:.0f} s ({what}, speed {speed}), from the runs "
-                "so far.")
+        return f"{head}: about {seconds:.0f} s expected on this hardware, from the runs so far."
     except Exception:  # a half-filled page (or a value being typed) must never raise in the visitor's face
         log.debug("no estimate for %s", mode, exc_info=True)
         return ""

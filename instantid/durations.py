@@ -276,9 +276,43 @@ def over_cap(shape: Shape, figures: Figures | None, factor: float, cap: float, s
     what = "" if not math.isfinite(seconds) else f"about {seconds:.0f} s of GPU, "
     head = f"This request needs {what}more than the {cap:.0f} s one ZeroGPU call may take here"
     options = alternatives(shape, need, cap, speed)
-    if not options:
-        return f"{head}: use fewer images, a faster speed and a smaller size together."
-    return f"{head}: use " + ", or ".join(f"{label} (about {s:.0f} s)" for label, s in options) + "."
+    if options:
+        return f"{head}: use " + ", or ".join(f"{label} (about {s:.0f} s)" for label, s in options) + "."
+    together = combined(shape, need, cap, speed)
+    if together is None:
+        return f"{head}, even at its smallest: this server cannot run it on ZeroGPU."
+    labels, seconds = together
+    listed = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + f" and {labels[-1]}"
+    return f"{head}: use {listed} together (about {seconds:.0f} s)."
+
+
+def combined(shape: Shape, need: Any, cap: float, speed: str = "quality") -> tuple[list[str], float] | None:
+    """Where no single change fits (`alternatives`): the changes taken one after another (the fastest speed,
+    one image, two people, no refined faces, then the largest square size that fits), up to the first that
+    brings `shape` within `cap`, with what it would ask; None if even the smallest does not fit."""
+    labels: list[str] = []
+    steps: list[tuple[str, Any]] = []
+    fastest = SPEED_CHOICES[-1]
+    if speed in SPEED_CHOICES and speed != fastest:
+        steps.append((f"speed {fastest}",
+                      lambda s: _with_steps(s, SPEEDS[fastest].steps, SPEEDS[fastest].guidance > 1)))
+    if shape.images > 1:
+        steps.append(("1 image", lambda s: _with_images(s, 1)))
+    if shape.people > 2:
+        steps.append(("2 people", lambda s: _with_people(s, 2)))
+    if shape.refine_passes:
+        steps.append(("refine_faces off", lambda s: replace(s, refine_passes=0, refine_steps=0, refine_megapixels=0.0)))
+    for label, change in steps:
+        shape = change(shape)
+        labels.append(label)
+        if need(shape) <= cap:
+            return labels, need(shape)
+    largest = int(math.sqrt(shape.megapixels * MEGAPIXEL)) // 64 * 64
+    for side in range(largest, 63, -64):
+        smaller = replace(shape, megapixels=side * side / MEGAPIXEL)
+        if need(smaller) <= cap:
+            return [*labels, f"a size of at most {side}x{side}"], need(smaller)
+    return None
 
 
 def describe(mode: str, shape: Shape, images: bool = True) -> str:

@@ -299,7 +299,7 @@ def test_the_page_estimate_follows_people_images_size_and_speed(monkeypatch: pyt
     three = api.estimate("group", {"person_1": [photo], "person_2": [photo], "person_3": [photo]})
     assert "2 people, 1 image" in two and "over the limit" not in two
     # Three people side by side: faces small enough to refine; the 124 s (1280x832).
-    assert "over the limit" in three and "3 people" not in three
+    assert "(3 people, 1 image, speed quality): over the limit, would be refused. It needs about 124 s" in three
     assert _options(three)["speed fast"] <= MAX_DURATION_S
     big = {f"person_{k}": [photo] for k in range(1, 5)} | {"num_images": 4, "width": 1280, "height": 1280}
     assert "speed turbo" in api.estimate("group", big)
@@ -313,7 +313,8 @@ def test_the_page_estimate_follows_people_images_size_and_speed(monkeypatch: pyt
     monkeypatch.setattr(api, "_profile", lambda: (SimpleNamespace(default_steps=None, max_images=4), 1024))
     assert api.estimate("generate", {}) == ""
     durations.RECORD.observe(0, DEFAULT, _timings(9.0, 0.3), wall_s=12.0)
-    assert api.estimate("generate", {}).startswith("**Expected time on this hardware:** about 12 s")
+    assert api.estimate("generate", {}) == ("**GPU time** (1 image, speed quality): about 12 s expected on this "
+                                            "hardware, from the runs so far.")
     assert api.estimate("generate", {"num_steps": "many"}) == "", "a value being typed never raises"
 
 
@@ -344,3 +345,21 @@ def test_status_rows_name_the_mode_the_people_and_the_images() -> None:
     assert [(r["request"], r["people"], r["images"]) for r in rows] == [("group, 3 people", 3, 2), ("generate", 1, 1)]
     table = ui.format_durations({"durations": record.report(1.0)})
     assert "| generate | 30 | 1 |" in table and "| group, 3 people | 30 | 2 |" in table
+
+
+def test_where_no_single_change_fits_the_refusal_names_changes_that_fit_together() -> None:
+    slow = Figures(fixed_s=5.0, step_s=16.0, decode_s=1.0)  # a slow worker's figures
+    shape = shape_of(_group_job(4, 4, 1280))
+    sentence = durations.over_cap(shape, slow, 1.0, MAX_DURATION_S, "quality")
+    found = re.fullmatch(r"This request needs about \d+ s of GPU, more than the 120 s one ZeroGPU call may take here: "
+                         r"use speed turbo, 1 image, 2 people, refine_faces off and a size of at most (\d+)x\1 "
+                         r"together \(about (\d+) s\)\.", sentence or "")
+    assert found, sentence
+    side, seconds = int(found[1]), int(found[2])
+    fitted = Shape(steps=4, images=1, megapixels=side * side / 2**20, guided=False, unet_passes=2)
+    assert durations.needed_seconds(fitted, slow, 1.0) == seconds <= MAX_DURATION_S
+    bigger = Shape(steps=4, images=1, megapixels=(side + 64) ** 2 / 2**20, guided=False, unet_passes=2)
+    assert durations.needed_seconds(bigger, slow, 1.0) > MAX_DURATION_S, "the largest size that fits"
+    # A worker whose fixed cost alone passes the cap: nothing fits, and the sentence says so.
+    hopeless = durations.over_cap(shape, Figures(fixed_s=200.0, step_s=1.0, decode_s=1.0), 1.0, MAX_DURATION_S)
+    assert hopeless is not None and hopeless.endswith("even at its smallest: this server cannot run it on ZeroGPU.")
