@@ -480,8 +480,10 @@ def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
             for mode in modes:
                 c[f"{mode}_btn"] = gr.Button(MODE_SPECS[mode].button, variant="primary", visible=mode == modes[0],
                                              elem_id=f"{mode}-button")
-                # What the settings shown will cost (`estimate_fn`, wired in `_wire_estimates`).
-                c[f"{mode}_estimate"] = gr.Markdown(visible=mode == modes[0], elem_id=f"{mode}-estimate")
+                # What the settings shown will cost (`estimate_fn`, wired in `_wire_estimates`); the mode choice
+                # shows and hides its column, as it does the other modes' own inputs.
+                with gr.Column(visible=mode == modes[0], min_width=0) as c[f"{mode}_estimate_box"]:
+                    c[f"{mode}_estimate"] = gr.Markdown(elem_id=f"{mode}-estimate")
             with gr.Accordion(MODE_SPECS[modes[0]].photos_label, open=False) as c["photos"]:
                 for p in sections["photos"]:
                     c[p.name] = _mode_control(c, p, settings, modes)
