@@ -8,6 +8,13 @@ and getting the result, which holds what the worker cannot time itself (the gran
 move of the packed weights to the GPU). `Record` keeps recent observations; `ask_seconds` is a pure function of
 a request's `Shape` and the record's `Figures`, so it can be tested without a GPU.
 
+A call that needs more than one ZeroGPU call may take (`MAX_DURATION_S`, after `spaces`' factor) is never asked
+for: ZeroGPU would cut it off at the cap after spending the visitor's quota. `Record.ask` raises `OverCap`
+instead, with a sentence priced by the same figures that names the single changes that fit (a faster speed,
+fewer images, fewer people, no refined faces, fewer steps), or the changes that fit together. Refused rather
+than split into several calls: a group's people share every step of one image, and its refined faces need
+that image, so only the images of a request could be split, at one worker start and one grant wait each.
+
 No torch here: the main process of a ZeroGPU Space must not need it for this.
 """
 
