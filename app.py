@@ -83,7 +83,8 @@ def mcp_enabled() -> bool:
     return True
 
 
-demo = build_demo(api.ENDPOINTS, api.status, settings=settings, examples=examples(), sample_memory=True)
+demo = build_demo(api.ENDPOINTS, api.status, settings=settings, examples=examples(), sample_memory=True,
+                  estimate_fn=api.estimate)
 demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 # File references outside the upload folder refused by name, and Gradio's other refusals without server paths.
 guard_requests(demo)

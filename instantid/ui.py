@@ -117,6 +117,7 @@ def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
     # The `controlnets` mapping itself is a hidden input: its page face is the boxes and sliders ("controls").
     shown = {p.name: mode in p.modes for p in own if p.label and p.kind != "controls"}
     shown.update({f"{m}_btn": m == mode for m in modes})
+    shown.update({f"{m}_estimate": m == mode for m in modes})
     shown["controls"] = mode in PARAMS["controlnets"].modes
     shown["before_after"] = MODE_SPECS[mode].before_after
     shown.update({f"{m}_examples": m == mode for m in modes})
@@ -261,7 +262,7 @@ def format_durations(report: Mapping[str, Any]) -> str:
     if not recent:
         return text + "\n\nNo request has run yet."
     rows = "\n".join(
-        f"| {r.get('mode') or ''} | {r.get('steps')} | {r.get('images')} | {r.get('megapixels')} | "
+        f"| {r.get('request') or r.get('mode') or ''} | {r.get('steps')} | {r.get('images')} | {r.get('megapixels')} | "
         f"{'—' if r.get('asked_s') is None else str(r.get('asked_s')) + ' s'} ({r.get('basis')}) | "
         f"{_seconds(r.get('used_s'))} | {_seconds(r.get('gpu_function_s'))} |"
         for r in recent
@@ -479,6 +480,10 @@ def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
             for mode in modes:
                 c[f"{mode}_btn"] = gr.Button(MODE_SPECS[mode].button, variant="primary", visible=mode == modes[0],
                                              elem_id=f"{mode}-button")
+                # What the settings shown will cost (`estimate_fn`, wired in `_wire_estimates`); the mode choice
+                # shows and hides its column, as it does the other modes' own inputs.
+                with gr.Column(visible=mode == modes[0], min_width=0) as c[f"{mode}_estimate_box"]:
+                    c[f"{mode}_estimate"] = gr.Markdown(elem_id=f"{mode}-estimate")
             with gr.Accordion(MODE_SPECS[modes[0]].photos_label, open=False) as c["photos"]:
                 for p in sections["photos"]:
                     c[p.name] = _mode_control(c, p, settings, modes)
@@ -519,6 +524,7 @@ def build_demo(
     settings: Settings,
     examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     sample_memory: bool = False,
+    estimate_fn: Callable[[str, Mapping[str, Any]], str] | None = None,
 ) -> gr.Blocks:
     """Build the Blocks app.
 
@@ -534,6 +540,8 @@ def build_demo(
     sample_memory: sample status_fn's memory figures every STATUS_REFRESH_S in a daemon thread from now on,
       so the Status tab's chart holds the server's history whenever it is opened (the app does; tests that
       only build a demo need no thread). Without it the chart grows only while someone has the tab open.
+    estimate_fn: (mode, {parameter name: value shown}) -> a Markdown line shown beside the mode's run button and
+      redrawn as the settings change (`instantid.api.estimate`: the GPU seconds the run will ask); cheap, no torch.
     """
     if unknown := sorted(set(fns) - set(MODES)):
         raise ValueError(f"build_demo: no mode {unknown[0]!r}; the modes are {', '.join(MODES)}")
@@ -556,6 +564,8 @@ def build_demo(
             with gr.Tab("Status", id="status") as status_tab:
                 s = _status_tab()
         _wire_generate(demo, {mode: fns[mode] for mode in modes}, c, outputs)
+        if estimate_fn is not None:
+            _wire_estimates(demo, estimate_fn, modes, c)
         history = _wire_status(status_fn, s, status_tab, generate_tab)
     if sample_memory:
         history.start(status_fn)
@@ -704,6 +714,36 @@ def _wire_generate(
     # the mode shown by pressing that mode's button in the page: one path, the button's, for every run.
     buttons = json.dumps([f"{mode}-button" for mode in modes])
     c["prompt"].submit(None, None, None, js=PRESS_SHOWN_BUTTON_JS.replace("BUTTONS", buttons), **quiet)
+
+
+# The parameters an estimate reads (`instantid.api.estimate`), where the mode takes them.
+ESTIMATE_PARAMS = ("person_1", "person_2", "person_3", "person_4", "layout_image", "num_images", "width", "height",
+                   "strength", "num_steps", "guidance_scale", "speed", "enable_lcm", "refine_faces")
+
+
+def _wire_estimates(
+    demo: gr.Blocks, estimate_fn: Callable[[str, Mapping[str, Any]], str], modes: Sequence[str], c: dict[str, Any]
+) -> None:
+    """Each mode's estimate, redrawn outside the queue whenever one of its settings changes, and at page load
+    (the figures it prices from may have changed since the page was built). The values as sent, unconverted
+    (`preprocess=False`): a value being typed out of range is priced as it stands rather than refused in a toast
+    by `guard_input` before the visitor presses the button; a photo is only there or not."""
+    quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden",
+                             "preprocess": False}
+    for mode in modes:
+        names = [n for n in ESTIMATE_PARAMS if n in params_for(mode)]
+        inputs = [c[n] for n in names]
+        if "controlnets" in params_for(mode):
+            names.append("controlnets")
+            inputs.append(c["chosen_controls"])
+
+        def show(*values: Any, mode: str = mode, names: list[str] = names) -> str:
+            return estimate_fn(mode, dict(zip(names, values, strict=True)))
+
+        target = c[f"{mode}_estimate"]
+        demo.load(show, inputs, target, **quiet)
+        for component in inputs:
+            component.change(show, inputs, target, **quiet)
 
 
 def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]) -> None:
