@@ -415,6 +415,8 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
     "face_image": {"height": 360, "elem_id": "face-image"},
     "source_image": {"elem_id": "source-image"},
     "target_image": {"elem_id": "target-image"},
+    "layout_image": {"elem_id": "layout-image"},
+    "num_images": {"elem_id": "num-images"},
     "prompt": {"placeholder": "e.g. a woman as an astronaut on Mars, cinematic light", "lines": 2, "elem_id": "prompt",
                "info": "Shift+Enter runs it; Enter starts a new line"},
     "negative_prompt": {"placeholder": "what to avoid (optional)"},
