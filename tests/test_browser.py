@@ -368,7 +368,8 @@ def test_out_of_range_numbers_are_refused_not_clamped(page) -> None:
 PHONE = {"width": 390, "height": 844}
 # Every word in the Status tab's table cells that the browser drew on more than one line ("Reque st").
 BROKEN_WORDS_JS = r"""() => {
-    const cells = [...document.querySelectorAll('#status-tab table td, #status-tab table th')]
+    const tables = ['#load-state', '#memory-table', '#profile', '#components'].map((id) => `${id} table`).join(', ');
+    const cells = [...document.querySelectorAll(tables)].flatMap((table) => [...table.querySelectorAll('td, th')])
         .filter((cell) => cell.offsetParent !== null);
     const broken = [];
     for (const cell of cells) {
@@ -446,13 +447,14 @@ def test_status_tables_keep_their_words_whole_and_the_legend_names_the_series(pa
     # One request at least, so that the GPU-time table has rows (as after the tests above; alone too).
     Client(app_url, verbose=False).predict(handle_file(str(FACE)), "a knight", num_steps=2, api_name="/generate")
     _status_drawn(page)
-    sync_api.expect(page.locator("#profile")).to_contain_text("newest first", timeout=30_000)
+    sync_api.expect(page.locator("#profile table")).to_contain_text("generate", timeout=30_000)
     page.wait_for_timeout(500)
     found = page.evaluate(BROKEN_WORDS_JS)
     assert found["cells"] > 20 and not found["broken"], found
     # The legend names the series and has no title ("series", "Measure").
     legend = page.locator("#memory-plot svg g.role-legend").text_content() or ""
     assert "process RSS" in legend and "Measure" not in legend and "series" not in legend, legend
+    sync_api.expect(page.locator("#profile")).to_contain_text("last 10 requests at most, newest first")
     page.screenshot(path=str(ARTIFACTS / "browser-status-desktop.png"), full_page=True)
 
 
