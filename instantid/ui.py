@@ -1,4 +1,4 @@
-"""Gradio builders: the Generate tab (with its modes: Generate, Restyle, Face swap, Group) and the Status tab.
+"""Gradio builders: the Create tab (with its modes: Generate, Restyle, Face swap, Group) and the Status tab.
 
 `build_demo` receives the functions it wires up, one per mode (the real ones live in `instantid.api`; tests
 pass fakes), so nothing here imports torch or the engine. Each takes its mode's parameters in the order
@@ -631,7 +631,8 @@ def build_demo(
       declares (same order, same names, plus an optional `progress=gr.Progress()`), yields `gr.skip()` while it
       works and then (gallery, seed, similarities, keypoint image, timings); raises gr.Error for user-facing
       problems. A mode without its function is not offered (nor its endpoint); the first offered is shown first.
-    status_fn: returns the engine's JSON-ready report.
+    status_fn: returns the engine's JSON-ready report. Called once here as well: its memory profile sets the
+      page's hints and limits (`PageFacts`: the steps each speed runs, the most images a request makes).
     examples: per mode, rows of that mode's inputs by parameter name (every row of a mode names the same
       ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,
       "face_index": 1, "prompt": text}]}. Each mode's examples show with that mode only.
