@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import InvalidParameter, UserError
-from .settings import CONTROLNET_NAMES
+from .settings import CONTROL_TYPES, CONTROLNET_NAMES
 from .styles import NO_STYLE, STYLE_NAMES
 
 # An image as any caller may hand it over: a path, raw bytes, a PIL image or an RGB uint8 array.
@@ -378,6 +379,31 @@ def params_for(mode: str) -> dict[str, Param]:
     if mode not in MODES:
         raise InvalidParameter("mode", mode, f"choose one of {', '.join(MODES)}")
     return {name: p for name, p in PARAMS.items() if mode in p.modes}
+
+
+def field_label(name: str) -> str:
+    """A parameter as the page labels it, without the label's parenthesis ("Face to replace (0 = largest)" is
+    "Face to replace"); a strength inside `controlnets` ("controlnets[pose]") is its slider's label."""
+    base, bracket, key = name.partition("[")
+    if bracket and key.rstrip("]") in CONTROL_TYPES:
+        return f"{CONTROL_TYPES[key.rstrip(']')].label} strength"
+    label = PARAMS[base].label if base in PARAMS and PARAMS[base].label else base.replace("_", " ").capitalize()
+    return re.sub(r"\s+\([^()]*\)$", "", label)
+
+
+def labelled_sentence(exc: InvalidParameter) -> str:
+    """The refusal `exc` as the page says it, naming the field as labelled: "Steps must be an integer in
+    0..100 (you gave 1000)." where the API says "Invalid num_steps=1000: ...". The API's names stay the API's
+    (its callers send those); a visitor of the page sees only the labels."""
+    subject = " and ".join(field_label(part) for part in exc.name.split("/"))
+    value = exc.value
+    shown = str(value) if isinstance(value, (numbers.Real, str)) and value != "" else repr(value)
+    if isinstance(value, tuple):
+        shown = " and ".join(str(v) for v in value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    joined = f"{subject} {exc.allowed}" if exc.allowed.startswith(("must ", "is ")) else f"{subject}: {exc.allowed}"
+    return f"{joined} (you gave {shown})."
 
 
 # Request fields where None means "automatic": the mode's default steps and guidance (0 too), a random seed.
