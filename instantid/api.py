@@ -28,6 +28,7 @@ import spaces
 from . import durations
 from .errors import InvalidParameter, UserError
 from .requests import (
+    LOW_MARGIN,
     MODE_SPECS,
     MODES,
     PARAMS,
@@ -249,8 +250,10 @@ def _gallery(result: Result) -> list[tuple[Any, str]]:
         if index < len(result.person_similarities):
             # A group: "#1, seed 42: Ada 0.71, Ben 0.68", each person's own face's score.
             scores = result.person_similarities[index]
+            margins = result.person_margins[index] if index < len(result.person_margins) else {}
             caption += ": " + ", ".join(
-                f"{name} {'no face' if score is None else f'{score:.2f}'}" for name, score in scores.items()
+                f"{name} {'no face' if score is None else f'{score:.2f}'}{_low_margin(margins.get(name))}"
+                for name, score in scores.items()
             )
         else:
             # The identity check of the output: the same face found again, or not at all.
@@ -261,10 +264,21 @@ def _gallery(result: Result) -> list[tuple[Any, str]]:
     return items
 
 
+def _low_margin(margin: dict[str, Any] | None) -> str:
+    """A group caption's note on a face that is nearly as like (or more like) another person of the request."""
+    if margin is None or margin["margin"] >= LOW_MARGIN:
+        return ""
+    if margin["margin"] < 0:
+        return f" (more like {margin['nearest_other']}, by {-margin['margin']:.2f})"
+    return f" (only {margin['margin']:.2f} above {margin['nearest_other']})"
+
+
 # What generate returns, in the order of the page's outputs.
 OUTPUTS_DOC = (
     "Images with captions, seed used, identity similarity per image (cosine), face keypoint image, timings (ms) "
-    "with a list of warnings under \"warnings\" (e.g. several faces found, an empty prompt)."
+    "with a list of warnings under \"warnings\" (e.g. several faces found, an empty prompt); a group of two or more "
+    "also has \"identity_margins\": per image, per person, their face's similarity to them minus its best "
+    "similarity to another person (negative: it looks more like that person, named as \"nearest_other\")."
 )
 STOPPED = "generation stopped: the client cancelled or disconnected"
 _TYPES: dict[str, Any] = {
@@ -390,6 +404,9 @@ def _run(request: Request, progress: Any, key: object) -> Iterator[Any]:
     info["warnings"] = list(result.warnings)
     # A group's similarities are per image, per person ({name: score}); the other modes' one number per image.
     similarities = list(result.person_similarities or result.similarities)
+    if result.person_margins:
+        # Per image, per person: {"margin": own similarity minus the best other person's, "nearest_other": name}.
+        info["identity_margins"] = list(result.person_margins)
     yield _gallery(result), int(result.seed), similarities, result.keypoint_image, info
 
 
