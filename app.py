@@ -20,7 +20,8 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from instantid.frontends import api
-from instantid.frontends.gradio_adapter import upload_guard
+from instantid.frontends.gradio_adapter import bound_log_records, guard_requests, upload_guard
+from instantid.frontends.mcp_adapter import app_lifespan
 from instantid.models.memory import is_zerogpu
 from instantid.settings import get_settings
 from instantid.frontends.ui import build_demo
@@ -83,8 +84,11 @@ def mcp_enabled() -> bool:
     return True
 
 
-demo = build_demo(api.ENDPOINTS, api.status, settings=settings, examples=examples(), sample_memory=True)
+demo = build_demo(api.ENDPOINTS, api.status, settings=settings, examples=examples(), sample_memory=True,
+                  estimate_fn=api.estimate)
 demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
+# File references outside the upload folder refused by name, and Gradio's other refusals without server paths.
+guard_requests(demo)
 
 if is_zerogpu():
     # ZeroGPU: everything, extras included, loads here, in the main thread and before `launch`: `spaces`
@@ -114,8 +118,12 @@ def launch(**kwargs) -> None:
         # Gradio's own refusals before our code runs (a server path or a URL in place of an upload) reach the
         # client with their sentence instead of `{"error": null}`; our handlers raise only gr.Error anyway.
         "show_error": True,
-        # Bounds what one client keeps parked in the upload folder, and deletes aborted uploads' partial files.
-        "app_kwargs": {"middleware": [upload_guard(get_upload_folder(), settings.max_upload_bytes)]},
+        "app_kwargs": {
+            # Bounds what one client keeps parked in the upload folder, and deletes aborted uploads' partial files.
+            "middleware": [upload_guard(get_upload_folder(), settings.max_upload_bytes)],
+            # Fits Gradio's MCP tools to real MCP clients before the first request (instantid.frontends.mcp_adapter).
+            "lifespan": app_lifespan(demo, settings.max_upload_bytes, settings.max_upload_pixels),
+        },
     }
     options.update(kwargs)
     demo.launch(**options)
@@ -123,4 +131,5 @@ def launch(**kwargs) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bound_log_records()  # no request payload reaches the log whole
     launch()

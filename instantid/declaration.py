@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import InvalidParameter
-from .settings import CONTROLNET_NAMES
+from .settings import CONTROL_TYPES, CONTROLNET_NAMES
 from .styles import NO_STYLE, STYLE_NAMES
 
 # An image as any caller may hand it over: a path, raw bytes, a PIL image or an RGB uint8 array.
@@ -184,6 +185,39 @@ def clean_text(text: str) -> str:
     return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cs"))
 
 
+def split_names(text: str) -> list[str]:
+    """A group's names as typed: separated by commas (or line breaks), each stripped of spaces; a name in
+    double quotes may hold commas (`"Smith, Ada", Ben`), and `""` inside quotes is one quote character, as in
+    CSV. Empty entries stay (a doubled comma leaves that person's default name); "" gives no names."""
+    names: list[str] = []
+    name: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if quoted:
+            if ch == '"' and text[i + 1:i + 2] == '"':
+                name.append('"')
+                i += 1
+            elif ch == '"':
+                quoted = False
+            else:
+                name.append(ch)
+        elif ch == '"' and not "".join(name).strip():  # a quote opens only at a name's start (O"Neil stays)
+            name, quoted = [], True
+        elif ch in ",\n":
+            names.append("".join(name).strip())
+            name = []
+        else:
+            name.append(ch)
+        i += 1
+    if quoted:
+        raise InvalidParameter("names", text, 'a quote is not closed: write "Smith, Ada", Ben to keep a comma '
+                               "inside a name")
+    names.append("".join(name).strip())
+    return [] if names == [""] else names
+
+
 def format_bound(value: float) -> str:
     # Whole bounds in full ("0..2147483647", not "0..2.14748e+09"): the caller must be able to use them.
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
@@ -302,7 +336,8 @@ PARAMS: dict[str, Param] = {
                 f"Person {k}: photo(s) (optional)", flag=None, section="photos", modes=("group",))
           for k in range(3, MAX_PEOPLE + 1)),
         Param("names", "text", "", 'Group: the people\'s names in person order, separated by commas, e.g. "Ada, Ben" '
-              "(used in the captions and scores); empty gives Person 1, Person 2, ...", "Names (comma-separated, "
+              "(used in the captions and scores); quote a name that holds a comma (\"Smith, Ada\", Ben); an empty name "
+              "gives Person 1, Person 2, ...", "Names (comma-separated, "
               "optional)", section="main", modes=("group",)),
         Param("layout_image", "image", None, "Group: optional photo whose faces give the layout (at least as many "
               "faces as people; the largest are used, assigned left to right); without it the people stand side "
@@ -380,6 +415,31 @@ def params_for(mode: str) -> dict[str, Param]:
     if mode not in MODES:
         raise InvalidParameter("mode", mode, f"choose one of {', '.join(MODES)}")
     return {name: p for name, p in PARAMS.items() if mode in p.modes}
+
+
+def field_label(name: str) -> str:
+    """A parameter as the page labels it, without the label's parenthesis ("Face to replace (0 = largest)" is
+    "Face to replace"); a strength inside `controlnets` ("controlnets[pose]") is its slider's label."""
+    base, bracket, key = name.partition("[")
+    if bracket and key.rstrip("]") in CONTROL_TYPES:
+        return f"{CONTROL_TYPES[key.rstrip(']')].label} strength"
+    label = PARAMS[base].label if base in PARAMS and PARAMS[base].label else base.replace("_", " ").capitalize()
+    return re.sub(r"\s+\([^()]*\)$", "", label)
+
+
+def labelled_sentence(exc: InvalidParameter) -> str:
+    """The refusal `exc` as the page says it, naming the field as labelled: "Steps must be an integer in
+    0..100 (you gave 1000)." where the API says "Invalid num_steps=1000: ...". The API's names stay the API's
+    (its callers send those); a visitor of the page sees only the labels."""
+    subject = " and ".join(field_label(part) for part in exc.name.split("/"))
+    value = exc.value
+    shown = str(value) if isinstance(value, (numbers.Real, str)) and value != "" else repr(value)
+    if isinstance(value, tuple):
+        shown = " and ".join(str(v) for v in value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    joined = f"{subject} {exc.allowed}" if exc.allowed.startswith(("must ", "is ")) else f"{subject}: {exc.allowed}"
+    return f"{joined} (you gave {shown})."
 
 
 # Request fields where None means "automatic": the mode's default steps and guidance (0 too), a random seed.

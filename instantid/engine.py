@@ -324,7 +324,12 @@ class Engine:
     def run(self, request: Request, progress: ProgressFn | None = None) -> Result:
         """Run one request end to end. User-fixable problems raise `UserError` subclasses."""
         job = self.prepare(request)
-        return self.finish(job, self.render(job, progress))
+        try:
+            rendered = self.render(job, progress)
+        except BaseException:
+            release_memory()  # a failed or stopped render's activations, as `finish` does after a good one
+            raise
+        return self.finish(job, rendered)
 
     def prepare(self, request: Request) -> Job:
         """The CPU stage (request/prepare.py): validate, decode the photos, find the faces, lay out every

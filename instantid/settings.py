@@ -138,7 +138,7 @@ class Settings:
     queue_size: int = 20
     concurrency: int = 1
     preload: bool = True
-    mcp_server: bool = False
+    mcp_server: bool = True
     max_upload_bytes: int = 25 * 1024 * 1024
     max_upload_pixels: int = 50_000_000
     max_output_side: int = 1280
@@ -195,7 +195,7 @@ class Settings:
             queue_size=_parse_int("INSTANTID_QUEUE_SIZE", env.get("INSTANTID_QUEUE_SIZE", "20"), 1, 1000),
             concurrency=_parse_int("INSTANTID_CONCURRENCY", env.get("INSTANTID_CONCURRENCY", "1"), 1, 16),
             preload=_parse_bool("INSTANTID_PRELOAD", env.get("INSTANTID_PRELOAD", "1")),
-            mcp_server=_parse_bool("GRADIO_MCP_SERVER", env.get("GRADIO_MCP_SERVER", "0")),
+            mcp_server=_parse_bool("GRADIO_MCP_SERVER", env.get("GRADIO_MCP_SERVER", "1")),
             max_upload_bytes=_parse_int("INSTANTID_MAX_UPLOAD_MB", env.get("INSTANTID_MAX_UPLOAD_MB", "25"), 1, 500)
             * 1024
             * 1024,

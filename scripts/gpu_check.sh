@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared run for a lent GPU machine (one call of the device tool): the GPU tests, then the GPU
 # benchmark, recorded in BENCHMARKS.md. That machine has torch but no diffusers or insightface and no
-# network: carry them as wheels in .whl/ (README "Benchmarks" says how). Logs and the updated
+# network: carry them as wheels in .whl/ (BENCHMARKS.md says how). Logs and the updated
 # BENCHMARKS.md land in $OUT (or artifacts/gpu) so they come back with the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -18,5 +18,5 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || echo "chromium not installed: the browser test will skip"
 fi
 ruff check .
-# The slowest tests are listed at the end of every run, to keep the suite within its time (README, Tests).
+# The slowest tests are listed at the end of every run, to keep the suite within its time (docs/testing.md).
 python -m pytest -q --durations=15 ${selection[@]+"${selection[@]}"} "$@"

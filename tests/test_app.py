@@ -325,20 +325,19 @@ def test_status_answers_during_a_generation(client: Client, app: tuple[str, Path
 
 
 @pytest.mark.slow  # starts its own app
-def test_mcp_server_on_request(tmp_path: Path, tiny_cache: Path) -> None:
-    """GRADIO_MCP_SERVER=1 serves every endpoint as an MCP tool, with its documented parameters."""
-    app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="1", INSTANTID_PRELOAD="0")
+def test_gradio_mcp_server_0_turns_mcp_off(tmp_path: Path, tiny_cache: Path) -> None:
+    """MCP is served by default (tests/test_mcp.py drives every tool through the official client on the session's
+    app); GRADIO_MCP_SERVER=0 serves the app without it, and says so in the page's config."""
+    app = apprunner.start_app(tmp_path, tiny_cache, GRADIO_MCP_SERVER="0", INSTANTID_PRELOAD="0")
     try:
-        schema = httpx.get(f"{app.url}gradio_api/mcp/schema", timeout=10).json()
+        config = httpx.get(f"{app.url}config", timeout=10).json()
+        schema = httpx.get(f"{app.url}gradio_api/mcp/schema", timeout=10)
+        sse = httpx.get(f"{app.url}gradio_api/mcp/sse", timeout=10)
     finally:
         app.stop()
-    tools = {tool["name"]: tool for tool in schema}
-    assert {"generate", "restyle", "swap", "status"} <= set(tools)
-    params = tools["generate"]["inputSchema"]["properties"]
-    assert {"face_image", "prompt", "num_steps", "enable_lcm", "seed"} <= set(params)
-    assert {"face_image", "source_image", "strength"} <= set(tools["restyle"]["inputSchema"]["properties"])
-    assert {"face_image", "target_image", "face_index"} <= set(tools["swap"]["inputSchema"]["properties"])
-    assert "face_index" in tools["swap"]["description"] or "face_index" in str(tools["swap"]["inputSchema"])
+    assert config["mcp_server"] is False
+    assert schema.status_code == 404 and sse.status_code == 404
+    assert "MCP" not in app.log_text()
 
 
 def _top_level_partials(folder: Path) -> list[Path]:

@@ -140,7 +140,7 @@ def test_generate_and_status_in_a_real_browser(page) -> None:
     # Every header cell of the memory table says something; the plot's legend is titled, not "series".
     headers = memory.locator("th").all_inner_texts()
     assert headers and all(h.strip() for h in headers), headers
-    expect(page.get_by_text("Measure", exact=True)).to_be_visible(timeout=30_000)
+    expect(page.locator("#memory-plot svg g.role-legend")).to_contain_text("process RSS", timeout=30_000)
     expect(page.get_by_text("series", exact=True)).to_have_count(0)
     page.locator("#refresh-status").click()
     expect(memory).to_contain_text("GiB")
@@ -179,7 +179,7 @@ def test_the_memory_chart_shows_the_server_s_history(page, browser, app_url: str
         fresh.get_by_role("tab", name="Status").click()
         assert _oldest_second_shown(fresh) <= -8, "a new visitor's chart started again from one point"
         # Away and back: still the whole history.
-        fresh.get_by_role("tab", name="Generate").click()
+        fresh.get_by_role("tab", name="Create").click()
         fresh.get_by_role("tab", name="Status").click()
         assert _oldest_second_shown(fresh) <= -8
     finally:
@@ -231,9 +231,7 @@ def test_a_bad_seed_typed_in_the_page_gets_its_message(page) -> None:
     seed.fill("-5")
     seed.press("Tab")
     page.locator("#generate-button").click()
-    expect(page.get_by_text(re.compile(r"Invalid seed=-5: must be an integer in 0\.\.2147483647"))).to_be_visible(
-        timeout=30_000
-    )
+    expect(page.get_by_text("Seed must be an integer in 0..2147483647 (you gave -5).")).to_be_visible(timeout=30_000)
     expect(page.locator("#gallery img")).to_have_count(0)
 
 
@@ -348,7 +346,8 @@ def test_out_of_range_numbers_are_refused_not_clamped(page) -> None:
     steps.fill("1000")
     expect(steps).to_have_value("1000")
     page.locator("#generate-button").click()  # the box loses focus here
-    expect(page.get_by_text("Invalid num_steps=1000: must be an integer in 0..100.")).to_be_visible(timeout=30_000)
+    # In the page's words: the field as labelled (the API's refusal names num_steps: see the test below).
+    expect(page.get_by_text("Steps must be an integer in 0..100 (you gave 1000).")).to_be_visible(timeout=30_000)
     expect(steps).to_have_value("1000")
     expect(page.locator("#gallery img")).to_have_count(0)
     expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
@@ -358,6 +357,151 @@ def test_out_of_range_numbers_are_refused_not_clamped(page) -> None:
     index = page.get_by_role("spinbutton", name="Face to replace (0 = largest)")
     index.fill("150")
     page.locator("#swap-button").click()
-    expect(page.get_by_text("Invalid face_index=150: must be an integer in 0..99.")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Face to replace must be an integer in 0..99 (you gave 150).")).to_be_visible(
+        timeout=30_000)
     expect(index).to_have_value("150")
     expect(page.locator("#swap-button")).to_be_enabled(timeout=30_000)
+
+
+# --- the page as visitors meet it: a phone, the Status tab's tables, hints true for this server -------------
+
+PHONE = {"width": 390, "height": 844}
+# Every word in the Status tab's table cells that the browser drew on more than one line ("Reque st").
+BROKEN_WORDS_JS = r"""() => {
+    const tables = ['#load-state', '#memory-table', '#profile', '#components'].map((id) => `${id} table`).join(', ');
+    const cells = [...document.querySelectorAll(tables)].flatMap((table) => [...table.querySelectorAll('td, th')])
+        .filter((cell) => cell.offsetParent !== null);
+    const broken = [];
+    for (const cell of cells) {
+        const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            for (const word of node.textContent.matchAll(/\S+/g)) {
+                const range = document.createRange();
+                range.setStart(node, word.index);
+                range.setEnd(node, word.index + word[0].length);
+                const rects = [...range.getClientRects()].filter((r) => r.width > 0);
+                const lines = new Set(rects.map((r) => Math.round(r.top)));
+                if (lines.size > 1) broken.push(word[0]);
+            }
+        }
+    }
+    return {cells: cells.length, broken};
+}"""
+DOCUMENT_WIDTH_JS = "() => document.documentElement.scrollWidth"
+
+
+def _status_drawn(page) -> None:
+    """The Status tab opened and drawn: its tables, its chart's legend."""
+    page.get_by_role("tab", name="Status").click()
+    sync_api.expect(page.locator("#memory-table")).to_contain_text("GiB", timeout=30_000)
+    sync_api.expect(page.locator("#components")).to_contain_text("unet", timeout=30_000)
+    sync_api.expect(page.locator("#memory-plot svg g.role-legend")).to_contain_text("process RSS", timeout=30_000)
+
+
+def test_a_phone_sees_the_inputs_first_and_never_scrolls_sideways(browser, app_url: str) -> None:
+    """At 390 x 844 the Status tab was 508 px wide, the first screen was all introduction, and "Use via API"
+    was missing from the footer (Gradio hides it on narrow screens)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect = sync_api.expect
+    context = browser.new_context(viewport=PHONE)
+    try:
+        page = context.new_page()
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator("#generate-button").wait_for(timeout=60_000)
+        expect(page.locator("#face-image img, #face-image button").first).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(500)  # the fonts and the layout settled
+        assert page.evaluate(DOCUMENT_WIDTH_JS) <= PHONE["width"]
+        # The first screen holds the inputs: the face photo and the prompt, whole.
+        for selector in ("#face-image", "#prompt textarea"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["y"] >= 0 and box["y"] + box["height"] <= PHONE["height"], (selector, box)
+        # The tab holding the four modes is named for them, not after one of them.
+        expect(page.get_by_role("tab", name="Create")).to_be_visible()
+        expect(page.get_by_role("tab", name="Generate")).to_have_count(0)
+        page.screenshot(path=str(ARTIFACTS / "browser-phone.png"))
+        # "Use via API": in the introduction and in the footer, and it opens the API page.
+        expect(page.locator("#intro").get_by_role("link", name="Use via API")).to_be_visible()
+        footer_api = page.locator("footer").get_by_role("button", name=re.compile("Use via API"))
+        footer_api.scroll_into_view_if_needed()
+        expect(footer_api).to_be_visible()
+        footer_api.click()
+        expect(page.get_by_role("dialog", name="Use via API")).to_be_visible(timeout=30_000)
+        expect(page.get_by_role("dialog", name="Use via API")).to_contain_text("generate", timeout=30_000)
+
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator("#generate-button").wait_for(timeout=60_000)
+        _status_drawn(page)
+        page.wait_for_timeout(500)
+        assert page.evaluate(DOCUMENT_WIDTH_JS) <= PHONE["width"]
+        page.screenshot(path=str(ARTIFACTS / "browser-phone-status.png"), full_page=True)
+    finally:
+        context.close()
+
+
+def test_status_tables_keep_their_words_whole_and_the_legend_names_the_series(page, app_url: str) -> None:
+    """On a desktop the GPU-time table broke words ("Reque st", "genera te", "0.01 6") and the chart's legend
+    showed only its title, "Measure"."""
+    from gradio_client import Client, handle_file
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    # One request at least, so that the GPU-time table has rows (as after the tests above; alone too).
+    Client(app_url, verbose=False).predict(handle_file(str(FACE)), "a knight", num_steps=2, api_name="/generate")
+    _status_drawn(page)
+    sync_api.expect(page.locator("#profile table")).to_contain_text("generate", timeout=30_000)
+    page.wait_for_timeout(500)
+    found = page.evaluate(BROKEN_WORDS_JS)
+    assert found["cells"] > 20 and not found["broken"], found
+    # The legend names the series and has no title ("series", "Measure").
+    legend = page.locator("#memory-plot svg g.role-legend").text_content() or ""
+    assert "process RSS" in legend and "Measure" not in legend and "series" not in legend, legend
+    sync_api.expect(page.locator("#profile")).to_contain_text("last 10 requests at most, newest first")
+    page.screenshot(path=str(ARTIFACTS / "browser-status-desktop.png"), full_page=True)
+
+
+def test_the_hints_are_true_for_this_server(page, app_url: str) -> None:
+    """The speed hint said "quality: 30 steps" where the cpu profile runs 20, the image slider offered 4 where
+    the profile makes 2, and nothing said what Group costs."""
+    from gradio_client import Client
+
+    from instantid.declaration import SPEEDS
+    from instantid.models.memory import PROFILES
+
+    expect = sync_api.expect
+    report = Client(app_url, verbose=False).predict(api_name="/status")
+    profile = PROFILES[report["profile"]["name"]]
+    quality = profile.default_steps or SPEEDS["quality"].steps
+    expect(page.locator("#speed")).to_contain_text(f"quality: {quality} steps; fast: {SPEEDS['fast'].steps} steps")
+    expect(page.locator("#speed")).to_contain_text(re.compile(r"fast: \d+ steps, ~\d+ % of the time"))
+    slider = page.locator("#num-images input[type=range]")
+    expect(slider).to_have_attribute("max", str(profile.max_images))
+    page.get_by_text("Advanced settings").click()
+    expect(page.get_by_text(f"{quality} quality, {SPEEDS['fast'].steps} fast")).to_be_visible()
+    expect(page.locator("#group-note")).to_be_hidden()
+    page.get_by_label("Group", exact=True).check()
+    expect(page.locator("#group-note")).to_contain_text("one Generate per person", timeout=10_000)
+
+
+def test_the_api_keeps_the_parameter_names_the_page_words_with_labels(app_url: str) -> None:
+    """The page's refusal names the field as labelled ("Steps must be ...", the test above); gradio_client's
+    names the parameter it sent."""
+    from gradio_client import Client, handle_file
+
+    with pytest.raises(Exception, match=r"Invalid num_steps=1000: must be an integer in 0\.\.100") as refused:
+        Client(app_url, verbose=False).predict(handle_file(str(FACE)), "x", num_steps=1000, api_name="/generate")
+    assert "Steps must" not in str(refused.value)
+
+
+def test_group_photos_show_as_pictures(page) -> None:
+    """Each person's photos were a list of file names, and the example's layout photo was set inside a closed
+    accordion, unseen."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect = sync_api.expect
+    page.get_by_label("Group", exact=True).check()
+    expect(page.locator("#group-button")).to_be_visible(timeout=10_000)
+    expect(page.locator("#layout-image")).to_be_hidden()
+    page.get_by_text("two friends laughing at a café table, film photo").click()
+    for person in (1, 2):
+        expect(page.locator(f"#person-{person}-preview img").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#layout-image img").first).to_be_visible(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "browser-group-photos.png"), full_page=True)
+    expect(page.locator("#gallery img").first).to_be_visible(timeout=300_000)  # its run ends within the test

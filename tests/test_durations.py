@@ -3,6 +3,9 @@ and the Status tab do with them. The emulated ZeroGPU runs them for real in test
 
 from __future__ import annotations
 
+import math
+import re
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -161,9 +164,11 @@ def test_the_duration_function_asks_the_record_and_counts_the_factor(monkeypatch
     record = Record()
     monkeypatch.setattr(durations, "RECORD", record)
     monkeypatch.setattr(api, "_duration_factor", lambda: 1.5)
-    job = _job(num_steps=100, num_images=4, width=1280, height=1280)
+    job = _job(num_steps=30, num_images=1, width=1280, height=1280)
     assert api._gpu_duration(job) * 1.5 <= MAX_DURATION_S
     assert api._gpu_duration(_job(num_steps=1, width=64, height=64)) == 10, "the prior's 15 s floor after x1.5"
+    with pytest.raises(durations.OverCap):
+        api._gpu_duration(_job(num_steps=100, num_images=4, width=1280, height=1280))
     assert api._gpu_duration(_job(num_steps="many")) == 80, "invalid values ask for the most"
 
 
@@ -201,3 +206,161 @@ def test_the_status_tab_shows_asked_and_used_seconds() -> None:
                     "| generate | 30 | 1 | 1.25 | 34 s (prior) | 12.0 s | 9.9 s |"], "newest first"
     assert "nothing observed yet" in status_tab.format_durations({"durations": Record().report(1.0)})
     assert status_tab.format_durations({}) == ""
+
+
+# --- over the cap: refused with what would fit; the defaults fit ------------------------------------------
+
+
+def _group_job(people: int, images: int, side: int, refined: int | None = None, **kw: Any) -> Job:
+    """A prepared group job as the engine makes it: one `group` entry per person, `refined` small faces (all of
+    them unless told) each redrawn at 1024x1024 in every image."""
+    refine = [SimpleNamespace(width=1024, height=1024)] * (people if refined is None else refined)
+    return _job(width=side, height=side, num_images=images, mode="group", group=[object()] * people, refine=refine,
+                **kw)
+
+
+def _options(sentence: str) -> dict[str, int]:
+    """The alternatives a refusal offers, each with the seconds it says it would ask."""
+    return {label: int(seconds) for label, seconds in re.findall(r"(?:use |or )([^(]+?) \(about (\d+) s\)", sentence)}
+
+
+def test_a_group_over_the_cap_is_refused_with_what_would_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's case: four people, 4 images at 1280x1280 at quality speed. The old code asked for the cap
+    (120 s) and ZeroGPU would cut the call off there, after spending the visitor's quota."""
+    record = Record()
+    monkeypatch.setattr(durations, "RECORD", record)
+    monkeypatch.setattr(api, "_duration_factor", lambda: 1.5)
+    job = _group_job(4, 4, 1280)
+    shape = shape_of(job)
+    need = durations.needed_seconds(shape, None, 1.5)
+    assert need > MAX_DURATION_S
+    with pytest.raises(durations.OverCap) as refused:
+        api._gpu_duration(job)
+    sentence = str(refused.value)
+    assert sentence.startswith(f"This request needs about {need:.0f} s of GPU, more than the {MAX_DURATION_S} s one "
+                               "ZeroGPU call may take here: use ")
+    options = _options(sentence)
+    assert "speed turbo" in options and "speed fast" not in options, "the first faster speed that fits"
+    for label, seconds in options.items():
+        assert seconds <= MAX_DURATION_S, (label, seconds)
+    # Each offered change, made, does fit: priced by the same function as the ask.
+    turbo = durations._with_steps(shape, 4, guided=False)
+    assert durations.needed_seconds(turbo, None, 1.5) == options["speed turbo"]
+    assert record.ask(2, turbo, 1.5, speed="turbo") * 1.5 <= MAX_DURATION_S
+    # Nothing is left to observe, and the Status tab has the refused request's row: mode, people, images.
+    assert record.last_asked(id(job)) is None
+    (row,) = record.report(1.5)["recent"]
+    assert (row["request"], row["people"], row["images"], row["asked_s"]) == ("group, 4 people", 4, 4, None)
+    assert row["basis"].startswith("refused") and row["needed_s"] == need
+
+
+def test_a_refusal_names_fewer_images_people_steps_or_no_refinement_when_they_fit() -> None:
+    three = shape_of(_group_job(3, 1, 0))  # the automatic 1024x1280 with three small faces refined
+    sentence = durations.over_cap(three, None, 1.5, MAX_DURATION_S, "quality")
+    assert sentence is not None
+    options = _options(sentence)
+    assert {"speed fast", "at most 2 people", "refine_faces off"} <= set(options), sentence
+    assert any(label.startswith("at most ") and label.endswith(" steps") for label in options)
+    two_images = shape_of(_job(num_images=2, width=1280, height=1280, num_steps=60))
+    options = _options(durations.over_cap(two_images, None, 1.5, MAX_DURATION_S, "quality") or "")
+    assert "at most 1 image" in options and "speed fast" in options
+    # Already at turbo: no faster speed to offer; a call that fits is not refused.
+    assert "speed" not in (durations.over_cap(shape_of(_group_job(4, 4, 1280, speed="turbo", num_steps=30)), None,
+                                              1.5, MAX_DURATION_S, "turbo") or "x")
+    assert durations.over_cap(DEFAULT, None, 1.5, MAX_DURATION_S) is None
+    # Calibrated figures price the refusal as they price the ask.
+    slow = Figures(fixed_s=5.0, step_s=1.5, decode_s=0.5)
+    assert durations.over_cap(DEFAULT, slow, 1.0, MAX_DURATION_S) is not None
+    assert durations.needed_seconds(DEFAULT, slow, 1.0) == math.ceil(durations.MARGIN * durations.predicted_seconds(
+        DEFAULT, slow))
+
+
+@pytest.mark.parametrize("mode", ["generate", "restyle", "swap", "group"])
+def test_the_defaults_of_every_mode_fit_one_call_at_quality_speed(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Priced as the page prices them before the click, by the prior on the default card (spaces' x1.5)."""
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setattr(api, "_duration_factor", lambda: 1.5)
+    monkeypatch.setattr(durations, "RECORD", Record())
+    line = api.estimate(mode, {})
+    seconds = int(re.search(r"about (\d+) s of your ZeroGPU quota", line).group(1))
+    assert seconds <= MAX_DURATION_S and f"one call may take {MAX_DURATION_S} s" in line and "quality" in line
+    shape, speed = api._settings_shape(mode, {}, *api._profile())
+    assert speed == "quality" and durations.needed_seconds(shape, None, 1.5) == seconds
+    if mode == "group":
+        # Two people side by side at 1280x832: faces large enough that none is refined.
+        assert (shape.people, shape.refine_passes, round(shape.megapixels * 2**20)) == (2, 0, 1280 * 832)
+
+
+def test_the_page_estimate_follows_people_images_size_and_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setattr(api, "_duration_factor", lambda: 1.5)
+    monkeypatch.setattr(durations, "RECORD", Record())
+    photo = {"path": "/tmp/x.png"}  # the page sends uploads unconverted: only whether a slot is filled counts
+    two = api.estimate("group", {"person_1": [photo], "person_2": [photo]})
+    three = api.estimate("group", {"person_1": [photo], "person_2": [photo], "person_3": [photo]})
+    assert "2 people, 1 image" in two and "over the limit" not in two
+    # Three people side by side: faces small enough to refine; the issue's 124 s (1280x832).
+    assert "(3 people, 1 image, speed quality): over the limit, would be refused. It needs about 124 s" in three
+    assert _options(three)["speed fast"] <= MAX_DURATION_S
+    big = {f"person_{k}": [photo] for k in range(1, 5)} | {"num_images": 4, "width": 1280, "height": 1280}
+    assert "speed turbo" in api.estimate("group", big)
+    turbo = api.estimate("group", big | {"speed": "turbo"})
+    assert "4 people, 4 images, speed turbo" in turbo and "over the limit" not in turbo
+    sizes = [api.estimate("generate", {"width": side, "height": side}) for side in (512, 1024)]
+    assert sizes[0] != sizes[1]
+    assert api.estimate("generate", {"num_images": 2}) != api.estimate("generate", {})
+    # Off ZeroGPU: nothing before anything was observed, then the expected time from what was.
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    monkeypatch.setattr(api, "_profile", lambda: (SimpleNamespace(default_steps=None, max_images=4), 1024))
+    assert api.estimate("generate", {}) == ""
+    durations.RECORD.observe(0, DEFAULT, _timings(9.0, 0.3), wall_s=12.0)
+    assert api.estimate("generate", {}) == ("**GPU time** (1 image, speed quality): about 12 s expected on this "
+                                            "hardware, from the runs so far.")
+    assert api.estimate("generate", {"num_steps": "many"}) == "", "a value being typed never raises"
+
+
+def test_the_timings_report_asked_and_used_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from instantid.request.requests import Rendered
+
+    record = Record()
+    monkeypatch.setattr(durations, "RECORD", record)
+    monkeypatch.setattr(api, "_duration_factor", lambda: 1.5)
+    job = _job(width=1024, height=1280)
+    seconds = api._gpu_duration(job)
+    rendered = Rendered(images=[], timings_ms=_timings(9.0, 0.3))
+    api._observe(job, rendered, 12.0)
+    assert rendered.timings_ms["gpu_asked_ms"] == durations.asked_after_factor(seconds, 1.5) * 1000 == 34000
+    assert rendered.timings_ms["gpu_used_ms"] == 12000
+    rendered = Rendered(images=[], timings_ms=_timings(9.0, 0.3))
+    api._observe(_job(), rendered, 5.0)  # off ZeroGPU: nothing asked
+    assert "gpu_asked_ms" not in rendered.timings_ms and rendered.timings_ms["gpu_used_ms"] == 5000
+
+
+def test_status_rows_name_the_mode_the_people_and_the_images() -> None:
+    record = Record()
+    group = shape_of(_group_job(3, 2, 768, refined=0))
+    record.ask(1, group, factor=1.0)
+    record.observe(1, group, _timings(9.0, 0.3), wall_s=12.0, mode="group")
+    record.observe(2, DEFAULT, _timings(9.0, 0.3), wall_s=12.0, mode="generate")
+    rows = record.report(1.0)["recent"]
+    assert [(r["request"], r["people"], r["images"]) for r in rows] == [("group, 3 people", 3, 2), ("generate", 1, 1)]
+    table = status_tab.format_durations({"durations": record.report(1.0)})
+    assert "| generate | 30 | 1 |" in table and "| group, 3 people | 30 | 2 |" in table
+
+
+def test_where_no_single_change_fits_the_refusal_names_changes_that_fit_together() -> None:
+    slow = Figures(fixed_s=5.0, step_s=16.0, decode_s=1.0)  # a slow worker's figures
+    shape = shape_of(_group_job(4, 4, 1280))
+    sentence = durations.over_cap(shape, slow, 1.0, MAX_DURATION_S, "quality")
+    found = re.fullmatch(r"This request needs about \d+ s of GPU, more than the 120 s one ZeroGPU call may take here: "
+                         r"use speed turbo, 1 image, 2 people, refine_faces off and a size of at most (\d+)x\1 "
+                         r"together \(about (\d+) s\)\.", sentence or "")
+    assert found, sentence
+    side, seconds = int(found[1]), int(found[2])
+    fitted = Shape(steps=4, images=1, megapixels=side * side / 2**20, guided=False, unet_passes=2)
+    assert durations.needed_seconds(fitted, slow, 1.0) == seconds <= MAX_DURATION_S
+    bigger = Shape(steps=4, images=1, megapixels=(side + 64) ** 2 / 2**20, guided=False, unet_passes=2)
+    assert durations.needed_seconds(bigger, slow, 1.0) > MAX_DURATION_S, "the largest size that fits"
+    # A worker whose fixed cost alone passes the cap: nothing fits, and the sentence says so.
+    hopeless = durations.over_cap(shape, Figures(fixed_s=200.0, step_s=1.0, decode_s=1.0), 1.0, MAX_DURATION_S)
+    assert hopeless is not None and hopeless.endswith("even at its smallest: this server cannot run it on ZeroGPU.")

@@ -416,7 +416,7 @@ def test_a_long_strip_s_face_is_found_by_generate_and_swap(tiny_engine, photos, 
 
 def test_a_face_cut_by_the_edge_is_swapped_where_it_is_inside_the_photo(tiny_engine, photos, tmp_path) -> None:
     """The detector sees only the part of a face inside the photo (its box ends at the edge, measured: 10 to 50 %
-    cut), so a cut face is swapped by that part, as the README says; the crop never leaves the photo."""
+    cut), so a cut face is swapped by that part, as docs/limits.md says; the crop never leaves the photo."""
     from PIL import Image
 
     astronaut = decoded(photos["astronaut"]).astype(np.uint8)

@@ -273,3 +273,76 @@ def test_the_page_offers_group_with_its_own_inputs() -> None:
     assert all(shown[n] for n in ("person_1", "person_2", "person_4", "names", "layout_image", "order", "width"))
     assert not any(shown[n] for n in ("face_image", "extra_face_images", "pose_image", "controls", "target_image"))
     assert not ui.visible_in("generate", modes)["person_1"] and ui.visible_in("generate", modes)["face_image"]
+
+
+def _side_by_side(*paths: str):
+    """The photos in a row on one canvas (each face where it was): a constructed "generated" group image."""
+    import PIL.Image
+
+    photos = [PIL.Image.open(p).convert("RGB") for p in paths]
+    canvas = PIL.Image.new("RGB", (sum(p.width for p in photos), max(p.height for p in photos)), "gray")
+    x = 0
+    for photo in photos:
+        canvas.paste(photo, (x, 0))
+        x += photo.width
+    return canvas
+
+
+def test_each_face_gets_its_margin_and_a_copy_pasted_face_a_warning(tiny_engine) -> None:
+    """The finish stage on constructed images: the two real people (clear margins), then Ada's face twice (Ben's
+    face is Ada's: a negative margin and a warning in words), then both people with Ada's identity (margin 0)."""
+    from dataclasses import replace
+
+    from instantid.frontends.api import _gallery
+    from instantid.request.requests import Rendered
+    from instantid.vision.faces import cosine_similarity
+    from instantid.vision.images import image_to_array
+
+    job = tiny_engine.prepare(Request(mode="group", people=[[ASTRONAUT], [HOPPER]], names="Ada, Ben",
+                                      prompt="two friends", num_steps=2, seed=7))
+    ada, ben = job.embeddings
+    pair, twice = _side_by_side(ASTRONAUT, HOPPER), _side_by_side(ASTRONAUT, ASTRONAUT)
+    result = tiny_engine.finish(job, Rendered(images=[pair, twice], timings_ms={}))
+
+    # The arithmetic, by hand: each face's similarity to its person minus that to the other person.
+    found = [f.embedding for f in sorted(tiny_engine.faces().detect(image_to_array(twice), with_embedding=True),
+                                         key=lambda f: f.bbox[0])]
+    assert len(found) == 2
+    matched_to_ada = max(found, key=lambda e: cosine_similarity(e, ada))
+    other = found[1] if matched_to_ada is found[0] else found[0]
+    expected_ben = cosine_similarity(other, ben) - cosine_similarity(other, ada)
+    margins = result.person_margins
+    assert margins[1]["Ben"]["nearest_other"] == "Ada" and margins[1]["Ada"]["nearest_other"] == "Ben"
+    assert margins[1]["Ben"]["margin"] == pytest.approx(expected_ben, abs=2e-4) and expected_ben < -0.5
+    assert margins[1]["Ada"]["margin"] == pytest.approx(
+        cosine_similarity(matched_to_ada, ada) - cosine_similarity(matched_to_ada, ben), abs=2e-4)
+    # The real pair: each face far closer to its own person (strangers score about 0).
+    assert all(m["margin"] > 0.5 for m in margins[0].values()), margins[0]
+
+    mixed = [w for w in result.warnings if "looks more like" in w]
+    assert mixed == [f"Image #2: Ben's face looks more like Ada than like Ben (similarity "
+                     f"{result.person_similarities[1]['Ben']:.2f} to Ben, "
+                     f"{result.person_similarities[1]['Ben'] - margins[1]['Ben']['margin']:.2f} to Ada); "
+                     "try another seed."]
+    captions = [caption for _, caption in _gallery(result)]
+    assert "(" not in captions[0], "clear margins are not shown"
+    assert f"Ben {result.person_similarities[1]['Ben']:.2f} (more like Ada, by {-expected_ben:.2f})" in captions[1]
+
+    # Person B's identity equal to A's: whichever face each gets, it is as like the other: margin 0, shown as low.
+    same = tiny_engine.finish(replace(job, embeddings=[ada, ada]), Rendered(images=[pair], timings_ms={}))
+    assert [m["margin"] for m in same.person_margins[0].values()] == [0.0, 0.0]
+    assert not [w for w in same.warnings if "looks more like" in w]
+    assert "(only 0.00 above Ben)" in _gallery(same)[0][1] and "(only 0.00 above Ada)" in _gallery(same)[0][1]
+
+
+def test_names_and_margins_reach_the_api(monkeypatch: pytest.MonkeyPatch, tiny_engine) -> None:
+    """The /group endpoint function (what the page, gradio_client and MCP call): a quoted name with a comma and
+    a trailing comma give two people, and the result's info holds each person's margin."""
+    from instantid.frontends import api
+
+    monkeypatch.setattr(api, "_engine", lambda: tiny_engine)
+    gallery, seed, similarities, _, info = list(api.group(
+        [ASTRONAUT], [HOPPER], "two friends", names='"Smith, Ada", Ben,', num_steps=2, seed=3))[-1]
+    assert [list(row) for row in similarities] == [["Smith, Ada", "Ben"]]
+    assert [list(row) for row in info["identity_margins"]] == [["Smith, Ada", "Ben"]]
+    assert gallery[0][1].startswith("seed 3: Smith, Ada ")

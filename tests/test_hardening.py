@@ -387,8 +387,9 @@ BAD_PARAMETERS = [
         {"num_steps": 60, "enable_lcm": True},
         r"num_steps=60: use 1\.\.50 with LCM fast mode",
     ),
-    ({"num_images": 9}, {"num_images": 9}, r"num_images=9: must be an integer in 1\.\.4"),
-    ({"num_images": 0}, {"num_images": 0}, r"num_images=0: must be an integer in 1\.\.4"),
+    # The API's upper bound is the server's profile's (the cpu profile makes at most 2), the engine's the declared 4.
+    ({"num_images": 9}, {"num_images": 9}, r"num_images=9: must be an integer in 1\.\.[1-4]\."),
+    ({"num_images": 0}, {"num_images": 0}, r"num_images=0: must be an integer in 1\.\.[1-4]\."),
     ({"guidance_scale": 50}, {"guidance_scale": 50}, r"guidance_scale=50: must be a number in 0\.\.20"),
     ({"guidance_scale": -3}, {"guidance_scale": -3}, r"guidance_scale=-3: must be a number in 0\.\.20"),
     ({"identitynet_strength": 2}, {"identitynet_strength": 2}, r"identitynet_strength=2: .*0\.\.1\.5"),
@@ -549,6 +550,86 @@ def test_api_image_given_as_a_url_object_is_refused_in_words(client: Client, pho
     event, data = raw_generate(client, **values)
     assert event == "error" and field in data["error"] and "handle_file" in data["error"], data
     assert "ImageData(" not in data["error"], "the message printed an internal object"
+
+
+# A data: URL as a file path was written into the log whole, twice per request (565 KB each for a real photo),
+# and Gradio's refusal of a relative path or a file:// reference named the server's checkout to the client.
+BIG_DATA_URL = "data:image/png;base64," + "QUJD" * 150_000  # 600 KB
+PAYLOAD_REFS = {
+    "data_url_path": ("face_image", lambda app: {"face_image": file_ref(BIG_DATA_URL)}),
+    "relative_path": ("face_image", lambda app: {"face_image": file_ref("assets/astronaut.jpg")}),
+    "file_url": ("face_image", lambda app: {"face_image": file_ref(f"file://{apprunner.ROOT}/assets/astronaut.jpg")}),
+    "parent_path": ("pose_image", lambda app: {"pose_image": file_ref("../" * 8 + "etc/passwd")}),
+    # A file reference where no photo is taken: Gradio reads file references in any input.
+    "data_url_in_controlnets": ("controlnets", lambda app: {"controlnets": file_ref(BIG_DATA_URL)}),
+}
+
+
+@pytest.mark.parametrize("name", list(PAYLOAD_REFS))
+def test_a_file_reference_is_refused_by_name_without_server_paths_or_log_growth(
+        client: Client, app: apprunner.App, photos: dict[str, Path], name: str) -> None:
+    field, make = PAYLOAD_REFS[name]
+    values = make(app)
+    values.setdefault("face_image", upload(client, photos["astronaut"]))
+    logged = app.log.stat().st_size
+    event, data = raw_generate(client, **values)
+    message = data["error"] if isinstance(data, dict) else str(data)
+    assert event == "error" and message.startswith(f"Invalid {field}: send the photo itself as an upload"), message
+    for server_path in (str(apprunner.ROOT), str(app.temp_dir), "/etc/passwd", "/work", "/home", "/tmp"):
+        assert server_path not in message, message
+    assert "QUJDQUJD" not in message and len(message) < 400, message[:500]
+    # Gradio prints a refusal's traceback before it answers, and the app's output is unbuffered.
+    grown = app.log.stat().st_size - logged
+    assert grown < 2000, f"the log grew by {grown} bytes: {app.log_text()[-1000:]}"
+    assert "QUJDQUJDQUJD" not in app.log_text()
+
+
+def test_no_log_record_carries_a_payload_whole() -> None:
+    """The app's record factory (installed by app.py): a message, and each line of a logged traceback, is cut
+    to a few hundred bytes with the count of what was left out; a short one is untouched."""
+    import logging
+
+    from instantid.frontends.gradio_adapter import LOG_LIMIT, bound_log_records
+
+    previous = logging.getLogRecordFactory()
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+            record.formatted = self.format(record)  # type: ignore[attr-defined]
+
+    logger = logging.getLogger("tests.payload")
+    handler = Keep()
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        bound_log_records()
+        bound_log_records()  # idempotent
+        logger.warning("request from %s: %s", "client", BIG_DATA_URL)
+        try:
+            raise OSError(36, "File name too long", BIG_DATA_URL)
+        except OSError:
+            logger.exception("failed")
+        logger.warning("short %s", "message")
+    finally:
+        logging.setLogRecordFactory(previous)
+        logger.removeHandler(handler)
+    cut, traced, short = (r.formatted for r in records)  # type: ignore[attr-defined]
+    assert len(cut) < LOG_LIMIT + 100 and "more bytes not shown" in cut and cut.startswith("request from client")
+    assert "File name too long" in traced and max(len(line) for line in traced.splitlines()) < LOG_LIMIT + 100
+    assert short == "short message"
+
+
+def test_an_unexpected_error_reaches_the_client_without_server_paths() -> None:
+    """What `guard_requests` sends for an exception other than gr.Error escaping Gradio's processing."""
+    from instantid.frontends.gradio_adapter import client_sentence
+
+    said = client_sentence(FileNotFoundError(2, "No such file", f"{apprunner.ROOT}/assets/x.jpg"))
+    assert str(apprunner.ROOT) not in said and "(a path on the server)" in said and "No such file" in said
+    said = client_sentence(ValueError("Cannot move ../../etc/passwd or ~/secret or /srv/app/ok.png; see http://x/y"))
+    assert "passwd" not in said and "secret" not in said and "/srv" not in said and "http://x/y" in said, said
+    assert len(client_sentence(ValueError("x" * 100_000))) < 400
 
 
 # --- 3b. strict types: what Gradio would convert is refused as sent ---------------------------------

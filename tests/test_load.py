@@ -3,7 +3,7 @@
 Loopback only, bounded in count and time. The app runs with a queue of 4, so that eight clients at
 once meet both outcomes a public Space gives: a result, or Gradio's clean "queue is full" refusal.
 Nothing may be lost (every request gets one of the two), hang (every wait has a deadline) or fail in
-any other way; afterwards the app still serves. The memory figure printed here is the one in the README.
+any other way; afterwards the app still serves. The memory figure printed here is the one in docs/limits.md.
 """
 
 from __future__ import annotations

@@ -129,3 +129,33 @@ def test_no_seed_given_is_a_random_seed_everywhere() -> None:
         assert inspect.signature(api.ENDPOINTS[mode]).parameters["seed"].default is None
     args = _parser().parse_args(["generate", "--face", "a.png", "--out", "o.png"])
     assert args.seed is None and args.randomize_seed is False
+
+
+@pytest.mark.parametrize(("names", "people", "expected"), [
+    ("Ada, Ben,", 2, ("Ada", "Ben")),  # a trailing comma: no third person
+    ("Ada, Ben,,, ", 2, ("Ada", "Ben")),
+    ("Ada,,Ben", 3, ("Ada", "Person 2", "Ben")),  # a doubled comma: that person's default name
+    (",Ben", 2, ("Person 1", "Ben")),
+    (",", 2, ("Person 1", "Person 2")),
+    ('"Smith, Ada", Ben', 2, ("Smith, Ada", "Ben")),  # quoted, as in CSV: the comma is the name's
+    (' "Smith, Ada" , "Ben ""B"" Ng"', 2, ("Smith, Ada", 'Ben "B" Ng')),
+    ('O"Neil, Ben', 2, ('O"Neil', "Ben")),  # a quote inside a name is a character
+    ("Ada\nBen", 2, ("Ada", "Ben")),  # one per line, as a text box may send them
+])
+def test_names_split_like_csv_and_stray_commas_add_no_person(names: str, people: int, expected: tuple) -> None:
+    photo = b"not decoded until the engine runs"
+    request = Request(mode="group", people=[[photo]] * people, names=names, prompt="x")
+    assert request.person_names == expected
+
+
+def test_names_refusals_say_what_to_do() -> None:
+    from instantid.errors import InvalidParameter, UserError
+
+    photo = b"x"
+    with pytest.raises(InvalidParameter, match="a quote is not closed"):
+        Request(mode="group", people=[[photo]] * 2, names='"Smith, Ada, Ben', prompt="x")
+    # A name past the photos is a person without a photo, not a stray comma.
+    with pytest.raises(UserError, match=r"No photo of Cy \(person 3\): names lists 3 people for 2 with photos"):
+        Request(mode="group", people=[[photo]] * 2, names="Ada, Ben, Cy", prompt="x")
+    with pytest.raises(UserError, match=r"No photo of Ben \(person 2\)"):
+        Request(mode="group", people=[[photo]], names="Ada, Ben,", prompt="x")

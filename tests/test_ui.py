@@ -25,7 +25,7 @@ from PIL import Image
 
 from instantid.declaration import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED
 from instantid.errors import InvalidParameter, NoFaceError
-from instantid.frontends import api, status_tab, ui
+from instantid.frontends import api, hints, status_tab, ui
 from instantid.request.requests import Job, Rendered, Request, Result, Step
 from instantid.settings import Settings
 from tests.apprunner import call_events, free_port
@@ -220,7 +220,8 @@ def test_speed_and_lcm_go_back_to_automatic(page: Page) -> None:
     steps, guidance = (next(c for c in config["components"] if c["props"].get("label") == label)
                        for label in ("Steps", "Guidance scale"))
     assert steps["props"]["value"] == 0 and guidance["props"]["value"] == 0
-    info = "0 = automatic (30 quality, 8 fast, 4 turbo, 5 lcm; 20 quality on a CPU-only server)"
+    # The steps this server's profile runs (the fake status report's: cpu), not the declaration's 30.
+    info = "0 = automatic (20 quality, 8 fast, 4 turbo, 5 lcm with the cpu profile)"
     assert steps["props"]["info"] == info
     # Nothing but the speed and LCM choices write them (no page-load step that shows 30 and 5).
     writers = [dep for dep in config["dependencies"] if {steps["id"], guidance["id"]} & set(dep["outputs"])]
@@ -793,4 +794,76 @@ def test_status_tab_words(page: Page) -> None:
     header = status_tab.format_memory(REPORT).splitlines()[0]
     assert all(cell.strip() for cell in header.strip("|").split("|")), header
     (plot,) = [c["props"] for c in page.config["components"] if c["type"] == "nativeplot"]
-    assert plot["color_title"] and plot["color_title"] != "series"
+    # No legend title ("series", then "Measure", said nothing): the entries name the series themselves.
+    assert plot["color_title"] == "" and plot["title"] == "Memory over time"
+
+
+# --- hints true for this server, refusals in the page's words ------------------------------------------
+
+
+def test_the_page_s_hints_follow_the_server_s_profile(page: Page) -> None:
+    """The speed hint said "quality: 30 steps" where the cpu profile runs 20; the image slider offered 4 where the
+    profile makes 2. Both now come from the profile the status report names (the fake report's: cpu)."""
+    cpu = hints.PageFacts.from_report(REPORT)
+    assert cpu.steps == {"quality": 20, "fast": 8, "turbo": 4, "lcm": 5} and cpu.max_images == 2
+    # Shares of quality's UNet passes: a guided step runs two, turbo's unguided one.
+    assert cpu.speed_info() == ("quality: 20 steps; fast: 8 steps, ~40 % of the time; turbo: 4 steps, ~10 % of the "
+                                "time, no negative prompt")
+    large = hints.PageFacts.from_report({"profile": {"name": "large"}})
+    assert large.steps["quality"] == 30 and large.max_images == 4 and "fast: 8 steps, ~27 %" in large.speed_info()
+    unknown = hints.PageFacts.from_report({"state": {"phase": "error"}})  # a status that failed: the declaration's
+    assert unknown.steps["quality"] == 30 and unknown.max_images == 4 and "profile" not in unknown.steps_info()
+    props = {c["props"].get("label"): c["props"] for c in page.config["components"]}
+    assert props["Number of images"]["maximum"] == 2
+    assert props["Speed"]["info"] == cpu.speed_info()
+    tabs = [c["props"]["label"] for c in page.config["components"] if c["type"] == "tabitem"]
+    assert tabs == ["Create", "Status"]
+
+
+def test_refusals_on_the_page_name_the_fields_as_labelled() -> None:
+    from instantid.declaration import labelled_sentence, params_for
+
+    assert labelled_sentence(InvalidParameter("num_steps", 1000, "must be an integer in 0..100")) == (
+        "Steps must be an integer in 0..100 (you gave 1000).")
+    assert labelled_sentence(InvalidParameter("face_index", 150, "must be an integer in 0..99")) == (
+        "Face to replace must be an integer in 0..99 (you gave 150).")
+    assert labelled_sentence(InvalidParameter("controlnets[pose]", 3.0, "must be a number in 0..1.5")).startswith(
+        "Pose strength must be")
+    assert labelled_sentence(InvalidParameter("width/height", (512, 0), "set both or neither")).startswith(
+        "Width and Height: set both or neither")
+
+    names = list(params_for("generate"))
+
+    def page_run(ranges: dict[str, tuple[float, float]], seed: Any = None, **values: Any) -> None:
+        given = {name: api_default(name) for name in names} | {"face_image": {"path": FACE}} | values
+        ui.page_check("generate", ranges)(seed, True, [], 0.4, 0.4, 0.4, *(given[name] for name in names))
+
+    page_run({})  # the defaults pass
+    for values, ranges, sentence in (
+        ({"num_steps": 1000}, {"num_steps": (0, 100)}, "Steps must be an integer in 0..100 (you gave 1000)."),
+        ({"num_images": 3}, {"num_images": (1, 2)}, "Number of images must be an integer in 1..2 (you gave 3)."),
+        ({"num_steps": 60, "enable_lcm": True}, {}, "Steps: use 1..50 with LCM fast mode"),
+        ({"width": 512}, {}, "Width and Height: set both or neither"),
+        ({"face_image": None}, {}, "No face photo: add a photo of the person's face."),
+    ):
+        with pytest.raises(gr.Error) as refused:
+            page_run(ranges, **values)
+        assert refused.value.message.startswith(sentence) and "num_steps" not in refused.value.message, refused.value
+    with pytest.raises(gr.Error) as refused:
+        page_run({}, seed=-5)
+    assert refused.value.message == "Seed must be an integer in 0..2147483647 (you gave -5)."
+
+
+def api_default(name: str) -> Any:
+    from instantid.declaration import PARAMS
+
+    return PARAMS[name].default
+
+
+def test_the_gpu_time_table_shows_the_last_ten_requests() -> None:
+    recent = [{"mode": "generate", "steps": k, "images": 1, "megapixels": 1.0, "asked_s": 30, "basis": "prior",
+               "used_s": 10.0, "gpu_function_s": 9.0} for k in range(1, 21)]
+    text = status_tab.format_durations({"durations": {"basis": "prior", "factor": 1.0, "cap_s": 120, "recent": recent}})
+    rows = [line for line in text.splitlines() if line.startswith("| generate |")]
+    assert [int(row.split("|")[2]) for row in rows] == list(range(20, 10, -1))  # newest first, ten of them
+    assert "last 10 requests" in text

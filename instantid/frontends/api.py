@@ -16,9 +16,10 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import gradio as gr
@@ -27,9 +28,11 @@ import spaces
 from ..declaration import MODE_SPECS, MODES, PARAMS, Param, image_seed, params_for
 from ..errors import InvalidParameter, UserError
 from ..request import durations
-from ..request.requests import Job, Rendered, Request, Result, Step
+from ..request.requests import LOW_MARGIN, Job, Rendered, Request, Result, Step
 
 log = logging.getLogger(__name__)
+# Where the engine lives once something imported it (`_profile` only looks, it never imports it).
+_ENGINE_MODULE = f"{__package__.rpartition('.')[0]}.engine"
 
 GENERIC_ERROR = "Something went wrong on the server while generating; please try again in a minute."
 
@@ -59,17 +62,118 @@ def _duration_factor() -> float:
     return 1.0
 
 
+def _duration_cap() -> int:
+    """The most one GPU call may ask for here, after `spaces`' factor: the lowest tier's (`durations.MAX_DURATION_S`
+    says why `spaces` cannot tell us the visitor's)."""
+    return durations.MAX_DURATION_S
+
+
 def _gpu_duration(job: Job) -> int:
-    # ZeroGPU calls the duration function with the GPU function's own arguments, in the main process: the
-    # prepared job knows the real output size, steps and controls (a restyle runs only steps x strength of its
-    # steps; a swap's size is the working size of its crop, not of the target photo). What is asked is kept
-    # under the job's id until `_run` hands the call's measurements to the same record.
+    # ZeroGPU calls the duration function with the GPU function's own arguments, in the main process, before it
+    # schedules anything: the prepared job knows the real output size, steps and controls (a restyle runs only
+    # steps x strength of its steps; a swap's size is the working size of its crop, not of the target photo).
+    # What is asked is kept under the job's id until `_run` hands the call's measurements to the same record.
+    # A call over the cap raises `durations.OverCap` here, so nothing is scheduled: it reaches the visitor through
+    # `_run` and the endpoint as any UserError does.
     try:
         shape = durations.shape_of(job)
     except (TypeError, ValueError, AttributeError):
         # Invalid values fail validation before any GPU is asked for; ask for the most.
-        return math.floor(durations.MAX_DURATION_S / _duration_factor())
-    return durations.RECORD.ask(id(job), shape, _duration_factor())
+        return math.floor(_duration_cap() / _duration_factor())
+    return durations.RECORD.ask(id(job), shape, _duration_factor(), _duration_cap(), speed=str(job.speed),
+                                mode=str(getattr(job, "mode", "")))
+
+
+def _profile() -> tuple[Any, int] | None:
+    """The memory profile requests run under and their working short side, where known without loading
+    anything: the engine's once it exists (on ZeroGPU always: it loads before launch), else ZeroGPU's; None
+    off ZeroGPU before the engine exists."""
+    from ..models.memory import PROFILES, is_zerogpu
+
+    engine = getattr(sys.modules.get(_ENGINE_MODULE), "_engine", None)
+    if engine is not None:
+        from ..request.scenes import Workshop
+
+        # The tiny preset's sizes too: the working size the engine's prepare stage would choose.
+        return engine.profile, Workshop(engine.settings, engine.profile, engine.faces).working_short_side()
+    if is_zerogpu():
+        return PROFILES["zerogpu"], PROFILES["zerogpu"].default_short_side
+    return None
+
+
+def _settings_shape(mode: str, values: Mapping[str, Any], profile: Any, short: int) -> tuple[durations.Shape, str]:
+    """What a request of the page's current `values` (parameter names; `controlnets` a list of names) would
+    cost, as `durations.shape_of` prices a prepared job, and its speed. Before the photos are read, so where the
+    faces decide (their sizes: which are refined; a layout photo's size) it takes the larger cost."""
+    from types import SimpleNamespace
+
+    from ..declaration import DEFAULT_SPEED, SPEEDS
+    from ..settings import get_settings
+    from ..vision import geometry
+
+    spec = MODE_SPECS[mode]
+    values = {**{name: p.default for name, p in params_for(mode).items()}, **values}
+    speed = "lcm" if values.get("enable_lcm") else str(values.get("speed") or DEFAULT_SPEED)
+    sampling = SPEEDS[speed]
+    steps = int(values.get("num_steps") or 0) or ((sampling.lora is None and profile.default_steps) or sampling.steps)
+    guidance = float(values.get("guidance_scale") or 0) or sampling.guidance
+    strength = float(values["strength"] or 0) if mode in PARAMS["strength"].modes else 1.0
+    images = max(1, min(int(values.get("num_images") or 1), profile.max_images))
+    longest = get_settings().max_output_side
+    width, height = int(values.get("width") or 0), int(values.get("height") or 0)
+    # The people are the slots up to the last one filled (an empty page: the two a group needs).
+    people = max([2] + [k for k in range(1, 5) if values.get(f"person_{k}")]) if spec.people else 0
+    if spec.people and not width and not values.get("layout_image"):
+        width, height = geometry.output_size(*geometry.GROUP_ASPECT, short_side=short, max_side=longest)
+    refine_choice = values.get("refine_faces") or "auto"
+    refines = mode in PARAMS["refine_faces"].modes and (
+        refine_choice == "on" or (refine_choice == "auto" and spec.refines))
+    refined = 0
+    if refines and spec.people and width and not values.get("layout_image"):
+        # Side by side, as `geometry.group_layout` places them: every face the same width, refined when small.
+        side = min(width / people * geometry.GROUP_FACE_SHARE, height * geometry.GROUP_FACE_OF_HEIGHT)
+        refined = people if side < geometry.REFINE_BELOW * short else 0
+    elif refines:
+        refined = max(1, people)
+    controls = values.get("controlnets") or ()
+    job = SimpleNamespace(
+        width=width, height=height, num_images=images, num_steps=steps, guidance_scale=guidance, strength=strength,
+        denoising_steps=min(int(steps * strength), steps),
+        controls=dict.fromkeys(controls) if mode in PARAMS["controlnets"].modes else {},
+        group=[None] * people if people > 1 else [],
+        refine=[SimpleNamespace(width=short, height=short)] * refined,
+    )
+    return durations.shape_of(job), speed
+
+
+def estimate(mode: str, values: Mapping[str, Any]) -> str:
+    """The page's line beside the run button, for the settings shown (`values` by parameter name): on ZeroGPU
+    the GPU seconds they will ask of the visitor's quota (or why they would be refused), priced as the call
+    will be; elsewhere the expected time on this hardware from the figures observed so far, or nothing before.
+    Cheap and torch-free: the page calls it outside the queue at every change."""
+    from ..models.memory import is_zerogpu
+
+    try:
+        known = _profile()
+        if known is None:
+            return ""
+        shape, speed = _settings_shape(mode, values, *known)
+        figures = durations.RECORD.figures()
+        head = f"**GPU time** ({durations.describe('', shape)}, speed {speed})"
+        if is_zerogpu():
+            factor, cap = _duration_factor(), _duration_cap()
+            refusal = durations.over_cap(shape, figures, factor, cap, speed)
+            if refusal is not None:
+                return f"{head}: over the limit, would be refused. {refusal.replace('This request', 'It')}"
+            seconds = durations.needed_seconds(shape, figures, factor)
+            return f"{head}: about {seconds:.0f} s of your ZeroGPU quota; one call may take {cap} s."
+        if not figures.observed:
+            return ""
+        seconds = durations.predicted_seconds(shape, figures)
+        return f"{head}: about {seconds:.0f} s expected on this hardware, from the runs so far."
+    except Exception:  # a half-filled page (or a value being typed) must never raise in the visitor's face
+        log.debug("no estimate for %s", mode, exc_info=True)
+        return ""
 
 
 @spaces.GPU(duration=_gpu_duration)
@@ -139,8 +243,10 @@ def _gallery(result: Result) -> list[tuple[Any, str]]:
         if index < len(result.person_similarities):
             # A group: "#1, seed 42: Ada 0.71, Ben 0.68", each person's own face's score.
             scores = result.person_similarities[index]
+            margins = result.person_margins[index] if index < len(result.person_margins) else {}
             caption += ": " + ", ".join(
-                f"{name} {'no face' if score is None else f'{score:.2f}'}" for name, score in scores.items()
+                f"{name} {'no face' if score is None else f'{score:.2f}'}{_low_margin(margins.get(name))}"
+                for name, score in scores.items()
             )
         else:
             # The identity check of the output: the same face found again, or not at all.
@@ -151,10 +257,21 @@ def _gallery(result: Result) -> list[tuple[Any, str]]:
     return items
 
 
+def _low_margin(margin: dict[str, Any] | None) -> str:
+    """A group caption's note on a face that is nearly as like (or more like) another person of the request."""
+    if margin is None or margin["margin"] >= LOW_MARGIN:
+        return ""
+    if margin["margin"] < 0:
+        return f" (more like {margin['nearest_other']}, by {-margin['margin']:.2f})"
+    return f" (only {margin['margin']:.2f} above {margin['nearest_other']})"
+
+
 # What generate returns, in the order of the page's outputs.
 OUTPUTS_DOC = (
     "Images with captions, seed used, identity similarity per image (cosine), face keypoint image, timings (ms) "
-    "with a list of warnings under \"warnings\" (e.g. several faces found, an empty prompt)."
+    "with a list of warnings under \"warnings\" (e.g. several faces found, an empty prompt); a group of two or more "
+    "also has \"identity_margins\": per image, per person, their face's similarity to them minus its best "
+    "similarity to another person (negative: it looks more like that person, named as \"nearest_other\")."
 )
 STOPPED = "generation stopped: the client cancelled or disconnected"
 _TYPES: dict[str, Any] = {
@@ -214,7 +331,13 @@ def _observe(job: Job, rendered: Rendered, wall_s: float) -> None:
     """Hand a finished GPU call's measurements to the duration record; never fails the request."""
     try:
         shape = durations.shape_of(job)
+        asked = durations.RECORD.last_asked(id(job))
         durations.RECORD.observe(id(job), shape, rendered.timings_ms, wall_s, mode=str(getattr(job, "mode", "")))
+        # The caller's timings say what the call asked of ZeroGPU (absent off ZeroGPU) and what it used, from
+        # asking to the result.
+        if asked is not None:
+            rendered.timings_ms["gpu_asked_ms"] = asked * 1000.0
+        rendered.timings_ms["gpu_used_ms"] = wall_s * 1000.0
     except Exception:
         log.exception("could not record the GPU call's durations")
         durations.RECORD.forget(id(job))
@@ -274,6 +397,9 @@ def _run(request: Request, progress: Any, key: object) -> Iterator[Any]:
     info["warnings"] = list(result.warnings)
     # A group's similarities are per image, per person ({name: score}); the other modes' one number per image.
     similarities = list(result.person_similarities or result.similarities)
+    if result.person_margins:
+        # Per image, per person: {"margin": own similarity minus the best other person's, "nearest_other": name}.
+        info["identity_margins"] = list(result.person_margins)
     yield _gallery(result), int(result.seed), similarities, result.keypoint_image, info
 
 
@@ -346,7 +472,7 @@ def status() -> dict[str, Any]:
     try:
         report = _engine().report()
         report.setdefault("state", {})["activity"] = ACTIVITY.summary()
-        report["durations"] = durations.RECORD.report(_duration_factor())
+        report["durations"] = durations.RECORD.report(_duration_factor(), _duration_cap())
         return report
     except Exception:
         log.exception("status report failed")

@@ -238,6 +238,8 @@ def _generate(args: argparse.Namespace) -> int:
         "seed": result.seed,
         # A group: per image, {name: score} per person.
         "similarities": result.person_similarities or result.similarities,
+        # A group of two or more: per image, {name: {"margin", "nearest_other"}} (see the API's outputs).
+        **({"identity_margins": result.person_margins} if result.person_margins else {}),
         "size": [result.width, result.height],
         "steps": result.num_steps,
         "guidance": result.guidance_scale,

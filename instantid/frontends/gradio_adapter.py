@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,11 @@ def _api_info(component: Any, param: Param) -> Any:
             what = "A photo" if param.kind == "image" else "Photos"
             info["additional_description"] = f"{what} sent as an upload: handle_file(path); URLs are refused."
             info = _without_url_promise(info)
+        elif param.kind == "controls":
+            # gr.JSON says `"type": {}`, which is no JSON Schema: MCP's validator refused every call of a tool
+            # that has it, and gradio_client showed it as "Any".
+            info = {"anyOf": [{"type": "object", "additionalProperties": {"type": "number"}}, {"type": "null"}],
+                    "description": "{name: strength}, e.g. {\"pose\": 0.4}"}
         return info
 
     return api_info
@@ -118,6 +124,7 @@ def guard_input(component: Any, param: Param) -> None:
     original = component.preprocess
     hand_over = isinstance(component, gr.Image) and component.type == "filepath" and component.image_mode is None
     name = param.name
+    component._instantid_param = name  # `guard_requests` names the parameter of a refused file reference
     component.api_info = _api_info(component, param)
     if param.kind in ("image", "images") and getattr(component, "data_model", None) is not None:
         component.data_model = _UploadModel(component.data_model, name)
@@ -299,3 +306,128 @@ class UploadGuard:
 def upload_guard(upload_dir: str | Path, max_upload_bytes: int) -> Middleware:
     """The `UploadGuard` for `launch(app_kwargs={"middleware": [...]})`."""
     return Middleware(UploadGuard, upload_dir=upload_dir, max_upload_bytes=max_upload_bytes)
+
+
+# --- file references, errors and the log ----------------------------------------------------------
+# Gradio checks a file reference of a request (`{"path": ..., "meta": {"_type": "gradio.FileData"}}`) before any
+# component sees it, and its refusal is a Python exception printed with its traceback: a relative path or a
+# `file://` reference came back to the client as the absolute path of the server's checkout ("Cannot move
+# /home/user/app/assets/x.jpg to the gradio cache dir ..."), and a `data:` URL sent as a path was written into
+# the log whole, twice per request (OSError "File name too long" quoting it: 565 KB each). `guard_requests`
+# refuses such references first, in a sentence that names the parameter, and turns every other exception that
+# escapes Gradio's request processing into a bounded, path-free sentence (logged once, bounded too).
+
+# The most of one log message (and of each line of a logged traceback) that is written; the rest is counted.
+LOG_LIMIT = 400
+# Where a server path stood in a message for a client.
+_SERVER_PATH = re.compile(r"(?<![\w:/.~-])(?:~|\.{1,2})?/(?:[\w.@+=%,-]+/)*[\w.@+=%,-]*")
+
+
+def bounded(text: str, limit: int = LOG_LIMIT) -> str:
+    """`text` cut to about `limit` bytes, saying how many were left out."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore") + f"... [{len(data) - limit:,} more bytes not shown]"
+
+
+def _bounded_lines(text: str, limit: int) -> str:
+    return "\n".join(bounded(line, limit) for line in text.split("\n"))
+
+
+def bound_log_records(limit: int = LOG_LIMIT) -> None:
+    """Every log record of this process (Gradio's, uvicorn's, MCP's, httpx's and ours) is written with its
+    message cut to `limit` bytes, and its traceback's lines too: nothing a client sends reaches the log whole.
+    A record factory rather than a handler's filter: it holds for handlers installed later (uvicorn's, at
+    launch). Idempotent."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "_instantid_bounded", False):
+        return
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: left for logging's own report
+            return record
+        if len(message) > limit // 4 and len(message.encode("utf-8", "replace")) > limit:
+            record.msg, record.args = bounded(message, limit), None
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            record.exc_text = _bounded_lines(logging.Formatter().formatException(record.exc_info), limit)
+        return record
+
+    make._instantid_bounded = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(make)
+
+
+def client_sentence(exc: BaseException) -> str:
+    """An unexpected exception's message as a client may see it: bounded, and without server paths."""
+    text = _SERVER_PATH.sub("(a path on the server)", str(exc).strip() or type(exc).__name__)
+    return bounded(text, 300)
+
+
+def _file_refs(value: Any) -> list[dict[str, Any]]:
+    from gradio_client import utils as client_utils
+
+    found: list[dict[str, Any]] = []
+
+    def keep(ref: dict[str, Any]) -> dict[str, Any]:
+        found.append(ref)
+        return ref
+
+    client_utils.traverse(value, keep, client_utils.is_file_obj_with_meta)
+    return found
+
+
+def _uploaded(path: Any, upload_dir: str, blocked: list[str]) -> bool:
+    """Whether a file reference's path is a file of Gradio's upload folder (uploads and results): the only
+    files a request may name. Gradio's own rule for request inputs (`check_in_upload_folder`); never a URL."""
+    from gradio import utils as gr_utils
+
+    if not isinstance(path, str) or not path or len(path) > 4096 or "\0" in path or _URL_LIKE.match(path):
+        return False
+    try:
+        allowed, _ = gr_utils.is_allowed_file(
+            gr_utils.abspath(path), blocked_paths=blocked, allowed_paths=[], created_paths=[upload_dir]
+        )
+    except (OSError, ValueError):
+        return False
+    return bool(allowed)
+
+
+_URL_LIKE = re.compile(r"^\s*(data:|[a-z][a-z0-9+.-]*:)", re.IGNORECASE)
+
+
+def guard_requests(demo: Any) -> None:
+    """Wrap `demo`'s request processing (Blocks.preprocess_data and process_api, which every queued and
+    unqueued call and MCP's fast path go through): a file reference outside the upload folder is refused
+    before Gradio reads it, naming the parameter; any other exception but `gr.Error` reaches the client as
+    `client_sentence` and the log once, bounded. Idempotent."""
+    from gradio.utils import get_upload_folder
+
+    if getattr(demo, "_instantid_guarded", False):
+        return
+    demo._instantid_guarded = True
+    preprocess_data = demo.preprocess_data
+    process_api = demo.process_api
+
+    async def guarded_preprocess_data(block_fn: Any, inputs: list[Any], state: Any, explicit_call: bool = False):
+        if not explicit_call:  # a Python call of the Blocks may name its own files, as in Gradio
+            upload_dir, blocked = get_upload_folder(), list(getattr(demo, "blocked_paths", []) or [])
+            for index, (block, value) in enumerate(zip(block_fn.inputs, inputs, strict=False)):
+                if any(not _uploaded(ref.get("path"), upload_dir, blocked) for ref in _file_refs(value)):
+                    name = getattr(block, "_instantid_param", None) or getattr(block, "label", None)
+                    raise gr.Error(f"Invalid {name or f'input {index + 1}'}: {UPLOAD_ONLY}", print_exception=False)
+        return await preprocess_data(block_fn, inputs, state, explicit_call)
+
+    async def guarded_process_api(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await process_api(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:
+            log.error("a request failed in Gradio's processing: %s", type(exc).__name__, exc_info=True)
+            raise gr.Error(client_sentence(exc), print_exception=False) from None
+
+    demo.preprocess_data = guarded_preprocess_data
+    demo.process_api = guarded_process_api

@@ -128,6 +128,10 @@ def _seconds(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f} s" if isinstance(value, (int, float)) else "—"
 
 
+# The requests the GPU-time table shows (the record keeps more, for its figures).
+RECENT_SHOWN = 10
+
+
 def format_durations(report: Mapping[str, Any]) -> str:
     """The GPU seconds recent requests asked ZeroGPU for and used, newest first, and the figures asked from."""
     section = report.get("durations") or {}
@@ -146,11 +150,12 @@ def format_durations(report: Mapping[str, Any]) -> str:
         f"**GPU time per request** (asked after `spaces`' factor x{section.get('factor')}, at most "
         f"{section.get('cap_s')} s): {basis}."
     )
-    recent = list(section.get("recent") or [])[::-1]
+    recent = list(section.get("recent") or [])[::-1][:RECENT_SHOWN]
     if not recent:
         return text + "\n\nNo request has run yet."
+    text += f"\n\nThe last {RECENT_SHOWN} requests at most, newest first:"
     rows = "\n".join(
-        f"| {r.get('mode') or ''} | {r.get('steps')} | {r.get('images')} | {r.get('megapixels')} | "
+        f"| {r.get('request') or r.get('mode') or ''} | {r.get('steps')} | {r.get('images')} | {r.get('megapixels')} | "
         f"{'—' if r.get('asked_s') is None else str(r.get('asked_s')) + ' s'} ({r.get('basis')}) | "
         f"{_seconds(r.get('used_s'))} | {_seconds(r.get('gpu_function_s'))} |"
         for r in recent
@@ -266,6 +271,15 @@ def render_outputs(report: Mapping[str, Any], samples: Sequence[Mapping[str, Any
     )
 
 
+def safe_report(status_fn: Callable[[], Mapping[str, Any]]) -> dict[str, Any]:
+    """`status_fn`'s report, or one that says why there is none (the page and the Status tab never fail on it)."""
+    try:
+        return dict(status_fn())
+    except Exception as exc:  # gr.Error from the API layer, or a fake's failure
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        return {"state": {"phase": "error", "message": f"status unavailable: {message}"}}
+
+
 def wire_status(
     status_fn: Callable[[], Mapping[str, Any]], s: dict[str, Any], status_tab: Any, generate_tab: Any
 ) -> MemoryHistory:
@@ -279,19 +293,12 @@ def wire_status(
         """
         return dict(status_fn())
 
-    def safe_report() -> dict[str, Any]:
-        try:
-            return dict(status_fn())
-        except Exception as exc:  # gr.Error from the API layer, or a fake's failure
-            message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            return {"state": {"phase": "error", "message": f"status unavailable: {message}"}}
-
     # One history for every visitor, held by the handlers below (so by the demo): the thread that fills it
     # (`sample_memory`) ends with the demo.
     history = MemoryHistory()
 
     def refresh():
-        report = safe_report()
+        report = safe_report(status_fn)
         return render_outputs(report, history.record(report))
 
     def render_report(report: Mapping[str, Any] | None):
@@ -316,19 +323,25 @@ def build_tab() -> dict[str, Any]:
     s: dict[str, Any] = {}
     with gr.Row():
         s["load_state"] = gr.Markdown("**Models:** …", elem_id="load-state")
-        s["refresh_btn"] = gr.Button("Refresh", size="sm", scale=0, elem_id="refresh-status")
+        s["refresh_btn"] = gr.Button("Refresh", size="sm", scale=0, min_width=90, elem_id="refresh-status")
     with gr.Row(equal_height=False):
         with gr.Column():
             s["memory"] = gr.Markdown(elem_id="memory-table")
-            s["profile"] = gr.Markdown(elem_id="profile")
         with gr.Column():
             s["plot"] = gr.LinePlot(
                 # Not an empty frame: Gradio 6 keeps the axis types of the first value it draws.
                 value=None, x="seconds", y="GiB", color="series", x_title="seconds (0 = latest sample)",
-                y_lim=[0, None], label="Memory over time", height=300, elem_id="memory-plot",
-                # The legend's title would be the column's name ("series"): its entries say what they are.
-                color_title="Measure",
+                y_lim=[0, None], height=300, elem_id="memory-plot",
+                # The title inside the chart: the block's label above it pushed the chart down, and the block's
+                # fixed height then cut off the legend below it.
+                title="Memory over time", label="Memory over time", show_label=False,
+                # No title over the legend (it was the column's name, "series", then "Measure", which said
+                # nothing): its entries name the series ("process RSS", "GPU allocated", ...).
+                color_title="",
             )
+    # Full width: the profile's sentences and the GPU-time table (seven columns, which broke words in half a
+    # column: "Reque st").
+    s["profile"] = gr.Markdown(elem_id="profile")
     s["components"] = gr.Dataframe(
         headers=STATUS_COLUMNS, label="Loaded components", interactive=False, elem_id="components"
     )

@@ -1,4 +1,4 @@
-"""Gradio builders: the Generate tab (with its modes: Generate, Restyle, Face swap, Group) and the Status tab
+"""Gradio builders: the Create tab (with its modes: Generate, Restyle, Face swap, Group) and the Status tab
 (status_tab.py).
 
 `build_demo` receives the functions it wires up, one per mode (the real ones live in `instantid.frontends.api`;
@@ -10,8 +10,10 @@ signature. The modes' labels and buttons are their records' (`instantid.declarat
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -23,26 +25,35 @@ from ..declaration import (
     MODE_SPECS,
     MODES,
     PARAMS,
-    SPEEDS,
     Param,
+    labelled_sentence,
     params_for,
     random_seed,
 )
-from ..models.memory import PROFILES
+from ..errors import InvalidParameter, UserError
+from ..request.requests import Request
 from ..settings import CONTROL_TYPES, Settings
 from .gradio_adapter import KEEP_TYPED_NUMBERS_JS, guard_input
-from .status_tab import build_tab, wire_status
+from .hints import MODE_NOTES, PageFacts, wire_estimates
+from .status_tab import build_tab, safe_report, wire_status
 
 TITLE = "InstantID: identity-preserving generation from one photo"
+# What a phone shows above the inputs: two lines at 390 px (the rest waits in ABOUT, closed). The API link opens
+# Gradio's own API page (`?view=api`, what the footer's "Use via API" opens; Gradio hides that on phones).
 INTRO = """
-Upload a photo with a face, describe the picture you want, and press **Generate**. The person's identity
-comes from the photo ([InstantID](https://github.com/instantX-research/InstantID) on SDXL); the rest comes
-from the prompt and the style. Optional: more photos of the same person (averaged), and a pose photo whose
-face position (and body pose, edges or depth, with the extra ControlNets) the result follows. Two more modes:
-**Restyle** redraws a photo of your choice with the person's identity, **Face swap** puts the person's face
-into another photo (and leaves the rest of it as it was), **Group** puts two to four people in one picture,
-each with their own identity in their own place (placed as in a layout photo, or side by side).
-Use it from code with `gradio_client` (see "Use via API" at the bottom of the page).
+Upload a face photo, describe the picture, press **Generate**: the result keeps the person's identity
+([InstantID](https://github.com/instantX-research/InstantID) on SDXL). From code: [Use via API](?view=api).
+"""
+ABOUT = """
+The person's identity comes from the photo; the rest comes from the prompt and the style. Optional: more photos
+of the same person (averaged), and a pose photo whose face position (and body pose, edges or depth, with the
+extra ControlNets) the result follows. Three more modes: **Restyle** redraws a photo of your choice with the
+person's identity, **Face swap** puts the person's face into another photo (and leaves the rest of it as it
+was), **Group** puts two to four people in one picture, each with their own identity in their own place
+(placed as in a layout photo, or side by side).
+
+Use it from code with `gradio_client`: [Use via API](?view=api) (also at the bottom of the page) lists every
+endpoint with its parameters.
 """
 
 
@@ -109,6 +120,8 @@ def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
     # The `controlnets` mapping itself is a hidden input: its page face is the boxes and sliders ("controls").
     shown = {p.name: mode in p.modes for p in own if p.label and p.kind != "controls"}
     shown.update({f"{m}_btn": m == mode for m in modes})
+    shown.update({f"{m}_estimate": m == mode for m in modes})
+    shown.update({f"{m}_note": m == mode for m in modes if m in MODE_NOTES})
     shown["controls"] = mode in PARAMS["controlnets"].modes
     shown["before_after"] = MODE_SPECS[mode].before_after
     shown.update({f"{m}_examples": m == mode for m in modes})
@@ -128,10 +141,12 @@ def before_after(target: str | None, gallery: Sequence[Any] | None) -> tuple[str
 # --- the app -----------------------------------------------------------------------------------------
 
 
-TINY_BANNER = (
-    "**Tiny preset: random tiny weights, so the images are noise.** Every code path runs, offline, but nothing "
-    "here was trained. For the real models unset `INSTANTID_PRESET` (with network access, or with the "
-    "checkpoints already in the Hugging Face cache and `HF_HUB_OFFLINE=1`)."
+TINY_BANNER = "**Tiny preset: random tiny weights, so the images are noise.**"
+# The rest of the tiny preset's note, under "About" (a phone's first screen is for the inputs).
+TINY_ABOUT = (
+    "**Tiny preset:** every code path runs, offline, but nothing here was trained. For the real models unset "
+    "`INSTANTID_PRESET` (with network access, or with the checkpoints already in the Hugging Face cache and "
+    "`HF_HUB_OFFLINE=1`)."
 )
 
 
@@ -140,16 +155,16 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
     "face_image": {"height": 360, "elem_id": "face-image"},
     "source_image": {"elem_id": "source-image"},
     "target_image": {"elem_id": "target-image"},
+    "layout_image": {"elem_id": "layout-image"},
+    "num_images": {"elem_id": "num-images"},
     "prompt": {"placeholder": "e.g. a woman as an astronaut on Mars, cinematic light", "lines": 2, "elem_id": "prompt",
                "info": "Shift+Enter runs it; Enter starts a new line"},
     "negative_prompt": {"placeholder": "what to avoid (optional)"},
     "seed": {"elem_id": "seed"},
     "speed": {"elem_id": "speed"},
-    # The page starts at 0, "automatic", which the server's memory profile may set (the API's help names the
-    # mode defaults only).
-    "num_steps": {"info": "0 = automatic (" + ", ".join(f"{s.steps} {s.name}" for s in SPEEDS.values())
-                          + f"; {PROFILES['cpu'].default_steps} quality on a CPU-only server)"},
 }
+
+
 PHOTO_SOURCES = ["upload", "webcam", "clipboard"]
 # Presses the first of the buttons (element ids) that is shown; a hidden one has no offsetParent.
 PRESS_SHOWN_BUTTON_JS = """() => {
@@ -158,11 +173,13 @@ PRESS_SHOWN_BUTTON_JS = """() => {
 }"""
 
 
-def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
+def make_control(p: Param, settings: Settings, *, visible: bool = True, facts: PageFacts | None = None) -> Any:
     """The page's control for a declared parameter; one with no label is an API-only hidden input, and one
-    of another mode than the page's first starts hidden (`mode_visibility` shows it)."""
+    of another mode than the page's first starts hidden (`mode_visibility` shows it). `facts`: this server's
+    hints and limits (the declaration's without)."""
+    facts = facts or PageFacts.from_report({})
     options = {"label": p.label or p.name, "visible": bool(p.label) and visible, **({"info": p.info} if p.info else {}),
-               **PAGE_OPTIONS.get(p.name, {})}
+               **PAGE_OPTIONS.get(p.name, {}), **facts.options().get(p.name, {})}
     if p.kind == "image":
         # image_mode=None: the file is handed over untouched, `instantid.vision.images` decodes it.
         return gr.Image(type="filepath", image_mode=None, sources=PHOTO_SOURCES, **{"height": 240, **options})
@@ -179,6 +196,8 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True) -> Any:
     if p.kind == "controls":
         return gr.JSON(value=p.default, visible=False, label=p.name)  # the page fills it in `start_run`
     hi = min(p.hi, settings.max_output_side // 64 * 64) if p.step == 64 else p.hi
+    if p.name == "num_images":  # the slider stops where the server's profile does
+        hi = min(hi, facts.max_images)
     if (hi - p.lo) / (p.step or 1) > 1000:  # a seed: a slider would be useless
         return gr.Number(value=p.default, precision=0, minimum=p.lo, maximum=hi, **options)
     return gr.Slider(minimum=p.lo, maximum=hi, step=p.step, value=p.default, **options)
@@ -201,20 +220,42 @@ def offered_params(modes: Sequence[str]) -> dict[str, Param]:
     return {name: p for name, p in PARAMS.items() if any(mode in p.modes for mode in modes)}
 
 
-def _mode_control(c: dict[str, Any], p: Param, settings: Settings, modes: Sequence[str]) -> Any:
+def _photos_preview(p: Param) -> Any:
+    """Thumbnails of the photos a file list holds (`preview_photos` fills it): the list itself shows only file
+    names. Page-only: the list stays the input, so the API's type and the examples are the file list's."""
+    return gr.Gallery(label=f"{p.label}: preview", show_label=False, columns=4, fit_columns=False, height=110,
+                      object_fit="cover",
+                      allow_preview=False, interactive=False, visible=False, container=False,
+                      elem_id=f"{p.name.replace('_', '-')}-preview", elem_classes=["photo-previews"])
+
+
+def preview_photos(files: Sequence[Any] | None) -> Any:
+    """The thumbnails of a file list's photos; hidden while it holds none."""
+    paths = [str(getattr(f, "path", f)) for f in files or []]
+    return gr.update(value=paths or None, visible=bool(paths))
+
+
+def _mode_control(c: dict[str, Any], p: Param, settings: Settings, modes: Sequence[str],
+                  facts: PageFacts | None = None) -> Any:
     """`make_control`; one that only some of the offered modes take sits in a column of its own (`<name>_box`),
     which the mode choice shows and hides. Never the input itself: Gradio answers an update of a component
     (visibility too) with a new instance of it for that session, without `guard_input`'s checks (a face index
     of 150 got Gradio's own "Value 150 is greater than maximum value 99." after a mode switch, and a photo
     would be decoded by Gradio before `instantid.vision.images` checks it)."""
     if not p.label or not set(modes) - set(p.modes) or p.kind == "controls":
-        return make_control(p, settings, visible=modes[0] in p.modes)
+        control = make_control(p, settings, visible=modes[0] in p.modes, facts=facts)
+        if p.kind == "images" and p.label:
+            c[f"{p.name}_preview"] = _photos_preview(p)
+        return control
     with gr.Column(visible=modes[0] in p.modes, min_width=0) as c[f"{p.name}_box"]:
-        return make_control(p, settings)
+        control = make_control(p, settings, facts=facts)
+        if p.kind == "images":
+            c[f"{p.name}_preview"] = _photos_preview(p)
+        return control
 
 
-def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
-    """The Generate tab's components by name: every parameter's input, the page-only controls, the outputs."""
+def _generate_tab(settings: Settings, modes: Sequence[str], facts: PageFacts | None = None) -> dict[str, Any]:
+    """The Create tab's components by name: every parameter's input, the page-only controls, the outputs."""
     c: dict[str, Any] = {}
     params = offered_params(modes)
     sections = {name: [p for p in params.values() if p.section == name] for name in ("main", "photos", "advanced")}
@@ -223,18 +264,25 @@ def _generate_tab(settings: Settings, modes: Sequence[str]) -> dict[str, Any]:
             c["mode"] = gr.Radio([MODE_SPECS[m].label for m in modes], value=MODE_SPECS[modes[0]].label, label="Mode",
                                  visible=len(modes) > 1, elem_id="mode")
             for p in sections["main"]:
-                c[p.name] = _mode_control(c, p, settings, modes)
+                c[p.name] = _mode_control(c, p, settings, modes, facts)
             for mode in modes:
                 c[f"{mode}_btn"] = gr.Button(MODE_SPECS[mode].button, variant="primary", visible=mode == modes[0],
                                              elem_id=f"{mode}-button")
+                # What the settings shown will cost (`estimate_fn`, wired in `_wire_estimates`); the mode choice
+                # shows and hides its column, as it does the other modes' own inputs.
+                with gr.Column(visible=mode == modes[0], min_width=0) as c[f"{mode}_estimate_box"]:
+                    c[f"{mode}_estimate"] = gr.Markdown(elem_id=f"{mode}-estimate")
+                if mode in MODE_NOTES:
+                    c[f"{mode}_note"] = gr.Markdown(MODE_NOTES[mode], visible=mode == modes[0],
+                                                    elem_id=f"{mode}-note")
             with gr.Accordion(MODE_SPECS[modes[0]].photos_label, open=False) as c["photos"]:
                 for p in sections["photos"]:
-                    c[p.name] = _mode_control(c, p, settings, modes)
+                    c[p.name] = _mode_control(c, p, settings, modes, facts)
             with gr.Accordion("Advanced settings", open=False):
                 for p in sections["advanced"]:
                     if p.kind == "controls":
                         c["chosen_controls"], c["control_strengths"] = _controlnet_inputs(p, modes[0])
-                    c[p.name] = _mode_control(c, p, settings, modes)
+                    c[p.name] = _mode_control(c, p, settings, modes, facts)
                     if p.name == "seed":
                         # The page draws its random seed in `start_run`, so it shows before the result; the
                         # API's randomize_seed input (hidden) stays off for the page.
@@ -267,6 +315,7 @@ def build_demo(
     settings: Settings,
     examples: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     sample_memory: bool = False,
+    estimate_fn: Callable[[str, Mapping[str, Any]], str] | None = None,
 ) -> gr.Blocks:
     """Build the Blocks app.
 
@@ -277,13 +326,17 @@ def build_demo(
       `progress=gr.Progress()`), yields `gr.skip()` while it works and then (gallery, seed, similarities,
       keypoint image, timings); raises gr.Error for user-facing problems.
       A mode without its function is not offered (nor its endpoint); the first offered is shown first.
-    status_fn: returns the engine's JSON-ready report.
+    status_fn: returns the engine's JSON-ready report. Called once here as well: its memory profile sets the
+      page's hints and limits (`PageFacts`: the steps each speed runs, the most images a request makes).
     examples: per mode, rows of that mode's inputs by parameter name (every row of a mode names the same
       ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,
       "face_index": 1, "prompt": text}]}. Each mode's examples show with that mode only.
     sample_memory: sample status_fn's memory figures every STATUS_REFRESH_S in a daemon thread from now on,
       so the Status tab's chart holds the server's history whenever it is opened (the app does; tests that
       only build a demo need no thread). Without it the chart grows only while someone has the tab open.
+    estimate_fn: (mode, {parameter name: value shown}) -> a Markdown line shown beside the mode's run button and
+      redrawn as the settings change (`instantid.frontends.api.estimate`: the GPU seconds the run will ask; wired
+      in hints.py); cheap, no torch.
     """
     if unknown := sorted(set(fns) - set(MODES)):
         raise ValueError(f"build_demo: no mode {unknown[0]!r}; the modes are {', '.join(MODES)}")
@@ -294,18 +347,24 @@ def build_demo(
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="intro")
         if settings.preset == "tiny":
             gr.Markdown(TINY_BANNER, elem_id="tiny-banner")
+        with gr.Accordion("About: the modes, the API", open=False, elem_id="about"):
+            gr.Markdown(ABOUT + (f"\n{TINY_ABOUT}" if settings.preset == "tiny" else ""))
+        facts = PageFacts.from_report(safe_report(status_fn))
         with gr.Tabs():
-            with gr.Tab("Generate", id="generate") as generate_tab:
-                c = _generate_tab(settings, modes)
+            # Named for what it holds (the four modes), not after one of them.
+            with gr.Tab("Create", id="create") as generate_tab:
+                c = _generate_tab(settings, modes, facts)
                 outputs = [c["gallery"], c["seed_used"], c["similarities"], c["keypoints"], c["timings"]]
                 for mode in modes:
                     # A column per mode even without examples: the mode choice shows and hides it by name.
                     with gr.Column(visible=mode == modes[0]) as c[f"{mode}_examples"]:
                         if examples and examples.get(mode):
                             _examples(mode, fns[mode], examples[mode], c, outputs)
-            with gr.Tab("Status", id="status") as status_tab:
+            with gr.Tab("Status", id="status", elem_id="status-tab") as status_tab:
                 s = build_tab()
         _wire_generate(demo, {mode: fns[mode] for mode in modes}, c, outputs)
+        if estimate_fn is not None:
+            wire_estimates(demo, estimate_fn, modes, c)
         history = wire_status(status_fn, s, status_tab, generate_tab)
     if sample_memory:
         history.start(status_fn)
@@ -354,6 +413,12 @@ def _examples(
         inputs=[c[name] for name in names],
         label=f"{spec.label} examples (click one: generated once, then shown again at once)",
     )
+    if any(PARAMS[name].section == "photos" for name in names):
+        # An example that sets a photo kept in the closed accordion (Group's layout photo) opens it: set unseen,
+        # nobody could tell the example used it. Before the run's listener: the page runs a click's listeners in
+        # turn, each to its end.
+        examples.dataset.click(lambda: gr.Accordion(open=True), None, c["photos"], queue=False,
+                               api_visibility="private", show_progress="hidden")
     examples.dataset.click(
         run_example, [examples.dataset], shown, api_visibility="private", show_progress_on=[c["gallery"]]
     )
@@ -374,6 +439,9 @@ def _wire_generate(
     # such a `change` (the same steps passed 12 more tries before this switch, with and without CPU load).
     for choice in ("speed", "enable_lcm"):
         c[choice].input(automatic_steps, [c[choice]], [c["num_steps"], c["guidance_scale"]], **quiet)
+    for name in offered_params(modes):
+        if f"{name}_preview" in c:
+            c[name].change(preview_photos, [c[name]], [c[f"{name}_preview"]], **quiet)
     if len(modes) > 1:
         _wire_mode_choice(c, modes, quiet)
     # While a run is in flight its controls (the mode buttons, the mode choice) are off: a click then started
@@ -388,9 +456,18 @@ def _wire_generate(
 
     cleared = [c["seed"], c["controlnets"], c["gallery"], c["similarities"], c["keypoints"], c["timings"],
                c["before_after"], c["summary"], *run_controls]
+    start = [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]]
     for mode, fn in fns.items():
-        event = c[f"{mode}_btn"].click(
-            begin_run, [c["seed"], c["randomize"], c["chosen_controls"], *c["control_strengths"]],
+        # The page's own refusals first, worded with its labels ("Steps must be ..."); the API's (the event
+        # after it, which gradio_client and MCP call too) keep the parameter names. Inputs as sent
+        # (preprocess=False): a component's own check (`guard_input`) would answer first, in the API's words.
+        names = list(params_for(mode))
+        check = c[f"{mode}_btn"].click(
+            page_check(mode, _page_ranges(c, names)), [*start, *(c[name] for name in names)], None,
+            preprocess=False, queue=True, concurrency_limit=None, api_visibility="private", show_progress="hidden",
+        )
+        event = check.success(
+            begin_run, start,
             cleared,
             # Queued, as only a queued event's error reaches the page (a seed of -5 used to fail silently),
             # but with no concurrency limit: it never waits behind a running generation.
@@ -408,6 +485,42 @@ def _wire_generate(
     # the mode shown by pressing that mode's button in the page: one path, the button's, for every run.
     buttons = json.dumps([f"{mode}-button" for mode in modes])
     c["prompt"].submit(None, None, None, js=PRESS_SHOWN_BUTTON_JS.replace("BUTTONS", buttons), **quiet)
+
+
+def _page_ranges(c: Mapping[str, Any], names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """The page's own range of each number input (a server may allow less than the declaration: its largest
+    side, its profile's image count)."""
+    ranges = {}
+    for name in names:
+        lo, hi = getattr(c[name], "minimum", None), getattr(c[name], "maximum", None)
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            ranges[name] = (lo, hi)
+    return ranges
+
+
+def page_check(mode: str, ranges: Mapping[str, tuple[float, float]]) -> Callable[..., None]:
+    """The page's check of a run of `mode` before it starts: the values as the page sends them (the seed box,
+    the Randomize box, the ticked ControlNets and their strengths, then `params_for(mode)`'s inputs) checked
+    as the API will check them (`Param.check` within the page's `ranges`, then `Request`), refused in the
+    page's words: each field named by its label (`labelled_sentence`), no "(API: ...)" pointer."""
+    names = list(params_for(mode))
+
+    def check_run(seed: Any, _randomize: Any, chosen: list[str] | None, *values: Any) -> None:
+        strengths, given = values[: len(CONTROL_TYPES)], dict(zip(names, values[len(CONTROL_TYPES):], strict=True))
+        given["seed"] = seed
+        if "controlnets" in given:
+            given["controlnets"] = start_run(None, True, chosen, *strengths)[1]
+        try:
+            for name, value in given.items():
+                if name in ranges and value is not None:
+                    replace(PARAMS[name], lo=ranges[name][0], hi=ranges[name][1]).check(value)
+            Request.from_api(given, mode)
+        except InvalidParameter as exc:
+            raise gr.Error(labelled_sentence(exc), print_exception=False) from None
+        except UserError as exc:
+            raise gr.Error(re.sub(r" \(API: [^)]*\)", "", str(exc)), print_exception=False) from None
+
+    return check_run
 
 
 def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from ..declaration import MODE_SPECS, image_seed
 from ..errors import OutOfMemoryError
 from ..settings import CONTROL_TYPES
 from ..vision import geometry
+from ..vision.images import release_memory
 from .requests import Job, Rendered, Step
 
 log = logging.getLogger("instantid")
@@ -214,3 +215,4 @@ def render_steps(
     finally:
         stop.set()
         worker.join()
+        release_memory()  # a stopped or failed render never reaches `finish`, which hands it back otherwise

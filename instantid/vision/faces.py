@@ -515,26 +515,50 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(va, vb) / (na * nb))
 
 
+@dataclass(frozen=True)
+class PersonMatch:
+    """The face of a generated image matched to one person: its similarity to that person and its margin, that
+    similarity minus its best similarity to another person of the request (None with one person alone).
+    `nearest_other` is the index of that other person. A negative margin means the face looks more like someone
+    else: the identities mixed."""
+
+    similarity: float
+    margin: float | None = None
+    nearest_other: int | None = None
+
+
+def match_people_detail(
+    analyzer: FaceAnalyzer, references: Sequence[np.ndarray], image: np.ndarray | Image.Image
+) -> list[PersonMatch | None]:
+    """Each person's matched face in a generated image, in person order: every face found is compared with
+    every person, and the most similar pair is matched first, then the next among the rest, so each face and
+    each person is matched at most once. None for a person no face was matched to.
+
+    The margin of each match is the idea behind UMO's ID-confusion and WithAnyone's copy-paste measures (how
+    much more a face resembles its own reference than the other references), on this matching."""
+    found = [f for f in analyzer.detect(_as_rgb_array(image), with_embedding=True) if f.embedding is not None]
+    table = [[cosine_similarity(ref, face.embedding) for face in found] for ref in references]
+    pairs = sorted(
+        ((table[p][f], p, f) for p in range(len(references)) for f in range(len(found))),
+        key=lambda pair: -pair[0],
+    )
+    matches: list[PersonMatch | None] = [None] * len(references)
+    used: set[int] = set()
+    for similarity, person, face in pairs:
+        if matches[person] is None and face not in used:
+            others = [(table[q][face], q) for q in range(len(references)) if q != person]
+            if others:
+                best, nearest = max(others)
+                matches[person] = PersonMatch(round(similarity, 4), round(similarity - best, 4), nearest)
+            else:
+                matches[person] = PersonMatch(round(similarity, 4))
+            used.add(face)
+    return matches
+
+
 def match_people(
     analyzer: FaceAnalyzer, references: Sequence[np.ndarray], image: np.ndarray | Image.Image
 ) -> list[float | None]:
-    """Each person's identity score in a generated image, in person order: every face found is compared with
-    every person, and the most similar pair is matched first, then the next among the rest, so each face and
-    each person is matched at most once. None for a person no face was matched to."""
-    found = [f for f in analyzer.detect(_as_rgb_array(image), with_embedding=True) if f.embedding is not None]
-    pairs = sorted(
-        (
-            (cosine_similarity(ref, face.embedding), p, f)
-            for p, ref in enumerate(references)
-            for f, face in enumerate(found)
-            if face.embedding is not None
-        ),
-        key=lambda pair: -pair[0],
-    )
-    scores: list[float | None] = [None] * len(references)
-    used: set[int] = set()
-    for similarity, person, face in pairs:
-        if scores[person] is None and face not in used:
-            scores[person] = round(similarity, 4)
-            used.add(face)
-    return scores
+    """Each person's identity score in a generated image, in person order (`match_people_detail`'s
+    similarities; None for a person no face was matched to)."""
+    return [None if m is None else m.similarity for m in match_people_detail(analyzer, references, image)]
