@@ -1,4 +1,5 @@
-"""The one place that reaches past Gradio's public API: how an endpoint's inputs are refused.
+"""The one place that reaches past Gradio's public API for the page and the HTTP API (MCP's is mcp_adapter.py):
+how an endpoint's inputs are refused.
 
 Why it exists: Gradio offers no public hook between an API payload and a component's own conversion.
 Its refusals do not name the parameter ("Value 1000 is greater than maximum value 100." - which of 19?),

@@ -268,8 +268,8 @@ def _generate_tab(settings: Settings, modes: Sequence[str], facts: PageFacts | N
             for mode in modes:
                 c[f"{mode}_btn"] = gr.Button(MODE_SPECS[mode].button, variant="primary", visible=mode == modes[0],
                                              elem_id=f"{mode}-button")
-                # What the settings shown will cost (`estimate_fn`, wired in `_wire_estimates`); the mode choice
-                # shows and hides its column, as it does the other modes' own inputs.
+                # What the settings shown will cost (`estimate_fn`, wired in hints.py's `wire_estimates`); the mode
+                # choice shows and hides its column, as it does the other modes' own inputs.
                 with gr.Column(visible=mode == modes[0], min_width=0) as c[f"{mode}_estimate_box"]:
                     c[f"{mode}_estimate"] = gr.Markdown(elem_id=f"{mode}-estimate")
                 if mode in MODE_NOTES:
