@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("load-memory", "overhead", "gpu")
+BENCHMARKS = ("load-memory", "overhead", "gpu", "preview")
 # Checkpoint sizes: SDXL with every width divided by this (`instantid.tiny.ModelShape.sdxl`).
 SIZES = {"full": 1, "quick": 4, "micro": 16}
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,10 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
         from . import gpu
 
         return gpu.run(quick=quick, dry_run=options.get("dry_run"), log=log)
+    if name == "preview":
+        from . import preview
+
+        return preview.run(quick=quick, log=log)
     raise ValueError(f"unknown benchmark {name!r}")
 
 
@@ -258,6 +262,16 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
         if result.get("skipped"):
             figures += "; skipped: " + "; ".join(f"{k} ({v})" for k, v in result["skipped"].items())
         baseline = "plain diffusers SDXL ControlNet pipeline: " + (cell(plain) or "no rows")
+    elif name == "preview":
+        tiny = result["tiny"]
+        figures = (
+            f"previews **{tiny['share_of_denoising'] * 100:.2f} %** of the denoising time (goal <= "
+            f"{result['goal_share'] * 100:.0f} %; tiny preset, {tiny['steps']} steps, median of {len(tiny['runs'])}); "
+            f"SDXL 128 x 128 latents: {result['sdxl_projection_ms']['float32']} ms a projection (float32), "
+            f"{result['sdxl_projection_ms_per_30_steps']} ms per 30-step run ({result['sdxl_previews_per_30_steps']} "
+            f"previews); main process {result['main_process_ms_per_preview']} ms a preview (upsample + PNG)"
+        )
+        baseline = "the same runs' denoising: " + ", ".join(f"{r['denoise_ms']} ms" for r in tiny["runs"])
     else:
         figures, baseline = json.dumps(result, default=str)[:300], ""
     return figures, baseline

@@ -50,8 +50,10 @@ LOAD_WAIT_S = 30 * 60
 LOAD_POLL_S = 0.5
 # The longest a generation runs without handing control to Gradio (how soon a cancel takes effect).
 HEARTBEAT_S = 0.5
-# The live preview's longest side on the page and for gradio_client (the projection is 1/8 of the image's side).
-PREVIEW_SIDE = 512
+# The live preview's longest side on the page and for gradio_client. The projection has 1/8 of the image's side
+# (128 px for 1024): more pixels add no detail, only PNG time in this process (170 ms a preview at 512 px, bench
+# preview), and the browser scales it up smoothly anyway.
+PREVIEW_SIDE = 256
 
 def _engine() -> Any:
     # Imported here so that importing this module (and the UI) never pulls in torch.

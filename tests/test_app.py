@@ -304,7 +304,7 @@ def test_submit_shows_previews_and_predict_returns_the_final_outputs(client: Cli
     previews = [out[0] for out in working if isinstance(out[0], list)]
     assert previews and all(len(g) == 1 and g[0]["caption"].startswith("preview, step ") for g in previews)
     with Image.open(previews[0][0]["image"]) as image:
-        assert max(image.size) == 512
+        assert max(image.size) == 256  # api.PREVIEW_SIDE
     progress = [out[4]["progress"] for out in working]
     steps = [p["step"] for p in progress if "step" in p]
     assert steps == sorted(steps) and steps[-1] == 8 and all(p["steps"] == 8 for p in progress if "step" in p)
