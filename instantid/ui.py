@@ -718,7 +718,8 @@ def _wire_generate(
         # them off.
         event.success(end_run, None, run_controls, **quiet)
         event.failure(end_run, None, run_controls, **quiet)
-        event.failure(lambda: "", None, [c["progress"]], **quiet)  # the last step shown is not left behind
+        # The last step shown is not left behind; in the page alone (a server step drew Gradio's timer over it).
+        event.failure(None, None, [c["progress"]], js="() => ''", **quiet)
         event.success(timings_line, [c["timings"]], [c["summary"]], **quiet)
         if MODE_SPECS[mode].before_after:
             event.success(before_after, [c[MODE_SPECS[mode].photo], c["gallery"]], [c["before_after"]], **quiet)

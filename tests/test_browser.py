@@ -385,6 +385,31 @@ def test_a_run_shows_steady_progress_and_a_live_preview(page) -> None:
     assert previews, "no preview before the result"
 
 
+def test_a_failed_run_leaves_no_progress_behind(page, tmp_path: Path) -> None:
+    """A photo without a face fails after the run has started (the progress line says so): the error shows and the
+    line goes, rather than staying at "Starting" as if the run went on."""
+    expect = sync_api.expect
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("RGB", (256, 256), (120, 160, 200)).save(blank)
+    page.evaluate("""() => {
+        window.__lines = [];
+        window.__watch = setInterval(() => {
+            const line = document.querySelector('#run-progress');
+            if (line && line.textContent.trim()) window.__lines.push(line.textContent.trim());
+        }, 20);
+    }""")
+    page.locator("#face-image input[type=file]").set_input_files(str(blank))
+    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    page.locator("#generate-button").click()
+    expect(page.get_by_text(re.compile(r"No face found in the face photo"))).to_be_visible(timeout=60_000)
+    expect(page.locator("#run-progress")).to_have_text("", timeout=10_000)
+    expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
+    lines = page.evaluate("() => window.__lines")
+    assert lines and all(re.fullmatch(r"(Starting|Loading the models) · [\d.]+ s", line) for line in lines), lines
+
+
 def test_out_of_range_numbers_are_refused_not_clamped(page) -> None:
     """A slider's box clamped a typed number when it lost focus: Steps 1000 ran 100 steps, face index 150 became
     99. The page sends what was typed and says what is wrong, as the API does, after a mode switch too (an
