@@ -332,8 +332,10 @@ def test_a_run_locks_its_controls_and_keeps_its_progress_bar(page) -> None:
     expect(seed).to_have_value(shown_seed)
     expect(page.locator("#gallery .caption-label").first).to_contain_text(f"seed {shown_seed}")
     samples = page.evaluate("() => window.__bar")
-    assert len(samples) >= 10, samples
-    assert samples.count(False) == 0, f"no progress line in {samples.count(False)} of {len(samples)} samples"
+    # From the first step shown to the last (the line goes with the result, which may land between two looks).
+    last = len(samples) - samples[::-1].index(True)
+    assert last >= 10, samples
+    assert samples[:last].count(False) == 0, f"no progress line in {samples[:last].count(False)} of {last} samples"
 
 
 def test_a_run_shows_steady_progress_and_a_live_preview(page) -> None:
@@ -370,7 +372,9 @@ def test_a_run_shows_steady_progress_and_a_live_preview(page) -> None:
     expect(page.locator("#gallery .caption-label").first).to_contain_text("seed", timeout=300_000)
     expect(page.locator("#run-progress")).to_have_text("", timeout=30_000)  # gone with the result
     samples = page.evaluate("() => window.__samples")
-    running = [s for s in samples if not s["caption"].startswith("seed")]
+    # From the first step shown to the last: the line goes with the result, which may land between two looks.
+    stepping = [i for i, s in enumerate(samples) if re.match(r"Step \d+ of", s["text"])]
+    running = samples[: stepping[-1] + 1]
     assert len(running) >= 10, running
     parsed = []
     for s in running:
@@ -407,7 +411,8 @@ def test_a_failed_run_leaves_no_progress_behind(page, tmp_path: Path) -> None:
     expect(page.locator("#run-progress")).to_have_text("", timeout=10_000)
     expect(page.locator("#generate-button")).to_be_enabled(timeout=30_000)
     lines = page.evaluate("() => window.__lines")
-    assert lines and all(re.fullmatch(r"(Starting|Loading the models) · [\d.]+ s", line) for line in lines), lines
+    # Sampled: a run that fails at once may show its first line between two looks.
+    assert all(re.fullmatch(r"(Starting|Loading the models) · [\d.]+ s", line) for line in lines), lines
 
 
 def test_out_of_range_numbers_are_refused_not_clamped(page) -> None:
