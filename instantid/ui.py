@@ -544,9 +544,10 @@ def build_demo(
 
     fns: per mode (`instantid.requests.MODES`), its function, e.g. {"generate": api.generate, "swap": api.swap}
       (`instantid.api.ENDPOINTS` holds every mode's). Each takes the inputs `instantid.requests.params_for(mode)`
-      declares (same order, same names, plus an optional `progress=gr.Progress()`), yields `gr.skip()` while it
-      works and then (gallery, seed, similarities, keypoint image, timings); raises gr.Error for user-facing
-      problems. A mode without its function is not offered (nor its endpoint); the first offered is shown first.
+      declares (same order, same names, plus an optional `progress=gr.Progress()`), yields `Partial` outputs (or
+      `gr.skip()`) while it works and then (gallery, seed, similarities, keypoint image, timings); raises
+      gr.Error for user-facing problems. A mode without its function is not offered (nor its endpoint); the
+      first offered is shown first.
     status_fn: returns the engine's JSON-ready report.
     examples: per mode, rows of that mode's inputs by parameter name (every row of a mode names the same
       ones; the rest keep their defaults), e.g. {"swap": [{"face_image": path, "target_image": path,
