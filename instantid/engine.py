@@ -68,6 +68,8 @@ log = logging.getLogger("instantid")
 
 # (step done, total steps) -> None; may raise to cancel (Gradio does when a client leaves).
 ProgressFn = Callable[[int, int], None]
+# A live preview of the image (`pipeline.latent_preview`: RGB uint8 at latent resolution) -> None.
+PreviewFn = Callable[[np.ndarray], None]
 
 TINY_SHORT_SIDE = 128  # the tiny preset's noise images need no more; keeps CPU requests instant
 
@@ -740,10 +742,11 @@ class Engine:
             out[name] = (strength, image)
         return out
 
-    def render(self, job: Job, progress: ProgressFn | None = None) -> Rendered:
+    def render(self, job: Job, progress: ProgressFn | None = None, preview: PreviewFn | None = None) -> Rendered:
         """The GPU stage: the condition estimators, the pipeline call and the small faces' refinement, nothing else.
 
-        `progress(step, total)` is called after every denoising step and may raise to stop the run.
+        `progress(step, total)` is called after every denoising step and may raise to stop the run; `preview(rgb)`,
+        when given, every few steps of the image's pass (`pipeline.preview_every`), before that step's progress.
         """
         if self.resident and self._state.phase != "ready":
             # A ZeroGPU worker must never load: what it loads dies with it, on the visitor's GPU time.
@@ -758,7 +761,7 @@ class Engine:
         extras = self._extra_controls(job)
         controls_ms = (time.perf_counter() - t0) * 1000
         with self._gen_lock:
-            out = self._run_pipeline(job, extras, progress)
+            out = self._run_pipeline(job, extras, progress, preview)
         timings = {"controls_ms": controls_ms, **out.timings_ms}
         return Rendered(images=list(out.images), timings_ms=timings)
 
@@ -775,14 +778,20 @@ class Engine:
         events: queue.Queue[tuple[str, Any]] = queue.Queue()
         stop = threading.Event()
 
+        shown: list[np.ndarray] = []  # the preview made for the step about to be reported
+
+        def on_preview(rgb: np.ndarray) -> None:
+            shown.append(rgb)
+
         def on_step(done: int, total: int) -> None:
             if stop.is_set():
                 raise RenderCancelled
-            events.put(("step", Step(done, total)))
+            stage = "denoising" if done <= job.denoising_steps else "refining faces"
+            events.put(("step", Step(done, total, preview=shown.pop() if shown else None, stage=stage)))
 
         def run() -> None:
             try:
-                events.put(("done", self.render(job, on_step)))
+                events.put(("done", self.render(job, on_step, on_preview)))
             except BaseException as exc:  # handed to the consuming thread, which re-raises it
                 events.put(("error", exc))
 
@@ -888,8 +897,12 @@ class Engine:
             extras.append(ExtraControl(name=name, net=net, image=image, scale=strength))
         return extras
 
-    def _run_pipeline(self, job: Job, extras: list[Any], progress: ProgressFn | None) -> Any:
+    def _run_pipeline(
+        self, job: Job, extras: list[Any], progress: ProgressFn | None, preview: PreviewFn | None = None
+    ) -> Any:
         import torch
+
+        from .pipeline import latent_preview, preview_every
 
         kind = MODE_SPECS[job.mode].pipeline
         # The base kind is `self.pipe` itself, read now: an out-of-memory step-down re-places it (and the
@@ -912,9 +925,17 @@ class Engine:
         if job.group:  # two or more people: per-person tokens, IdentityNet runs and regions
             mode_args["group"] = job.group
 
+        main = job.denoising_steps
+        every = preview_every(main)
+
         def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            # Previews of the image's own pass only, never of its last step (the result follows at once): a
+            # refined face's pass works on a crop, and the page keeps the whole image's last preview meanwhile.
+            step = done[0] + i + 1
+            if preview is not None and step < main and step % every == 0 and "latents" in kwargs:
+                preview(latent_preview(kwargs["latents"]))
             if progress is not None:
-                progress(done[0] + i + 1, steps)
+                progress(step, steps)
             return {}
 
         def call() -> Any:
