@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("load-memory", "overhead", "gpu", "cpu-contention")
+BENCHMARKS = ("load-memory", "overhead", "gpu", "cpu-contention", "preview")
 # Checkpoint sizes: SDXL with every width divided by this (`instantid.models.tiny.ModelShape.sdxl`).
 SIZES = {"full": 1, "quick": 4, "micro": 16}
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +102,10 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
         from . import cpu_contention
 
         return cpu_contention.run(quick=quick, log=log)
+    if name == "preview":
+        from . import preview
+
+        return preview.run(quick=quick, log=log)
     raise ValueError(f"unknown benchmark {name!r}")
 
 
@@ -273,6 +277,16 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
             f"load average {result['loadavg'][0]} -> {result['loadavg'][1]}"
         )
         baseline = f"OMP_WAIT_POLICY=PASSIVE set by hand for both processes: {m['passive_by_hand']} s"
+    elif name == "preview":
+        tiny = result["tiny"]
+        figures = (
+            f"previews **{tiny['share_of_denoising'] * 100:.2f} %** of the denoising time (goal <= "
+            f"{result['goal_share'] * 100:.0f} %; tiny preset, {tiny['steps']} steps, median of {len(tiny['runs'])}); "
+            f"SDXL 128 x 128 latents: {result['sdxl_projection_ms']['float32']} ms a projection (float32), "
+            f"{result['sdxl_projection_ms_per_30_steps']} ms per 30-step run ({result['sdxl_previews_per_30_steps']} "
+            f"previews); main process {result['main_process_ms_per_preview']} ms a preview (upsample + PNG)"
+        )
+        baseline = "the same runs' denoising: " + ", ".join(f"{r['denoise_ms']} ms" for r in tiny["runs"])
     else:
         figures, baseline = json.dumps(result, default=str)[:300], ""
     return figures, baseline

@@ -6,6 +6,7 @@ python -m bench load-memory --cpu-profile                    # + the cpu profile
 python -m bench overhead --requests 40
 python -m bench overhead --face-models full                  # antelopev2-sized face models (random weights)
 python -m bench gpu --dry-run                                # the CPU-sized form of the GPU script
+python -m bench preview                                      # the live preview's cost against the denoising
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from .models.memory_report import memory_report
 from .request.finish import finish as finish_job
 from .request.prepare import check as check_request
 from .request.prepare import prepare as prepare_job
-from .request.render import ProgressFn, extra_controls, render_steps, run_pipeline
+from .request.render import PreviewFn, ProgressFn, extra_controls, render_steps, run_pipeline
 from .request.requests import Job, Rendered, Request, Result, Step
 from .request.scenes import TINY_SHORT_SIDE, Workshop
 from .settings import CONTROL_TYPES, Settings, get_settings
@@ -353,10 +353,11 @@ class Engine:
         failed = self.resident and self._state.phase == "error"
         check_request(req, self.settings.max_output_side, f"{self._state.error}" if failed else None, self.unavailable)
 
-    def render(self, job: Job, progress: ProgressFn | None = None) -> Rendered:
+    def render(self, job: Job, progress: ProgressFn | None = None, preview: PreviewFn | None = None) -> Rendered:
         """The GPU stage: the condition estimators, the pipeline call and the small faces' refinement, nothing else.
 
-        `progress(step, total)` is called after every denoising step and may raise to stop the run.
+        `progress(step, total)` is called after every denoising step and may raise to stop the run; `preview(rgb)`,
+        when given, every few steps of the image's pass (`models.preview.preview_every`), before that step's progress.
         """
         if self.resident and self._state.phase != "ready":
             # A ZeroGPU worker must never load: what it loads dies with it, on the visitor's GPU time.
@@ -374,7 +375,7 @@ class Engine:
             self._use_speed(job.speed)
             out = run_pipeline(
                 job, extras, progress, pipeline=self._pipeline, profile=self.profile.name, free=self._free_cuda,
-                step_down=lambda: self.profile.name if self._make_leaner() else None,
+                step_down=lambda: self.profile.name if self._make_leaner() else None, preview=preview,
             )
         timings = {"controls_ms": controls_ms, **out.timings_ms}
         return Rendered(images=list(out.images), timings_ms=timings)

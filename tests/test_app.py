@@ -291,6 +291,35 @@ def test_progress_is_reported(client: Client) -> None:
     assert steps and all(total == 24 for _, total in steps)
 
 
+def test_submit_shows_previews_and_predict_returns_the_final_outputs(client: Client) -> None:
+    """Nothing of the image was seen before the end. `submit()`'s job now holds intermediate outputs first (the
+    stage, step i of n and the seconds so far in the info; every few steps a preview in the gallery), then the
+    final ones, which are what `predict()` returns for the same request: five outputs, no preview, no progress."""
+    args = (handle_file(str(FACE)), "a portrait")
+    options = {"num_steps": 8, "seed": 11, "api_name": "/generate"}
+    job = client.submit(*args, **options)
+    final = job.result(timeout=120)
+    *working, last = job.outputs()
+    assert last == final and working
+    previews = [out[0] for out in working if isinstance(out[0], list)]
+    assert previews and all(len(g) == 1 and g[0]["caption"].startswith("preview, step ") for g in previews)
+    with Image.open(previews[0][0]["image"]) as image:
+        assert max(image.size) == 256  # api.PREVIEW_SIDE
+    progress = [out[4]["progress"] for out in working]
+    steps = [p["step"] for p in progress if "step" in p]
+    assert steps == sorted(steps) and steps[-1] == 8 and all(p["steps"] == 8 for p in progress if "step" in p)
+    elapsed = [p["elapsed_s"] for p in progress]
+    assert elapsed == sorted(elapsed)
+
+    predicted = client.predict(*args, **options)
+    assert type(predicted) is tuple and len(predicted) == 5
+    gallery, seed, similarities, keypoints, info = predicted
+    assert seed == 11 and [g["caption"] for g in gallery] == [g["caption"] for g in final[0]]
+    assert gallery[0]["caption"].startswith("seed 11") and "progress" not in info and set(info) == set(final[4])
+    assert similarities == final[2] and pixels(keypoints).shape == pixels(final[3]).shape
+    assert np.array_equal(pixels(gallery[0]["image"]), pixels(final[0][0]["image"]))
+
+
 def test_four_concurrent_clients(app: tuple[str, Path]) -> None:
     def one(i: int):
         c = Client(app[0], verbose=False)

@@ -227,6 +227,9 @@ def test_gpu_dry_run_through_the_cli(bench_runs: BenchRuns) -> None:
     checks = out["checks"]
     assert {"instantid_vs_plain_quality", "large_quality_s", "fast_vs_quality", "turbo_vs_quality"} <= set(checks)
     assert checks["lora_gb_held"] > 0 and checks["switch_to_turbo_s"] >= 0
+    # The live previews' row: the same quality call with and without them, and the projection alone.
+    assert "preview_share" in checks and checks["preview_projection_ms"] > 0
+    assert any(r["mode"].endswith("+ previews") and r["without_previews_s"] > 0 for r in out["rows"])
     assert out["table"].startswith("| pipeline |")
 
 

@@ -20,13 +20,14 @@ from typing import Any
 
 import gradio as gr
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from instantid.declaration import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED
 from instantid.errors import InvalidParameter, NoFaceError
 from instantid.frontends import api, hints, status_tab, ui
-from instantid.request.requests import Job, Rendered, Request, Result, Step
+from instantid.request.requests import Job, Partial, Rendered, Request, Result, Step
 from instantid.settings import Settings
 from tests.apprunner import call_events, free_port
 
@@ -399,16 +400,19 @@ def test_generate_passes_engine_progress_to_gradio(engine: FakeEngine) -> None:
     assert ((1, 1), "Denoising") in calls
 
 
-def test_progress_is_sent_again_after_every_yield(engine: FakeEngine) -> None:
-    """Each yield reaches the page as "generating", which Gradio draws without a bar: with heartbeats (a step
-    slower than HEARTBEAT_S) the Results panel showed its empty placeholder most of a run. The latest progress
-    follows every yield, so that it is the page's status while the next step runs."""
+def test_every_step_and_heartbeat_yields_partial_outputs(engine: FakeEngine) -> None:
+    """Each yield reached the page as "generating", which reset Gradio's overlay (its timer restarted at 0 and
+    its bar went): the page now draws the progress from the intermediate outputs themselves (`Partial`: the
+    stage, step i of n and the seconds since the start in the info, the preview in the gallery), the final
+    outputs are a plain tuple, and gradio_client's progress still follows every yield."""
+    preview = np.zeros((8, 6, 3), np.uint8)
+
     def render_steps(job: Any, heartbeat_s: float | None = None):
         yield None  # a heartbeat before the first step
-        yield Step(1, 2)
+        yield Step(1, 3, preview=preview)
         yield None
-        yield None
-        yield Step(2, 2)
+        yield Step(2, 3)
+        yield Step(3, 3, stage="refining faces")
         yield Rendered(images=[Image.new("RGB", (64, 64))], timings_ms={})
 
     engine.render_steps = render_steps
@@ -417,13 +421,27 @@ def test_progress_is_sent_again_after_every_yield(engine: FakeEngine) -> None:
     def progress(value, desc=None, unit="steps"):
         seen.append((value, desc))
 
+    items = []
     for item in api.generate(FACE, "x", progress=progress):
-        seen.append("yield" if not isinstance(item, (tuple, list)) else "result")
-    yields = [i for i, event in enumerate(seen) if event == "yield"]
-    assert len(yields) == 5
-    after = [seen[i + 1] for i in yields]
-    assert after == [(0.0, "Starting"), ((1, 2), "Denoising"), ((1, 2), "Denoising"), ((1, 2), "Denoising"),
-                     ((2, 2), "Denoising")]
+        items.append(item)
+        seen.append(item)
+    *partials, final = items
+    assert all(isinstance(p, Partial) for p in partials) and type(final) is tuple and len(final) == 5
+    where = [p[4]["progress"] for p in partials]
+    assert [(w["stage"], w.get("step"), w.get("steps")) for w in where] == [
+        ("starting", None, None), ("starting", None, None), ("denoising", 1, 3), ("denoising", 1, 3),
+        ("denoising", 2, 3), ("refining faces", 3, 3)]
+    elapsed = [w["elapsed_s"] for w in where]
+    assert elapsed == sorted(elapsed)
+    assert all(p[1:4] == (gr.skip(),) * 3 for p in partials)
+    shown = [p[0] for p in partials if p[0] != gr.skip()]
+    assert len(shown) == 1 and shown[0][0][1] == "preview, step 1 of 3"
+    assert max(shown[0][0][0].size) == api.PREVIEW_SIDE and shown[0][0][0].size[0] < shown[0][0][0].size[1]
+    assert "progress" not in final[4] and final[0][0][1].startswith("seed ")
+    # gradio_client's job.status(): the latest progress follows each step's and heartbeat's yield.
+    after = [seen[i + 1] for i, event in enumerate(seen) if isinstance(event, Partial) and event[4]["progress"][
+        "stage"] != "starting"]
+    assert after == [((1, 3), "Denoising"), ((1, 3), "Denoising"), ((2, 3), "Denoising"), ((3, 3), "Denoising")]
 
 
 def test_status_is_the_engine_report(engine: FakeEngine) -> None:
@@ -764,21 +782,23 @@ def test_an_example_runs_in_its_click_event_once_then_comes_from_memory() -> Non
 
     def counting(**kwargs: Any) -> Any:
         calls.append(kwargs["prompt"])
-        yield gr.skip()
+        yield Partial((gr.skip(),) * 4 + ({"progress": {"stage": "starting", "elapsed_s": 0.0}},))
         yield from fake_generate(**kwargs)
 
     rows = [{"face_image": FACE, "prompt": "a knight"}, {"face_image": FACE, "prompt": "a queen"}]
     demo = ui.build_demo({"generate": counting}, fake_status, settings=Settings(), examples={"generate": rows})
     with served(demo) as (url, config):
-        labels = {c["id"]: c["props"].get("label") for c in config["components"]}
         (click,) = events_named(config, "run_example")
-        assert click["queue"] is not False and click["api_visibility"] == "private" and [
-            labels[i] for i in click["show_progress_on"]] == ["Results"], "queued like a run, progress over the gallery"
+        # Queued like a run; its progress drawn by the page from its intermediate outputs, as a run's is.
+        assert click["queue"] is not False and click["api_visibility"] == "private" and click["show_progress"] == (
+            "hidden")
         assert calls == [], "nothing generated before a click"
         first = queue_messages(url, click["id"], [1])  # the browser sends the clicked example's number
-        # Its progress (the skip while it works) and its result both came in the click's own event.
+        # Its progress (the intermediate outputs while it works) and its result both came in the click's own event.
         assert [m["msg"] for m in first if m["msg"] in ("process_generating", "process_completed")] == [
             "process_generating", "process_generating", "process_completed"]
+        working = next(m for m in first if m["msg"] == "process_generating")["output"]["data"]
+        assert working[4] == {"progress": {"stage": "starting", "elapsed_s": 0.0}}
         shown = first[-1]["output"]["data"]
         assert first[-1]["success"] and shown[-1].startswith("Done in") and calls == ["a queen"]
         again = queue_messages(url, click["id"], [1])[-1]["output"]["data"]

@@ -351,6 +351,11 @@ def test_progress_from_the_worker_reaches_the_client(zerogpu: tuple[App, DeviceA
     steps = [(u.progress_data[-1].index, u.progress_data[-1].length) for u in updates
              if getattr(u, "progress_data", None) and u.progress_data[-1].desc == "Denoising"]
     assert (4, 4) in steps, steps
+    # The live previews cross the worker inside its Steps (pickled), like the progress: shown before the result.
+    *working, final = job.outputs()
+    captions = [out[0][0]["caption"] for out in working if isinstance(out[0], list)]
+    assert captions == [f"preview, step {i} of 4" for i in (1, 2, 3)], captions
+    assert final[0][0]["caption"].startswith("seed 1")
 
 
 def test_cancel_frees_the_gpu_within_steps(zerogpu: tuple[App, DeviceAPI, dict], photos) -> None:

@@ -121,7 +121,7 @@ def _slow_steps() -> None:
     slow_file = Path(os.environ.get("ZEROGPU_SLOW_STEP_FILE") or os.devnull)
     real_render = Engine.render
 
-    def render(self, job, progress=None):
+    def render(self, job, progress=None, preview=None):
         def step(done: int, total: int) -> None:
             try:
                 time.sleep(float(slow_file.read_text()))
@@ -130,7 +130,7 @@ def _slow_steps() -> None:
             if progress is not None:
                 progress(done, total)
 
-        return real_render(self, job, step)
+        return real_render(self, job, step, preview)
 
     Engine.render = render
 

@@ -28,7 +28,7 @@ import spaces
 from ..declaration import MODE_SPECS, MODES, PARAMS, Param, image_seed, params_for
 from ..errors import InvalidParameter, UserError
 from ..request import durations
-from ..request.requests import LOW_MARGIN, Job, Rendered, Request, Result, Step
+from ..request.requests import LOW_MARGIN, Job, Partial, Rendered, Request, Result, Step
 
 log = logging.getLogger(__name__)
 # Where the engine lives once something imported it (`_profile` only looks, it never imports it).
@@ -41,6 +41,10 @@ LOAD_WAIT_S = 30 * 60
 LOAD_POLL_S = 0.5
 # The longest a generation runs without handing control to Gradio (how soon a cancel takes effect).
 HEARTBEAT_S = 0.5
+# The live preview's longest side on the page and for gradio_client. The projection has 1/8 of the image's side
+# (128 px for 1024): more pixels add no detail, only PNG time in this process (170 ms a preview at 512 px, bench
+# preview), and the browser scales it up smoothly anyway.
+PREVIEW_SIDE = 256
 
 def _engine() -> Any:
     # Imported here so that importing this module (and the UI) never pulls in torch.
@@ -210,8 +214,9 @@ def _load_state(engine: Any) -> dict[str, Any]:
     return state or {}
 
 
-def _wait_for_models(engine: Any, progress: Any) -> None:
-    """Block until the engine has loaded (starting the load if nobody has), showing load progress.
+def _wait_for_models(engine: Any, progress: Any) -> Iterator[None]:
+    """Wait until the engine has loaded (starting the load if nobody has), showing load progress; yields at each
+    look, so that its consumer can show the wait and be closed (a cancel) meanwhile.
 
     The lazy start-up mode's wait; on ZeroGPU everything was loaded before launch and this returns at
     once (a load started here would run outside the thread `spaces` watches, and a GPU worker forked
@@ -230,6 +235,7 @@ def _wait_for_models(engine: Any, progress: Any) -> None:
             fraction = state.get("progress")
             message = state.get("message") or "Loading the models (only the first request waits)"
             progress(float(fraction) if isinstance(fraction, (int, float)) else None, desc=message)
+        yield
         time.sleep(LOAD_POLL_S)
 
 
@@ -343,21 +349,49 @@ def _observe(job: Job, rendered: Rendered, wall_s: float) -> None:
         durations.RECORD.forget(id(job))
 
 
+def _preview_image(rgb: Any) -> Any:
+    """The projection (latent resolution, 1/8 of the image's side) upsampled to PREVIEW_SIDE on its long side."""
+    import PIL.Image
+
+    height, width = rgb.shape[:2]
+    scale = PREVIEW_SIDE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return PIL.Image.fromarray(rgb).resize(size, PIL.Image.Resampling.BILINEAR)
+
+
+def _partial(started: float, stage: str, step: Step | None = None, preview: Any = None) -> Partial:
+    """Intermediate outputs: where the run is (for the page's progress line and for API clients) and, every few
+    steps, the preview in the gallery. Each reaches the client as an output: Gradio's own progress overlay would be
+    reset by it (its timer restarts and its bar goes at every yield), so the page draws this instead."""
+    where: dict[str, Any] = {"stage": stage, "elapsed_s": round(time.monotonic() - started, 1)}
+    if step is not None:
+        where.update(step=step.done, steps=step.total)
+    gallery = gr.skip()
+    if preview is not None and step is not None:
+        gallery = [(preview, f"preview, step {step.done} of {step.total}")]
+    return Partial((gallery, gr.skip(), gr.skip(), gr.skip(), {"progress": where}))
+
+
 def _run(request: Request, progress: Any, key: object) -> Iterator[Any]:
-    """The three stages; yields `gr.skip()` after each denoising step, then the outputs.
+    """The three stages; yields `Partial` outputs (progress, previews) at each denoising step, every heartbeat and
+    while the models load, then the final outputs.
 
     A generator so that Gradio's own cancel handling reaches it: when a client cancels or disconnects,
     Gradio closes the generator it is iterating (its documented behaviour for generator events), which
     closes the GPU stage at its next step and frees the pipeline for the next request.
     """
+    started = time.monotonic()
     engine = _engine()
     engine.check(request)  # the server's limits, before waiting for a model or a GPU
-    _wait_for_models(engine, progress)
+    yield _partial(started, "starting")
+    for _ in _wait_for_models(engine, progress):
+        yield _partial(started, "loading the models")
     ACTIVITY.set(key, "preparing")
     job = engine.prepare(request)  # CPU, in this process: a photo without a face asks for no GPU time
     ACTIVITY.set(key, "starting")
     shown: tuple[Any, dict[str, Any]] = (0.0, {"desc": "Starting"})
     progress(shown[0], **shown[1])
+    step: Step | None = None
     asked = time.perf_counter()  # on ZeroGPU the first step below asks for the GPU (`_gpu_duration`)
     steps = _render_on_gpu(job)
     try:
@@ -365,13 +399,16 @@ def _run(request: Request, progress: Any, key: object) -> Iterator[Any]:
             if isinstance(event, Rendered):
                 break
             # Control goes to Gradio at each step and heartbeat: a cancel or a lost client closes this generator
-            # here. Each yield reaches the page as "generating", which Gradio's status tracker draws without
-            # a bar (the Results panel showed its empty placeholder): the progress is sent again after every
-            # yield, heartbeats included, so that it is the page's latest status while the next step runs.
-            yield gr.skip()
+            # here. gradio_client's job.status() reads the progress sent after each yield; the page reads the
+            # Partial outputs (Gradio's overlay would be reset by each yield).
+            preview = None
             if event is not None:
+                step = event
                 shown = ((event.done, event.total), {"desc": "Denoising", "unit": "steps"})
                 ACTIVITY.set(key, f"step {event.done} of {event.total}")
+                if event.preview is not None:
+                    preview = _preview_image(event.preview)
+            yield _partial(started, "starting" if step is None else step.stage, step, preview)
             progress(shown[0], **shown[1])
         else:
             raise RuntimeError("the GPU stage ended without a result")

@@ -31,7 +31,7 @@ from ..declaration import (
     random_seed,
 )
 from ..errors import InvalidParameter, UserError
-from ..request.requests import Request
+from ..request.requests import Partial, Request
 from ..settings import CONTROL_TYPES, Settings
 from .gradio_adapter import KEEP_TYPED_NUMBERS_JS, guard_input
 from .hints import MODE_NOTES, PageFacts, wire_estimates
@@ -111,6 +111,22 @@ def timings_line(timings: Mapping[str, Any] | None, done: str = "Done") -> str:
 
 # A cached example's line: it is shown again, from the cache, in far less time than it took the first time.
 EXAMPLE_DONE = "Example shown from the cache; first generated"
+
+# The progress line, from the info output of a run's intermediate outputs ({"progress": {...}}, `Partial`); empty
+# for anything else (the final timings, a cleared result). Gradio's own overlay is hidden for runs: each
+# intermediate output reset its timer to 0 and took its bar away, so it flickered through a whole run.
+RUN_PROGRESS_JS = """(info) => {
+    const p = info && info.progress;
+    if (!p) return "";
+    const secs = Number(p.elapsed_s || 0).toFixed(1);
+    const steps = Number(p.steps || 0), step = Number(p.step || 0);
+    const stage = String(p.stage || "working").replace(/[^a-z ]/gi, "");
+    const what = steps ? `Step ${step} of ${steps}` + (stage === "denoising" ? "" : ` (${stage})`)
+                       : stage.charAt(0).toUpperCase() + stage.slice(1);
+    const bar = steps ? `<progress max="${steps}" value="${step}"></progress>` : "<progress></progress>";
+    const text = `<span class="run-progress-text">${what} · ${secs} s</span>`;
+    return `<div class="run-progress" role="status">${bar} ${text}</div>`;
+}"""
 
 
 def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
@@ -288,6 +304,9 @@ def _generate_tab(settings: Settings, modes: Sequence[str], facts: PageFacts | N
                         # API's randomize_seed input (hidden) stays off for the page.
                         c["randomize"] = gr.Checkbox(label="Randomize seed", value=True)
         with gr.Column(scale=1):
+            # The run's progress line (step i of n, seconds since the start), drawn in the page from the run's
+            # intermediate outputs (`RUN_PROGRESS_JS`); the gallery shows the live preview meanwhile.
+            c["progress"] = gr.HTML(elem_id="run-progress")
             c["gallery"] = gr.Gallery(
                 label="Results", format="png", columns=2, object_fit="contain",
                 buttons=["download", "fullscreen"], interactive=False, elem_id="gallery",
@@ -323,8 +342,8 @@ def build_demo(
       "swap": api.swap}
       (`instantid.frontends.api.ENDPOINTS` holds every mode's). Each takes the inputs
       `instantid.declaration.params_for(mode)` declares (same order, same names, plus an optional
-      `progress=gr.Progress()`), yields `gr.skip()` while it works and then (gallery, seed, similarities,
-      keypoint image, timings); raises gr.Error for user-facing problems.
+      `progress=gr.Progress()`), yields `Partial` outputs (or `gr.skip()`) while it works and then (gallery,
+      seed, similarities, keypoint image, timings); raises gr.Error for user-facing problems.
       A mode without its function is not offered (nor its endpoint); the first offered is shown first.
     status_fn: returns the engine's JSON-ready report. Called once here as well: its memory profile sets the
       page's hints and limits (`PageFacts`: the steps each speed runs, the most images a request makes).
@@ -397,7 +416,10 @@ def _examples(
         with locks[index]:  # two first clicks at once: one generation, the other is served its result
             if index not in cached:
                 for item in fn(**given):
-                    if not isinstance(item, (tuple, list)):  # gr.skip() while it works
+                    if isinstance(item, Partial):  # progress and previews while it works
+                        yield [*item, gr.skip(), *([gr.skip()] if spec.before_after else [])]
+                        continue
+                    if not isinstance(item, (tuple, list)):  # gr.skip()
                         yield item
                         continue
                     line = timings_line(item[4])
@@ -419,9 +441,7 @@ def _examples(
         # turn, each to its end.
         examples.dataset.click(lambda: gr.Accordion(open=True), None, c["photos"], queue=False,
                                api_visibility="private", show_progress="hidden")
-    examples.dataset.click(
-        run_example, [examples.dataset], shown, api_visibility="private", show_progress_on=[c["gallery"]]
-    )
+    examples.dataset.click(run_example, [examples.dataset], shown, api_visibility="private", show_progress="hidden")
 
 
 def _wire_generate(
@@ -472,15 +492,19 @@ def _wire_generate(
             # Queued, as only a queued event's error reaches the page (a seed of -5 used to fail silently),
             # but with no concurrency limit: it never waits behind a running generation.
             queue=True, concurrency_limit=None, api_visibility="private", show_progress="hidden",
-        ).success(fn, [c[name] for name in params_for(mode)], outputs, api_name=mode, show_progress_on=[c["gallery"]])
+        ).success(fn, [c[name] for name in params_for(mode)], outputs, api_name=mode, show_progress="hidden")
         # On success and on failure: after a failed run the page ran no `.then` step (Gradio 6.31's frontend
         # dispatches only the `.failure` steps of a queued event that failed). A refused start never switched
         # them off.
         event.success(end_run, None, run_controls, **quiet)
         event.failure(end_run, None, run_controls, **quiet)
+        # The last step shown is not left behind; in the page alone (a server step drew Gradio's timer over it).
+        event.failure(None, None, [c["progress"]], js="() => ''", **quiet)
         event.success(timings_line, [c["timings"]], [c["summary"]], **quiet)
         if MODE_SPECS[mode].before_after:
             event.success(before_after, [c[MODE_SPECS[mode].photo], c["gallery"]], [c["before_after"]], **quiet)
+    # Drawn in the page (no server call) from every value the info output takes: the run's progress, then "".
+    c["timings"].change(None, [c["timings"]], [c["progress"]], js=RUN_PROGRESS_JS, **quiet)
     # The prompt box has two lines, so Gradio submits it on Shift+Enter (Enter starts a new line). It runs
     # the mode shown by pressing that mode's button in the page: one path, the button's, for every run.
     buttons = json.dumps([f"{mode}-button" for mode in modes])

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
+
 from ..declaration import MODE_SPECS, image_seed
 from ..errors import OutOfMemoryError
 from ..settings import CONTROL_TYPES
@@ -25,6 +27,8 @@ log = logging.getLogger("instantid")
 
 # (step done, total steps) -> None; may raise to cancel (Gradio does when a client leaves).
 ProgressFn = Callable[[int, int], None]
+# A live preview of the image (`models.preview.latent_preview`: RGB uint8 at latent resolution) -> None.
+PreviewFn = Callable[[np.ndarray], None]
 
 
 class RenderCancelled(Exception):
@@ -49,12 +53,15 @@ def extra_controls(job: Job, controlnet: Callable[[str], Any], estimator: Callab
 
 def run_pipeline(
     job: Job, extras: list[Any], progress: ProgressFn | None, *, pipeline: Callable[[str], Any], profile: str,
-    free: Callable[[], None], step_down: Callable[[], str | None],
+    free: Callable[[], None], step_down: Callable[[], str | None], preview: PreviewFn | None = None,
 ) -> Any:
     """The job's images (and refined faces). `pipeline(kind)` is the pipeline of a `Mode.pipeline` kind; the
-    speed's LoRA is already in use. On CUDA out-of-memory: `free()`, then `step_down()` to the next leaner
-    profile (its name; None when `profile` has none) and one retry."""
+    speed's LoRA is already in use. `preview(rgb)`, when given, every few steps of the image's pass. On CUDA
+    out-of-memory: `free()`, then `step_down()` to the next leaner profile (its name; None when `profile` has
+    none) and one retry."""
     import torch
+
+    from ..models.preview import latent_preview, preview_every
 
     kind = MODE_SPECS[job.mode].pipeline
     # The base kind is the engine's `pipe` itself, read now: an out-of-memory step-down re-places it (and the
@@ -72,9 +79,17 @@ def run_pipeline(
     if job.group:  # two or more people: per-person tokens, IdentityNet runs and regions
         mode_args["group"] = job.group
 
+    main = job.denoising_steps
+    every = preview_every(main)
+
     def on_step(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # Previews of the image's own pass only, never of its last step (the result follows at once): a
+        # refined face's pass works on a crop, and the page keeps the whole image's last preview meanwhile.
+        step = done[0] + i + 1
+        if preview is not None and step < main and step % every == 0 and "latents" in kwargs:
+            preview(latent_preview(kwargs["latents"]))
         if progress is not None:
-            progress(done[0] + i + 1, steps)
+            progress(step, steps)
         return {}
 
     def call() -> Any:
@@ -173,9 +188,10 @@ def refine(job: Job, out: Any, on_step: Callable[..., dict[str, Any]], done: lis
 
 
 def render_steps(
-    render: Callable[[Job, ProgressFn], Rendered], job: Job, heartbeat_s: float | None = None
+    render: Callable[[Job, ProgressFn, PreviewFn], Rendered], job: Job, heartbeat_s: float | None = None
 ) -> Iterator[Step | Rendered | None]:
-    """`render(job, progress)` as a generator: a `Step` after each denoising step, then the `Rendered` result;
+    """`render(job, progress, preview)` as a generator: a `Step` after each denoising step (with the live preview
+    made for it, if any), then the `Rendered` result;
     with `heartbeat_s`, also None whenever that long passed without a step (its consumer can then be closed
     within that time, however long a step takes: a CPU step can take many seconds).
 
@@ -187,14 +203,20 @@ def render_steps(
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
     stop = threading.Event()
 
+    shown: list[np.ndarray] = []  # the preview made for the step about to be reported
+
+    def on_preview(rgb: np.ndarray) -> None:
+        shown.append(rgb)
+
     def on_step(done: int, total: int) -> None:
         if stop.is_set():
             raise RenderCancelled
-        events.put(("step", Step(done, total)))
+        stage = "denoising" if done <= job.denoising_steps else "refining faces"
+        events.put(("step", Step(done, total, preview=shown.pop() if shown else None, stage=stage)))
 
     def run() -> None:
         try:
-            events.put(("done", render(job, on_step)))
+            events.put(("done", render(job, on_step, on_preview)))
         except BaseException as exc:  # handed to the consuming thread, which re-raises it
             events.put(("error", exc))
 

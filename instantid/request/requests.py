@@ -419,10 +419,13 @@ class Job:
 
 @dataclass(frozen=True)
 class Step:
-    """Progress of the GPU stage: `done` of `total` denoising steps."""
+    """Progress of the GPU stage: `done` of `total` denoising steps, with a live preview of the first image every
+    few steps (`models.preview.latent_preview`: RGB uint8 (h, w, 3) at 1/8 of the image's side, a few KB to pickle)."""
 
     done: int
     total: int
+    preview: Any = field(default=None, compare=False, repr=False)
+    stage: str = "denoising"  # or "refining faces": the small faces' passes after the image's own
 
 
 @dataclass
@@ -431,3 +434,11 @@ class Rendered:
 
     images: list[Any]
     timings_ms: dict[str, float]
+
+
+class Partial(tuple):
+    """What an endpoint (`instantid.frontends.api`) yields while it works, before its final outputs (a plain tuple):
+    the gallery holds the live preview (or is `gr.skip()`), seed, similarities and keypoints are `gr.skip()`, and the
+    info is {"progress": {"stage": ..., "elapsed_s": ..., "step": i, "steps": n}} (step and steps once denoising
+    began). gradio_client's `submit()` sees them as the job's outputs before the final ones; `predict()` returns
+    the final ones alone."""
