@@ -55,12 +55,12 @@ def run(*, quick: bool = False, log: Any = print) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from instantid.models import preview as projection
-    from instantid.frontends.api import _preview_image
     from instantid.engine import Engine
+    from instantid.frontends.api import _preview_image
+    from instantid.models import preview as projection
+    from instantid.models.tiny import ensure_tiny_checkpoints
     from instantid.request.requests import Request
     from instantid.settings import Settings
-    from instantid.models.tiny import ensure_tiny_checkpoints
 
     runs = 2 if quick else 5
     with tempfile.TemporaryDirectory(prefix="bench-preview-") as cache:
