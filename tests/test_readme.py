@@ -137,7 +137,7 @@ def test_settings_table_lists_every_variable() -> None:
     env = _Recording()
     Settings.from_env(env)
     names = set(env.read)
-    for path in (ROOT / "instantid").rglob("*.py"):
+    for path in (ROOT / "instantid").rglob("*.py"):  # every folder: the command line is frontends/cli.py
         names |= set(re.findall(r"environ\.get\(\"(INSTANTID_[A-Z0-9_]+)\"", path.read_text()))
     assert {"INSTANTID_PRESET", "INSTANTID_CONTROLNET_DEPTH", "INSTANTID_LOG_LEVEL"} <= names  # the reading works
     table = README.read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
