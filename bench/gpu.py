@@ -326,7 +326,15 @@ def _speed_runs(plan: Plan) -> list[tuple[str, int, float, str]]:
             for s in SPEEDS.values()]
 
 
-def _ours(pipe: Any, plan: Plan, inputs: dict[str, Any], guidance: float, extras: tuple[Any, ...] = ()) -> Any:
+def _ours(
+    pipe: Any,
+    plan: Plan,
+    inputs: dict[str, Any],
+    guidance: float,
+    extras: tuple[Any, ...] = (),
+    step_callback: Callable[[int], Any] | None = None,
+) -> Any:
+    """A call of our pipeline for n steps; `step_callback(n)`, where given, makes its step-end callback."""
     import torch
 
     def call(n: int) -> Any:
@@ -339,6 +347,7 @@ def _ours(pipe: Any, plan: Plan, inputs: dict[str, Any], guidance: float, extras
             guidance_scale=guidance,
             generator=torch.Generator("cpu").manual_seed(0),
             extra_controls=extras,
+            callback_on_step_end=step_callback(n) if step_callback else None,
             **inputs,
         )
 
@@ -472,23 +481,8 @@ def _preview_row(pipe: Any, plan: Plan, inputs: dict[str, Any]) -> dict[str, Any
 
         return on_step
 
-    def call(with_previews: bool) -> Callable[[int], Any]:
-        def run(n: int) -> Any:
-            return pipe(
-                "a portrait photo of a person, studio light",
-                "blurry, low quality",
-                height=plan.resolution,
-                width=plan.resolution,
-                num_inference_steps=n,
-                guidance_scale=5.0,
-                generator=torch.Generator("cpu").manual_seed(0),
-                callback_on_step_end=previews(n) if with_previews else None,
-                **inputs,
-            )
-
-        return run
-
-    timed = _time({"without": call(False), "with": call(True)}, plan.steps, plan.repeats)
+    without, with_previews = _ours(pipe, plan, inputs, 5.0), _ours(pipe, plan, inputs, 5.0, step_callback=previews)
+    timed = _time({"without": without, "with": with_previews}, plan.steps, plan.repeats)
     row = _row("instantid", "large", "quality", plan.steps, *timed["with"])
     row["mode"] += " + previews"
     row["without_previews_s"] = _figures(timed["without"][0])["seconds_per_image"]
