@@ -34,6 +34,14 @@ MAX_STRENGTH = 1.5
 MAX_SIDE = 4096
 # refine_faces: "auto" is the mode's own default (`Mode.refines`).
 REFINE_CHOICES: tuple[str, ...] = ("auto", "on", "off")
+# Composition without a pose photo (`instantid.vision.framing` holds the shares and the 3D face behind them).
+FRAMING_CHOICES: tuple[str, ...] = ("photo", "portrait", "half body", "full body")
+HEAD_ANGLE_CHOICES: tuple[str, ...] = ("photo", "front", "left", "right", "up", "down")
+# Degrees. Within +-45 of yaw both eyes stay in view, so a five-point detector (which made the IdentityNet's
+# training keypoints) still finds them; past +-30 of pitch the nose covers the mouth line or the eyes go under
+# the brows, and the five points stop describing a face.
+MAX_YAW = 45
+MAX_PITCH = 30
 # Face numbers a swap may ask for (0 = the largest); a photo holds rarely more, the detector finds few more.
 MAX_FACE_INDEX = 99
 
@@ -306,6 +314,8 @@ _CONTROLLED = tuple(m.name for m in MODE_SPECS.values() if m.controls_label)  # 
 # The modes that draw a whole picture: its size can be chosen and its small faces refined. An inpainting mode
 # redraws a crop at the working size (a face swap's is its face's).
 _PICTURE = tuple(m.name for m in MODE_SPECS.values() if m.pipeline != "inpaint")
+# The modes that place faces themselves when no photo sets the layout (framing, head angle).
+_COMPOSED = ("generate", "group")
 _ONE_FACE = tuple(m.name for m in MODE_SPECS.values() if not m.people)  # one identity: face_image and its extras
 _AUTO_STEPS = ", ".join(f"{s.steps} {s.name}" for s in SPEEDS.values())
 _AUTO_GUIDANCE = ", ".join(f"{s.guidance:g} {s.name}" if s.guidance > 1 else f"off {s.name}" for s in SPEEDS.values())
@@ -348,6 +358,24 @@ PARAMS: dict[str, Param] = {
         Param("pose_image", "image", None, "Optional photo whose face position (and pose, depth or edges, see "
               "controlnets) is followed.", "Pose photo (optional)", flag="--pose", section="photos",
               modes=("generate",)),
+        Param("framing", "choice", "photo", "Where the face goes without a pose photo: photo keeps the face photo's "
+              "own place, size and crop; portrait is head and shoulders (square), half body head to waist and full "
+              "body the whole figure (both portrait orientation, SDXL's 896x1152 and 832x1216 unless width and "
+              "height are given); full body refines its small face by default (refine_faces auto). Group: each "
+              "person's face size side by side. Ignored (with a warning) when a pose or layout photo is given.",
+              "Framing", choices=FRAMING_CHOICES, section="main", modes=_COMPOSED,
+              info="photo: as in the face photo; the others place the face for you"),
+        Param("head_angle", "choice", "photo", "Which way the face looks without a pose photo: photo keeps the face "
+              "photo's own angle; front, left, right (30 degrees towards the picture's side), up, down (20 degrees) "
+              "turn the photo's keypoints on a 3D face model. Only the layout changes, the identity stays the "
+              "photo's. head_yaw and head_pitch give exact degrees instead.", "Head angle",
+              choices=HEAD_ANGLE_CHOICES, section="main", modes=_COMPOSED,
+              info="photo: as in the face photo"),
+        Param("head_yaw", "number", None, f"Head turn in degrees, -{MAX_YAW} (towards the picture's left) to "
+              f"{MAX_YAW} (its right), instead of head_angle; not given (null): head_angle decides.", lo=-MAX_YAW,
+              hi=MAX_YAW, modes=_COMPOSED),
+        Param("head_pitch", "number", None, f"Head tilt in degrees, -{MAX_PITCH} (down) to {MAX_PITCH} (up), instead "
+              "of head_angle; not given (null): head_angle decides.", lo=-MAX_PITCH, hi=MAX_PITCH, modes=_COMPOSED),
         Param("negative_prompt", "text", "", "What to avoid in the image.", "Negative prompt", section="main"),
         Param("style", "choice", NO_STYLE, f'Style template applied to the prompt; "{NO_STYLE}" uses the prompt '
               "as written.", "Style", choices=STYLE_NAMES, section="main"),
@@ -403,9 +431,9 @@ PARAMS: dict[str, Param] = {
         Param("refine_faces", "choice", "auto", "Re-render each face smaller than a quarter of the working size's "
               "short side at full working size with its person's identity (a face swap onto the image: crop, "
               "inpaint, feathered paste-back, same seed); each such face costs one more render. auto: on for "
-              "group, off for generate and restyle.", "Refine small faces", choices=REFINE_CHOICES,
-              flag="--refine-faces", modes=_PICTURE,
-              info="auto: on for Group, off otherwise; each small face costs one more render"),
+              "group and for a framing other than photo (full body's face is small), off otherwise.",
+              "Refine small faces", choices=REFINE_CHOICES, flag="--refine-faces", modes=_PICTURE,
+              info="auto: on for Group and full body, off otherwise; each small face costs one more render"),
     )
 }
 

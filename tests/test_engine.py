@@ -560,6 +560,10 @@ def _reaches(photos) -> dict[str, tuple[str, dict, str, dict]]:
         "enhance_face_region": ("generate", {"enhance_face_region": False}, "face_mask", {}),
         # t1.jpg's faces are small: laid out by it, both people's faces are refined by default (test_refine).
         "refine_faces": ("group", {"refine_faces": "off"}, "refine", {"layout_image": str(photos["group"])}),
+        "framing": ("generate", {"framing": "portrait"}, "keypoint_image", {}),
+        "head_angle": ("generate", {"head_angle": "left"}, "keypoint_image", {}),
+        "head_yaw": ("group", {"head_yaw": 20}, "group", {}),
+        "head_pitch": ("generate", {"head_pitch": -15}, "keypoint_image", {}),
     }
 
 

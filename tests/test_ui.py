@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FACE = str(ROOT / "assets" / "astronaut.jpg")
 
 API_PARAMETERS = [
-    "face_image", "prompt", "extra_face_images", "pose_image", "negative_prompt", "style", "num_images", "width",
+    "face_image", "prompt", "extra_face_images", "pose_image", "framing", "head_angle", "head_yaw", "head_pitch",
+    "negative_prompt", "style", "num_images", "width",
     "height", "num_steps", "guidance_scale", "identitynet_strength", "adapter_strength", "controlnets",
     "scheduler", "speed", "enable_lcm", "seed", "randomize_seed", "enhance_face_region", "refine_faces",
 ]
@@ -60,7 +61,8 @@ REPORT = {
 
 
 def fake_generate(
-    face_image, prompt, extra_face_images=None, pose_image=None, negative_prompt="", style="", num_images=1,
+    face_image, prompt, extra_face_images=None, pose_image=None, framing="photo", head_angle="photo", head_yaw=None,
+    head_pitch=None, negative_prompt="", style="", num_images=1,
     width=0, height=0, num_steps=0, guidance_scale=0.0, identitynet_strength=0.8, adapter_strength=0.8,
     controlnets=None, scheduler="", speed="quality", enable_lcm=False, seed=42, randomize_seed=False,
     enhance_face_region=True, refine_faces="auto",

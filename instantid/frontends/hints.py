@@ -71,7 +71,8 @@ MODE_NOTES = {
 
 # The parameters an estimate reads (`instantid.frontends.api.estimate`), where the mode takes them.
 ESTIMATE_PARAMS = ("person_1", "person_2", "person_3", "person_4", "layout_image", "num_images", "width", "height",
-                   "strength", "num_steps", "guidance_scale", "speed", "enable_lcm", "refine_faces")
+                   "strength", "num_steps", "guidance_scale", "speed", "enable_lcm", "refine_faces",
+                   "framing", "pose_image")
 
 
 def wire_estimates(

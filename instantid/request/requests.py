@@ -85,6 +85,10 @@ class Request:
     layout_image: ImageInput | None = _default("layout_image")  # group: the photo whose faces give the layout
     order: str = _default("order")  # group: person numbers for the layout's faces, left to right ("" = 1, 2, ...)
     refine_faces: str = _default("refine_faces")  # one of REFINE_CHOICES; `refines` says what it means for this mode
+    framing: str = _default("framing")  # generate, group: where the face goes without a pose (layout) photo
+    head_angle: str = _default("head_angle")  # generate, group: which way it looks ("photo": the photo's own)
+    head_yaw: float | None = _default("head_yaw")  # degrees instead of head_angle (None: head_angle decides)
+    head_pitch: float | None = _default("head_pitch")
     # What the checks adjusted, for the result's warnings (control characters removed from a prompt).
     notes: tuple[str, ...] = field(default=(), init=False, compare=False)
     # Group: each person's name (given or "Person k") and the person on each layout face, left to right (0-based).
@@ -115,6 +119,8 @@ class Request:
             zero = f.name != "seed" and type(value) in (int, float) and value == 0  # a seed of 0 is a seed
             if f.name in AUTOMATIC and (value is None or zero):
                 checked = None
+            elif value is None and f.name in PARAMS and PARAMS[f.name].default is None and PARAMS[f.name].lo < 0:
+                checked = None  # degrees not given (head_yaw, head_pitch): a named choice decides
             elif f.name in PARAMS:
                 checked = PARAMS[f.name].check(value)
             if isinstance(value, str) and len(checked) < len(value):
@@ -130,12 +136,40 @@ class Request:
         if self.enable_lcm and (self.num_steps or 0) > MAX_LCM_STEPS:
             limit = f"use 1..{MAX_LCM_STEPS} with LCM fast mode (its scheduler's limit), or switch LCM off"
             raise InvalidParameter("num_steps", self.num_steps, limit)
+        self._check_composition()
+
+    def _check_composition(self) -> None:
+        """Head angle in one way only, and extra ControlNets only where a photo sets the layout."""
+        degrees = (self.head_yaw, self.head_pitch)
+        if degrees != (None, None) and self.head_angle != "photo":
+            raise InvalidParameter("head_angle", self.head_angle, "give either head_angle or head_yaw/head_pitch, "
+                                   "not both")
+        if self.composed and self.controlnets:
+            # Their conditions (pose, depth, edges) come from a photo's layout, which the framing replaces: mapped
+            # like the face, a close-up's edges would stand where the framing puts a body.
+            raise InvalidParameter("controlnets", ", ".join(self.controlnets), "must come from a photo's layout, which "
+                                   "framing and head angle replace: add a pose photo (it then sets the layout), set "
+                                   "framing and head angle to photo, or leave the extra ControlNets out")
+
+    @property
+    def angle(self) -> tuple[float, float] | None:
+        """The head angle asked, (yaw, pitch) in degrees, or None: the photo's own."""
+        from ..vision.framing import head_angle
+
+        return head_angle(self.head_angle, self.head_yaw, self.head_pitch)
+
+    @property
+    def composed(self) -> bool:
+        """Whether framing or head angle place the face: asked for, and no photo (pose, layout) sets the layout."""
+        asked = self.framing != "photo" or self.angle is not None
+        return asked and self.pose_image is None and self.layout_image is None
 
     @property
     def refines(self) -> bool:
-        """Whether small faces are re-rendered after the image ("auto": the mode's default)."""
+        """Whether small faces are re-rendered after the image ("auto": the mode's default, and on where a
+        framing places the face: the faces it makes small are then refined, the others are not)."""
         if self.refine_faces == "auto":
-            return MODE_SPECS[self.mode].refines
+            return MODE_SPECS[self.mode].refines or (self.composed and self.framing != "photo")
         return self.refine_faces == "on"
 
     @property

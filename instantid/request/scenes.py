@@ -19,7 +19,7 @@ from ..declaration import MODES
 from ..errors import InvalidParameter, NoFaceError
 from ..models.memory import Profile
 from ..settings import CONTROL_TYPES, Settings
-from ..vision import geometry
+from ..vision import framing, geometry
 from ..vision.faces import Face, FaceAnalyzer
 from ..vision.images import image_to_array, load_image
 from .requests import GroupPerson, Paste, Request
@@ -69,8 +69,12 @@ class Workshop:
 def generate_scene(
     ws: Workshop, req: Request, ref_img: Any, ref_face: Face, warnings: list[str], people: list[Any],
 ) -> dict:
-    """Generate: the face layout (and extra ControlNets) from the pose photo, or else the face photo."""
+    """Generate: the face layout (and extra ControlNets) from the pose photo; or else placed by the framing and
+    head angle; or else the face photo's."""
     pose_img, pose_face = ref_img, ref_face
+    _ignored_composition(req, req.pose_image, "pose photo", warnings)
+    if req.composed:
+        return composed_scene(ws, req, ref_img, ref_face)
     if req.pose_image is not None:
         pose_img = ws.decode(req.pose_image, "pose photo", warnings)
         pose_faces = ws.faces().detect(image_to_array(pose_img), with_embedding=False)
@@ -93,6 +97,45 @@ def posed_scene(ws: Workshop, req: Request, pose_img: Any, pose_face: Face) -> d
             "width": size[0], "height": size[1], "spots": [geometry.placed(pose_img.size, pose_face, size)]}
 
 
+def _ignored_composition(req: Request, photo: Any, what: str, warnings: list[str]) -> None:
+    """Say that a photo setting the layout (`what`) overrides the framing and head angle asked."""
+    asked = [name for name, value in (("framing", req.framing != "photo"), ("head angle", req.angle is not None))
+             if value]
+    if photo is not None and asked:
+        warnings.append(f"{' and '.join(asked).capitalize()} ignored: the {what} sets the face's place, size and "
+                        "angle; leave it empty to use them.")
+
+
+def _turned(req: Request, face: Face) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """`face`'s keypoints and box at the request's head angle (as found, for the photo's own angle)."""
+    if req.angle is None:
+        return np.asarray(face.kps, np.float32), tuple(float(v) for v in face.bbox)  # type: ignore[return-value]
+    return framing.turned(face.kps, face.bbox, *req.angle)
+
+
+def composed_size(ws: Workshop, req: Request, photo: Any) -> tuple[int, int]:
+    """The canvas of a placed face: the request's size, or the framing's (the photo's own for framing photo)."""
+    if req.width:
+        return req.width, req.height
+    return (framing.canvas_size(req.framing, ws.working_short_side(), ws.settings.max_output_side)
+            or ws.auto_size(photo.size))
+
+
+def composed_scene(ws: Workshop, req: Request, ref_img: Any, ref_face: Face) -> dict:
+    """One face placed by the framing and turned to the head angle (no pose photo): the keypoints and box moved
+    onto the framing's canvas, or, for framing photo, laid out as the photo has the face. No extra ControlNets
+    (the request refuses them: their conditions would come from the photo's layout)."""
+    kps, box = _turned(req, ref_face)
+    size = composed_size(ws, req, ref_img)
+    if req.framing == "photo":
+        spot = geometry.placed(ref_img.size, Face(bbox=box, kps=kps, det_score=ref_face.det_score), size)
+    else:
+        spot = framing.frame(kps, box, size, req.framing)
+    mask = geometry.face_mask(size, spot[1]) if req.enhance_face_region else None
+    return {"keypoint_image": geometry.draw_keypoints(size, spot[0]), "face_mask": mask, "controls": {},
+            "width": size[0], "height": size[1], "spots": [spot]}
+
+
 def group_scene(
     ws: Workshop, req: Request, ref_img: Any, ref_face: Face, warnings: list[str],
     people: list[tuple[np.ndarray, Face]],
@@ -101,6 +144,7 @@ def group_scene(
     or side by side), each person's keypoint image and region. One person is Generate's scene exactly, with
     the layout photo as the pose photo."""
     n = len(people)
+    _ignored_composition(req, req.layout_image, "layout photo", warnings)
     if req.layout_image is not None:
         layout_img = ws.decode(req.layout_image, "layout photo", warnings)
         found = ws.faces().detect(image_to_array(layout_img), with_embedding=False)
@@ -124,9 +168,20 @@ def group_scene(
                  for f in chosen]
     else:
         if n == 1:
-            return posed_scene(ws, req, ref_img, ref_face)
+            scene = composed_scene if req.composed else posed_scene
+            return scene(ws, req, ref_img, ref_face)
         size = (req.width, req.height) if req.width else ws.auto_size(geometry.GROUP_ASPECT)
-        spots = geometry.group_layout(size, [people[p][1] for p in req.person_order])
+        faces = [people[p][1] for p in req.person_order]
+        if req.composed:
+            faces = [Face(bbox=box, kps=kps, det_score=face.det_score)
+                     for face in faces for kps, box in [_turned(req, face)]]
+        if req.framing == "photo":
+            spots = geometry.group_layout(size, faces)
+        else:
+            # The framing's face size in each person's slot, at most GROUP_FACE_SHARE of the slot wide.
+            slot = size[0] / n
+            spots = [framing.frame(f.kps, f.bbox, size, req.framing, centre_x=slot * (i + 0.5),
+                                   max_width=slot * geometry.GROUP_FACE_SHARE) for i, f in enumerate(faces)]
     # Spot i (left to right) holds person order[i]; back to person order.
     by_person = {person: spots[i] for i, person in enumerate(req.person_order)}
     regions = geometry.group_regions(size, [by_person[k][1] for k in range(n)])
