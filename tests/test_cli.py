@@ -447,6 +447,11 @@ USER_ERRORS = [
     (["--face", "{tmp}"], "is a folder"),
     (["--face", "{astronaut}", "--identity-strength", "abc"], "--identity-strength"),
     (["--face", "{astronaut}", "--pose", "{noface}"], "pose photo"),
+    (["--face", "{astronaut}", "--framing", "close-up"], "--framing 'close-up': choose one of photo, portrait, half "
+     "body, full body"),
+    (["--face", "{astronaut}", "--head-yaw", "60"], "--head-yaw 60.0: must be a number in -45..45"),
+    (["--face", "{astronaut}", "--framing", "full body", "--controlnet", "canny"], "--controlnet 'canny': must come "
+     "from a photo's layout"),
 ]
 
 

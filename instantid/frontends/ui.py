@@ -214,8 +214,11 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True, facts: P
     hi = min(p.hi, settings.max_output_side // 64 * 64) if p.step == 64 else p.hi
     if p.name == "num_images":  # the slider stops where the server's profile does
         hi = min(hi, facts.max_images)
-    if (hi - p.lo) / (p.step or 1) > 1000:  # a seed: a slider would be useless
-        return gr.Number(value=p.default, precision=0, minimum=p.lo, maximum=hi, **options)
+    # A seed (a slider would be useless), and degrees that may stay unset (a slider has no empty value).
+    if (hi - p.lo) / (p.step or 1) > 1000 or p.default is None:
+        whole = p.kind == "integer"  # Number's own step (1) would read as "an integer" in a refusal
+        return gr.Number(value=p.default, precision=0 if whole else None, step=1 if whole else 0.1, minimum=p.lo,
+                         maximum=hi, **options)
     return gr.Slider(minimum=p.lo, maximum=hi, step=p.step, value=p.default, **options)
 
 

@@ -181,7 +181,8 @@ def turned(kps: np.ndarray, bbox: Sequence[float], yaw: float, pitch: float) -> 
     shape = frontal_shape(kps)
     centre = CANONICAL_FACE.mean(axis=0)
     bx1, by1, bx2, by2 = CANONICAL_BOX
-    box_centre = np.array([(bx1 + bx2) / 2, (by1 + by2) / 2, 0.0]) - centre
+    # On the face's axis of symmetry (x 0 of the symmetric shape), so a mirrored angle mirrors the box too.
+    box_centre = np.array([0.0, (by1 + by2) / 2 - centre[1], 0.0])
     rotation = _rotation(yaw, pitch)
     points = (shape @ rotation.T)[:, :2]
     anchor = (box_centre @ rotation.T)[:2]
