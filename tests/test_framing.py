@@ -277,3 +277,26 @@ def test_the_api_and_mcp_take_framing_as_their_clients_send_it(tiny_app, photos)
     assert not framed.isError, texts_of(framed)
     image, keypoints = images_of(framed)  # the image and its face layout, half body's portrait canvas
     assert image.size == keypoints.size == framing.canvas_size("half body", 128, 1280)
+
+
+@pytest.mark.parametrize("mode", ["generate", "group"])
+def test_the_page_prices_a_framing_as_the_call_will_ask(tiny_settings, analyzer, photos, mode: str) -> None:
+    """The GPU seconds shown before the click (`api._settings_shape`) are those the prepared job asks for: the
+    framing's canvas and, for full body, its refined face(s), on ZeroGPU's profile."""
+    import dataclasses
+
+    from instantid.frontends import api
+    from instantid.request import durations
+
+    workshop = Workshop(dataclasses.replace(tiny_settings, preset="real"), PROFILES["zerogpu"], lambda: analyzer)
+    face, other = str(photos["astronaut"]), str(photos["hanks"])
+    people = {"people": [[face], [other]]} if mode == "group" else {"face_images": [face]}
+    slots = {"person_1": [face], "person_2": [other]} if mode == "group" else {}
+    refined = {}
+    for name in ("portrait", "half body", "full body"):
+        job = prepare(Request(mode=mode, framing=name, seed=1, **people), workshop, time.time())
+        page, _ = api._settings_shape(mode, {"framing": name, **slots}, PROFILES["zerogpu"], 1024)
+        assert page == durations.shape_of(job), name
+        refined[name] = len(job.refine)
+    assert refined == ({"portrait": 0, "half body": 0, "full body": 1} if mode == "generate" else
+                       {"portrait": 0, "half body": 2, "full body": 2})
