@@ -361,8 +361,9 @@ PARAMS: dict[str, Param] = {
         Param("framing", "choice", "photo", "Where the face goes without a pose photo: photo keeps the face photo's "
               "own place, size and crop; portrait is head and shoulders (square), half body head to waist and full "
               "body the whole figure (both portrait orientation, SDXL's 896x1152 and 832x1216 unless width and "
-              "height are given); full body refines its small face by default (refine_faces auto). Group: each "
-              "person's face size side by side. Ignored (with a warning) when a pose or layout photo is given.",
+              "height are given); full body refines its small face by default (refine_faces auto). A prompt that names "
+              "no framing gets the framing's words in front (e.g. \"full body shot, \"). Group: each person's face "
+              "size side by side. Ignored (with a warning) when a pose or layout photo is given.",
               "Framing", choices=FRAMING_CHOICES, section="main", modes=_COMPOSED,
               info="photo: as in the face photo; the others place the face for you"),
         Param("head_angle", "choice", "photo", "Which way the face looks without a pose photo: photo keeps the face "

@@ -300,3 +300,50 @@ def test_the_page_prices_a_framing_as_the_call_will_ask(tiny_settings, analyzer,
         refined[name] = len(job.refine)
     assert refined == ({"portrait": 0, "half body": 0, "full body": 1} if mode == "generate" else
                        {"portrait": 0, "half body": 2, "full body": 2})
+
+
+def test_the_framing_words_lead_the_prompt_unless_it_names_the_framing(workshop, photos) -> None:
+    face = [str(photos["astronaut"])]
+    full = _job(workshop, face_images=face, prompt="a hiker", framing="full body")
+    assert (full.prompt, full.refine_prompt) == ("full body shot, a hiker", "a hiker")
+    assert "Framing full body: 'full body shot' put before the prompt; name the framing in your prompt to word it " \
+           "yourself." in full.warnings
+    named = _job(workshop, face_images=face, prompt="Full-body photo of a hiker", framing="full body")
+    assert (named.prompt, named.refine_prompt) == ("Full-body photo of a hiker", "")
+    empty = _job(workshop, face_images=face, framing="half body", refine_faces="on")
+    assert empty.prompt == "half body shot of a person, high quality, detailed face"
+    assert empty.refine_prompt == "a portrait photo of a person, high quality, detailed face"
+    assert _job(workshop, face_images=face, prompt="a knight", framing="portrait").prompt.startswith(
+        "head and shoulders portrait, a knight")
+    # Only a framing adds words: the photo's own, or a pose photo's, leaves the prompt as written.
+    for extra in ({"head_angle": "left"}, {"framing": "full body", "pose_image": str(photos["hanks"])}):
+        job = _job(workshop, face_images=face, prompt="a knight", **extra)
+        assert (job.prompt, job.refine_prompt) == ("a knight", "")
+
+
+def test_a_refined_face_is_drawn_without_the_framing_words(tiny_engine, photos) -> None:
+    """The image's pass has the framing's words; the refined face's pass, in a crop around the face, has not.
+    The real tiny pipelines run; the wrapper only records the prompt each pass is given."""
+    from instantid.request.render import run_pipeline
+
+    job = tiny_engine.prepare(Request(face_images=[str(photos["astronaut"])], prompt="a hiker", framing="full body",
+                                      num_steps=2, seed=1))
+    assert len(job.refine) == 1
+    prompts: list[str] = []
+
+    class Recorded:
+        def __init__(self, pipe) -> None:
+            self.pipe = pipe
+
+        def __getattr__(self, name: str):
+            return getattr(self.pipe, name)
+
+        def __call__(self, prompt: str, *args, **kwargs):
+            prompts.append(prompt)
+            return self.pipe(prompt, *args, **kwargs)
+
+    with tiny_engine._gen_lock:
+        tiny_engine._use_speed(job.speed)
+        out = run_pipeline(job, [], None, pipeline=lambda kind: Recorded(tiny_engine._pipeline(kind)), profile="cpu",
+                           free=lambda: None, step_down=lambda: None)
+    assert prompts == ["full body shot, a hiker", "a hiker"] and len(out.images) == 1

@@ -17,7 +17,7 @@ from ..declaration import DEFAULT_PROMPT, DEFAULT_SCHEDULER, MODE_SPECS, PARAMS,
 from ..errors import BusyError, CheckpointError, ImageError, InvalidParameter
 from ..settings import CONTROL_TYPES
 from ..styles import apply_style
-from ..vision import geometry
+from ..vision import framing, geometry
 from ..vision.faces import Face, average_embedding
 from ..vision.images import image_to_array
 from .requests import Job, Refine, Request
@@ -68,14 +68,24 @@ def prepare(req: Request, ws: Workshop, started: float) -> Job:
         canvas["refine"] = refine_plans(ws, req, size, spots, identities, labels, warnings)
     timings["conditions_ms"] = (time.perf_counter() - t1) * 1000
 
-    prompt = req.prompt.strip()
+    prompt = base = req.prompt.strip()  # `base`: what the refined faces are drawn with
+    words = framing.FRAMINGS[req.framing].words if req.composed else ""
     if not prompt:
-        prompt = DEFAULT_PROMPT
-        warnings.append(f"Empty prompt: used '{DEFAULT_PROMPT}'.")
+        prompt = base = DEFAULT_PROMPT
+        if words and framing.framed_prompt(req.framing, DEFAULT_PROMPT) is not None:
+            prompt = f"{words} of a person, high quality, detailed face"  # the default names a portrait
+        warnings.append(f"Empty prompt: used '{prompt}'.")
+    elif words and (framed := framing.framed_prompt(req.framing, prompt)) is not None:
+        prompt = framed
+        warnings.append(f"Framing {req.framing}: '{words}' put before the prompt; name the framing in your prompt "
+                        "to word it yourself.")
+    # A refined face is redrawn in a crop around it, where the framing's words would ask for a whole body again.
+    refine_prompt = apply_style(req.style, base, req.negative_prompt.strip())[0] if base != prompt else ""
     prompt, negative = apply_style(req.style, prompt, req.negative_prompt.strip())
     return Job(
         prompt=prompt,
         negative_prompt=negative,
+        refine_prompt=refine_prompt,
         embedding=embedding,
         num_images=num_images,
         num_steps=steps,

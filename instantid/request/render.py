@@ -159,7 +159,7 @@ def refine(job: Job, out: Any, on_step: Callable[..., dict[str, Any]], done: lis
     for i, image in enumerate(images):
         for plan in job.refine:
             drawn = pipe(
-                job.prompt,
+                job.refine_prompt or job.prompt,
                 job.negative_prompt,
                 face_embedding=plan.embedding,
                 keypoint_image=plan.keypoint_image,

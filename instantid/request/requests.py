@@ -433,6 +433,9 @@ class Job:
     group: list[GroupPerson] = field(default_factory=list)
     # The small faces to re-render after the image (refine_faces), decided here so the GPU time asked is exact.
     refine: list[Refine] = field(default_factory=list)
+    # The prompt the refined faces are drawn with, where it differs from `prompt` ("": the same): without the
+    # framing's words, which in a crop around the face would ask for a whole body again.
+    refine_prompt: str = ""
 
     @property
     def denoising_steps(self) -> int:

@@ -65,6 +65,10 @@ class Framing:
     eye_line: float
     canvas: tuple[int, int] | None
     summary: str
+    # The words put before a prompt that names no such framing (`framed_prompt`): the keypoints place the face, and
+    # the words tell SDXL what to draw around it, a body rather than a face floating on a backdrop.
+    words: str = ""
+    said: tuple[str, ...] = ()  # what, in a prompt, already names the framing
 
 
 # Shares measured on real photographs with the face detector (the face box's height over the image height; the
@@ -78,10 +82,13 @@ FRAMINGS: dict[str, Framing] = {
     f.name: f
     for f in (
         Framing("photo", 0.0, 0.0, None, "the face where the photo has it (the photo's size and crop)"),
-        Framing("portrait", 0.32, 0.34, (1024, 1024), "head and shoulders, square"),
-        Framing("half body", 0.23, 0.21, (896, 1152), "head to waist, portrait orientation"),
+        Framing("portrait", 0.32, 0.34, (1024, 1024), "head and shoulders, square", "head and shoulders portrait",
+                ("portrait", "head and shoulders", "headshot", "head shot", "close-up", "closeup")),
+        Framing("half body", 0.23, 0.21, (896, 1152), "head to waist, portrait orientation", "half body shot",
+                ("half body", "half-body", "upper body", "waist up", "waist-up", "medium shot")),
         Framing("full body", 0.09, 0.10, (832, 1216), "the whole figure, portrait orientation; its small face is "
-                "refined by default"),
+                "refined by default", "full body shot", ("full body", "full-body", "whole body", "full length",
+                                                         "full-length", "head to toe")),
     )
 }
 if tuple(FRAMINGS) != FRAMING_CHOICES or tuple(HEAD_ANGLES) != HEAD_ANGLE_CHOICES:
@@ -103,6 +110,14 @@ def canvas_size(framing: str, short_side: int, max_side: int, multiple: int = 64
         height = width + multiple
     limit = max(multiple, max_side // multiple * multiple)
     return min(width, limit), min(height, limit)
+
+
+def framed_prompt(framing: str, prompt: str) -> str | None:
+    """`prompt` with the framing's words in front, where it names no such framing itself; None: nothing to add."""
+    spec = FRAMINGS[framing]
+    if not spec.words or any(phrase in prompt.lower() for phrase in spec.said):
+        return None
+    return f"{spec.words}, {prompt}" if prompt else spec.words
 
 
 def head_angle(name: str, yaw: float | None, pitch: float | None) -> tuple[float, float] | None:
