@@ -119,8 +119,9 @@ class Request:
             zero = f.name != "seed" and type(value) in (int, float) and value == 0  # a seed of 0 is a seed
             if f.name in AUTOMATIC and (value is None or zero):
                 checked = None
-            elif value is None and f.name in PARAMS and PARAMS[f.name].default is None and PARAMS[f.name].lo < 0:
-                checked = None  # degrees not given (head_yaw, head_pitch): a named choice decides
+            elif value is None and f.name in PARAMS and PARAMS[f.name].default is None and PARAMS[f.name].kind in (
+                    "integer", "number"):
+                checked = None  # a number that may stay unset (head_yaw, head_pitch: head_angle decides)
             elif f.name in PARAMS:
                 checked = PARAMS[f.name].check(value)
             if isinstance(value, str) and len(checked) < len(value):
