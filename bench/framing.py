@@ -53,7 +53,8 @@ def disc_centres(keypoint_image: Any) -> tuple[Any, list[int]]:
         ys, xs = np.nonzero(np.all(pixels == np.array(colour, dtype=np.uint8), axis=2))
         if len(xs) == 0:
             raise ValueError(f"no pixel of keypoint colour {colour} in the drawing")
-        # The disc is drawn around the truncated point (cv2.circle takes integers): + 0.5 centres it on its pixel.
+        # cv2.circle centres the disc on the point truncated to integers: the point lay within that pixel's unit,
+        # half a pixel further on average.
         centres.append((xs.mean() + 0.5, ys.mean() + 0.5))
         counts.append(int(len(xs)))
     return np.array(centres), counts
