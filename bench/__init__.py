@@ -7,6 +7,8 @@ appends a row (date, machine, exact command, figures, baseline from the same run
 - overhead: per-request CPU work outside the denoising loop and VAE decode (bench/overhead.py)
 - gpu: seconds per image and peak VRAM per memory profile against plain diffusers (bench/gpu.py)
 - cpu-contention: a command-line generation beside another, by OpenMP wait policy (bench/cpu_contention.py)
+- preview: the live preview's cost against the denoising (bench/preview.py)
+- framing: framing and head angle measured from the drawn keypoints, and a full body's refine cost (bench/framing.py)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("load-memory", "overhead", "gpu", "cpu-contention", "preview")
+BENCHMARKS = ("load-memory", "overhead", "gpu", "cpu-contention", "preview", "framing")
 # Checkpoint sizes: SDXL with every width divided by this (`instantid.models.tiny.ModelShape.sdxl`).
 SIZES = {"full": 1, "quick": 4, "micro": 16}
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +108,10 @@ def measure(name: str, *, quick: bool = False, log: Callable[[str], None] = _log
         from . import preview
 
         return preview.run(quick=quick, log=log)
+    if name == "framing":
+        from . import framing
+
+        return framing.run(quick=quick, log=log)
     raise ValueError(f"unknown benchmark {name!r}")
 
 
@@ -287,6 +293,20 @@ def summary(result: dict[str, Any]) -> tuple[str, str]:
             f"previews); main process {result['main_process_ms_per_preview']} ms a preview (upsample + PNG)"
         )
         baseline = "the same runs' denoising: " + ", ".join(f"{r['denoise_ms']} ms" for r in tiny["runs"])
+    elif name == "framing":
+        s, t = result["summary"], result["timing"]
+        placed = ", ".join(f"{q} {s[q]['within_10pct']}/{s[q]['rows']} (worst {s[q]['max_rel_error'] * 100:.1f} %)"
+                           for q in ("eye_line", "face_share", "eye_angle", "own_yaw", "own_pitch"))
+        read = ", ".join(f"{q} {s[q]['within_10pct']}/{s[q]['rows']} (worst {s[q]['worst']})" for q in ("yaw", "pitch"))
+        figures = (
+            f"from the drawn keypoints ({', '.join(result['photos'])}; every framing x head angle), rows within 10 %: "
+            f"{placed}; read back with the canonical face: {read}; full body with its refined face "
+            f"{t['full body']['median_s']} s at {' x '.join(map(str, t['full body']['size']))}, **{t['ratio']} x** "
+            f"framing photo (tiny preset, median of {len(t['photo']['runs_s'])}; load average "
+            f"{result['loadavg'][0]} -> {result['loadavg'][1]})"
+        )
+        baseline = (f"framing photo, same face and seed: {t['photo']['median_s']} s at "
+                    f"{' x '.join(map(str, t['photo']['size']))}")
     else:
         figures, baseline = json.dumps(result, default=str)[:300], ""
     return figures, baseline

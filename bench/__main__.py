@@ -7,6 +7,7 @@ python -m bench overhead --requests 40
 python -m bench overhead --face-models full                  # antelopev2-sized face models (random weights)
 python -m bench gpu --dry-run                                # the CPU-sized form of the GPU script
 python -m bench preview                                      # the live preview's cost against the denoising
+python -m bench framing                                      # framing and head angle, measured from the drawing
 """
 
 from __future__ import annotations

@@ -293,3 +293,40 @@ def test_load_memory_all_parts_micro(bench_runs: BenchRuns) -> None:
     assert out["weights_bytes"] == sum(parts.values())
     assert out["stages"][-1][0] == "every weight paged in"
     assert out["peak_rss_bytes"] >= out["stages"][-1][1] > 0
+
+
+@pytest.mark.slow  # a `python -m` process
+def test_framing_bench_measures_the_drawing_within_ten_percent(tiny_env: dict[str, str]) -> None:
+    """`python -m instantid bench framing --quick` on the session's tiny cache: every framing x head angle of both
+    photos, measured from the drawn keypoints, lands within 10 % of what was asked; the canonical face's reading
+    agrees for Grace Hopper (near the template) and turns the right way for the astronaut; the timing rows say
+    what ran (no time is asserted)."""
+    from instantid.vision import framing
+
+    proc = subprocess.run([sys.executable, "-m", "instantid", "bench", "framing", "--quick"], cwd=ROOT, env=tiny_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["benchmark"] == "framing" and out["photos"] == ["astronaut.jpg", "grace_hopper.jpg"]
+    rows = out["rows"]
+    quantities = ("eye_line", "face_share", "eye_angle", "yaw", "pitch", "own_yaw", "own_pitch")
+    cases = {(r["photo"], r["framing"], r["head_angle"], r["quantity"]) for r in rows}
+    assert len(rows) == len(cases) == 2 * len(framing.FRAMINGS) * len(framing.HEAD_ANGLES) * len(quantities)
+    for r in rows:  # the verdict is the row's own numbers
+        assert r["within_10pct"] == (r["rel_error"] <= 0.10), r
+    placed = [r for r in rows if r["quantity"] not in ("yaw", "pitch") or r["photo"] == "grace_hopper.jpg"
+              or r["head_angle"] == "photo"]
+    assert [r for r in placed if not r["within_10pct"]] == []
+    for r in rows:  # the framing's own shares were asked, where one places the face
+        spec = framing.FRAMINGS[r["framing"]]
+        if spec.canvas and r["quantity"] in ("eye_line", "face_share"):
+            assert r["asked"] == getattr(spec, r["quantity"]), r
+    # The astronaut read with the canonical face: her proportions shift the reading, never the direction.
+    read = {(r["head_angle"], r["quantity"]): r["measured"] for r in rows
+            if r["photo"] == "astronaut.jpg" and r["framing"] == "portrait"}
+    assert read["left", "yaw"] < -20 < 20 < read["right", "yaw"]
+    assert read["up", "pitch"] - read["front", "pitch"] > 15 and read["front", "pitch"] - read["down", "pitch"] > 15
+    t = out["timing"]
+    assert t["full body"]["refined"] == ["the face"] and t["photo"]["refined"] == []
+    assert t["full body"]["size"] == [128, 192] and t["photo"]["size"] == [128, 128]
+    assert t["full body"]["median_refine_ms"] > 0 and t["ratio"] > 0

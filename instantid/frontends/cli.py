@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     b = p.commands["bench"] = sub.add_parser("bench", help="run a benchmark; the last output line is one JSON object")
-    b.add_argument("name", choices=("load-memory", "overhead", "gpu", "cpu-contention", "preview"))
+    b.add_argument("name", choices=("load-memory", "overhead", "gpu", "cpu-contention", "preview", "framing"))
     b.add_argument("--quick", action="store_true", help="reduced sizes / fewer requests")
     b.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
     return p
