@@ -214,6 +214,10 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True, facts: P
         return gr.Checkbox(value=p.default, **options)
     if p.kind == "controls":
         return gr.JSON(value=p.default, visible=False, label=p.name)  # the page fills it in `start_run`
+    if p.default is None and not p.label:
+        # An API-only number "not given" by default (head_yaw, head_pitch): a hidden slider sent its minimum (Gradio's
+        # Slider shows and sends its lowest value for None), so every run from the page asked for -45 degrees.
+        return gr.Number(value=None, minimum=p.lo, maximum=p.hi, **options)
     hi = min(p.hi, settings.max_output_side // 64 * 64) if p.step == 64 else p.hi
     if p.name == "num_images":  # the slider stops where the server's profile does
         hi = min(hi, facts.max_images)
