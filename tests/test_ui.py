@@ -1030,3 +1030,14 @@ def test_the_estimate_says_what_a_full_body_framing_adds(monkeypatch: pytest.Mon
     assert two.endswith("Includes 2 refined faces (one more render each).")
     posed = api.estimate("generate", {"framing": "full body", "pose_image": {"path": "/tmp/x.png"}})
     assert "refined" not in posed, "a pose photo sets the layout: no framing, nothing refined"
+
+
+def test_api_only_angles_are_not_given_by_default(page: Page) -> None:
+    """head_yaw and head_pitch (API only, hidden on the page) were hidden sliders, which Gradio starts at their
+    minimum: every run from the page (and every gradio_client call leaving them out) asked for a head turned -45
+    degrees and lowered -30, and a head angle chosen on the page was refused as given together with them."""
+    params = {p["parameter_name"]: p for p in page.api["/generate"]["parameters"]}
+    for name in ("head_yaw", "head_pitch"):
+        assert params[name]["parameter_has_default"] and params[name]["parameter_default"] is None, params[name]
+        (component,) = [c for c in page.config["components"] if c["props"].get("label") == name]
+        assert component["props"].get("value") is None and component["props"]["visible"] is False
