@@ -611,6 +611,13 @@ def test_framing_and_head_angle_on_a_phone(browser, app_url: str) -> None:
         expect(preview).to_be_hidden()
         page.get_by_label("Restyle").check()
         expect(block).to_be_hidden(timeout=10_000)
+        # Group places its people with them too; its examples table (five columns) scrolls in its own box, as
+        # Generate's does now that it shows framing and head angle (the page was 948 px wide).
+        page.get_by_label("Group", exact=True).check()
+        expect(block).to_be_visible(timeout=10_000)
+        expect(page.get_by_text("Group examples")).to_be_visible()
+        page.wait_for_timeout(500)  # the table drawn
+        assert page.evaluate(DOCUMENT_WIDTH_JS) <= PHONE["width"]
         page.get_by_label("Generate", exact=True).check()
         expect(block).to_be_visible(timeout=10_000)
 
