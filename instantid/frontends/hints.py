@@ -1,7 +1,9 @@
 """What the Create tab tells before a run, true for this server: the hints and limits its memory profile sets
 (`PageFacts`: the steps each speed runs, the most images a request makes), a mode's note under its button
-(`MODE_NOTES`), and the cost estimate beside each button, redrawn as the settings change (`wire_estimates`).
-No torch: the facts come from the status report, the estimate from the function the app hands over.
+(`MODE_NOTES`), the cost estimate beside each button, redrawn as the settings change (`wire_estimates`), and the
+face layout a framing or head angle will draw, on a model face (`wire_layout_preview`).
+No torch: the facts come from the status report, the estimate from the function the app hands over, the layout
+from `instantid.vision.framing` (numpy).
 """
 
 from __future__ import annotations
