@@ -627,11 +627,11 @@ def test_framing_and_head_angle_on_a_phone(browser, app_url: str) -> None:
         caption = page.locator("#layout-preview-caption")
         expect(page.locator("#layout-preview-image img")).to_be_visible(timeout=10_000)
         # The tiny preset's canvas: 128 px short side.
-        expect(caption).to_contain_text("Face layout of this run (full body, 128 × 192), shown on a model face: your "
+        expect(caption).to_contain_text("Face layout of this run (full body, 128x192), shown on a model face: your "
                                         "photo's own face proportions replace the model face's.")
         angle.click()
         page.get_by_role("option", name="left", exact=True).click()
-        expect(caption).to_contain_text("(full body, head angle left, 128 × 192)", timeout=10_000)
+        expect(caption).to_contain_text("(full body, head angle left, 128x192)", timeout=10_000)
         expect(page.get_by_role("option", name="left", exact=True)).to_be_hidden()
         assert page.evaluate(DOCUMENT_WIDTH_JS) <= PHONE["width"]
         page.screenshot(path=str(ARTIFACTS / "browser-framing-phone.png"), full_page=True)

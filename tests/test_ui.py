@@ -955,7 +955,7 @@ def test_the_layout_preview_is_a_cheap_step_of_the_page_only(page: Page) -> None
     box, image, caption = run_step(page.url, previews[0]["id"], data)
     assert box["visible"] is True and image["url"].endswith(".png")
     # The fake status report's profile is cpu: its 512 short side gives full body's 832 x 1216 at half size.
-    assert caption.startswith("Face layout of this run (full body, 448 × 640), shown on a model face")
+    assert caption.startswith("Face layout of this run (full body, 448x640), shown on a model face")
     assert "your photo's own face proportions replace the model face's" in caption
     box, image, caption = run_step(page.url, previews[0]["id"], ["Restyle", *data[1:]])
     assert box["visible"] is False and image is None
@@ -975,16 +975,16 @@ def test_layout_preview_follows_the_framing_the_angle_the_size_and_the_photos() 
     assert not shown("restyle", framing="full body")[0] and not shown("swap", head_angle="left")[0]
     assert shown("generate", framing="full body", layout_image=photo)[0], "Generate takes no layout photo"
     visible, image, caption = shown("generate", framing="full body")
-    assert visible and image.size == (160, 234) and "(full body, 832 × 1216)" in caption
+    assert visible and image.size == (160, 234) and "(full body, 832x1216)" in caption
     visible, image, caption = shown("generate", head_angle="left")
-    assert image.size == (160, 160) and "(head angle left, 1024 × 1024)" in caption
+    assert image.size == (160, 160) and "(head angle left, 1024x1024)" in caption
     assert caption.endswith("The face keeps the place and size it has in your photo.")
     # The size asked (both sides) replaces the framing's canvas; a side being typed does not.
-    assert "(portrait, 512 × 768)" in shown("generate", framing="portrait", width=512, height=768)[2]
-    assert "(portrait, 1024 × 1024)" in shown("generate", framing="portrait", width="5x", height=768)[2]
+    assert "(portrait, 512x768)" in shown("generate", framing="portrait", width=512, height=768)[2]
+    assert "(portrait, 1024x1024)" in shown("generate", framing="portrait", width="5x", height=768)[2]
     # A group: side by side on its own canvas, as many people as the last slot filled (two at least).
     _, image, caption = shown("group", framing="half body", head_angle="up", person_1=[photo], person_3=[photo])
-    assert "(half body, head angle up, 3 people, 1280 × 832)" in caption and image.size == (160, 104)
+    assert "(half body, head angle up, 3 people, 1280x832)" in caption and image.size == (160, 104)
     assert "each person's own face proportions" in caption
 
 

@@ -154,7 +154,7 @@ def layout_preview(mode: str, values: Mapping[str, Any], short_side: int, max_si
             width, height = framing.canvas_size(name, short_side, max_side) or (short_side, short_side)
     image = framing.model_layout(name, angle, (width, height), people)
     what = ", ".join([*([name] if name != "photo" else []), *([f"head angle {angle}"] if angle != "photo" else []),
-                      *([f"{people} people"] if people > 1 else []), f"{width} × {height}"])
+                      *([f"{people} people"] if people > 1 else []), f"{width}x{height}"])
     whose = "each person's" if people > 1 else "your photo's"
     caption = (f"Face layout of this run ({what}), shown on a model face: {whose} own face proportions replace the "
                "model face's.")
