@@ -35,12 +35,21 @@ ASTRONAUT, HOPPER, PAIR = (str(ASSETS / name) for name in ("astronaut.jpg", "gra
 EXAMPLES: dict[str, list[dict[str, Any]]] = {
     "generate": [
         {"face_image": ASTRONAUT, "prompt": "a portrait of a woman as an astronaut on Mars, helmet under her arm, "
-         "golden hour", "style": "Mars"},
+         "golden hour", "style": "Mars", "framing": "photo", "head_angle": "photo"},
         {"face_image": ASTRONAUT, "prompt": "a woman reading in a rainy café at night, neon reflections",
-         "style": "Neon"},
-        {"face_image": HOPPER, "prompt": "a detective in a trench coat under a street lamp", "style": "Film Noir"},
+         "style": "Neon", "framing": "photo", "head_angle": "photo"},
+        {"face_image": HOPPER, "prompt": "a detective in a trench coat under a street lamp", "style": "Film Noir",
+         "framing": "photo", "head_angle": "photo"},
         # Two people in the photo: the larger face (Grace Hopper's) gives the identity.
-        {"face_image": PAIR, "prompt": "a woman in a garden, spring flowers", "style": "Watercolor"},
+        {"face_image": PAIR, "prompt": "a woman in a garden, spring flowers", "style": "Watercolor",
+         "framing": "photo", "head_angle": "photo"},
+        # The same head shots composed otherwise: a framing each (the prompt names what it shows), and a turned head.
+        {"face_image": HOPPER, "prompt": "a portrait of a woman looking out to sea, windswept hair, soft morning light",
+         "style": "(No style)", "framing": "portrait", "head_angle": "left"},
+        {"face_image": ASTRONAUT, "prompt": "a woman in a leather jacket leaning on a motorbike in a city street at "
+         "dusk, half body", "style": "Vibrant Color", "framing": "half body", "head_angle": "photo"},
+        {"face_image": HOPPER, "prompt": "a woman walking in a park in autumn, full body", "style": "Watercolor",
+         "framing": "full body", "head_angle": "photo"},
     ],
     "restyle": [
         {"face_image": HOPPER, "source_image": ASTRONAUT, "prompt": "a portrait of an astronaut",

@@ -365,7 +365,7 @@ PARAMS: dict[str, Param] = {
               "no framing gets the framing's words in front (e.g. \"full body shot, \"). Group: each person's face "
               "size side by side. Ignored (with a warning) when a pose or layout photo is given.",
               "Framing", choices=FRAMING_CHOICES, section="main", modes=_COMPOSED,
-              info="photo: as in the face photo; the others place the face for you"),
+              info="photo: as in the face photo"),
         Param("head_angle", "choice", "photo", "Which way the face looks without a pose photo: photo keeps the face "
               "photo's own angle; front, left, right (30 degrees towards the picture's side), up, down (20 degrees) "
               "turn the photo's keypoints on a 3D face model. Only the layout changes, the identity stays the "

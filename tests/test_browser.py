@@ -69,12 +69,17 @@ def page(browser, app_url: str):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
+def _upload_face(page, photo: Path = FACE) -> None:
+    """Upload the face photo and wait for its thumbnail (the page has read it)."""
+    page.locator("#face-image input[type=file]").set_input_files(str(photo))
+    sync_api.expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+
+
 def test_generate_and_status_in_a_real_browser(page) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     expect = sync_api.expect
 
-    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
-    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    _upload_face(page)
     page.locator("#prompt textarea").fill("a knight in shining armour")
 
     # Advanced settings: steps and guidance are "automatic" (0), as in the API, so that the server's profile
@@ -224,8 +229,7 @@ def test_example_fills_the_inputs_and_is_generated_once(page) -> None:
 def test_a_bad_seed_typed_in_the_page_gets_its_message(page) -> None:
     """A seed of -5 used to do nothing (a 500 in the console); the page must say what is wrong."""
     expect = sync_api.expect
-    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
-    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    _upload_face(page)
     page.get_by_text("Advanced settings").click()
     page.get_by_label("Randomize seed").first.uncheck()
     seed = page.locator("#seed input")
@@ -300,8 +304,7 @@ def test_a_run_locks_its_controls_and_keeps_its_progress_bar(page) -> None:
     (each heartbeat's yield reached the page as "generating", drawn without a bar). Sampled from the first
     step shown to the result: the page's progress line (with its bar) must be there in every sample."""
     expect = sync_api.expect
-    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
-    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    _upload_face(page)
     page.get_by_text("Advanced settings").click()
     for name, value in (("Width", "512"), ("Height", "512"), ("Steps", "3")):
         box = page.get_by_role("spinbutton", name=name)
@@ -343,8 +346,7 @@ def test_a_run_shows_steady_progress_and_a_live_preview(page) -> None:
     reaches n, its seconds never go back and grow, and a preview shows in the gallery before the result."""
     ARTIFACTS.mkdir(exist_ok=True)
     expect = sync_api.expect
-    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
-    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    _upload_face(page)
     page.get_by_text("Advanced settings").click()
     # The most steps the page takes: a run of seconds even on a quiet machine (about 2 s alone on 2 cores).
     steps = page.get_by_role("spinbutton", name="Steps")
@@ -402,8 +404,7 @@ def test_a_failed_run_leaves_no_progress_behind(page, tmp_path: Path) -> None:
             if (line && line.textContent.trim()) window.__lines.push(line.textContent.trim());
         }, 20);
     }""")
-    page.locator("#face-image input[type=file]").set_input_files(str(blank))
-    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    _upload_face(page, blank)
     page.locator("#generate-button").click()
     expect(page.get_by_text(re.compile(r"No face found in the face photo"))).to_be_visible(timeout=60_000)
     expect(page.locator("#run-progress")).to_have_text("", timeout=10_000)
@@ -418,8 +419,7 @@ def test_out_of_range_numbers_are_refused_not_clamped(page) -> None:
     99. The page sends what was typed and says what is wrong, as the API does, after a mode switch too (an
     input the mode choice updated lost its checks); the button comes back on."""
     expect = sync_api.expect
-    page.locator("#face-image input[type=file]").set_input_files(str(FACE))
-    expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+    _upload_face(page)
     page.get_by_text("Advanced settings").click()
     steps = page.get_by_role("spinbutton", name="Steps")
     steps.fill("1000")
@@ -584,3 +584,79 @@ def test_group_photos_show_as_pictures(page) -> None:
     expect(page.locator("#layout-image img").first).to_be_visible(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "browser-group-photos.png"), full_page=True)
     expect(page.locator("#gallery img").first).to_be_visible(timeout=300_000)  # its run ends within the test
+
+
+def test_framing_and_head_angle_on_a_phone(browser, app_url: str) -> None:
+    """Composition without a pose photo, at 390 x 844: the framing choice and the head angle sit right under the
+    prompt in Generate and leave with Restyle; full body shows the face layout on a model face before the run,
+    its estimate names the face it refines, and its run refines it; a pose photo takes the preview away."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    expect = sync_api.expect
+    context = browser.new_context(viewport=PHONE)
+    errors: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.locator("#generate-button").wait_for(timeout=60_000)
+        page.wait_for_function("() => window.__instantidKeepTypedNumbers === true", timeout=60_000)
+        block, preview = page.locator("#composition"), page.locator("#layout-preview")
+        full_body, angle = block.get_by_label("full body"), page.get_by_role("combobox", name="Head angle")
+        expect(full_body).to_be_visible()
+        expect(angle).to_be_visible()
+        prompt_box, block_box = page.locator("#prompt").bounding_box(), block.bounding_box()
+        assert prompt_box and block_box
+        gap = block_box["y"] - (prompt_box["y"] + prompt_box["height"])
+        assert 0 <= gap <= 40 and block_box["x"] + block_box["width"] <= PHONE["width"], (prompt_box, block_box)
+        expect(preview).to_be_hidden()
+        page.get_by_label("Restyle").check()
+        expect(block).to_be_hidden(timeout=10_000)
+        # Group places its people with them too; its examples table (five columns) scrolls in its own box, as
+        # Generate's does now that it shows framing and head angle (the page was 948 px wide).
+        page.get_by_label("Group", exact=True).check()
+        expect(block).to_be_visible(timeout=10_000)
+        expect(page.get_by_text("Group examples")).to_be_visible()
+        page.wait_for_timeout(500)  # the table drawn
+        assert page.evaluate(DOCUMENT_WIDTH_JS) <= PHONE["width"]
+        page.get_by_label("Generate", exact=True).check()
+        expect(block).to_be_visible(timeout=10_000)
+
+        _upload_face(page)
+        page.locator("#prompt textarea").fill("a woman walking in a park, full body")
+        full_body.check()
+        caption = page.locator("#layout-preview-caption")
+        expect(page.locator("#layout-preview-image img")).to_be_visible(timeout=10_000)
+        # The tiny preset's canvas: 128 px short side.
+        expect(caption).to_contain_text("Face layout of this run (full body, 128x192), shown on a model face: your "
+                                        "photo's own face proportions replace the model face's.")
+        angle.click()
+        page.get_by_role("option", name="left", exact=True).click()
+        expect(caption).to_contain_text("(full body, head angle left, 128x192)", timeout=10_000)
+        expect(page.get_by_role("option", name="left", exact=True)).to_be_hidden()
+        assert page.evaluate(DOCUMENT_WIDTH_JS) <= PHONE["width"]
+        page.screenshot(path=str(ARTIFACTS / "browser-framing-phone.png"), full_page=True)
+
+        page.get_by_text("Advanced settings").click()
+        steps = page.get_by_role("spinbutton", name="Steps")
+        steps.fill("2")
+        steps.press("Enter")
+        page.locator("#generate-button").click()
+        expect(page.locator("#gallery .caption-label").first).to_contain_text("refined: the face", timeout=300_000)
+
+        # Priced from the run just observed: full body's refined face is named; the photo's framing has none.
+        estimate = page.locator("#generate-estimate")
+        block.get_by_label("photo", exact=True).check()
+        expect(estimate).to_contain_text("expected on this hardware", timeout=10_000)
+        expect(estimate).not_to_contain_text("refined")
+        expect(caption).to_contain_text("The face keeps the place and size it has in your photo.")
+        full_body.check()
+        expect(estimate).to_contain_text("Includes 1 refined face (one more render).", timeout=10_000)
+
+        # A pose photo sets the layout: no preview, nothing refined.
+        page.get_by_role("button", name=re.compile("^More photos")).click()
+        page.locator("#pose-image input[type=file]").set_input_files(str(FACE))
+        expect(preview).to_be_hidden(timeout=10_000)
+        expect(estimate).not_to_contain_text("refined", timeout=10_000)
+    finally:
+        context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

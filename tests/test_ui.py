@@ -889,3 +889,155 @@ def test_the_gpu_time_table_shows_the_last_ten_requests() -> None:
     rows = [line for line in text.splitlines() if line.startswith("| generate |")]
     assert [int(row.split("|")[2]) for row in rows] == list(range(20, 10, -1))  # newest first, ten of them
     assert "last 10 requests" in text
+
+
+# --- framing and head angle: one block under the prompt, with a preview of the face layout -------------------
+
+
+def _layout_children(node: dict[str, Any]) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Every node of a served layout tree with its children."""
+    children = node.get("children", [])
+    yield node, children
+    for child in children:
+        yield from _layout_children(child)
+
+
+def test_framing_and_head_angle_sit_together_right_under_the_prompt(page: Page) -> None:
+    """One block for both (and their preview), next after the prompt; shown in Generate and Group, hidden in
+    Restyle and Face swap, as a block: the mode choice updates its column, never the inputs."""
+    modes = ["generate", "restyle", "swap", "group"]
+    assert ui.visible_in("generate", modes)["composition"] and ui.visible_in("group", modes)["composition"]
+    assert not ui.visible_in("restyle", modes)["composition"] and not ui.visible_in("swap", modes)["composition"]
+    assert not {"framing", "head_angle"} & set(ui.visible_in("generate", modes)), "two blocks, or an input updated"
+    components = {c["id"]: c for c in page.config["components"]}
+    by_elem = {c["props"].get("elem_id"): i for i, c in components.items() if c["props"].get("elem_id")}
+    by_label = {c["props"].get("label"): i for i, c in components.items() if c["props"].get("label")}
+
+
+    def holds(node: dict[str, Any], target: int) -> bool:
+        return any(n["id"] == target for n, _ in _layout_children(node))
+
+    # The block before it holds the prompt (Gradio wraps form inputs in a "form" node).
+    siblings = next(children for _, children in _layout_children(page.config["layout"])
+                    if by_elem["composition"] in [child["id"] for child in children])
+    at = [child["id"] for child in siblings].index(by_elem["composition"])
+    block = siblings[at]
+    assert holds(siblings[at - 1], by_elem["prompt"])
+    inside = [node["id"] for node, _ in _layout_children(block)]
+    assert [components[by_label[label]]["type"] for label in ("Framing", "Head angle")] == ["radio", "dropdown"]
+    assert inside.index(by_label["Framing"]) < inside.index(by_label["Head angle"]) < inside.index(
+        by_elem["layout-preview"])
+    assert components[by_elem["layout-preview"]]["props"]["visible"] is False
+    # Their hints fit one line on a phone.
+    assert all(len(components[by_label[label]]["props"]["info"]) <= 40 for label in ("Framing", "Head angle"))
+    (show_mode,) = events_named(page.config, "show_mode")
+    assert by_elem["composition"] in show_mode["outputs"]
+    assert not {by_label["Framing"], by_label["Head angle"]} & set(show_mode["outputs"])
+
+
+def test_the_layout_preview_is_a_cheap_step_of_the_page_only(page: Page) -> None:
+    """Redrawn outside the queue and the API at each change of what it reads (the mode, framing, head angle, size,
+    pose photo); it shows the model face's drawing only when a framing or head angle places the face."""
+    components = {c["id"]: c for c in page.config["components"]}
+    steps = events_named(page.config, "show_layout")
+    previews = [d for d in steps if any(components[i]["props"].get("elem_id") == "layout-preview-image"
+                                        for i in d["outputs"])]
+    labels = {components[d["targets"][0][0]]["props"].get("label") for d in previews}
+    assert {"Mode", "Framing", "Head angle", "Width", "Height", "Pose photo (optional)"} <= labels
+    assert all(d["queue"] is False and d["api_visibility"] == "private" for d in previews)
+    inputs = previews[0]["inputs"]
+    values = {components[i]["props"].get("label"): components[i]["props"].get("value") for i in inputs}
+    data = [values[components[i]["props"].get("label")] for i in inputs]
+    framing_at = [components[i]["props"].get("label") for i in inputs].index("Framing")
+    box, image, caption = run_step(page.url, previews[0]["id"], data)
+    assert box["visible"] is False and image is None and caption == ""
+    data[framing_at] = "full body"
+    box, image, caption = run_step(page.url, previews[0]["id"], data)
+    assert box["visible"] is True and image["url"].endswith(".png")
+    # The fake status report's profile is cpu: its 512 short side gives full body's 832 x 1216 at half size.
+    assert caption.startswith("Face layout of this run (full body, 448x640), shown on a model face")
+    assert "your photo's own face proportions replace the model face's" in caption
+    box, image, caption = run_step(page.url, previews[0]["id"], ["Restyle", *data[1:]])
+    assert box["visible"] is False and image is None
+
+
+def test_layout_preview_follows_the_framing_the_angle_the_size_and_the_photos() -> None:
+    from instantid.frontends.hints import layout_preview
+
+    def shown(mode: str, **values: Any) -> tuple[bool, Any, str]:
+        box, image, caption = layout_preview(mode, values, 1024, 1280)
+        return box["visible"], image, caption
+
+    photo = {"path": "/tmp/x.png"}  # as the page sends an upload: only whether it is there counts
+    assert not shown("generate")[0] and not shown("generate", framing="photo", head_angle="photo")[0]
+    assert not shown("generate", framing="full body", pose_image=photo)[0], "the pose photo sets the layout"
+    assert not shown("group", framing="full body", layout_image=photo)[0], "the layout photo sets it"
+    assert not shown("restyle", framing="full body")[0] and not shown("swap", head_angle="left")[0]
+    assert shown("generate", framing="full body", layout_image=photo)[0], "Generate takes no layout photo"
+    visible, image, caption = shown("generate", framing="full body")
+    assert visible and image.size == (160, 234) and "(full body, 832x1216)" in caption
+    visible, image, caption = shown("generate", head_angle="left")
+    assert image.size == (160, 160) and "(head angle left, 1024x1024)" in caption
+    assert caption.endswith("The face keeps the place and size it has in your photo.")
+    # The size asked (both sides) replaces the framing's canvas; a side being typed does not.
+    assert "(portrait, 512x768)" in shown("generate", framing="portrait", width=512, height=768)[2]
+    assert "(portrait, 1024x1024)" in shown("generate", framing="portrait", width="5x", height=768)[2]
+    # A group: side by side on its own canvas, as many people as the last slot filled (two at least).
+    _, image, caption = shown("group", framing="half body", head_angle="up", person_1=[photo], person_3=[photo])
+    assert "(half body, head angle up, 3 people, 1280x832)" in caption and image.size == (160, 104)
+    assert "each person's own face proportions" in caption
+
+
+def test_the_model_layout_draws_the_keypoints_where_the_framing_puts_them() -> None:
+    """Unshrunk, the preview is the run's drawing for the canonical face: each keypoint's circle centred where
+    `framing.frame` puts it, a group's faces in their slots."""
+    from instantid.vision import framing, geometry
+
+    def centres(image: Image.Image) -> np.ndarray:
+        pixels = np.asarray(image.convert("RGB"))
+        return np.array([np.argwhere(np.all(pixels == colour, axis=-1)).mean(axis=0)[::-1]
+                         for colour in geometry.KPS_COLORS])
+
+    canvas = (832, 1216)
+    turned = framing.turned(framing.CANONICAL_FACE[:, :2], framing.CANONICAL_BOX, -30.0, 0.0)
+    expected, _ = framing.frame(*turned, canvas, "full body")
+    drawing = framing.model_layout("full body", "left", canvas, width=832)
+    assert drawing.size == canvas and np.abs(centres(drawing) - expected).max() < 1.5
+    # Shrunk for the page: the same picture, smaller.
+    assert framing.model_layout("full body", "left", canvas).size == (160, 234)
+    # Two people of a group side by side: one face in each half.
+    pair = np.asarray(framing.model_layout("portrait", "photo", (1280, 832), people=2, width=1280))
+    lit = np.argwhere(pair.sum(axis=-1) > 0)[:, 1]
+    assert lit.min() < 640 < lit.max() and not np.any(pair[:, 630:650].sum(axis=-1) > 0)
+
+
+def test_the_estimate_says_what_a_full_body_framing_adds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full body's small face is refined by default: one more render, which the line beside the button names
+    (on the tiny preset the seconds alone round to the same figure)."""
+    from types import SimpleNamespace
+
+    from instantid.request import durations
+
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.setattr(durations, "RECORD", durations.Record())
+    monkeypatch.setattr(api, "_profile", lambda: (SimpleNamespace(default_steps=None, max_images=4), 1024))
+    shape = durations.Shape(steps=30, images=1, megapixels=1.0, guided=True)
+    durations.RECORD.observe(0, shape, {"denoise_ms": 9000.0, "decode_ms": 300.0, "gpu_ms": 9500.0}, wall_s=10.0)
+    photo, full = (api.estimate("generate", {"framing": f}) for f in ("photo", "full body"))
+    assert photo.endswith("from the runs so far.") and "refined" not in photo
+    assert full.endswith("from the runs so far. Includes 1 refined face (one more render).")
+    two = api.estimate("generate", {"framing": "full body", "num_images": 2})
+    assert two.endswith("Includes 2 refined faces (one more render each).")
+    posed = api.estimate("generate", {"framing": "full body", "pose_image": {"path": "/tmp/x.png"}})
+    assert "refined" not in posed, "a pose photo sets the layout: no framing, nothing refined"
+
+
+def test_api_only_angles_are_not_given_by_default(page: Page) -> None:
+    """head_yaw and head_pitch (API only, hidden on the page) were hidden sliders, which Gradio starts at their
+    minimum: every run from the page (and every gradio_client call leaving them out) asked for a head turned -45
+    degrees and lowered -30, and a head angle chosen on the page was refused as given together with them."""
+    params = {p["parameter_name"]: p for p in page.api["/generate"]["parameters"]}
+    for name in ("head_yaw", "head_pitch"):
+        assert params[name]["parameter_has_default"] and params[name]["parameter_default"] is None, params[name]
+        (component,) = [c for c in page.config["components"] if c["props"].get("label") == name]
+        assert component["props"].get("value") is None and component["props"]["visible"] is False

@@ -177,17 +177,21 @@ def estimate(mode: str, values: Mapping[str, Any]) -> str:
         shape, speed = _settings_shape(mode, values, *known)
         figures = durations.RECORD.figures()
         head = f"**GPU time** ({durations.describe('', shape)}, speed {speed})"
+        # Said, as it is what a framing (full body) or a group of three adds without the visitor asking for it.
+        passes = shape.refine_passes
+        refined = (f" Includes {passes} refined faces (one more render each)." if passes > 1 else
+                   " Includes 1 refined face (one more render)." if passes else "")
         if is_zerogpu():
             factor, cap = _duration_factor(), _duration_cap()
             refusal = durations.over_cap(shape, figures, factor, cap, speed)
             if refusal is not None:
-                return f"{head}: over the limit, would be refused. {refusal.replace('This request', 'It')}"
+                return f"{head}: over the limit, would be refused. {refusal.replace('This request', 'It')}{refined}"
             seconds = durations.needed_seconds(shape, figures, factor)
-            return f"{head}: about {seconds:.0f} s of your ZeroGPU quota; one call may take {cap} s."
+            return f"{head}: about {seconds:.0f} s of your ZeroGPU quota; one call may take {cap} s.{refined}"
         if not figures.observed:
             return ""
         seconds = durations.predicted_seconds(shape, figures)
-        return f"{head}: about {seconds:.0f} s expected on this hardware, from the runs so far."
+        return f"{head}: about {seconds:.0f} s expected on this hardware, from the runs so far.{refined}"
     except Exception:  # a half-filled page (or a value being typed) must never raise in the visitor's face
         log.debug("no estimate for %s", mode, exc_info=True)
         return ""

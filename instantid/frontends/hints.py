@@ -1,7 +1,9 @@
 """What the Create tab tells before a run, true for this server: the hints and limits its memory profile sets
 (`PageFacts`: the steps each speed runs, the most images a request makes), a mode's note under its button
-(`MODE_NOTES`), and the cost estimate beside each button, redrawn as the settings change (`wire_estimates`).
-No torch: the facts come from the status report, the estimate from the function the app hands over.
+(`MODE_NOTES`), the cost estimate beside each button, redrawn as the settings change (`wire_estimates`), and the
+face layout a framing or head angle will draw, on a model face (`wire_layout_preview`).
+No torch: the facts come from the status report, the estimate from the function the app hands over, the layout
+from `instantid.vision.framing` (numpy).
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from typing import Any
 
 import gradio as gr
 
-from ..declaration import DEFAULT_SPEED, MAX_IMAGES, SPEED_CHOICES, SPEEDS, params_for
+from ..declaration import DEFAULT_SPEED, MAX_IMAGES, MAX_PEOPLE, MODE_SPECS, PARAMS, SPEED_CHOICES, SPEEDS, params_for
 from ..models.memory import PROFILES
+from ..request.scenes import TINY_SHORT_SIDE
+from ..settings import Settings
+from ..vision import framing, geometry
 
 
 @dataclass(frozen=True)
@@ -98,3 +103,83 @@ def wire_estimates(
         demo.load(show, inputs, target, **quiet)
         for component in inputs:
             component.change(show, inputs, target, **quiet)
+
+
+# --- the face layout preview ---------------------------------------------------------------------------------------
+# The parameters the preview reads, where the mode takes them: what it draws (framing, head angle, the size), what
+# hides it (a pose or layout photo sets the layout instead), and how many people a group places side by side.
+LAYOUT_PARAMS = ("framing", "head_angle", "width", "height", "pose_image", "layout_image",
+                 *(f"person_{k}" for k in range(1, MAX_PEOPLE + 1)))
+
+
+def working_short_side(settings: Settings, facts: PageFacts) -> int:
+    """The working size's short side a run on this server uses (as `Workshop.working_short_side` picks it): the
+    tiny preset's, else the profile's (1024, SDXL's, where the status report named none)."""
+    if settings.preset == "tiny":
+        return TINY_SHORT_SIDE
+    profile = PROFILES.get(facts.profile)
+    return profile.default_short_side if profile else 1024
+
+
+def _side(value: Any) -> int:
+    """A width or height as the page sends it (a number, text being typed, nothing): 0 unless a positive number."""
+    try:
+        return max(0, int(float(value)))
+    except (TypeError, ValueError):
+        return 0
+
+
+def layout_preview(mode: str, values: Mapping[str, Any], short_side: int, max_side: int) -> tuple[Any, Any, str]:
+    """What the page shows under the framing and head angle (`values` by parameter name, as the page sends them):
+    (the preview's visibility, the keypoint drawing of a model face as the run will place and turn it, its caption).
+    Hidden for the face photo's own layout (framing and head angle photo), where a pose or layout photo sets it, and
+    in a mode that takes neither."""
+    hidden = gr.update(visible=False), None, ""
+    name, angle = str(values.get("framing") or "photo"), str(values.get("head_angle") or "photo")
+    takes = params_for(mode)
+    layout_photo = any(values.get(p) for p in ("pose_image", "layout_image") if p in takes)
+    known = name in framing.FRAMINGS and angle in framing.HEAD_ANGLES
+    if "framing" not in takes or (name, angle) == ("photo", "photo") or layout_photo or not known:
+        return hidden
+    # As the scenes size the canvas: the size asked (both sides), else a group's side-by-side canvas (the people up
+    # to the last slot filled, two at least), else the framing's (for framing photo the face photo's own size: a
+    # square stands in for it).
+    filled = [k for k in range(1, MAX_PEOPLE + 1) if values.get(f"person_{k}")]
+    people = max([2, *filled]) if MODE_SPECS[mode].people else 1
+    width, height = (min(_side(values.get(side)), max_side) for side in ("width", "height"))
+    if width < 64 or height < 64:
+        if people > 1:
+            width, height = geometry.output_size(*geometry.GROUP_ASPECT, short_side=short_side, max_side=max_side)
+        else:
+            width, height = framing.canvas_size(name, short_side, max_side) or (short_side, short_side)
+    image = framing.model_layout(name, angle, (width, height), people)
+    what = ", ".join([*([name] if name != "photo" else []), *([f"head angle {angle}"] if angle != "photo" else []),
+                      *([f"{people} people"] if people > 1 else []), f"{width}x{height}"])
+    whose = "each person's" if people > 1 else "your photo's"
+    caption = (f"Face layout of this run ({what}), shown on a model face: {whose} own face proportions replace the "
+               "model face's.")
+    if name == "photo" and people == 1:
+        caption += " The face keeps the place and size it has in your photo."
+    return gr.update(visible=True), image, caption
+
+
+def wire_layout_preview(demo: gr.Blocks, modes: Sequence[str], c: dict[str, Any], short_side: int,
+                        max_side: int) -> None:
+    """Redraw the layout preview (`layout_preview`) outside the queue whenever the mode or one of the values it
+    reads changes; the values as sent (`preprocess=False`), as for the estimate: a photo is only there or not."""
+    quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden",
+                             "preprocess": False}
+    names = [n for n in LAYOUT_PARAMS if n in c and any(m in PARAMS[n].modes for m in modes)]
+    inputs = [c["mode"], *(c[n] for n in names)]
+    by_label = {MODE_SPECS[m].label: m for m in modes}
+
+    def show_layout(label: str, *values: Any) -> tuple[Any, Any, str]:
+        try:
+            return layout_preview(by_label.get(label, modes[0]), dict(zip(names, values, strict=True)), short_side,
+                                  max_side)
+        except Exception:  # a half-filled page must never raise in the visitor's face: no preview then
+            return gr.update(visible=False), None, ""
+
+    outputs = [c["layout_preview_box"], c["layout_preview"], c["layout_preview_caption"]]
+    for component in inputs:
+        component.change(show_layout, inputs, outputs, **quiet)

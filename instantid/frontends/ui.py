@@ -33,8 +33,9 @@ from ..declaration import (
 from ..errors import InvalidParameter, UserError
 from ..request.requests import Partial, Request
 from ..settings import CONTROL_TYPES, Settings
+from ..vision import framing
 from .gradio_adapter import KEEP_TYPED_NUMBERS_JS, guard_input
-from .hints import MODE_NOTES, PageFacts, wire_estimates
+from .hints import MODE_NOTES, PageFacts, wire_estimates, wire_layout_preview, working_short_side
 from .status_tab import build_tab, safe_report, wire_status
 
 TITLE = "InstantID: identity-preserving generation from one photo"
@@ -134,7 +135,8 @@ def visible_in(mode: str, modes: Sequence[str]) -> dict[str, bool]:
     offered modes do not all share), its button, the ControlNet choices where it takes them, the before/after."""
     own = [p for p in offered_params(modes).values() if set(modes) - set(p.modes)]
     # The `controlnets` mapping itself is a hidden input: its page face is the boxes and sliders ("controls").
-    shown = {p.name: mode in p.modes for p in own if p.label and p.kind != "controls"}
+    # Framing and head angle show and hide as one block ("composition", with their layout preview).
+    shown = {BOXED.get(p.name, p.name): mode in p.modes for p in own if p.label and p.kind != "controls"}
     shown.update({f"{m}_btn": m == mode for m in modes})
     shown.update({f"{m}_estimate": m == mode for m in modes})
     shown.update({f"{m}_note": m == mode for m in modes if m in MODE_NOTES})
@@ -172,6 +174,7 @@ PAGE_OPTIONS: dict[str, dict[str, Any]] = {
     "source_image": {"elem_id": "source-image"},
     "target_image": {"elem_id": "target-image"},
     "layout_image": {"elem_id": "layout-image"},
+    "pose_image": {"elem_id": "pose-image"},
     "num_images": {"elem_id": "num-images"},
     "prompt": {"placeholder": "e.g. a woman as an astronaut on Mars, cinematic light", "lines": 2, "elem_id": "prompt",
                "info": "Shift+Enter runs it; Enter starts a new line"},
@@ -211,6 +214,10 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True, facts: P
         return gr.Checkbox(value=p.default, **options)
     if p.kind == "controls":
         return gr.JSON(value=p.default, visible=False, label=p.name)  # the page fills it in `start_run`
+    if p.default is None and not p.label:
+        # An API-only number "not given" by default (head_yaw, head_pitch): a hidden slider sent its minimum (Gradio's
+        # Slider shows and sends its lowest value for None), so every run from the page asked for -45 degrees.
+        return gr.Number(value=None, minimum=p.lo, maximum=p.hi, **options)
     hi = min(p.hi, settings.max_output_side // 64 * 64) if p.step == 64 else p.hi
     if p.name == "num_images":  # the slider stops where the server's profile does
         hi = min(hi, facts.max_images)
@@ -273,6 +280,32 @@ def _mode_control(c: dict[str, Any], p: Param, settings: Settings, modes: Sequen
         return control
 
 
+# Framing and head angle: one block on the page (`composition_box`), with the preview of the face layout they
+# draw (`hints.wire_layout_preview`), shown and hidden with the modes that take them.
+COMPOSITION = ("framing", "head_angle")
+BOXED = dict.fromkeys(COMPOSITION, "composition")
+LAYOUT_PREVIEW_HEIGHT = 240  # the tallest preview, full body's 160 x 234
+
+
+def _composition(c: dict[str, Any], params: Mapping[str, Param], settings: Settings, modes: Sequence[str],
+                 facts: PageFacts | None) -> None:
+    """The framing and head-angle controls (of the offered modes that take them) in one block, and the layout
+    preview under them: hidden until a framing or head angle places the face (`hints.layout_preview`)."""
+    offered = [params[name] for name in COMPOSITION if name in params]
+    shown = modes[0] in offered[0].modes
+    with gr.Column(visible=shown, min_width=0, elem_id="composition") as c["composition_box"], gr.Group():
+        for p in offered:
+            c[p.name] = make_control(p, settings, facts=facts)
+        # Beside its caption where there is room, above it on a phone (the row wraps under two minimum widths).
+        with gr.Row(visible=False, equal_height=False, elem_id="layout-preview") as c["layout_preview_box"]:
+            c["layout_preview"] = gr.Image(
+                label="Face layout preview", type="pil", format="png", interactive=False, buttons=[],
+                height=LAYOUT_PREVIEW_HEIGHT, width=framing.PREVIEW_WIDTH, show_label=False, container=False,
+                scale=0, min_width=framing.PREVIEW_WIDTH, elem_id="layout-preview-image",
+            )
+            c["layout_preview_caption"] = gr.Markdown(min_width=160, elem_id="layout-preview-caption")
+
+
 def _generate_tab(settings: Settings, modes: Sequence[str], facts: PageFacts | None = None) -> dict[str, Any]:
     """The Create tab's components by name: every parameter's input, the page-only controls, the outputs."""
     c: dict[str, Any] = {}
@@ -283,6 +316,10 @@ def _generate_tab(settings: Settings, modes: Sequence[str], facts: PageFacts | N
             c["mode"] = gr.Radio([MODE_SPECS[m].label for m in modes], value=MODE_SPECS[modes[0]].label, label="Mode",
                                  visible=len(modes) > 1, elem_id="mode")
             for p in sections["main"]:
+                if p.name in BOXED:
+                    if p.name == COMPOSITION[0]:
+                        _composition(c, params, settings, modes, facts)
+                    continue
                 c[p.name] = _mode_control(c, p, settings, modes, facts)
             for mode in modes:
                 c[f"{mode}_btn"] = gr.Button(MODE_SPECS[mode].button, variant="primary", visible=mode == modes[0],
@@ -379,7 +416,7 @@ def build_demo(
                 outputs = [c["gallery"], c["seed_used"], c["similarities"], c["keypoints"], c["timings"]]
                 for mode in modes:
                     # A column per mode even without examples: the mode choice shows and hides it by name.
-                    with gr.Column(visible=mode == modes[0]) as c[f"{mode}_examples"]:
+                    with gr.Column(visible=mode == modes[0], elem_classes=["mode-examples"]) as c[f"{mode}_examples"]:
                         if examples and examples.get(mode):
                             _examples(mode, fns[mode], examples[mode], c, outputs)
             with gr.Tab("Status", id="status", elem_id="status-tab") as status_tab:
@@ -387,6 +424,8 @@ def build_demo(
         _wire_generate(demo, {mode: fns[mode] for mode in modes}, c, outputs)
         if estimate_fn is not None:
             wire_estimates(demo, estimate_fn, modes, c)
+        if "composition_box" in c:
+            wire_layout_preview(demo, modes, c, working_short_side(settings, facts), settings.max_output_side)
         history = wire_status(status_fn, s, status_tab, generate_tab)
     if sample_memory:
         history.start(status_fn)
@@ -554,7 +593,7 @@ def _wire_mode_choice(c: dict[str, Any], modes: list[str], quiet: dict[str, Any]
     """The mode choice shows only that mode's inputs, with labels that name that mode's photos, and clears the
     last mode's results (they are not this mode's); a cheap step outside the queue."""
     names = list(visible_in(modes[0], modes))
-    targets = [c.get(f"{n}_box", c[n]) for n in names if n != "controls"]
+    targets = [c[f"{n}_box"] if f"{n}_box" in c else c[n] for n in names if n != "controls"]
     if "controls" in names:
         targets += [c["chosen_controls"], *c["control_strengths"]]
     shown_targets = len(targets)

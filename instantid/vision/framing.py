@@ -235,3 +235,49 @@ def eye_angle(kps: np.ndarray) -> float:
     """The eyes' line's angle to the horizontal in degrees (the head's roll as drawn)."""
     (lx, ly), (rx, ry) = np.asarray(kps, dtype=np.float64)[:2]
     return math.degrees(math.atan2(ry - ly, rx - lx))
+
+
+# --- the page's preview -------------------------------------------------------------------------------------------
+# What the page shows before a run: the keypoint drawing of the framing and head angle chosen, for the canonical
+# face (the photo's own proportions replace it in the run). With framing photo the face's place and size are the
+# photo's, unknown before it is read: the preview places it as the tight head shots measured above have theirs
+# (face box 0.54 of the height, eyes at 0.35), the face photo most people upload.
+# Imported here, not at the top: this section was appended to the module as a whole.
+from types import SimpleNamespace  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from . import geometry  # noqa: E402
+
+HEAD_SHOT = Framing("photo", 0.54, 0.35, None, "a tight head shot, as most face photos are")
+PREVIEW_WIDTH = 160
+
+
+def model_layout(framing_name: str, angle: str, canvas: tuple[int, int], people: int = 1,
+                 width: int = PREVIEW_WIDTH) -> Image.Image:
+    """The IdentityNet's keypoint drawing (a PIL image) that a run of `framing_name` and head `angle` (a
+    HEAD_ANGLES name) would draw on a `canvas` (width, height), for the canonical face, shrunk to `width` pixels
+    wide. `people` > 1: a group side by side, placed as the group scene places them (each its slot's share, or
+    `geometry.group_layout` for framing photo)."""
+    kps: np.ndarray = CANONICAL_FACE[:, :2].astype(np.float64)
+    box: Box = CANONICAL_BOX
+    turn = HEAD_ANGLES[angle]
+    if turn is not None:
+        kps, box = turned(kps, box, *turn)
+    w, h = canvas
+    if people > 1 and framing_name == "photo":
+        points = [p for p, _ in geometry.group_layout(canvas, [SimpleNamespace(bbox=box, kps=kps)] * people)]
+    elif people > 1:
+        slot = w / people
+        points = [frame(kps, box, canvas, framing_name, centre_x=slot * (i + 0.5),
+                        max_width=slot * geometry.GROUP_FACE_SHARE)[0] for i in range(people)]
+    elif framing_name == "photo":
+        # `frame`'s placement with HEAD_SHOT's shares (FRAMINGS["photo"] places nothing).
+        scale = HEAD_SHOT.face_share * h / (box[3] - box[1])
+        shift = (w / 2 - (box[0] + box[2]) / 2 * scale, HEAD_SHOT.eye_line * h - (kps[0, 1] + kps[1, 1]) / 2 * scale)
+        points = [np.asarray(kps) * scale + np.array(shift)]
+    else:
+        points = [frame(kps, box, canvas, framing_name)[0]]
+    drawing = geometry.draw_group_keypoints(canvas, [geometry.draw_keypoints(canvas, p) for p in points])
+    # An area average keeps the thin limbs and small points of a shrunk 1024 px drawing visible.
+    return drawing.resize((width, max(1, round(width * h / w))), Image.Resampling.BOX)
