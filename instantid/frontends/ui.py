@@ -214,14 +214,11 @@ def make_control(p: Param, settings: Settings, *, visible: bool = True, facts: P
         return gr.Checkbox(value=p.default, **options)
     if p.kind == "controls":
         return gr.JSON(value=p.default, visible=False, label=p.name)  # the page fills it in `start_run`
-    if p.default is None and not p.label:
-        # An API-only number "not given" by default (head_yaw, head_pitch): a hidden slider sent its minimum (Gradio's
-        # Slider shows and sends its lowest value for None), so every run from the page asked for -45 degrees.
-        return gr.Number(value=None, minimum=p.lo, maximum=p.hi, **options)
     hi = min(p.hi, settings.max_output_side // 64 * 64) if p.step == 64 else p.hi
     if p.name == "num_images":  # the slider stops where the server's profile does
         hi = min(hi, facts.max_images)
-    # A seed (a slider would be useless), and degrees that may stay unset (a slider has no empty value).
+    # A seed (a slider would be useless), and degrees that may stay unset: a Slider shows and sends its minimum for
+    # None, so a hidden one made every page run ask for -45 degrees (head_yaw, head_pitch).
     if (hi - p.lo) / (p.step or 1) > 1000 or p.default is None:
         whole = p.kind == "integer"  # Number's own step (1) would read as "an integer" in a refusal
         return gr.Number(value=p.default, precision=0 if whole else None, step=1 if whole else 0.1, minimum=p.lo,
