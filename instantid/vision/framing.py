@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
+from PIL import Image
 
 from ..declaration import FRAMING_CHOICES, HEAD_ANGLE_CHOICES, MAX_PITCH, MAX_YAW
+from . import geometry
 
 Box = tuple[float, float, float, float]
 
@@ -242,13 +245,6 @@ def eye_angle(kps: np.ndarray) -> float:
 # face (the photo's own proportions replace it in the run). With framing photo the face's place and size are the
 # photo's, unknown before it is read: the preview places it as the tight head shots measured above have theirs
 # (face box 0.54 of the height, eyes at 0.35), the face photo most people upload.
-# Imported here, not at the top: this section was appended to the module as a whole.
-from types import SimpleNamespace  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-from . import geometry  # noqa: E402
-
 HEAD_SHOT = Framing("photo", 0.54, 0.35, None, "a tight head shot, as most face photos are")
 PREVIEW_WIDTH = 160
 
