@@ -874,6 +874,16 @@ def test_refusals_on_the_page_name_the_fields_as_labelled() -> None:
     with pytest.raises(gr.Error) as refused:
         page_run({}, seed=-5)
     assert refused.value.message == "Seed must be an integer in 0..2147483647 (you gave -5)."
+    # Framing and head angle: a value no choice offers, and a framing with extra ControlNets ticked.
+    with pytest.raises(gr.Error) as refused:
+        page_run({}, framing="close-up")
+    assert refused.value.message == ("Framing: choose one of photo, portrait, half body, full body (you gave "
+                                     "close-up).")
+    given = {name: api_default(name) for name in names} | {"face_image": {"path": FACE}, "framing": "full body"}
+    with pytest.raises(gr.Error) as refused:
+        ui.page_check("generate", {})(None, True, ["canny"], 0.4, 0.4, 0.4, *(given[name] for name in names))
+    assert refused.value.message.startswith("Extra ControlNets must come from a photo's layout, which framing and "
+                                            "head angle replace: add a pose photo"), refused.value.message
 
 
 def api_default(name: str) -> Any:
