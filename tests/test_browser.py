@@ -64,6 +64,9 @@ def page(browser, app_url: str):
     # The page's load step has run (it sets this flag): before it, on a slow machine, a value typed into a box
     # was overwritten when the app finished mounting (CI: Steps 1000 became 0 and a run started).
     page.wait_for_function("() => window.__instantidKeepTypedNumbers === true", timeout=60_000)
+    # And its other load steps have answered (each mode's estimate, the status): late in a long suite (the status
+    # history of every earlier request) they still came in while a test typed, and a typed Steps was lost.
+    page.wait_for_load_state("networkidle", timeout=60_000)
     yield page
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -73,6 +76,21 @@ def _upload_face(page, photo: Path = FACE) -> None:
     """Upload the face photo and wait for its thumbnail (the page has read it)."""
     page.locator("#face-image input[type=file]").set_input_files(str(photo))
     sync_api.expect(page.locator("#face-image img").first).to_be_visible(timeout=30_000)
+
+
+def _type_number(page, label: str, value: str) -> None:
+    """Type `value` into the number box labelled `label` and see it hold for a second. Late in a long suite (the
+    app had served a few hundred requests) a typed Width or Steps was back at 0 within a second, about one run
+    in two, and the run went with the old value; the cause is not found (docs/testing.md). Typed again when
+    that happens, three times at most: a box that never keeps it still fails the test."""
+    box = page.get_by_role("spinbutton", name=label)
+    for _ in range(3):
+        box.fill(value)
+        box.press("Enter")
+        page.wait_for_timeout(1000)
+        if box.input_value() == value:
+            return
+    sync_api.expect(box).to_have_value(value)
 
 
 def test_generate_and_status_in_a_real_browser(page) -> None:
@@ -306,25 +324,28 @@ def test_a_run_locks_its_controls_and_keeps_its_progress_bar(page) -> None:
     expect = sync_api.expect
     _upload_face(page)
     page.get_by_text("Advanced settings").click()
-    for name, value in (("Width", "512"), ("Height", "512"), ("Steps", "3")):
-        box = page.get_by_role("spinbutton", name=name)
-        box.fill(value)
-        box.press("Enter")
+    # A run of seconds (10 steps at 512 px): a run of a few tenths (3 steps) could start and end between two of
+    # expect's polls, and the lock was never seen (CI, late in the suite).
+    for name, value in (("Width", "512"), ("Height", "512"), ("Steps", "10")):
+        _type_number(page, name, value)
     seed = page.locator("#seed input")
     button = page.locator("#generate-button")
     page.evaluate(r"""() => {
         window.__bar = [];
+        window.__locked = false;
         window.__sampler = setInterval(() => {
             const line = document.querySelector('#run-progress');
             const shown = !!(line && line.querySelector('progress') && /Step \d+ of/.test(line.textContent));
             const caption = document.querySelector('#gallery .caption-label');
+            const swap = [...document.querySelectorAll('#mode input')].find(i => i.value === 'Face swap');
+            if (document.querySelector('#generate-button').disabled && swap && swap.disabled) window.__locked = true;
             if (caption && caption.textContent.startsWith("seed")) { clearInterval(window.__sampler); return; }
             if (window.__bar.length || shown) window.__bar.push(shown);
         }, 50);
     }""")
     button.click()
-    expect(button).to_be_disabled(timeout=30_000)
-    expect(page.get_by_label("Face swap")).to_be_disabled()
+    # Seen by the page itself every 50 ms: the run button and the mode choice off while the run is in flight.
+    page.wait_for_function("() => window.__locked", timeout=30_000)
     shown_seed = seed.input_value()
     # Shift+Enter in the prompt presses the shown button: nothing happens while it is off.
     page.locator("#prompt textarea").press("Shift+Enter")
@@ -349,9 +370,7 @@ def test_a_run_shows_steady_progress_and_a_live_preview(page) -> None:
     _upload_face(page)
     page.get_by_text("Advanced settings").click()
     # The most steps the page takes: a run of seconds even on a quiet machine (about 2 s alone on 2 cores).
-    steps = page.get_by_role("spinbutton", name="Steps")
-    steps.fill("100")
-    steps.press("Enter")
+    _type_number(page, "Steps", "100")
     page.evaluate("""() => {
         window.__samples = [];
         window.__sampler = setInterval(() => {
