@@ -450,8 +450,6 @@ USER_ERRORS = [
     (["--face", "{astronaut}", "--framing", "close-up"], "--framing 'close-up': choose one of photo, portrait, half "
      "body, full body"),
     (["--face", "{astronaut}", "--head-yaw", "60"], "--head-yaw 60.0: must be a number in -45..45"),
-    (["--face", "{astronaut}", "--framing", "full body", "--controlnet", "canny"], "--controlnet 'canny': must come "
-     "from a photo's layout"),
 ]
 
 
