@@ -18,7 +18,7 @@ from ..errors import BusyError, CheckpointError, ImageError, InvalidParameter
 from ..settings import CONTROL_TYPES
 from ..styles import apply_style
 from ..vision import framing, geometry
-from ..vision.faces import Face, average_embedding
+from ..vision.faces import Face, FaceAnalyzer, average_embedding
 from ..vision.images import image_to_array
 from .requests import Job, Refine, Request
 from .scenes import SCENES, Workshop
@@ -134,6 +134,16 @@ def check(req: Request, max_side: int, load_error: str | None, unavailable: Mapp
         raise CheckpointError(f"{what} is not available on this server ({reason}): {fix}.")
 
 
+def _embedded(ws: Workshop, analyzer: FaceAnalyzer, src: Any, what: str, warnings: list[str]) -> tuple[Any, Face, int]:
+    """One photo (`what`, as messages name it) decoded, with its largest face (embedded) and how many it holds;
+    more than one is said in `warnings`."""
+    img = ws.decode(src, what, warnings)
+    face, count = analyzer.embed_largest(image_to_array(img), what=what)
+    if count > 1:
+        warnings.append(f"Found {count} faces in the {what}; using the largest.")
+    return img, face, count
+
+
 def find_identity(ws: Workshop, req: Request, warnings: list[str]) -> tuple[np.ndarray, Any, Face, int]:
     """The averaged identity embedding, the first face photo, its largest face and how many it holds."""
     analyzer = ws.faces()
@@ -141,11 +151,7 @@ def find_identity(ws: Workshop, req: Request, warnings: list[str]) -> tuple[np.n
     ref_img = ref_face = None
     faces_found = 0
     for i, src in enumerate(req.face_images):
-        what = "face photo" if i == 0 else f"extra face photo {i}"
-        img = ws.decode(src, what, warnings)
-        face, count = analyzer.embed_largest(image_to_array(img), what=what)
-        if count > 1:
-            warnings.append(f"Found {count} faces in the {what}; using the largest.")
+        img, face, count = _embedded(ws, analyzer, src, "face photo" if i == 0 else f"extra face photo {i}", warnings)
         embeddings.append(face.embedding)
         if i == 0:
             # Only the first photo's pixels are used again: up to 8 extra 50-megapixel photos must not
@@ -171,10 +177,7 @@ def find_people(
         for i, src in enumerate(photos):
             # The person's name in every message: with four people, "the face photo" would not say whose.
             what = f"photo of {name}" if len(photos) == 1 else f"photo {i + 1} of {name}"
-            img = ws.decode(src, what, warnings)
-            face, count = analyzer.embed_largest(image_to_array(img), what=what)
-            if count > 1:
-                warnings.append(f"Found {count} faces in the {what}; using the largest.")
+            img, face, count = _embedded(ws, analyzer, src, what, warnings)
             embeddings.append(face.embedding)
             if i == 0:
                 first = face
