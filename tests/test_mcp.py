@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -192,6 +193,45 @@ def test_a_url_that_is_not_an_upload_is_refused_unfetched(app: apprunner.App) ->
         text = " ".join(texts_of(result))
         assert result.isError and text.startswith("Invalid face_image: "), text
         assert "/gradio_api/upload" in text or "never read" in text, text
+
+
+def test_each_mcp_client_s_photos_count_against_its_own_upload_bound(app: apprunner.App) -> None:
+    """Gradio's MCP server uploads a tool's photos over loopback, so they counted against one bound (20 photos)
+    shared by every MCP client: 21 photos of others deleted a photo whose call was still waiting in the queue.
+    Each client's photos count against its own bound now, by the address its MCP request came from (the first
+    X-Forwarded-For on a Space); the bound itself still holds for each."""
+    from instantid.frontends.gradio_adapter import MAX_PARKED_UPLOADS
+
+    def noise_png(seed: int) -> bytes:
+        pixels = np.random.default_rng([seed, 20261207]).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "PNG")
+        return out.getvalue()
+
+    def send(address: str, photos: list[bytes]) -> types.CallToolResult:
+        urls = [f"data:image/png;base64,{base64.b64encode(p).decode()}" for p in photos]
+
+        async def run() -> types.CallToolResult:
+            async with contextlib.AsyncExitStack() as stack:
+                read, write = await stack.enter_async_context(sse_client(
+                    f"{app.url}gradio_api/mcp/sse", headers={"X-Forwarded-For": address}, sse_read_timeout=300))
+                session = await stack.enter_async_context(ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT))
+                await session.initialize()
+                # Refused by the endpoint (a width no model takes), after gradio_client has uploaded every photo.
+                return await session.call_tool("generate", {"face_image": urls[0], "extra_face_images": urls[1:],
+                                                            "prompt": "x", "width": 100, "height": 128, **FAST})
+
+        return asyncio.run(run())
+
+    def stored(photo: bytes) -> list[Path]:
+        return [p for p in app.temp_dir.rglob("*.png") if p.stat().st_size == len(photo) and p.read_bytes() == photo]
+
+    mine, others = noise_png(0), [noise_png(k) for k in range(1, MAX_PARKED_UPLOADS + 2)]
+    assert send("203.0.113.7", [mine]).isError
+    assert stored(mine), "the photo was not uploaded: nothing is tested"
+    assert send("203.0.113.8", others).isError
+    assert stored(mine), "another MCP client's photos deleted this client's"
+    assert not stored(others[0]) and stored(others[1]), "the other client's own bound did not hold"
 
 
 # --- the photo conversion, in process ------------------------------------------------------------------

@@ -193,6 +193,37 @@ PARTIAL_PREFIX = "tmp"
 
 log = logging.getLogger(__name__)
 
+# Gradio's MCP server hands a tool's photos to the endpoint through gradio_client over loopback (gradio 6.31
+# mcp.py: `Client(local_url, headers={"x-gradio-user": "mcp"})`), so the photos of every MCP client were uploads
+# of one loopback address under one bound: 20 photos of other MCP clients deleted the photo of a call still
+# waiting in the queue. The MCP adapter says whose each photo is before it is uploaded (`claim_mcp_upload`);
+# the guard parks such an upload under that client. At most MAX_MCP_CLAIMS paths are remembered (oldest first
+# forgotten: an upload that never came).
+MCP_USER_HEADER = (b"x-gradio-user", b"mcp")
+MAX_MCP_CLAIMS = 1000
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+_mcp_claims: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+
+def claim_mcp_upload(path: str | Path, client: str) -> None:
+    """The file at `path` (in the upload folder) is a photo `client` gave an MCP tool: parked under that client
+    when this app's MCP server uploads it."""
+    key = os.path.realpath(path)
+    _mcp_claims.pop(key, None)
+    _mcp_claims[key] = client
+    while len(_mcp_claims) > MAX_MCP_CLAIMS:
+        _mcp_claims.popitem(last=False)
+
+
+def client_address(scope: dict) -> str:
+    """Who sent an HTTP request (an ASGI scope): behind a proxy (a Space) every request comes from the proxy, so
+    the first forwarded address is the client."""
+    for name, value in scope.get("headers") or []:
+        if name == b"x-forwarded-for" and value:
+            return value.decode("latin-1").split(",")[0].strip()
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
 
 class UploadGuard:
     """ASGI middleware for Gradio's upload route: bounds what one client keeps parked (`MAX_PARKED_UPLOADS`
@@ -222,9 +253,11 @@ class UploadGuard:
                 if not message.get("more_body", False):
                     # Bounded before the answer leaves: a client that uploads again on receiving it must find
                     # the bound already applied (CI saw 11 of 10 when parking ran after the answer).
-                    unparked.extend(self._park(self._client(scope), b"".join(body)))
+                    unparked.extend(self._park(client, b"".join(body), mcp))
             await send(message)
 
+        client = client_address(scope)
+        mcp = client in _LOOPBACK and MCP_USER_HEADER in (scope.get("headers") or [])
         # Counted before the first await: no upload can start between the last one ending and the sweep.
         self.in_flight += 1
         try:
@@ -237,23 +270,23 @@ class UploadGuard:
                 self._delete_partial_files()
         if unparked:
             # Gradio moves a file it could not rename in a background task, after the answer: parked now.
-            self._park(self._client(scope), json.dumps([str(p) for p in unparked]).encode())
+            self._park(client, json.dumps([str(p) for p in unparked]).encode(), mcp)
 
-    @staticmethod
-    def _client(scope: dict) -> str:
-        # Behind a proxy (a Space) every request comes from the proxy: the first forwarded address is the client.
-        for name, value in scope.get("headers") or []:
-            if name == b"x-forwarded-for" and value:
-                return value.decode("latin-1").split(",")[0].strip()
-        client = scope.get("client")
-        return str(client[0]) if client else "unknown"
-
-    def _park(self, client: str, body: bytes) -> list[Path]:
-        """Parks the uploads the answer `body` names; returns those not on disk yet."""
+    def _park(self, client: str, body: bytes, mcp: bool = False) -> list[Path]:
+        """Parks the uploads the answer `body` names (`mcp`: uploaded by this app's MCP server, each under the
+        client that claimed it); returns those not on disk yet."""
         try:
             paths = [Path(p) for p in json.loads(body) if isinstance(p, str)]
         except ValueError:
             return []
+        if not mcp:
+            return self._park_paths(client, paths)
+        owners: dict[str, list[Path]] = {}
+        for path in paths:
+            owners.setdefault(_mcp_claims.get(os.path.realpath(path), client), []).append(path)
+        return [p for owner, owned in owners.items() for p in self._park_paths(owner, owned)]
+
+    def _park_paths(self, client: str, paths: list[Path]) -> list[Path]:
         missing: list[Path] = []
         if len(self.parked) > MAX_TRACKED_CLIENTS:
             # Forget the addresses whose uploads are all gone (Gradio's sweep): one entry per address ever seen

@@ -14,7 +14,7 @@ from typing import Any
 
 import pydantic
 
-from .gradio_adapter import _uploaded, bounded
+from .gradio_adapter import _uploaded, bounded, claim_mcp_upload, client_address
 
 # --- MCP ------------------------------------------------------------------------------------------------
 # Gradio serves each named endpoint as an MCP tool (gradio/mcp.py, `GradioMCPServer`), its schema made from the
@@ -66,16 +66,22 @@ class _McpPhotos:
     def refuse(self, name: str, why: str) -> ValueError:
         return ValueError(f"Invalid {name}: {why}")
 
-    def file(self, name: str, value: Any) -> dict[str, Any]:
+    def file(self, name: str, value: Any, client: str) -> dict[str, Any]:
+        """The photo `client` (its address) gave for `name`, as the file gradio_client will upload: parked
+        under that client by the upload guard (`claim_mcp_upload`), not under the MCP server's loopback."""
         from gradio_client import handle_file
 
         if not isinstance(value, str) or not value.strip():
             raise self.refuse(name, "give the photo as a data: URL or the URL of a file uploaded to this app.")
         text = value.strip()
+        local = None
         if text[:5].lower() == "data:":
-            return handle_file(self._from_data_url(name, text))
-        if text[:7].lower() == "http://" or text[:8].lower() == "https://":
-            return handle_file(self._from_upload_url(name, text))
+            local = self._from_data_url(name, text)
+        elif text[:7].lower() == "http://" or text[:8].lower() == "https://":
+            local = self._from_upload_url(name, text)
+        if local is not None:
+            claim_mcp_upload(local, client)
+            return handle_file(local)
         raise self.refuse(name, f"{bounded(text, 80)!r} is neither a data: URL nor the URL of a file uploaded to "
                                 "this app (a path on the server is never read).")
 
@@ -124,9 +130,10 @@ class _McpPhotos:
                                     "other URLs are never fetched.")
         return local
 
-    def convert(self, arguments: Any, positions: list[list[str | int]]) -> Any:
+    def convert(self, arguments: Any, positions: list[list[str | int]], client: str = "unknown") -> Any:
         """Gradio's `convert_strings_to_filedata`, for our photo parameters: a photo's position is [name], a photo
-        list's [name, "items"] (Gradio matched list items against that and never converted them)."""
+        list's [name, "items"] (Gradio matched list items against that and never converted them); `client`:
+        the address of the MCP client that sent them."""
         if not isinstance(arguments, dict):
             return arguments
         single = {p[0] for p in positions if len(p) == 1}
@@ -136,11 +143,11 @@ class _McpPhotos:
             if value is None:
                 continue
             if name in single:
-                out[name] = self.file(name, value)
+                out[name] = self.file(name, value, client)
             elif name in lists:
                 if not isinstance(value, list):
                     raise self.refuse(name, "give a list of photos (strings).")
-                out[name] = [self.file(f"{name}[{i}]", item) for i, item in enumerate(value)]
+                out[name] = [self.file(f"{name}[{i}]", item, client) for i, item in enumerate(value)]
         return out
 
 
@@ -231,7 +238,15 @@ def adapt_mcp(server: Any, max_upload_bytes: int, max_upload_pixels: int) -> Non
 
     server.get_input_schema = input_schema
     server.get_fn_description = fn_description
-    server.convert_strings_to_filedata = photos.convert
+    def convert(arguments: Any, positions: list[list[str | int]]) -> Any:
+        # Called within the tool call (gradio 6.31 `_prepare_tool_call_args`), where the MCP request is known.
+        try:
+            request = server.mcp_server.request_context.request
+        except LookupError:  # outside a request: no client to name
+            request = None
+        return photos.convert(arguments, positions, client_address(request.scope) if request is not None else "unknown")
+
+    server.convert_strings_to_filedata = convert
     async def with_progress(job: Any, progress_token: Any) -> Any:
         # A client that asks for progress got a refusal as "Error: <sentence>" (Gradio's title before the
         # message), where one that does not gets the sentence alone, as the HTTP API gives it.
