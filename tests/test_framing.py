@@ -282,10 +282,11 @@ def test_the_api_and_mcp_take_framing_as_their_clients_send_it(tiny_app, photos)
 @pytest.mark.parametrize("mode", ["generate", "group"])
 def test_the_page_prices_a_framing_as_the_call_will_ask(tiny_settings, analyzer, photos, mode: str) -> None:
     """The GPU seconds shown before the click (`api._settings_shape`) are those the prepared job asks for: the
-    framing's canvas and, for full body, its refined face(s), on ZeroGPU's profile."""
+    framing's canvas and, for full body, its refined face(s), on ZeroGPU's profile; and the layout preview
+    (`hints.layout_preview`) names that canvas."""
     import dataclasses
 
-    from instantid.frontends import api
+    from instantid.frontends import api, hints
     from instantid.request import durations
 
     workshop = Workshop(dataclasses.replace(tiny_settings, preset="real"), PROFILES["zerogpu"], lambda: analyzer)
@@ -297,6 +298,8 @@ def test_the_page_prices_a_framing_as_the_call_will_ask(tiny_settings, analyzer,
         job = prepare(Request(mode=mode, framing=name, seed=1, **people), workshop, time.time())
         page, _ = api._settings_shape(mode, {"framing": name, **slots}, PROFILES["zerogpu"], 1024)
         assert page == durations.shape_of(job), name
+        _, _, caption = hints.layout_preview(mode, {"framing": name, **slots}, 1024, workshop.settings.max_output_side)
+        assert f"{job.width}x{job.height})" in caption, (name, caption)
         refined[name] = len(job.refine)
     assert refined == ({"portrait": 0, "half body": 0, "full body": 1} if mode == "generate" else
                        {"portrait": 0, "half body": 2, "full body": 2})

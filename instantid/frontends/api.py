@@ -127,29 +127,24 @@ def _settings_shape(mode: str, values: Mapping[str, Any], profile: Any, short: i
     width, height = int(values.get("width") or 0), int(values.get("height") or 0)
     # The people are the slots up to the last one filled (an empty page: the two a group needs).
     people = max([2] + [k for k in range(1, 5) if values.get(f"person_{k}")]) if spec.people else 0
-    if spec.people and not width and not values.get("layout_image"):
-        width, height = geometry.output_size(*geometry.GROUP_ASPECT, short_side=short, max_side=longest)
     # A framing places the face where no pose or layout photo does (`Request.composed`): its canvas, its face size.
     framed = str(values.get("framing") or "photo") if mode in PARAMS["framing"].modes else "photo"
-    if values.get("pose_image") or values.get("layout_image"):
+    laid_out = bool(values.get("pose_image") or values.get("layout_image"))
+    if laid_out:
         framed = "photo"
-    if framed != "photo" and not width and not spec.people:
-        width, height = framing.canvas_size(framed, short, longest) or (width, height)
+    elif mode in PARAMS["framing"].modes:  # Generate and Group: the canvas the scene will take, where it is known
+        asked = (width, height) if width else None
+        width, height = framing.planned_canvas(framed, people, asked, short, longest) or (width, height)
     refine_choice = values.get("refine_faces") or "auto"
     refines = mode in PARAMS["refine_faces"].modes and (
         refine_choice == "on" or (refine_choice == "auto" and (spec.refines or framed != "photo")))
     refined = 0
     if refines and framed != "photo" and width:
-        # As `framing.frame` places them: the framing's share of the height, a group's at most half a slot wide.
-        x1, y1, x2, y2 = framing.CANONICAL_BOX
-        face = framing.FRAMINGS[framed].face_share * height
-        if people:
-            face = min(face, width / people * geometry.GROUP_FACE_SHARE * (y2 - y1) / (x2 - x1))
-        refined = max(1, people) if face < geometry.REFINE_BELOW * short else 0
-    elif refines and spec.people and width and not values.get("layout_image"):
+        refined = max(1, people) if framing.framed_face_height(framed, (width, height), people) < (
+            geometry.REFINE_BELOW * short) else 0
+    elif refines and spec.people and width and not laid_out:
         # Side by side, as `geometry.group_layout` places them: every face the same width, refined when small.
-        side = min(width / people * geometry.GROUP_FACE_SHARE, height * geometry.GROUP_FACE_OF_HEIGHT)
-        refined = people if side < geometry.REFINE_BELOW * short else 0
+        refined = people if geometry.group_face_width((width, height), people) < geometry.REFINE_BELOW * short else 0
     elif refines:
         refined = max(1, people)
     controls = values.get("controlnets") or ()

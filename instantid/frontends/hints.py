@@ -16,9 +16,9 @@ import gradio as gr
 
 from ..declaration import DEFAULT_SPEED, MAX_IMAGES, MAX_PEOPLE, MODE_SPECS, PARAMS, SPEED_CHOICES, SPEEDS, params_for
 from ..models.memory import PROFILES
-from ..request.scenes import TINY_SHORT_SIDE
+from ..request import scenes
 from ..settings import Settings
-from ..vision import framing, geometry
+from ..vision import framing
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,7 @@ LAYOUT_PARAMS = ("framing", "head_angle", "width", "height", "pose_image", "layo
 def working_short_side(settings: Settings, facts: PageFacts) -> int:
     """The working size's short side a run on this server uses (as `Workshop.working_short_side` picks it): the
     tiny preset's, else the profile's (1024, SDXL's, where the status report named none)."""
-    if settings.preset == "tiny":
-        return TINY_SHORT_SIDE
-    profile = PROFILES.get(facts.profile)
-    return profile.default_short_side if profile else 1024
+    return scenes.working_short_side(settings.preset, PROFILES.get(facts.profile))
 
 
 def _side(value: Any) -> int:
@@ -141,17 +138,13 @@ def layout_preview(mode: str, values: Mapping[str, Any], short_side: int, max_si
     known = name in framing.FRAMINGS and angle in framing.HEAD_ANGLES
     if "framing" not in takes or (name, angle) == ("photo", "photo") or layout_photo or not known:
         return hidden
-    # As the scenes size the canvas: the size asked (both sides), else a group's side-by-side canvas (the people up
-    # to the last slot filled, two at least), else the framing's (for framing photo the face photo's own size: a
-    # square stands in for it).
+    # The canvas as the scenes take it (`framing.planned_canvas`), a group's people up to the last slot filled (two
+    # at least); for framing photo the face photo's own size decides, unknown here: a square stands in for it.
     filled = [k for k in range(1, MAX_PEOPLE + 1) if values.get(f"person_{k}")]
     people = max([2, *filled]) if MODE_SPECS[mode].people else 1
     width, height = (min(_side(values.get(side)), max_side) for side in ("width", "height"))
-    if width < 64 or height < 64:
-        if people > 1:
-            width, height = geometry.output_size(*geometry.GROUP_ASPECT, short_side=short_side, max_side=max_side)
-        else:
-            width, height = framing.canvas_size(name, short_side, max_side) or (short_side, short_side)
+    asked = (width, height) if width >= 64 and height >= 64 else None
+    width, height = framing.planned_canvas(name, people, asked, short_side, max_side) or (short_side, short_side)
     image = framing.model_layout(name, angle, (width, height), people)
     what = ", ".join([*([name] if name != "photo" else []), *([f"head angle {angle}"] if angle != "photo" else []),
                       *([f"{people} people"] if people > 1 else []), f"{width}x{height}"])

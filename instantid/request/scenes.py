@@ -25,6 +25,15 @@ from ..vision.images import image_to_array, load_image
 from .requests import GroupPerson, Paste, Request
 
 TINY_SHORT_SIDE = 128  # the tiny preset's noise images need no more; keeps CPU requests instant
+SDXL_SHORT_SIDE = 1024
+
+
+def working_short_side(preset: str, profile: Profile | None) -> int:
+    """The working size's short side on this server: the tiny preset's, else the memory profile's (SDXL's own
+    where no profile is known yet: a page built before the engine named one)."""
+    if preset == "tiny":
+        return TINY_SHORT_SIDE
+    return profile.default_short_side if profile is not None else SDXL_SHORT_SIDE
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class Workshop:
         return (req.width, req.height) if req.width else self.auto_size(image.size)
 
     def working_short_side(self) -> int:
-        return TINY_SHORT_SIDE if self.settings.preset == "tiny" else self.profile.default_short_side
+        return working_short_side(self.settings.preset, self.profile)
 
     def auto_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The working size for a picture of `size`: short side from the profile, long side capped."""
@@ -115,9 +124,8 @@ def _turned(req: Request, face: Face) -> tuple[np.ndarray, tuple[float, float, f
 
 def composed_size(ws: Workshop, req: Request, photo: Any) -> tuple[int, int]:
     """The canvas of a placed face: the request's size, or the framing's (the photo's own for framing photo)."""
-    if req.width:
-        return req.width, req.height
-    return (framing.canvas_size(req.framing, ws.working_short_side(), ws.settings.max_output_side)
+    asked = (req.width, req.height) if req.width else None
+    return (framing.planned_canvas(req.framing, 1, asked, ws.working_short_side(), ws.settings.max_output_side)
             or ws.auto_size(photo.size))
 
 
@@ -170,7 +178,8 @@ def group_scene(
         if n == 1:
             scene = composed_scene if req.composed else posed_scene
             return scene(ws, req, ref_img, ref_face)
-        size = (req.width, req.height) if req.width else ws.auto_size(geometry.GROUP_ASPECT)
+        asked = (req.width, req.height) if req.width else None
+        size = framing.planned_canvas(req.framing, n, asked, ws.working_short_side(), ws.settings.max_output_side)
         faces = [people[p][1] for p in req.person_order]
         if req.composed:
             faces = [Face(bbox=box, kps=kps, det_score=face.det_score)

@@ -115,6 +115,30 @@ def canvas_size(framing: str, short_side: int, max_side: int, multiple: int = 64
     return min(width, limit), min(height, limit)
 
 
+def planned_canvas(framing: str, people: int, asked: tuple[int, int] | None, short_side: int,
+                   max_side: int) -> tuple[int, int] | None:
+    """The canvas a run lays its faces on where no pose or layout photo does, decided before any photo is read:
+    the size asked (`asked`, both sides), else a group's side-by-side canvas (`people` > 1), else the framing's
+    (`canvas_size`); None where the face photo's own size decides (framing photo, one person). The scenes, the
+    page's price and its preview all ask here, so that they agree."""
+    if asked:
+        return asked
+    if people > 1:
+        return geometry.output_size(*geometry.GROUP_ASPECT, short_side=short_side, max_side=max_side)
+    return canvas_size(framing, short_side, max_side)
+
+
+def framed_face_height(framing: str, canvas: tuple[int, int], people: int = 1) -> float:
+    """The face box's height `frame` gives the canonical face on `canvas`: the framing's share of the height, or
+    less where `people` side by side leave each face a narrower slot (at most GROUP_FACE_SHARE of it wide)."""
+    width, height = canvas
+    x1, y1, x2, y2 = CANONICAL_BOX
+    face = FRAMINGS[framing].face_share * height
+    if people > 1:
+        face = min(face, width / people * geometry.GROUP_FACE_SHARE * (y2 - y1) / (x2 - x1))
+    return face
+
+
 def framed_prompt(framing: str, prompt: str) -> str | None:
     """`prompt` with the framing's words in front, where it names no such framing itself; None: nothing to add."""
     spec = FRAMINGS[framing]

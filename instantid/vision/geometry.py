@@ -253,12 +253,18 @@ GROUP_ASPECT = (3, 2)  # the automatic canvas, before the profile's short side a
 Box = tuple[float, float, float, float]
 
 
+def group_face_width(size: tuple[int, int], people: int) -> float:
+    """How wide `group_layout` draws each of `people` faces side by side on a `size` canvas."""
+    width, height = size
+    return min(width / people * GROUP_FACE_SHARE, height * GROUP_FACE_OF_HEIGHT)
+
+
 def group_layout(size: tuple[int, int], faces: Sequence[Placed]) -> list[tuple[np.ndarray, Box]]:
     """(keypoints, face box) for each of `faces` side by side on a `size` canvas, left to right in the given
     order; each face keeps its own photo's proportions and keypoint shape, scaled to the slot."""
     width, height = size
     slot = width / len(faces)
-    side = min(slot * GROUP_FACE_SHARE, height * GROUP_FACE_OF_HEIGHT)
+    side = group_face_width(size, len(faces))
     out = []
     for i, face in enumerate(faces):
         x1, y1, x2, y2 = face.bbox
