@@ -236,8 +236,6 @@ def adapt_mcp(server: Any, max_upload_bytes: int, max_upload_pixels: int) -> Non
                 contents += postprocess([item], root_url)
         return contents
 
-    server.get_input_schema = input_schema
-    server.get_fn_description = fn_description
     def convert(arguments: Any, positions: list[list[str | int]]) -> Any:
         # Called within the tool call (gradio 6.31 `_prepare_tool_call_args`), where the MCP request is known.
         try:
@@ -246,7 +244,10 @@ def adapt_mcp(server: Any, max_upload_bytes: int, max_upload_pixels: int) -> Non
             request = None
         return photos.convert(arguments, positions, client_address(request.scope) if request is not None else "unknown")
 
+    server.get_input_schema = input_schema
+    server.get_fn_description = fn_description
     server.convert_strings_to_filedata = convert
+
     async def with_progress(job: Any, progress_token: Any) -> Any:
         # A client that asks for progress got a refusal as "Error: <sentence>" (Gradio's title before the
         # message), where one that does not gets the sentence alone, as the HTTP API gives it.
