@@ -224,7 +224,7 @@ def _generate(args: argparse.Namespace) -> int:
     except InvalidParameter as exc:
         raise _as_flag(exc, mode) from None
     # Imported once the request holds: torch and diffusers take seconds to import, which a refusal of a typed
-    # flag or a missing file never needs (4-9 s before each such sentence on a busy 2-core machine, now 1 s).
+    # flag or a missing file never needs (it was said after them).
     from ..engine import get_engine
 
     try:
