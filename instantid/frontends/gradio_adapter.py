@@ -159,6 +159,15 @@ def guard_input(component: Any, param: Param) -> None:
 # down (capture phase, at the document), the blur never reaches that handler: the typed number is sent
 # as typed and refused with `guard_input`'s sentence, as the API refuses it. Only the sliders' boxes
 # ("number input for <label>"); a number box (the seed) never clamped.
+# And Gradio 6.31 draws a closed accordion's inputs only when it is first opened, then, a few frames later, sets
+# each of them to its props in the page's config, value included (`render_previously_invisible_children` in its
+# core-*.js: after a tick, a settle and an animation frame it calls each new input's `set_data` with the layout
+# tree's props, which never saw what was typed since). A number typed into a box shown in those frames went back
+# to the config's (Width 512 to 0: every time when typed in the box's first animation frame, tests/test_browser.py;
+# one run in two late in the whole suite, on a busy machine). The page itself sets a number box only after a
+# visitor's action elsewhere (a speed resets Steps, an example or a run fills inputs), so for TYPED_HOLD_MS after a
+# number is typed, until such an action, a box set to another number gets the typed one back (as if typed again).
+TYPED_HOLD_MS = 2000
 KEEP_TYPED_NUMBERS_JS = """() => {
     if (window.__instantidKeepTypedNumbers) return;
     window.__instantidKeepTypedNumbers = true;
@@ -169,7 +178,39 @@ KEEP_TYPED_NUMBERS_JS = """() => {
             event.stopPropagation();
         }
     }, true);
-}"""
+    const isNumberBox = (el) => el instanceof HTMLInputElement && el.type === "number";
+    const setValue = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, "value").set;
+    // "12" and "12.0" are the same number (a box may rewrite it); "" (nothing or half typed) only equals "".
+    const same = (a, b) => a === b || (a !== "" && b !== "" && Number(a) === Number(b));
+    const typed = new Map();  // number box -> [the value typed, until when (performance.now() ms)]
+    let restoring = false, watching = false;
+    const watch = () => {
+        const now = performance.now();
+        for (const [box, [value, until]] of typed) {
+            if (now > until || !box.isConnected) {
+                typed.delete(box);
+            } else if (!same(box.value, value)) {
+                setValue.call(box, value);
+                restoring = true;
+                box.dispatchEvent(new Event("input", {bubbles: true}));
+                restoring = false;
+            }
+        }
+        watching = typed.size > 0;
+        if (watching) requestAnimationFrame(watch);
+    };
+    document.addEventListener("input", (event) => {
+        if (restoring || !isNumberBox(event.target)) return;
+        typed.set(event.target, [event.target.value, performance.now() + HOLD_MS]);
+        if (!watching) {
+            watching = true;
+            requestAnimationFrame(watch);
+        }
+    }, true);
+    for (const kind of ["pointerdown", "keydown"]) {
+        document.addEventListener(kind, (event) => { if (!isNumberBox(event.target)) typed.clear(); }, true);
+    }
+}""".replace("HOLD_MS", str(TYPED_HOLD_MS))
 
 
 # --- uploads ------------------------------------------------------------------------------------------
