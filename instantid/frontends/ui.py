@@ -493,9 +493,8 @@ def _wire_generate(
     demo.load(None, None, None, js=KEEP_TYPED_NUMBERS_JS)
     quiet: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     # `input`, not `change`: only a visitor's own choice resets them (a `change` also fires when a value is
-    # set without the visitor). Once in CI a typed Steps of 1000 was back at 0 by the click and a 20-step run
-    # started instead of the refusal; these two events are the only writers of Steps, so the likeliest cause is
-    # such a `change` (the same steps passed 12 more tries before this switch, with and without CPU load).
+    # set without the visitor). A typed Steps once back at 0 by the click was first blamed on such a `change`;
+    # the cause found later is Gradio's first drawing of the closed accordion (KEEP_TYPED_NUMBERS_JS).
     for choice in ("speed", "enable_lcm"):
         c[choice].input(automatic_steps, [c[choice]], [c["num_steps"], c["guidance_scale"]], **quiet)
     for name in offered_params(modes):
