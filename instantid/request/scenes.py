@@ -58,6 +58,12 @@ class Workshop:
     def working_short_side(self) -> int:
         return working_short_side(self.settings.preset, self.profile)
 
+    def planned_canvas(self, req: Request, people: int) -> tuple[int, int] | None:
+        """`framing.planned_canvas` for `req` at this server's working size."""
+        asked = (req.width, req.height) if req.width else None
+        return framing.planned_canvas(req.framing, people, asked, self.working_short_side(),
+                                      self.settings.max_output_side)
+
     def auto_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """The working size for a picture of `size`: short side from the profile, long side capped."""
         short = self.working_short_side()
@@ -124,9 +130,7 @@ def _turned(req: Request, face: Face) -> tuple[np.ndarray, tuple[float, float, f
 
 def composed_size(ws: Workshop, req: Request, photo: Any) -> tuple[int, int]:
     """The canvas of a placed face: the request's size, or the framing's (the photo's own for framing photo)."""
-    asked = (req.width, req.height) if req.width else None
-    return (framing.planned_canvas(req.framing, 1, asked, ws.working_short_side(), ws.settings.max_output_side)
-            or ws.auto_size(photo.size))
+    return ws.planned_canvas(req, 1) or ws.auto_size(photo.size)
 
 
 def composed_scene(ws: Workshop, req: Request, ref_img: Any, ref_face: Face) -> dict:
@@ -178,8 +182,7 @@ def group_scene(
         if n == 1:
             scene = composed_scene if req.composed else posed_scene
             return scene(ws, req, ref_img, ref_face)
-        asked = (req.width, req.height) if req.width else None
-        size = framing.planned_canvas(req.framing, n, asked, ws.working_short_side(), ws.settings.max_output_side)
+        size = ws.planned_canvas(req, n)
         faces = [people[p][1] for p in req.person_order]
         if req.composed:
             faces = [Face(bbox=box, kps=kps, det_score=face.det_score)
@@ -187,10 +190,7 @@ def group_scene(
         if req.framing == "photo":
             spots = geometry.group_layout(size, faces)
         else:
-            # The framing's face size in each person's slot, at most GROUP_FACE_SHARE of the slot wide.
-            slot = size[0] / n
-            spots = [framing.frame(f.kps, f.bbox, size, req.framing, centre_x=slot * (i + 0.5),
-                                   max_width=slot * geometry.GROUP_FACE_SHARE) for i, f in enumerate(faces)]
+            spots = framing.frame_side_by_side([(f.kps, f.bbox) for f in faces], size, req.framing)
     # Spot i (left to right) holds person order[i]; back to person order.
     by_person = {person: spots[i] for i, person in enumerate(req.person_order)}
     regions = geometry.group_regions(size, [by_person[k][1] for k in range(n)])

@@ -129,14 +129,12 @@ def planned_canvas(framing: str, people: int, asked: tuple[int, int] | None, sho
 
 
 def framed_face_height(framing: str, canvas: tuple[int, int], people: int = 1) -> float:
-    """The face box's height `frame` gives the canonical face on `canvas`: the framing's share of the height, or
-    less where `people` side by side leave each face a narrower slot (at most GROUP_FACE_SHARE of it wide)."""
-    width, height = canvas
-    x1, y1, x2, y2 = CANONICAL_BOX
-    face = FRAMINGS[framing].face_share * height
-    if people > 1:
-        face = min(face, width / people * geometry.GROUP_FACE_SHARE * (y2 - y1) / (x2 - x1))
-    return face
+    """The face box's height the canonical face gets on `canvas`, placed as a run places it (`frame`, or
+    `frame_side_by_side` for `people` > 1)."""
+    face = (CANONICAL_FACE[:, :2], CANONICAL_BOX)
+    spots = frame_side_by_side([face] * people, canvas, framing) if people > 1 else [frame(*face, canvas, framing)]
+    _, (_, y1, _, y2) = spots[0]
+    return y2 - y1
 
 
 def framed_prompt(framing: str, prompt: str) -> str | None:
@@ -238,12 +236,12 @@ def turned(kps: np.ndarray, bbox: Sequence[float], yaw: float, pitch: float) -> 
 # --- placing a face -------------------------------------------------------------------------------------------------
 
 
-def frame(kps: np.ndarray, bbox: Sequence[float], size: tuple[int, int], framing: str,
+def frame(kps: np.ndarray, bbox: Sequence[float], size: tuple[int, int], framing: str | Framing,
           centre_x: float | None = None, max_width: float | None = None) -> tuple[np.ndarray, Box]:
-    """A face (keypoints and box, any unit) moved onto a `size` canvas by `framing`: the box's height the framing's
-    share of the canvas height (narrower than `max_width` where given, a group's slot), the eyes on its line, the
-    box centred on `centre_x` (default the canvas' middle)."""
-    spec = FRAMINGS[framing]
+    """A face (keypoints and box, any unit) moved onto a `size` canvas by `framing` (a FRAMINGS name, or a
+    Framing's shares): the box's height the framing's share of the canvas height (narrower than `max_width` where
+    given, a group's slot), the eyes on its line, the box centred on `centre_x` (default the canvas' middle)."""
+    spec = framing if isinstance(framing, Framing) else FRAMINGS[framing]
     width, height = size
     x1, y1, x2, y2 = (float(v) for v in bbox)
     points = np.asarray(kps, dtype=np.float64)
@@ -256,6 +254,15 @@ def frame(kps: np.ndarray, bbox: Sequence[float], size: tuple[int, int], framing
     out = points * scale + np.array([dx, dy])
     box = (x1 * scale + dx, y1 * scale + dy, x2 * scale + dx, y2 * scale + dy)
     return out.astype(np.float32), box
+
+
+def frame_side_by_side(faces: Sequence[tuple[np.ndarray, Sequence[float]]], size: tuple[int, int],
+                       framing: str) -> list[tuple[np.ndarray, Box]]:
+    """Faces (keypoints, box) side by side on a `size` canvas, left to right, each `frame`d in its slot of the
+    width: the framing's face size, at most GROUP_FACE_SHARE of the slot wide (a group without a layout photo)."""
+    slot = size[0] / len(faces)
+    return [frame(kps, box, size, framing, centre_x=slot * (i + 0.5), max_width=slot * geometry.GROUP_FACE_SHARE)
+            for i, (kps, box) in enumerate(faces)]
 
 
 def eye_angle(kps: np.ndarray) -> float:
@@ -288,14 +295,9 @@ def model_layout(framing_name: str, angle: str, canvas: tuple[int, int], people:
     if people > 1 and framing_name == "photo":
         points = [p for p, _ in geometry.group_layout(canvas, [SimpleNamespace(bbox=box, kps=kps)] * people)]
     elif people > 1:
-        slot = w / people
-        points = [frame(kps, box, canvas, framing_name, centre_x=slot * (i + 0.5),
-                        max_width=slot * geometry.GROUP_FACE_SHARE)[0] for i in range(people)]
+        points = [p for p, _ in frame_side_by_side([(kps, box)] * people, canvas, framing_name)]
     elif framing_name == "photo":
-        # `frame`'s placement with HEAD_SHOT's shares (FRAMINGS["photo"] places nothing).
-        scale = HEAD_SHOT.face_share * h / (box[3] - box[1])
-        shift = (w / 2 - (box[0] + box[2]) / 2 * scale, HEAD_SHOT.eye_line * h - (kps[0, 1] + kps[1, 1]) / 2 * scale)
-        points = [np.asarray(kps) * scale + np.array(shift)]
+        points = [frame(kps, box, canvas, HEAD_SHOT)[0]]  # FRAMINGS["photo"] places nothing: a head shot's shares
     else:
         points = [frame(kps, box, canvas, framing_name)[0]]
     drawing = geometry.draw_group_keypoints(canvas, [geometry.draw_keypoints(canvas, p) for p in points])
