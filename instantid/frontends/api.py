@@ -114,6 +114,7 @@ def _settings_shape(mode: str, values: Mapping[str, Any], profile: Any, short: i
     from ..declaration import DEFAULT_SPEED, SPEEDS
     from ..settings import get_settings
     from ..vision import framing, geometry
+    from .hints import people_on_page
 
     spec = MODE_SPECS[mode]
     values = {**{name: p.default for name, p in params_for(mode).items()}, **values}
@@ -125,8 +126,7 @@ def _settings_shape(mode: str, values: Mapping[str, Any], profile: Any, short: i
     images = max(1, min(int(values.get("num_images") or 1), profile.max_images))
     longest = get_settings().max_output_side
     width, height = int(values.get("width") or 0), int(values.get("height") or 0)
-    # The people are the slots up to the last one filled (an empty page: the two a group needs).
-    people = max([2] + [k for k in range(1, 5) if values.get(f"person_{k}")]) if spec.people else 0
+    people = people_on_page(mode, values)
     # A framing places the face where no pose or layout photo does (`Request.composed`): its canvas, its face size.
     framed = str(values.get("framing") or "photo") if mode in PARAMS["framing"].modes else "photo"
     laid_out = bool(values.get("pose_image") or values.get("layout_image"))

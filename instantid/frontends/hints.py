@@ -118,6 +118,14 @@ def working_short_side(settings: Settings, facts: PageFacts) -> int:
     return scenes.working_short_side(settings.preset, PROFILES.get(facts.profile))
 
 
+def people_on_page(mode: str, values: Mapping[str, Any]) -> int:
+    """The people a page's `values` (by parameter name) place: in a mode with people, the slots up to the last one
+    filled, two at least (what a group needs, before any photo is given); 0 in a mode without."""
+    if not MODE_SPECS[mode].people:
+        return 0
+    return max([2, *(k for k in range(1, MAX_PEOPLE + 1) if values.get(f"person_{k}"))])
+
+
 def _side(value: Any) -> int:
     """A width or height as the page sends it (a number, text being typed, nothing): 0 unless a positive number."""
     try:
@@ -138,10 +146,9 @@ def layout_preview(mode: str, values: Mapping[str, Any], short_side: int, max_si
     known = name in framing.FRAMINGS and angle in framing.HEAD_ANGLES
     if "framing" not in takes or (name, angle) == ("photo", "photo") or layout_photo or not known:
         return hidden
-    # The canvas as the scenes take it (`framing.planned_canvas`), a group's people up to the last slot filled (two
-    # at least); for framing photo the face photo's own size decides, unknown here: a square stands in for it.
-    filled = [k for k in range(1, MAX_PEOPLE + 1) if values.get(f"person_{k}")]
-    people = max([2, *filled]) if MODE_SPECS[mode].people else 1
+    # The canvas as the scenes take it (`framing.planned_canvas`); for framing photo the face photo's own size
+    # decides, unknown here: a square stands in for it.
+    people = people_on_page(mode, values) or 1
     width, height = (min(_side(values.get(side)), max_side) for side in ("width", "height"))
     asked = (width, height) if width >= 64 and height >= 64 else None
     width, height = framing.planned_canvas(name, people, asked, short_side, max_side) or (short_side, short_side)
